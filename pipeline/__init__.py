@@ -1,0 +1,1 @@
+"""Batch image inference: object storage -> Ray Data -> CNN actor pool -> Parquet."""

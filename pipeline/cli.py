@@ -1,0 +1,64 @@
+"""Command line: `pipeline run [JOB.yaml] [--flags]` and `pipeline demo`.
+
+A problem the user can fix (UserError) is one line on stderr and exit code 2; a job that stopped itself
+on its error-rate threshold exits 1 after printing what it did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.errors import JobStopped, UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipeline", description="Batch image inference on Ray Data.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run a job: images in, Parquet predictions out")
+    run.add_argument("spec", nargs="?", help="job spec (YAML); flags below override its fields")
+    run.add_argument("--input", help="s3://bucket/prefix, a local folder, or a .parquet/.csv manifest")
+    run.add_argument("--output", help="output folder, local or s3://")
+    run.add_argument("--model", help="torchvision architecture (resnet50) or module.path:build_fn")
+    run.add_argument("--weights", help="torchvision weights name (IMAGENET1K_V2) or a checkpoint path/URI")
+    run.add_argument("--labels", help="labels file, one class name per line")
+    run.add_argument("--batch-size", type=int, help="images per model call")
+    run.add_argument("--overwrite", action="store_true", default=None,
+                     help="replace Parquet files already in the output folder")
+
+    demo = commands.add_parser("demo", help="train a digits CNN, serve images from a local S3, run a job")
+    demo.add_argument("--keep", metavar="DIR", help="also copy the Parquet output to this local folder")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args)
+        from pipeline.demo import run_demo
+        return run_demo(keep=args.keep)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except JobStopped as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pipeline.config import OVERRIDES, load_job
+    from pipeline.runner import run_job
+
+    overrides = {flag: getattr(args, flag) for flag in OVERRIDES}
+    cfg = load_job(args.spec, overrides)
+    run_job(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""The job spec: one validated object, loaded from YAML and command-line overrides.
+
+Validation here is about shape (types, ranges, URI syntax, unknown keys). Whether a bucket exists or a
+checkpoint loads is checked by `preflight`, which needs the network and the model code.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipeline.errors import UserError
+
+DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_URI_RE = re.compile(r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|[^:]+|file://.+)$")
+
+
+def check_uri(value: str) -> str:
+    """Accept s3://bucket[/key], file://path or a plain local path; reject other schemes and bad buckets."""
+    if "://" in value and not value.startswith(("s3://", "file://")):
+        scheme = value.split("://", 1)[0]
+        raise ValueError(f"scheme '{scheme}://' is not supported; use s3://bucket/prefix or a local path")
+    if value.startswith("s3://") and not _URI_RE.match(value):
+        raise ValueError(f"'{value}' is not a valid s3://bucket/prefix URI (bucket names are 3-63 "
+                         "lowercase letters, digits, dots or hyphens)")
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StorageConfig(_Section):
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint for every s3:// URI of the job; default AWS_ENDPOINT_URL")
+    region: str | None = Field(None, description="default AWS_REGION / AWS_DEFAULT_REGION")
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint_is_http(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"'{value}' must start with http:// or https://")
+        return value
+
+
+class InputConfig(_Section):
+    uri: str = Field(..., description="s3://bucket/prefix, a local folder, or a .parquet/.csv manifest "
+                                      "with a 'uri' column")
+    extensions: list[str] | None = Field(
+        list(DEFAULT_EXTENSIONS), description="file extensions listed from a prefix; null lists every object")
+    max_file_bytes: int = Field(256 * 2**20, gt=0, description="larger objects become error rows unread")
+
+    @field_validator("uri")
+    @classmethod
+    def _valid_uri(cls, value: str) -> str:
+        return check_uri(value)
+
+    @field_validator("extensions")
+    @classmethod
+    def _normalise_extensions(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else sorted({e.lower().lstrip(".") for e in value})
+
+    @property
+    def is_manifest(self) -> bool:
+        return self.uri.lower().endswith((".parquet", ".csv"))
+
+
+class OutputConfig(_Section):
+    uri: str = Field(..., description="folder (local or s3://) that receives the Parquet files")
+    overwrite: bool = Field(False, description="replace Parquet files already in the output folder")
+    rows_per_file: int = Field(100_000, gt=0)
+    flush_seconds: float = Field(60.0, gt=0, description="commit a file at least this often")
+
+    @field_validator("uri")
+    @classmethod
+    def _valid_uri(cls, value: str) -> str:
+        return check_uri(value)
+
+
+class PreprocessConfig(_Section):
+    """Any field left unset comes from the weights' metadata, else the ImageNet defaults."""
+    resize_size: int | None = Field(None, gt=0)
+    crop_size: int | None = Field(None, gt=0)
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    interpolation: Literal["nearest", "bilinear", "bicubic"] | None = None
+
+
+class ModelConfig(_Section):
+    name: str = Field(..., description="torchvision architecture (resnet50) or custom 'module.path:build_fn'")
+    weights: str | None = Field(
+        None, description="torchvision weights name (IMAGENET1K_V2, DEFAULT) or a local/s3:// state_dict file")
+    labels: str | None = Field(None, description="text file, one class name per line (local or s3://)")
+    top_k: int = Field(5, gt=0)
+    preprocess: PreprocessConfig = PreprocessConfig()
+
+    @property
+    def is_custom(self) -> bool:
+        return ":" in self.name
+
+    @property
+    def checkpoint(self) -> str | None:
+        """The weights as a file URI, or None when they name torchvision weights (or are absent)."""
+        if self.weights is None or is_weights_name(self.weights):
+            return None
+        return self.weights
+
+
+def is_weights_name(value: str) -> bool:
+    """IMAGENET1K_V2, DEFAULT, or ResNet50_Weights.IMAGENET1K_V2; anything else is a file."""
+    return re.fullmatch(r"([A-Za-z0-9]+_Weights\.)?[A-Z][A-Z0-9_]*", value) is not None
+
+
+class DecodeConfig(_Section):
+    max_image_pixels: int = Field(89_478_485, gt=0, description="decompression-bomb guard (Pillow's default)")
+
+
+class ComputeConfig(_Section):
+    batch_size: int = Field(32, gt=0, description="images per model call")
+    min_actors: int = Field(1, ge=1)
+    max_actors: int = Field(1, ge=1, description="the pool autoscales between min and max")
+    num_cpus_per_actor: float = Field(1.0, gt=0)
+    num_gpus_per_actor: float | Literal["auto"] = Field(
+        "auto", description="'auto': 1 when the Ray cluster has GPUs, else 0 (CPU inference)")
+    memory_per_actor_gb: float = Field(1.0, gt=0, description="memory Ray reserves for each model actor")
+    precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="autocast dtype on GPU")
+    channels_last: bool = False
+    ray_address: str | None = Field(None, description="existing cluster; default RAY_ADDRESS or a local Ray")
+
+    @field_validator("max_actors")
+    @classmethod
+    def _max_not_below_min(cls, value: int, info) -> int:
+        if value < info.data.get("min_actors", 1):
+            raise ValueError("must be at least compute.min_actors")
+        return value
+
+
+class ErrorPolicy(_Section):
+    max_error_rate: float = Field(0.1, ge=0, le=1, description="stop when this fraction of inputs failed")
+    min_inputs: int = Field(200, ge=1, description="inputs seen before the rate is checked")
+
+
+class JobConfig(_Section):
+    input: InputConfig
+    output: OutputConfig
+    model: ModelConfig
+    storage: StorageConfig = StorageConfig()
+    decode: DecodeConfig = DecodeConfig()
+    compute: ComputeConfig = ComputeConfig()
+    errors: ErrorPolicy = ErrorPolicy()
+
+
+# CLI flag -> dotted field of the spec.
+OVERRIDES = {
+    "input": "input.uri",
+    "output": "output.uri",
+    "model": "model.name",
+    "weights": "model.weights",
+    "labels": "model.labels",
+    "batch_size": "compute.batch_size",
+    "overwrite": "output.overwrite",
+}
+
+
+def load_job(spec_path: str | None, overrides: dict[str, Any]) -> JobConfig:
+    """Read the YAML spec (if any), apply the non-None overrides, and validate the result."""
+    raw: dict[str, Any] = {}
+    if spec_path is not None:
+        raw = _read_yaml(spec_path)
+    for flag, value in overrides.items():
+        if value is not None:
+            _set_dotted(raw, OVERRIDES[flag], value)
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(_describe(exc, spec_path)) from None
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise UserError(f"job spec {path}: cannot read it ({exc.strerror}); check the path") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"job spec {path}: not valid YAML{where}; fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"job spec {path}: the top level must be a mapping of sections (input, output, model, ...)")
+    return data
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for key in parents:
+        if not isinstance(node.get(key), dict):
+            node[key] = {}
+        node = node[key]
+    node[leaf] = value
+
+
+def _describe(exc: ValidationError, spec_path: str | None) -> str:
+    """One line for the first problem: the field, what is wrong, how to fix it."""
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err["loc"])
+    where = f"job spec {spec_path}" if spec_path else "job"
+    if err["type"] == "extra_forbidden":
+        parent = _model_at(err["loc"][:-1])
+        known = list(parent.model_fields) if parent else []
+        hint = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
+        fix = f"did you mean '{hint[0]}'?" if hint else f"known keys: {', '.join(known)}"
+        return f"{where}: unknown key '{field}'; {fix}"
+    if err["type"] == "missing":
+        flag = next((f"--{k.replace('_', '-')}" for k, v in OVERRIDES.items() if v == field), None)
+        fix = f"set it in the spec or pass {flag}" if flag else "set it in the spec"
+        return f"{where}: '{field}' is required; {fix}"
+    message = err["msg"].removeprefix("Value error, ")
+    return f"{where}: '{field}' {message} (got {err.get('input')!r})"
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = JobConfig
+    for key in loc:
+        field = model.model_fields.get(str(key))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model

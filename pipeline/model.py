@@ -1,0 +1,196 @@
+"""Which model, with which weights, labels and preprocessing.
+
+`resolve_model` runs once on the driver: it checks the name, reads the labels, hashes the checkpoint and
+builds the model once on the CPU, so a wrong name or a checkpoint that does not fit fails in a second with
+one line instead of inside every actor. `build_model` is what each actor calls to get its own copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import io
+from dataclasses import dataclass
+
+import torch
+import torchvision
+from torch import nn
+
+from pipeline.config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig
+from pipeline.decode import Preprocess
+from pipeline.errors import UserError
+from pipeline.storage import Storage
+
+IMAGENET_PREPROCESS = Preprocess(resize_size=256, crop_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything an actor needs to rebuild the model; small and picklable."""
+    name: str
+    weights_name: str | None  # torchvision enum, e.g. "ResNet50_Weights.IMAGENET1K_V2"
+    checkpoint: str | None  # local path or s3:// URI of a state_dict
+    weights_id: str  # what the output's `weights` column says: the enum, or sha256 of the checkpoint
+    labels: tuple[str, ...]
+    preprocess: Preprocess
+    top_k: int
+
+
+def classification_models() -> list[str]:
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def resolve_model(cfg: ModelConfig, storage: Storage) -> ModelSpec:
+    weights_enum = _torchvision_weights(cfg) if cfg.weights and not cfg.checkpoint else None
+    if not cfg.is_custom and cfg.name not in classification_models():
+        close = [m for m in classification_models() if cfg.name.lower().replace("-", "_") in m][:5]
+        hint = f"did you mean {', '.join(close)}?" if close else "see torchvision.models.list_models()"
+        raise UserError(f"model.name: '{cfg.name}' is not a torchvision classification model; {hint} "
+                        "(a custom model is 'module.path:build_fn')")
+    if cfg.checkpoint and cfg.labels is None:
+        raise UserError("model.labels: required with a checkpoint; give a text file with one class name per "
+                        "line (its line count sets num_classes)")
+    labels = _read_labels(cfg.labels, storage) if cfg.labels else None
+    if labels is None and weights_enum is not None:
+        labels = tuple(weights_enum.meta["categories"])
+    if labels is None and not cfg.is_custom:
+        raise UserError(f"model.weights: {cfg.name} needs weights: a torchvision weights name (e.g. DEFAULT) "
+                        "or a checkpoint with model.labels")
+    weights_id, state_dict = _load_checkpoint(cfg.checkpoint, storage) if cfg.checkpoint else (None, None)
+    spec = ModelSpec(
+        name=cfg.name,
+        weights_name=str(weights_enum) if weights_enum is not None else None,
+        checkpoint=cfg.checkpoint,
+        weights_id=weights_id or (str(weights_enum) if weights_enum is not None else "none"),
+        labels=labels or (),
+        preprocess=_resolve_preprocess(cfg, weights_enum),
+        top_k=cfg.top_k,
+    )
+    model = _instantiate(spec, state_dict)
+    if not spec.labels:
+        spec = _with_index_labels(spec, model)
+    return spec
+
+
+def build_model(spec: ModelSpec, storage: Storage) -> nn.Module:
+    """Called once per actor: the model in eval mode on the CPU, weights loaded."""
+    state_dict = _load_checkpoint(spec.checkpoint, storage)[1] if spec.checkpoint else None
+    return _instantiate(spec, state_dict)
+
+
+def _instantiate(spec: ModelSpec, state_dict: dict | None) -> nn.Module:
+    num_classes = len(spec.labels) or None
+    if ":" in spec.name:
+        model = _build_custom(spec.name, num_classes)
+    elif spec.weights_name:
+        weights = torchvision.models.get_weight(spec.weights_name)
+        try:
+            model = torchvision.models.get_model(spec.name, weights=weights)
+        except Exception as exc:  # download failures surface as URLError, HTTPError, OSError...
+            raise UserError(f"model.weights: cannot load {spec.weights_name} ({type(exc).__name__}: {exc}); "
+                            "it downloads into TORCH_HOME, so check the network or use a local checkpoint") from None
+    else:
+        model = torchvision.models.get_model(spec.name, weights=None, num_classes=num_classes)
+    if state_dict is not None:
+        try:
+            model.load_state_dict(state_dict, strict=True)
+        except RuntimeError as exc:
+            detail = " ".join(str(exc).split())[:300]
+            raise UserError(f"model.weights: the checkpoint does not fit {spec.name} with {num_classes} classes "
+                            f"({detail}); check model.name and model.labels") from None
+    return model.eval()
+
+
+def _build_custom(target: str, num_classes: int | None) -> nn.Module:
+    module_name, _, fn_name = target.partition(":")
+    try:
+        build_fn = getattr(importlib.import_module(module_name), fn_name)
+    except (ImportError, AttributeError) as exc:
+        raise UserError(f"model.name: cannot import '{target}' ({exc}); the module must be importable "
+                        "(installed, or on PYTHONPATH) and define that function") from None
+    accepts_classes = "num_classes" in inspect.signature(build_fn).parameters
+    model = build_fn(num_classes=num_classes) if accepts_classes and num_classes else build_fn()
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model.name: '{target}' returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _torchvision_weights(cfg: ModelConfig):
+    if cfg.is_custom:
+        raise UserError(f"model.weights: '{cfg.weights}' is a torchvision weights name, but a custom model needs "
+                        "a checkpoint file (local path or s3://)")
+    try:
+        if "." in cfg.weights:
+            return torchvision.models.get_weight(cfg.weights)
+        return torchvision.models.get_model_weights(cfg.name)[cfg.weights]
+    except (KeyError, ValueError) as exc:
+        try:
+            names = ", ".join(torchvision.models.get_model_weights(cfg.name).__members__)
+        except (KeyError, ValueError):
+            raise UserError(f"model.name: '{cfg.name}' is not a torchvision classification model; "
+                            "see torchvision.models.list_models()") from exc
+        raise UserError(f"model.weights: '{cfg.weights}' is not a weights name of {cfg.name}; "
+                        f"choose one of {names}, or give a checkpoint path") from None
+
+
+def _read_labels(uri: str, storage: Storage) -> tuple[str, ...]:
+    try:
+        text = storage.read_bytes(uri).decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"model.labels: cannot read {uri} ({type(exc).__name__}); give a UTF-8 text file, one "
+                        "class name per line") from None
+    labels = tuple(line.strip() for line in text.splitlines() if line.strip())
+    if not labels:
+        raise UserError(f"model.labels: {uri} is empty; it needs one class name per line")
+    return labels
+
+
+def _load_checkpoint(uri: str, storage: Storage) -> tuple[str, dict]:
+    """(sha256 id, state_dict). Loaded with weights_only=True: a checkpoint cannot run code."""
+    try:
+        data = storage.read_bytes(uri)
+    except OSError as exc:
+        raise UserError(f"model.weights: cannot read checkpoint {uri} ({type(exc).__name__}: {exc}); "
+                        "check the path and credentials") from None
+    try:
+        loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - pickle, zip and torch errors all mean "not a checkpoint"
+        raise UserError(f"model.weights: {uri} is not a loadable state_dict ({type(exc).__name__}); save it "
+                        "with torch.save(model.state_dict(), path)") from None
+    return "sha256:" + hashlib.sha256(data).hexdigest(), _unwrap_state_dict(loaded, uri)
+
+
+def _unwrap_state_dict(loaded, uri: str) -> dict:
+    """Accept a bare state_dict, or a training checkpoint holding one under 'state_dict'/'model'."""
+    if isinstance(loaded, dict):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if isinstance(loaded.get(key), dict):
+                loaded = loaded[key]
+                break
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise UserError(f"model.weights: {uri} does not hold a state_dict (a mapping of names to tensors)")
+    return {k.removeprefix("module."): v for k, v in loaded.items()}
+
+
+def _resolve_preprocess(cfg: ModelConfig, weights_enum) -> Preprocess:
+    base = IMAGENET_PREPROCESS
+    if weights_enum is not None:
+        t = weights_enum.transforms()
+        if all(hasattr(t, a) for a in ("resize_size", "crop_size", "mean", "std")):
+            base = Preprocess(resize_size=int(t.resize_size[0]), crop_size=int(t.crop_size[0]),
+                              mean=tuple(t.mean), std=tuple(t.std), interpolation=t.interpolation.value)
+    override = cfg.preprocess.model_dump(exclude_none=True)
+    resolved = Preprocess(**{**base.__dict__, **override})
+    if resolved.crop_size > resolved.resize_size:
+        raise UserError(f"model.preprocess: crop_size {resolved.crop_size} is larger than resize_size "
+                        f"{resolved.resize_size}; make crop_size <= resize_size")
+    return resolved
+
+
+def _with_index_labels(spec: ModelSpec, model: nn.Module) -> ModelSpec:
+    """A custom model without a labels file: its classes are named by index."""
+    size = spec.preprocess.crop_size
+    with torch.inference_mode():
+        num_classes = model(torch.zeros(1, 3, size, size)).shape[-1]
+    return ModelSpec(**{**spec.__dict__, "labels": tuple(str(i) for i in range(num_classes))})

@@ -1,0 +1,81 @@
+"""Checks that need the outside world, run on the driver before Ray starts: buckets, paths, credentials,
+model and checkpoint. Each failure is one UserError line naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+
+from pipeline.config import JobConfig
+from pipeline.errors import UserError
+from pipeline.model import ModelSpec, resolve_model
+from pipeline.source import is_manifest, manifest_columns
+from pipeline.storage import Storage, is_s3, split_s3
+
+
+def preflight(cfg: JobConfig, storage: Storage) -> ModelSpec:
+    check_input(cfg.input.uri, storage)
+    check_output(cfg.output.uri, cfg.output.overwrite, storage)
+    return resolve_model(cfg.model, storage)
+
+
+def check_input(uri: str, storage: Storage) -> None:
+    if is_s3(uri):
+        check_bucket("input.uri", uri, storage)
+    if is_manifest(uri):
+        if not storage.exists(uri):
+            raise UserError(f"input.uri: manifest {uri} does not exist; check the path")
+        try:
+            columns = manifest_columns(uri, storage)
+        except Exception as exc:  # noqa: BLE001 - any parse failure means "not a manifest we can read"
+            raise UserError(f"input.uri: cannot read manifest {uri} ({type(exc).__name__}); give a Parquet or "
+                            "CSV file with a 'uri' column") from None
+        if "uri" not in columns:
+            raise UserError(f"input.uri: manifest {uri} has no 'uri' column (it has: {', '.join(columns)}); "
+                            "name the column of image URIs 'uri'")
+    elif not is_s3(uri) and not os.path.isdir(uri):
+        what = "is a file, not a folder" if os.path.exists(uri) else "does not exist"
+        raise UserError(f"input.uri: {uri} {what}; give a folder of images, s3://bucket/prefix, or a "
+                        ".parquet/.csv manifest")
+
+
+def check_output(uri: str, overwrite: bool, storage: Storage) -> None:
+    if is_s3(uri):
+        check_bucket("output.uri", uri, storage)
+    elif os.path.exists(uri) and not os.path.isdir(uri):
+        raise UserError(f"output.uri: {uri} is a file; give a folder for the Parquet files")
+    existing = existing_parquet(uri, storage)
+    if existing and not overwrite:
+        raise UserError(f"output.uri: {uri} already holds {len(existing)} Parquet file(s); choose a new output "
+                        "folder or pass --overwrite to replace them")
+
+
+def existing_parquet(uri: str, storage: Storage) -> list[str]:
+    if not is_s3(uri) and not os.path.isdir(uri):
+        return []
+    folder = uri.rstrip("/") + "/"
+    return [o.uri for page in storage.list_pages(folder) for o in page if o.uri.endswith(".parquet")]
+
+
+def check_bucket(field: str, uri: str, storage: Storage) -> None:
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+    bucket, _ = split_s3(uri)
+    where = storage.endpoint_url or "AWS S3"
+    try:
+        storage.s3_client.head_bucket(Bucket=bucket)
+    except NoCredentialsError:
+        raise UserError(f"{field}: no AWS credentials found for s3://{bucket}; set AWS_ACCESS_KEY_ID and "
+                        "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)") from None
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code in ("404", "NoSuchBucket"):
+            raise UserError(f"{field}: bucket '{bucket}' does not exist at {where}; check the bucket name "
+                            "(and storage.endpoint_url / AWS_ENDPOINT_URL)") from None
+        if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            raise UserError(f"{field}: access to bucket '{bucket}' denied at {where} ({code}); check the AWS "
+                            "credentials and the bucket policy") from None
+        raise UserError(f"{field}: cannot use bucket '{bucket}' at {where} ({code}); check the URI") from None
+    except BotoCoreError as exc:
+        raise UserError(f"{field}: cannot reach {where} ({type(exc).__name__}); check storage.endpoint_url / "
+                        "AWS_ENDPOINT_URL and the network") from None

@@ -1,0 +1,84 @@
+"""Counting what the job has done, and telling the user while it runs and when it ends."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from typing import TextIO
+
+import pyarrow as pa
+
+from pipeline.errors import JobStopped
+
+
+class Tally:
+    """Counts of finished rows, updated by the driver loop, read by the progress printer."""
+
+    def __init__(self):
+        self.started = time.monotonic()
+        self.done = 0
+        self.failed = 0
+        self.errors_by_type: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def add(self, batch: pa.Table) -> None:
+        types = batch["error_type"].drop_null().to_pylist()
+        with self._lock:
+            self.done += batch.num_rows
+            self.failed += len(types)
+            self.errors_by_type.update(types)
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    @property
+    def rate(self) -> float:
+        return self.done / self.elapsed if self.elapsed > 0 else 0.0
+
+    def check_error_rate(self, max_error_rate: float, min_inputs: int) -> None:
+        """Raise JobStopped once enough rows are in and too many of them failed."""
+        if self.done < min_inputs or self.failed <= max_error_rate * self.done:
+            return
+        common = ", ".join(f"{kind} ({n})" for kind, n in self.errors_by_type.most_common(3))
+        raise JobStopped(f"stopped: {self.failed:,} of {self.done:,} inputs failed "
+                         f"({self.failed / self.done:.0%}), over errors.max_error_rate={max_error_rate}; most "
+                         f"common: {common}. Fix the inputs, or raise errors.max_error_rate in the job spec")
+
+
+class ProgressPrinter:
+    """Prints a line of counts every `interval` seconds from a background thread."""
+
+    def __init__(self, tally: Tally, listing, out: TextIO, interval: float):
+        self.tally = tally
+        self.listing = listing  # callable -> {"listed", "skipped", "done"} or None
+        self.out = out
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="progress", daemon=True)
+
+    def __enter__(self) -> "ProgressPrinter":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            print(self.line(), file=self.out, flush=True)
+
+    def line(self) -> str:
+        t = self.tally
+        listing = self.listing()
+        if listing is None:
+            remaining = "remaining ?"
+        elif listing["done"]:
+            remaining = f"{listing['listed'] - t.done:,} remaining"
+        else:
+            remaining = f"{max(listing['listed'] - t.done, 0):,}+ remaining (still listing)"
+        return (f"  [{t.elapsed:6.1f}s] {t.done:,} done, {t.failed:,} failed, {remaining}, "
+                f"{t.rate:.1f} images/s")
+

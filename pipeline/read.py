@@ -1,0 +1,53 @@
+"""Read stage: fetch each row's bytes from storage, concurrently within the batch, inside a Ray task."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.rows import StageFailure, fail
+from pipeline.storage import Storage
+
+
+class Reader:
+    """Batch function: adds `bytes`, `error`, `error_type` to rows of `uri` (and listed `size`)."""
+
+    def __init__(self, storage: Storage, max_file_bytes: int):
+        self.storage = storage
+        self.max_file_bytes = max_file_bytes
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["uri"])
+        errors = np.full(n, None, dtype=object)
+        error_types = np.full(n, None, dtype=object)
+        data = np.full(n, b"", dtype=object)
+        sizes = batch["size"]
+        wanted = []
+        for i in range(n):
+            size = sizes[i]
+            if size is not None and not np.isnan(size) and size > self.max_file_bytes:
+                errors[i], error_types[i] = fail("read", self._too_large(int(size)), describe_read_error)
+            else:
+                wanted.append(i)
+        fetched = self.storage.read_many([str(batch["uri"][i]) for i in wanted]) if wanted else []
+        for i, result in zip(wanted, fetched):
+            if isinstance(result, Exception):
+                errors[i], error_types[i] = fail("read", result, describe_read_error)
+            elif len(result) > self.max_file_bytes:
+                errors[i], error_types[i] = fail("read", self._too_large(len(result)), describe_read_error)
+            else:
+                data[i] = result
+        batch.update(bytes=data, error=errors, error_type=error_types)
+        return batch
+
+    def _too_large(self, size: int) -> StageFailure:
+        return StageFailure("too_large", f"object is {size:,} bytes, over input.max_file_bytes={self.max_file_bytes:,}")
+
+
+def describe_read_error(exc: Exception) -> tuple[str, str]:
+    if isinstance(exc, FileNotFoundError):
+        return "not_found", "object not found"
+    if isinstance(exc, PermissionError):
+        return "access_denied", "access denied"
+    if isinstance(exc, IsADirectoryError):
+        return "not_a_file", "is a folder, not a file"
+    return "io_error", f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,64 @@
+"""What a row is, from source to sink, and how a failure is written into one.
+
+A row that failed keeps flowing with `error` ("decode: image file is truncated") and `error_type`
+("decode.truncated", for counting); later stages leave it untouched. Every input leaves exactly one row.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+import pyarrow as pa
+
+# The Parquet schema of a prediction row, in column order.
+OUTPUT_SCHEMA = pa.schema([
+    pa.field("uri", pa.string(), nullable=False),
+    pa.field("error", pa.string()),
+    pa.field("error_type", pa.string()),
+    pa.field("label", pa.string()),
+    pa.field("score", pa.float32()),
+    pa.field("topk_labels", pa.list_(pa.string())),
+    pa.field("topk_scores", pa.list_(pa.float32())),
+    pa.field("image_width", pa.int32()),
+    pa.field("image_height", pa.int32()),
+    pa.field("size", pa.int64()),
+    pa.field("etag", pa.string()),
+    pa.field("last_modified", pa.timestamp("us", tz="UTC")),
+    pa.field("model", pa.string(), nullable=False),
+    pa.field("weights", pa.string(), nullable=False),
+    pa.field("run_id", pa.string(), nullable=False),
+])
+
+# Columns the listing produces; every later stage adds to these.
+SOURCE_SCHEMA = pa.schema([OUTPUT_SCHEMA.field(name) for name in ("uri", "size", "etag", "last_modified")])
+
+
+class StageFailure(Exception):
+    """A failure with a short, stable kind for counting, and a message for people."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+Describer = Callable[[Exception], tuple[str, str]]
+
+
+def fail(stage: str, exc: Exception, describe: Describer) -> tuple[str, str]:
+    """(error, error_type) for a row that failed in `stage`."""
+    kind, message = (exc.kind, str(exc)) if isinstance(exc, StageFailure) else describe(exc)
+    return f"{stage}: {message}", f"{stage}.{kind}"
+
+
+def error_columns(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Writable copies of `error` and `error_type`, None where the row is fine.
+
+    A column that is None in every row crosses Ray's object store as Arrow's null type and comes back as
+    float NaN, so "no error" is anything that is not a string.
+    """
+    def clean(column: np.ndarray) -> np.ndarray:
+        return np.array([v if isinstance(v, str) else None for v in column], dtype=object)
+
+    return clean(batch["error"]), clean(batch["error_type"])

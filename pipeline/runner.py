@@ -1,0 +1,172 @@
+"""The only module that knows Ray: wires the stages into one streaming Ray Data pipeline and drains it.
+
+    ListInputs (1 read task) -> Read+Decode (CPU tasks) -> Classify (actor pool) -> driver -> Parquet
+
+Prediction rows are small (a few hundred bytes), so the driver consumes them with `iter_batches` and
+writes the Parquet files itself. That one place sees every row exactly once, which is what makes the
+progress counts, the error-rate stop and the summary exact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import TextIO
+
+import ray
+
+from pipeline.config import JobConfig
+from pipeline.decode import Decoder
+from pipeline.errors import JobStopped
+from pipeline.model import ModelSpec
+from pipeline.predict import Classifier
+from pipeline.preflight import existing_parquet, preflight
+from pipeline.progress import ProgressPrinter, Tally
+from pipeline.read import Reader
+from pipeline.sink import ParquetSink
+from pipeline.source import InputListing, ListingTally
+from pipeline.storage import Storage, absolute, join
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    status: str
+    input: str
+    output: str
+    model: str
+    weights: str
+    inputs: int
+    predicted: int
+    errors: int
+    errors_by_type: dict[str, int]
+    skipped_by_extension: int
+    elapsed_s: float
+    images_per_s: float
+    started_at: str
+    finished_at: str
+    files: list[dict] = field(default_factory=list)
+    message: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=2)
+
+
+def run_job(cfg: JobConfig, out: TextIO = sys.stdout, progress_interval: float | None = None) -> RunSummary:
+    """Validate, run and summarise one job. Raises UserError before any work if the job cannot run."""
+    cfg = with_absolute_paths(cfg)
+    storage = Storage.from_env(cfg.storage.endpoint_url, cfg.storage.region)
+    spec = preflight(cfg, storage)
+    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
+    started_at = _now()
+    if cfg.output.overwrite:
+        storage.delete(existing_parquet(cfg.output.uri, storage))
+
+    start_ray(cfg.compute.ray_address)
+    listing_tally = ListingTally.remote()
+    dataset = build_dataset(cfg, spec, storage, listing_tally)
+    sink = ParquetSink(storage, cfg.output.uri, run_id,
+                       provenance={"model": spec.name, "weights": spec.weights_id, "run_id": run_id},
+                       rows_per_file=cfg.output.rows_per_file, flush_seconds=cfg.output.flush_seconds)
+    tally = Tally()
+    interval = progress_interval or (2.0 if out.isatty() else 5.0)
+    print(f"Run {run_id}: {cfg.input.uri} -> {cfg.output.uri} with {spec.name} ({spec.weights_id})",
+          file=out, flush=True)
+    status, message = "completed", None
+    with ProgressPrinter(tally, lambda: ray.get(listing_tally.get.remote()), out, interval):
+        try:
+            for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+                sink.add(batch)
+                tally.add(batch)
+                tally.check_error_rate(cfg.errors.max_error_rate, cfg.errors.min_inputs)
+        except JobStopped as exc:
+            status, message = "stopped", str(exc)
+        files = sink.close()
+    listing = ray.get(listing_tally.get.remote())
+    summary = RunSummary(
+        run_id=run_id, status=status, input=cfg.input.uri, output=cfg.output.uri, model=spec.name,
+        weights=spec.weights_id, inputs=tally.done, predicted=tally.done - tally.failed, errors=tally.failed,
+        errors_by_type=dict(tally.errors_by_type.most_common()), skipped_by_extension=listing["skipped"],
+        elapsed_s=round(tally.elapsed, 3), images_per_s=round(tally.rate, 2), started_at=started_at,
+        finished_at=_now(), files=files, message=message)
+    storage.write_bytes(join(cfg.output.uri, "_summary.json"), summary.to_json().encode())
+    print_summary(summary, out)
+    if status == "stopped":
+        raise JobStopped(message)
+    return summary
+
+
+def build_dataset(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tally) -> ray.data.Dataset:
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    compute = cfg.compute
+    listing = InputListing(cfg.input.uri, storage, cfg.input.extensions, listing_tally)
+    # A fractional CPU keeps the listing task from being fused with reading: it must run alone and stream.
+    dataset = ray.data.read_datasource(listing, override_num_blocks=1, num_cpus=0.25)
+    dataset = dataset.map_batches(Reader(storage, cfg.input.max_file_bytes), batch_size=None)
+    dataset = dataset.map_batches(Decoder(spec.preprocess, cfg.decode.max_image_pixels), batch_size=None)
+    num_gpus = gpus_per_actor(compute.num_gpus_per_actor)
+    return dataset.map_batches(
+        Classifier,
+        fn_constructor_kwargs={"spec": spec, "storage": storage, "precision": compute.precision,
+                               "channels_last": compute.channels_last,
+                               "num_threads": max(1, int(compute.num_cpus_per_actor))},
+        batch_size=compute.batch_size,
+        compute=ray.data.ActorPoolStrategy(min_size=compute.min_actors, max_size=compute.max_actors),
+        num_cpus=compute.num_cpus_per_actor,
+        num_gpus=num_gpus,
+        # Besides reserving room for the model, a memory request makes the actors' remote args differ from
+        # the decode tasks', which stops Ray from fusing read+decode into the actors (decoding would then
+        # queue behind inference instead of running on the other cores).
+        memory=int(compute.memory_per_actor_gb * 2**30),
+    )
+
+
+def gpus_per_actor(setting: float | str) -> float:
+    """'auto' asks the cluster, not this process: the driver may sit on a node without GPUs."""
+    if setting != "auto":
+        return float(setting)
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def start_ray(address: str | None) -> None:
+    if ray.is_initialized():
+        return
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    address = address or os.environ.get("RAY_ADDRESS")
+    ray.init(address=address, include_dashboard=False, logging_level="WARNING", log_to_driver=True,
+             configure_logging=True)
+
+
+def with_absolute_paths(cfg: JobConfig) -> JobConfig:
+    """Local paths resolved on the driver, where the user typed them."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.input.uri = absolute(cfg.input.uri)
+    cfg.output.uri = absolute(cfg.output.uri)
+    for attr in ("weights", "labels"):
+        value = getattr(cfg.model, attr)
+        if value and (attr == "labels" or cfg.model.checkpoint):
+            setattr(cfg.model, attr, absolute(value))
+    return cfg
+
+
+def print_summary(s: RunSummary, out: TextIO) -> None:
+    errors = ", ".join(f"{kind} {n:,}" for kind, n in s.errors_by_type.items())
+    lines = [
+        f"Run {s.run_id} {s.status} in {s.elapsed_s:.1f}s",
+        f"  inputs      {s.inputs:,}" + (f"  ({s.skipped_by_extension:,} other files skipped by "
+                                         f"input.extensions)" if s.skipped_by_extension else ""),
+        f"  predicted   {s.predicted:,}",
+        f"  errors      {s.errors:,}" + (f"  ({errors})" if errors else ""),
+        f"  images/s    {s.images_per_s:,.1f}",
+        f"  output      {s.output}  ({len(s.files)} Parquet file(s), summary in _summary.json)",
+    ]
+    print("\n".join(lines), file=out, flush=True)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

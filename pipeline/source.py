@@ -1,0 +1,135 @@
+"""Source stage: what to process, as a stream of small blocks of `uri, size, etag, last_modified`.
+
+Listing a prefix of 100M objects takes hours, so it must not happen before the first read (Ray issue
+#40686). A single Ray read task walks the listing page by page (S3's paginator, a local folder walk, or a
+manifest read in record batches) and yields a block per few dozen inputs; Ray's streaming executor hands
+each block to the read/decode tasks while the listing goes on. A small actor keeps the running counts so
+the driver can show progress and, once listing ends, what remains.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import ray
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+from pipeline.rows import SOURCE_SCHEMA
+from pipeline.storage import ObjectInfo, Storage, extension, is_s3
+
+BLOCK_ROWS = 64  # inputs per block: the unit of parallelism for read and decode tasks
+
+
+@ray.remote(num_cpus=0)
+class ListingTally:
+    """How many inputs the listing has produced and skipped, and whether it has finished."""
+
+    def __init__(self):
+        self.listed = 0
+        self.skipped = 0
+        self.done = False
+
+    def add(self, listed: int, skipped: int) -> None:
+        self.listed += listed
+        self.skipped += skipped
+
+    def finish(self) -> None:
+        self.done = True
+
+    def get(self) -> dict:
+        return {"listed": self.listed, "skipped": self.skipped, "done": self.done}
+
+
+class InputListing(Datasource):
+    """One read task that streams the job's inputs; see the module docstring."""
+
+    def __init__(self, uri: str, storage: Storage, extensions: list[str] | None, tally=None):
+        super().__init__()
+        self.uri = uri
+        self.storage = storage
+        self.extensions = set(extensions) if extensions is not None else None
+        self.tally = tally
+
+    def get_name(self) -> str:
+        return "ListInputs"
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
+        metadata = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=None)
+        return [ReadTask(self._blocks, metadata, schema=SOURCE_SCHEMA, per_task_row_limit=per_task_row_limit)]
+
+    def _blocks(self) -> Iterator[pa.Table]:
+        for page in self.pages():
+            kept = [o for o in page if self._wanted(o)]
+            if self.tally is not None:
+                self.tally.add.remote(len(kept), len(page) - len(kept))
+            for start in range(0, len(kept), BLOCK_ROWS):
+                yield to_block(kept[start:start + BLOCK_ROWS])
+        if self.tally is not None:
+            ray.get(self.tally.finish.remote())
+
+    def pages(self) -> Iterator[list[ObjectInfo]]:
+        if is_manifest(self.uri):
+            return read_manifest(self.uri, self.storage)
+        return self.storage.list_pages(self.uri)
+
+    def _wanted(self, info: ObjectInfo) -> bool:
+        return self.extensions is None or is_manifest(self.uri) or extension(info.uri) in self.extensions
+
+
+def is_manifest(uri: str) -> bool:
+    return uri.lower().endswith((".parquet", ".csv"))
+
+
+def to_block(objects: list[ObjectInfo]) -> pa.Table:
+    return pa.table({
+        "uri": [o.uri for o in objects],
+        "size": [o.size for o in objects],
+        "etag": [o.etag for o in objects],
+        "last_modified": [o.last_modified for o in objects],
+    }, schema=SOURCE_SCHEMA)
+
+
+def read_manifest(uri: str, storage: Storage) -> Iterator[list[ObjectInfo]]:
+    """Rows of a Parquet or CSV manifest's `uri` column, a record batch at a time.
+
+    Relative entries are taken relative to the manifest's own folder.
+    """
+    fs, path = storage.fs(uri)
+    base = posixpath.dirname(uri)
+    with fs.open(path, "rb") as f:
+        for batch in manifest_batches(f, uri):
+            yield [ObjectInfo(uri=_resolve(str(u).strip(), base), size=None, etag=None, last_modified=None)
+                   for u in batch.column("uri").to_pylist() if u is not None and str(u).strip()]
+
+
+def manifest_batches(f, uri: str) -> Iterator[pa.RecordBatch]:
+    if uri.lower().endswith(".parquet"):
+        yield from pq.ParquetFile(f).iter_batches(batch_size=1000, columns=["uri"])
+    else:
+        convert = pacsv.ConvertOptions(include_columns=["uri"], column_types={"uri": pa.string()})
+        yield from pacsv.open_csv(f, convert_options=convert)
+
+
+def manifest_columns(uri: str, storage: Storage) -> list[str]:
+    """Column names of a manifest, read from its header only (for up-front validation)."""
+    fs, path = storage.fs(uri)
+    with fs.open(path, "rb") as f:
+        if uri.lower().endswith(".parquet"):
+            return pq.ParquetFile(f).schema_arrow.names
+        return pacsv.open_csv(f).schema.names
+
+
+def _resolve(entry: str, base: str) -> str:
+    if is_s3(entry) or entry.startswith("/"):
+        return entry
+    if entry.startswith("file://"):
+        return entry.removeprefix("file://")
+    return posixpath.normpath(posixpath.join(base, entry)) if not is_s3(base) else f"{base}/{entry}"

@@ -1,0 +1,194 @@
+"""The one filesystem layer: local paths and s3:// URIs, for listing, reading and writing.
+
+Data goes through fsspec (s3fs for S3: concurrent batched reads, and writes that work on every
+S3-compatible server). Listing goes through boto3's paginator, which streams pages with each object's
+ETag, size and last-modified time. Both honour AWS_ENDPOINT_URL and the standard credential chain;
+an explicit `storage.endpoint_url` in the job spec wins.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import cached_property
+from typing import Iterator
+
+import fsspec
+
+PAGE_SIZE = 1000
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    uri: str
+    size: int | None
+    etag: str | None
+    last_modified: datetime | None
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """'s3://bucket/a/b' -> ('bucket', 'a/b')."""
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return bucket, key
+
+
+def join(base: str, name: str) -> str:
+    return base.rstrip("/") + "/" + name
+
+
+def absolute(uri: str) -> str:
+    """Local paths become absolute on the driver: Ray workers do not share its working directory."""
+    if is_s3(uri):
+        return uri
+    return os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
+
+
+def extension(uri: str) -> str:
+    return posixpath.splitext(uri)[1].lower().lstrip(".")
+
+
+@dataclass(frozen=True)
+class Storage:
+    """Picklable handle: built on the driver, used inside Ray tasks and actors."""
+    endpoint_url: str | None = None
+    region: str | None = None
+
+    @classmethod
+    def from_env(cls, endpoint_url: str | None = None, region: str | None = None) -> "Storage":
+        endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        return cls(endpoint_url=endpoint, region=region)
+
+    # --- clients, built lazily once per process -------------------------------------------------------
+    @cached_property
+    def s3_client(self):
+        import boto3
+        from botocore.config import Config
+
+        config = Config(retries={"mode": "standard", "max_attempts": 8}, max_pool_connections=64)
+        return boto3.client("s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config)
+
+    @cached_property
+    def s3fs(self) -> fsspec.AbstractFileSystem:
+        return fsspec.filesystem("s3", endpoint_url=self.endpoint_url,
+                                 client_kwargs={"region_name": self.region},
+                                 config_kwargs={"retries": {"mode": "standard", "max_attempts": 8}})
+
+    @cached_property
+    def localfs(self) -> fsspec.AbstractFileSystem:
+        return fsspec.filesystem("file")
+
+    def fs(self, uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+        if is_s3(uri):
+            return self.s3fs, uri.removeprefix("s3://")
+        return self.localfs, absolute(uri)
+
+    # --- reading --------------------------------------------------------------------------------------
+    def read_many(self, uris: list[str]) -> list[bytes | Exception]:
+        """Fetch many objects concurrently (s3fs batches S3 GETs); a failure is returned, not raised."""
+        results: list[bytes | Exception] = [b""] * len(uris)
+        by_fs: dict[int, tuple[fsspec.AbstractFileSystem, list[int], list[str]]] = {}
+        for i, uri in enumerate(uris):
+            fs, path = self.fs(uri)
+            by_fs.setdefault(id(fs), (fs, [], []))
+            by_fs[id(fs)][1].append(i)
+            by_fs[id(fs)][2].append(path)
+        for fs, indexes, paths in by_fs.values():
+            fetched = fs.cat(paths, on_error="return") if len(paths) > 1 else {paths[0]: _cat_one(fs, paths[0])}
+            for i, path in zip(indexes, paths):
+                results[i] = fetched.get(path, FileNotFoundError(path))
+        return results
+
+    def read_bytes(self, uri: str) -> bytes:
+        fs, path = self.fs(uri)
+        return fs.cat_file(path)
+
+    def exists(self, uri: str) -> bool:
+        fs, path = self.fs(uri)
+        return fs.exists(path)
+
+    # --- writing --------------------------------------------------------------------------------------
+    def write_atomic(self, uri: str, write) -> None:
+        """Call write(file) so that readers see the whole file at `uri` or nothing.
+
+        On S3 an object only appears when its upload completes, so we write in place. Locally we write a
+        dot-prefixed temporary name, which dataset readers and `*.parquet` globs skip, then rename it.
+        """
+        fs, path = self.fs(uri)
+        if is_s3(uri):
+            with fs.open(path, "wb") as f:
+                write(f)
+            return
+        folder, name = posixpath.split(path)
+        fs.makedirs(folder, exist_ok=True)
+        tmp = posixpath.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
+        try:
+            with fs.open(tmp, "wb") as f:
+                write(f)
+            os.replace(tmp, path)
+        finally:
+            if fs.exists(tmp):
+                fs.rm(tmp)
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        self.write_atomic(uri, lambda f: f.write(data))
+
+    def delete(self, uris: list[str]) -> None:
+        for uri in uris:
+            fs, path = self.fs(uri)
+            fs.rm(path)
+
+    # --- listing --------------------------------------------------------------------------------------
+    def list_pages(self, prefix: str) -> Iterator[list[ObjectInfo]]:
+        """Every object under `prefix` (recursively), a page at a time, in key order for S3."""
+        if is_s3(prefix):
+            yield from self._list_s3(prefix)
+        else:
+            yield from self._list_local(absolute(prefix))
+
+    def _list_s3(self, prefix: str) -> Iterator[list[ObjectInfo]]:
+        bucket, key_prefix = split_s3(prefix)
+        paginator = self.s3_client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket, Prefix=key_prefix, PaginationConfig={"PageSize": PAGE_SIZE}):
+            yield [ObjectInfo(uri=f"s3://{bucket}/{obj['Key']}", size=obj["Size"],
+                              etag=obj.get("ETag", "").strip('"') or None, last_modified=obj.get("LastModified"))
+                   for obj in page.get("Contents", []) if not obj["Key"].endswith("/")]
+
+    def _list_local(self, root: str) -> Iterator[list[ObjectInfo]]:
+        page: list[ObjectInfo] = []
+        for entry in _walk_files(root):
+            stat = entry.stat()
+            page.append(ObjectInfo(uri=entry.path, size=stat.st_size, etag=None,
+                                   last_modified=datetime.fromtimestamp(stat.st_mtime, tz=timezone.utc)))
+            if len(page) >= PAGE_SIZE:
+                yield page
+                page = []
+        if page:
+            yield page
+
+
+def _walk_files(root: str) -> Iterator[os.DirEntry]:
+    """Files under root in sorted order, streamed folder by folder (no full listing in memory)."""
+    with os.scandir(root) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir(follow_symlinks=True):
+            yield from _walk_files(entry.path)
+        elif entry.is_file(follow_symlinks=True):
+            yield entry
+
+
+def _cat_one(fs: fsspec.AbstractFileSystem, path: str) -> bytes | Exception:
+    try:
+        return fs.cat_file(path)
+    except Exception as exc:  # noqa: BLE001 - a failed read becomes the row's error
+        return exc
