@@ -136,7 +136,10 @@ def gpus_per_actor(setting: float | str) -> float:
 def start_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
+    # Ray's informational chatter would drown our own progress lines; its real warnings still show.
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    for chatty in ("ray.data._internal.progress", "ray._private.authentication.authentication_token_setup"):
+        logging.getLogger(chatty).setLevel(logging.ERROR)
     address = address or os.environ.get("RAY_ADDRESS")
     ray.init(address=address, include_dashboard=False, logging_level="WARNING", log_to_driver=True,
              configure_logging=True)

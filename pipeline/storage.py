@@ -66,7 +66,13 @@ class Storage:
         region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
         return cls(endpoint_url=endpoint, region=region)
 
-    # --- clients, built lazily once per process -------------------------------------------------------
+    # --- clients, built lazily once per process and never pickled -------------------------------------
+    def __getstate__(self) -> dict:
+        return {"endpoint_url": self.endpoint_url, "region": self.region}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
     @cached_property
     def s3_client(self):
         import boto3
