@@ -7,6 +7,7 @@ on its error-rate threshold exits 1 after printing what it did.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from pipeline.errors import JobStopped, UserError
@@ -34,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` does, so a custom model module beside the spec imports
     try:
         if args.command == "run":
             return _run(args)

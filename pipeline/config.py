@@ -226,11 +226,15 @@ def _describe(exc: ValidationError, spec_path: str | None) -> str:
         fix = f"did you mean '{hint[0]}'?" if hint else f"known keys: {', '.join(known)}"
         return f"{where}: unknown key '{field}'; {fix}"
     if err["type"] == "missing":
-        flag = next((f"--{k.replace('_', '-')}" for k, v in OVERRIDES.items() if v == field), None)
-        fix = f"set it in the spec or pass {flag}" if flag else "set it in the spec"
+        # A missing section is reported as its required field (the first override inside it).
+        flag, field = next(((k, v) for k, v in OVERRIDES.items() if v == field or v.startswith(field + ".")),
+                           (None, field))
+        fix = f"set it in the spec or pass --{flag.replace('_', '-')}" if flag else "set it in the spec"
         return f"{where}: '{field}' is required; {fix}"
     message = err["msg"].removeprefix("Value error, ")
-    return f"{where}: '{field}' {message} (got {err.get('input')!r})"
+    got = err.get("input")
+    shown = "" if isinstance(got, str) and got in message else f" (got {got!r})"
+    return f"{where}: '{field}' {message}{shown}"
 
 
 def _model_at(loc: tuple) -> type[BaseModel] | None:

@@ -63,7 +63,7 @@ def check_bucket(field: str, uri: str, storage: Storage) -> None:
     bucket, _ = split_s3(uri)
     where = storage.endpoint_url or "AWS S3"
     try:
-        storage.s3_client.head_bucket(Bucket=bucket)
+        storage.s3_probe_client.head_bucket(Bucket=bucket)
     except NoCredentialsError:
         raise UserError(f"{field}: no AWS credentials found for s3://{bucket}; set AWS_ACCESS_KEY_ID and "
                         "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)") from None

@@ -141,6 +141,10 @@ def start_ray(address: str | None) -> None:
     for chatty in ("ray.data._internal.progress", "ray._private.authentication.authentication_token_setup"):
         logging.getLogger(chatty).setLevel(logging.ERROR)
     address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        # A local Ray's workers inherit this environment: let them import what the driver can from here
+        # (a custom `module:build_fn` next to the job spec). A cluster needs it installed in its image.
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
     ray.init(address=address, include_dashboard=False, logging_level="WARNING", log_to_driver=True,
              configure_logging=True)
 

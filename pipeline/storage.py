@@ -75,11 +75,20 @@ class Storage:
 
     @cached_property
     def s3_client(self):
+        return self._client(retries={"mode": "standard", "max_attempts": 8}, max_pool_connections=64)
+
+    @cached_property
+    def s3_probe_client(self):
+        """For up-front checks: a wrong endpoint should fail in seconds, not after a minute of retries."""
+        return self._client(retries={"mode": "standard", "max_attempts": 2}, connect_timeout=3, read_timeout=10)
+
+    def _client(self, **config):
         import boto3
         from botocore.config import Config
 
-        config = Config(retries={"mode": "standard", "max_attempts": 8}, max_pool_connections=64)
-        return boto3.client("s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config)
+        session = boto3.session.Session()  # not the default session: it caches credentials process-wide
+        return session.client("s3", endpoint_url=self.endpoint_url, region_name=self.region,
+                              config=Config(**config))
 
     @cached_property
     def s3fs(self) -> fsspec.AbstractFileSystem:

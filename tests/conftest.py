@@ -1,0 +1,73 @@
+"""Shared real parts: one moto S3 server on 127.0.0.1 and one local Ray for the whole session."""
+
+from __future__ import annotations
+
+import io
+import os
+import uuid
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from pipeline.local_s3 import LocalS3Server, use_server
+from pipeline.storage import Storage
+
+# Tests talk to their own local Ray only; token auth is for clusters (production manifests keep it on).
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    with LocalS3Server() as server:
+        use_server(server)  # before Ray starts, so its workers inherit the endpoint and credentials
+        yield server
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server):
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def storage(s3_server) -> Storage:
+    return Storage.from_env()
+
+
+@pytest.fixture
+def bucket(storage) -> str:
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    storage.s3_client.create_bucket(Bucket=name)
+    return name
+
+
+def photo(width: int = 96, height: int = 72, seed: int = 0) -> Image.Image:
+    """A small RGB image with structure (gradients plus noise), different for each seed."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 / width, y * 255 / height, (x + y) * 127 / (width + height)], axis=-1)
+    noisy = base + rng.normal(0, 25, base.shape)
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB")
+
+
+def encode(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def classifier_files(tmp_path_factory) -> dict[str, str]:
+    """A resnet18 with 4 classes and fixed random weights, saved as a checkpoint plus labels file."""
+    folder = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=4)
+    torch.save(model.state_dict(), folder / "resnet18.pt")
+    (folder / "labels.txt").write_text("cat\ndog\nbird\nfish\n")
+    return {"model": "resnet18", "weights": str(folder / "resnet18.pt"), "labels": str(folder / "labels.txt")}

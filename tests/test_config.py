@@ -1,0 +1,84 @@
+"""The job spec: shape validation with one-line messages that name the field and the fix."""
+
+import pytest
+
+from pipeline.config import JobConfig, is_weights_name, load_job
+from pipeline.errors import UserError
+
+MINIMAL = {"input": "s3://bucket/images/", "output": "/tmp/out", "model": "resnet50", "weights": "DEFAULT"}
+
+
+def write(tmp_path, text: str) -> str:
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_flags_alone_make_a_job():
+    cfg = load_job(None, {**MINIMAL, "batch_size": 8})
+    assert cfg.input.uri == "s3://bucket/images/"
+    assert cfg.model.weights == "DEFAULT" and cfg.model.checkpoint is None
+    assert cfg.compute.batch_size == 8
+
+
+def test_flags_override_the_spec(tmp_path):
+    spec = write(tmp_path, "input: {uri: s3://bucket/b}\noutput: {uri: out}\nmodel: {name: resnet18}\n"
+                           "compute: {batch_size: 4}\n")
+    cfg = load_job(spec, {"batch_size": 16, "input": None})
+    assert cfg.compute.batch_size == 16
+    assert cfg.input.uri == "s3://bucket/b"
+
+
+def test_unknown_key_suggests_the_right_one(tmp_path):
+    spec = write(tmp_path, "input: {uri: s3://bucket/b}\noutput: {uri: out}\nmodel: {name: resnet18, wieghts: X}\n")
+    with pytest.raises(UserError, match=r"unknown key 'model.wieghts'; did you mean 'weights'\?"):
+        load_job(spec, {})
+
+
+def test_unknown_section(tmp_path):
+    spec = write(tmp_path, "input: {uri: s3://bucket/b}\noutput: {uri: out}\nmodel: {name: resnet18}\nmodels: {}\n")
+    with pytest.raises(UserError, match="unknown key 'models'; did you mean 'model'"):
+        load_job(spec, {})
+
+
+def test_missing_field_names_the_flag():
+    with pytest.raises(UserError, match=r"'input.uri' is required; set it in the spec or pass --input"):
+        load_job(None, {"output": "/tmp/out", "model": "resnet50"})
+
+
+@pytest.mark.parametrize("uri, words", [
+    ("http://example.com/images", "scheme 'http://' is not supported"),
+    ("s3://Bad_Bucket/x", "not a valid s3://bucket/prefix URI"),
+    ("s3://", "not a valid s3://bucket/prefix URI"),
+])
+def test_malformed_uri(uri, words):
+    with pytest.raises(UserError, match=words):
+        load_job(None, {**MINIMAL, "input": uri})
+
+
+def test_bad_values_name_the_field():
+    with pytest.raises(UserError, match="'compute.batch_size' Input should be greater than 0"):
+        load_job(None, {**MINIMAL, "batch_size": 0})
+
+
+def test_invalid_yaml_says_where(tmp_path):
+    with pytest.raises(UserError, match=r"not valid YAML at line \d+; fix the syntax"):
+        load_job(write(tmp_path, "input:\n  uri: [unclosed\n"), {})
+
+
+def test_missing_spec_file():
+    with pytest.raises(UserError, match="cannot read it"):
+        load_job("/nonexistent/job.yaml", {})
+
+
+def test_shipped_job_spec_is_valid():
+    cfg = load_job("jobs/nightly_labeling.yaml", {})
+    assert isinstance(cfg, JobConfig)
+
+
+@pytest.mark.parametrize("value, is_name", [
+    ("IMAGENET1K_V2", True), ("DEFAULT", True), ("ResNet50_Weights.IMAGENET1K_V1", True),
+    ("model.pt", False), ("s3://b/ckpt.pth", False), ("./weights/best", False),
+])
+def test_weights_name_or_file(value, is_name):
+    assert is_weights_name(value) is is_name
