@@ -8,7 +8,6 @@ row's error ("decode: image file is truncated"); the batch carries on.
 from __future__ import annotations
 
 import io
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,8 +37,9 @@ class Decoder:
         self.max_image_pixels = max_image_pixels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        # Pillow reads these globals at decode time, so set them in the worker that decodes.
-        Image.MAX_IMAGE_PIXELS = self.max_image_pixels
+        # Pillow reads these globals at decode time, so set them in the worker that decodes. Its own bomb
+        # check is off because `decode` checks the header against our limit, with a clearer message.
+        Image.MAX_IMAGE_PIXELS = None
         ImageFile.LOAD_TRUNCATED_IMAGES = False
         size = self.preprocess.crop_size
         n = len(batch["uri"])
@@ -62,16 +62,14 @@ class Decoder:
     def decode(self, data: bytes) -> Image.Image:
         if not data:
             raise StageFailure("empty", "file is empty (0 bytes)")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > self.max_image_pixels:
-                raise StageFailure("too_many_pixels", f"image is {width}x{height} = {width * height:,} pixels, over "
-                                  f"decode.max_image_pixels={self.max_image_pixels:,}")
-            if getattr(image, "n_frames", 1) > 1:
-                image.seek(0)
-            image.load()
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > self.max_image_pixels:
+            raise StageFailure("too_many_pixels", f"image is {width}x{height} = {width * height:,} pixels, over "
+                                                  f"decode.max_image_pixels={self.max_image_pixels:,}")
+        if getattr(image, "n_frames", 1) > 1:
+            image.seek(0)
+        image.load()
         image = ImageOps.exif_transpose(image)
         return to_rgb(image)
 

@@ -20,12 +20,12 @@ class Reader:
         errors = np.full(n, None, dtype=object)
         error_types = np.full(n, None, dtype=object)
         data = np.full(n, b"", dtype=object)
-        sizes = batch["size"]
+        # Listed sizes; unknown (NaN or None) for manifest entries until the bytes are read.
+        sizes = np.array([None if s is None or s != s else int(s) for s in batch["size"]], dtype=object)
         wanted = []
         for i in range(n):
-            size = sizes[i]
-            if size is not None and not np.isnan(size) and size > self.max_file_bytes:
-                errors[i], error_types[i] = fail("read", self._too_large(int(size)), describe_read_error)
+            if sizes[i] is not None and sizes[i] > self.max_file_bytes:
+                errors[i], error_types[i] = fail("read", self._too_large(sizes[i]), describe_read_error)
             else:
                 wanted.append(i)
         fetched = self.storage.read_many([str(batch["uri"][i]) for i in wanted]) if wanted else []
@@ -36,7 +36,8 @@ class Reader:
                 errors[i], error_types[i] = fail("read", self._too_large(len(result)), describe_read_error)
             else:
                 data[i] = result
-        batch.update(bytes=data, error=errors, error_type=error_types)
+                sizes[i] = len(result)
+        batch.update(bytes=data, size=sizes, error=errors, error_type=error_types)
         return batch
 
     def _too_large(self, size: int) -> StageFailure:

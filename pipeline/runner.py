@@ -57,8 +57,9 @@ class RunSummary:
         return json.dumps(self.__dict__, indent=2)
 
 
-def run_job(cfg: JobConfig, out: TextIO = sys.stdout, progress_interval: float | None = None) -> RunSummary:
+def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float | None = None) -> RunSummary:
     """Validate, run and summarise one job. Raises UserError before any work if the job cannot run."""
+    out = out or sys.stdout
     cfg = with_absolute_paths(cfg)
     storage = Storage.from_env(cfg.storage.endpoint_url, cfg.storage.region)
     spec = preflight(cfg, storage)

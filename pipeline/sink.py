@@ -64,8 +64,15 @@ def to_output_table(batch: pa.Table, provenance: dict[str, str]) -> pa.Table:
         if field.name in provenance:
             columns[field.name] = pa.array([provenance[field.name]] * n, field.type)
         elif field.name in batch.column_names:
-            columns[field.name] = batch[field.name].cast(field.type)
+            columns[field.name] = _cast(batch[field.name], field.type)
         else:
             columns[field.name] = pa.nulls(n, field.type)
     columns["score"] = pc.if_else(failed, pa.scalar(None, pa.float32()), columns["score"])
     return pa.table(columns, schema=OUTPUT_SCHEMA)
+
+
+def _cast(column: pa.ChunkedArray, target: pa.DataType) -> pa.ChunkedArray:
+    """Numpy batches turn a null in an integer column into float NaN; turn it back into a null."""
+    if pa.types.is_floating(column.type) and pa.types.is_integer(target):
+        column = pc.if_else(pc.is_nan(column), pa.scalar(None, column.type), column)
+    return column.cast(target)
