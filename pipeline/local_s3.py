@@ -68,3 +68,16 @@ def _free_port() -> int:
 def use_server(server: LocalS3Server) -> None:
     """Point this process (and Ray workers it starts afterwards) at the server."""
     os.environ.update(server.environ())
+
+
+if __name__ == "__main__":
+    # `python -m pipeline.local_s3`: a server to try jobs against by hand; Ctrl-C stops it.
+    with LocalS3Server(port=int(sys.argv[1]) if len(sys.argv) > 1 else None) as s3:
+        print("S3-compatible server running; in another shell:")
+        for name, value in s3.environ().items():
+            print(f"  export {name}={value}")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass

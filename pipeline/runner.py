@@ -173,6 +173,8 @@ def print_summary(s: RunSummary, out: TextIO) -> None:
         f"  images/s    {s.images_per_s:,.1f}",
         f"  output      {s.output}  ({len(s.files)} Parquet file(s), summary in _summary.json)",
     ]
+    if s.inputs == 0:
+        lines.append(f"  note: nothing to do under {s.input}; check the URI and input.extensions")
     print("\n".join(lines), file=out, flush=True)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import tempfile
 import uuid
 
 import numpy as np
@@ -17,6 +18,9 @@ from pipeline.storage import Storage
 
 # Tests talk to their own local Ray only; token auth is for clusters (production manifests keep it on).
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# A private torchvision weights cache, set before Ray starts so its workers share it (see torch_home).
+TORCH_HOME = tempfile.mkdtemp(prefix="pipeline-tests-torch-home-")
+os.environ["TORCH_HOME"] = TORCH_HOME
 
 
 @pytest.fixture(scope="session")
@@ -71,3 +75,18 @@ def classifier_files(tmp_path_factory) -> dict[str, str]:
     torch.save(model.state_dict(), folder / "resnet18.pt")
     (folder / "labels.txt").write_text("cat\ndog\nbird\nfish\n")
     return {"model": "resnet18", "weights": str(folder / "resnet18.pt"), "labels": str(folder / "labels.txt")}
+
+
+@pytest.fixture(scope="session")
+def cached_imagenet_resnet18():
+    """Seed TORCH_HOME with a file where torchvision keeps ResNet18_Weights.IMAGENET1K_V1.
+
+    No model hub is reachable here, so the file holds seeded random weights; everything else, from the
+    weights name to torchvision's own cache lookup and metadata, is the real loading path.
+    """
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    folder = os.path.join(TORCH_HOME, "hub", "checkpoints")
+    os.makedirs(folder, exist_ok=True)
+    torch.manual_seed(1)
+    torch.save(torchvision.models.resnet18().state_dict(), os.path.join(folder, os.path.basename(weights.url)))
+    return weights

@@ -239,3 +239,15 @@ def test_listing_streams_page_by_page(storage, bucket):
     first = next(blocks)
     assert first.num_rows > 0 and CountingStorage.pages == 1
     assert first.num_rows + sum(b.num_rows for b in blocks) == 1500 and CountingStorage.pages == 2
+
+
+def test_torchvision_weights_by_name(tmp_path, cached_imagenet_resnet18):
+    """`--weights IMAGENET1K_V1`: labels and preprocessing come from torchvision's metadata."""
+    write_files(tmp_path / "in", {"a.jpg": encode(photo(320, 240), "JPEG")})
+    cfg = load_job(None, {"input": str(tmp_path / "in"), "output": str(tmp_path / "out"), "model": "resnet18",
+                          "weights": "IMAGENET1K_V1"})
+    summary = run_job(cfg, out=io.StringIO())
+    row = read_back(str(tmp_path / "out")).to_pylist()[0]
+    assert summary.weights == row["weights"] == "ResNet18_Weights.IMAGENET1K_V1"
+    assert row["error"] is None and row["label"] in cached_imagenet_resnet18.meta["categories"]
+    assert len(row["topk_labels"]) == 5

@@ -1,0 +1,64 @@
+"""Storage: atomic visibility of written files, even when the writer is killed mid-write."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import duckdb
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.storage import Storage
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    def explode(f):
+        f.write(b"PAR1 half a file")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        Storage().write_atomic(str(tmp_path / "part-0.parquet"), explode)
+    assert os.listdir(tmp_path) == []
+
+
+KILLED_WRITER = """
+import sys, time
+import pyarrow as pa, pyarrow.parquet as pq
+from pipeline.storage import Storage
+
+def slow(f):
+    pq.write_table(pa.table({"x": list(range(1000))}), f)
+    f.flush()
+    print("writing", flush=True)
+    time.sleep(600)
+
+Storage().write_atomic(sys.argv[1], slow)
+"""
+
+
+def test_killed_writer_is_invisible_to_readers(tmp_path):
+    pq.write_table(pa.table({"x": [1, 2, 3]}), tmp_path / "part-committed.parquet")
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(tmp_path / "part-dying.parquet")],
+                              stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "writing"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+
+    leftovers = [name for name in os.listdir(tmp_path) if name != "part-committed.parquet"]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".") and not leftovers[0].endswith(".parquet")
+    assert pads.dataset(str(tmp_path), format="parquet").to_table().num_rows == 3
+    assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{tmp_path}/**/*.parquet')").fetchall()[0][0] == 3
+    assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{tmp_path}/*.parquet')").fetchall()[0][0] == 3
+
+
+def test_s3_keys_with_spaces_and_unicode(storage, bucket):
+    uri = f"s3://{bucket}/a folder/ünïcode 名前 #1.png"
+    storage.write_bytes(uri, b"payload")
+    listed = [o.uri for page in storage.list_pages(f"s3://{bucket}/") for o in page]
+    assert listed == [uri]
+    assert storage.read_many([uri, f"s3://{bucket}/missing"])[0] == b"payload"
+    assert isinstance(storage.read_many([uri, f"s3://{bucket}/missing"])[1], FileNotFoundError)
