@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from pipeline.model import ModelSpec, build_model
+from pipeline.rows import error_columns
 from pipeline.storage import Storage
 
 _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -36,7 +37,8 @@ class Classifier:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         pixels = batch.pop("pixels")
         n = len(batch["uri"])
-        ok = np.array([not isinstance(e, str) for e in batch["error"]], dtype=bool)
+        errors, error_types = error_columns(batch)
+        ok = np.array([e is None for e in errors], dtype=bool)
         label = np.full(n, None, dtype=object)
         score = np.full(n, np.nan, dtype=np.float32)
         topk_labels = np.full(n, None, dtype=object)
@@ -49,7 +51,8 @@ class Classifier:
             for j, row in enumerate(rows):
                 topk_labels[row] = list(self.labels[indexes[j]])
                 topk_scores[row] = scores[j].tolist()
-        batch.update(label=label, score=score, topk_labels=topk_labels, topk_scores=topk_scores)
+        batch.update(label=label, score=score, topk_labels=topk_labels, topk_scores=topk_scores, error=errors,
+                     error_type=error_types)
         return batch
 
     @torch.inference_mode()

@@ -53,8 +53,7 @@ def check_output(uri: str, overwrite: bool, storage: Storage) -> None:
 def existing_parquet(uri: str, storage: Storage) -> list[str]:
     if not is_s3(uri) and not os.path.isdir(uri):
         return []
-    folder = uri.rstrip("/") + "/"
-    return [o.uri for page in storage.list_pages(folder) for o in page if o.uri.endswith(".parquet")]
+    return [o.uri for page in storage.list_pages(uri) for o in page if o.uri.endswith(".parquet")]
 
 
 def check_bucket(field: str, uri: str, storage: Storage) -> None:

@@ -72,7 +72,7 @@ def to_output_table(batch: pa.Table, provenance: dict[str, str]) -> pa.Table:
 
 
 def _cast(column: pa.ChunkedArray, target: pa.DataType) -> pa.ChunkedArray:
-    """Numpy batches turn a null in an integer column into float NaN; turn it back into a null."""
-    if pa.types.is_floating(column.type) and pa.types.is_integer(target):
+    """Numpy batches turn nulls into float NaN (a column of nothing but nulls, even a string one); undo that."""
+    if pa.types.is_floating(column.type) and not pa.types.is_floating(target):
         column = pc.if_else(pc.is_nan(column), pa.scalar(None, column.type), column)
     return column.cast(target)

@@ -161,15 +161,21 @@ class Storage:
             fs.rm(path)
 
     # --- listing --------------------------------------------------------------------------------------
-    def list_pages(self, prefix: str) -> Iterator[list[ObjectInfo]]:
-        """Every object under `prefix` (recursively), a page at a time, in key order for S3."""
-        if is_s3(prefix):
-            yield from self._list_s3(prefix)
-        else:
-            yield from self._list_local(absolute(prefix))
+    def list_pages(self, folder: str) -> Iterator[list[ObjectInfo]]:
+        """Every object under `folder` (recursively), a page at a time, in key order for S3.
 
-    def _list_s3(self, prefix: str) -> Iterator[list[ObjectInfo]]:
-        bucket, key_prefix = split_s3(prefix)
+        s3://b/images and s3://b/images/ both mean the folder, as a local path would: s3://b/images2/x is not
+        in it.
+        """
+        if is_s3(folder):
+            yield from self._list_s3(folder)
+        else:
+            yield from self._list_local(absolute(folder))
+
+    def _list_s3(self, folder: str) -> Iterator[list[ObjectInfo]]:
+        bucket, key_prefix = split_s3(folder)
+        if key_prefix and not key_prefix.endswith("/"):
+            key_prefix += "/"
         paginator = self.s3_client.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=bucket, Prefix=key_prefix, PaginationConfig={"PageSize": PAGE_SIZE}):
             yield [ObjectInfo(uri=f"s3://{bucket}/{obj['Key']}", size=obj["Size"],

@@ -58,7 +58,8 @@ def classify(spec, **options) -> dict:
     classifier = Classifier(spec, Storage.from_env(), **options)
     pixels = np.random.default_rng(1).integers(0, 255, (3, 3, 224, 224), dtype=np.uint8)
     return classifier({"uri": np.array(["a", "b", "c"], dtype=object), "pixels": pixels,
-                       "error": np.array([None, "decode: broken", None], dtype=object)})
+                       "error": np.array([None, "decode: broken", None], dtype=object),
+                       "error_type": np.array([None, "decode.corrupt", None], dtype=object)})
 
 
 def test_failed_rows_pass_through_and_pixels_are_dropped(classifier_files):

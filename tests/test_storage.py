@@ -62,3 +62,12 @@ def test_s3_keys_with_spaces_and_unicode(storage, bucket):
     assert listed == [uri]
     assert storage.read_many([uri, f"s3://{bucket}/missing"])[0] == b"payload"
     assert isinstance(storage.read_many([uri, f"s3://{bucket}/missing"])[1], FileNotFoundError)
+
+
+def test_s3_prefix_is_a_folder(storage, bucket):
+    for key in ("images/a.jpg", "images/sub/b.jpg", "images2/c.jpg"):
+        storage.write_bytes(f"s3://{bucket}/{key}", b"x")
+    for prefix in (f"s3://{bucket}/images", f"s3://{bucket}/images/"):
+        listed = sorted(o.uri.rsplit("/", 2)[-2:][-1] for page in storage.list_pages(prefix) for o in page)
+        assert listed == ["a.jpg", "b.jpg"]
+    assert len([o for page in storage.list_pages(f"s3://{bucket}") for o in page]) == 3
