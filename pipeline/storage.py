@@ -107,18 +107,20 @@ class Storage:
 
     # --- reading --------------------------------------------------------------------------------------
     def read_many(self, uris: list[str]) -> list[bytes | Exception]:
-        """Fetch many objects concurrently (s3fs batches S3 GETs); a failure is returned, not raised."""
+        """Fetch many objects concurrently (s3fs runs the GETs together); a failure is returned, not raised.
+
+        cat_ranges, unlike cat, never expands glob characters: a key may contain '*', '?' or '['.
+        """
         results: list[bytes | Exception] = [b""] * len(uris)
-        by_fs: dict[int, tuple[fsspec.AbstractFileSystem, list[int], list[str]]] = {}
+        groups: dict[int, tuple[fsspec.AbstractFileSystem, list[int], list[str]]] = {}
         for i, uri in enumerate(uris):
             fs, path = self.fs(uri)
-            by_fs.setdefault(id(fs), (fs, [], []))
-            by_fs[id(fs)][1].append(i)
-            by_fs[id(fs)][2].append(path)
-        for fs, indexes, paths in by_fs.values():
-            fetched = fs.cat(paths, on_error="return") if len(paths) > 1 else {paths[0]: _cat_one(fs, paths[0])}
-            for i, path in zip(indexes, paths):
-                results[i] = fetched.get(path, FileNotFoundError(path))
+            _, indexes, paths = groups.setdefault(id(fs), (fs, [], []))
+            indexes.append(i)
+            paths.append(path)
+        for fs, indexes, paths in groups.values():
+            for i, result in zip(indexes, fs.cat_ranges(paths, None, None, on_error="return")):
+                results[i] = result
         return results
 
     def read_bytes(self, uri: str) -> bytes:
@@ -195,21 +197,23 @@ class Storage:
             yield page
 
 
-def _walk_files(root: str) -> Iterator[os.DirEntry]:
-    """Files under root in sorted order, streamed folder by folder (no full listing in memory)."""
+def _walk_files(root: str, seen: set[str] | None = None) -> Iterator[os.DirEntry]:
+    """Files under root in sorted order, streamed folder by folder; hidden names skipped.
+
+    Symlinked folders are followed once each, so a link loop cannot make the walk endless.
+    """
+    seen = seen if seen is not None else set()
+    real = os.path.realpath(root)
+    if real in seen:
+        return
+    seen.add(real)
     with os.scandir(root) as it:
         entries = sorted(it, key=lambda e: e.name)
     for entry in entries:
         if entry.name.startswith("."):
             continue
         if entry.is_dir(follow_symlinks=True):
-            yield from _walk_files(entry.path)
+            yield from _walk_files(entry.path, seen)
         elif entry.is_file(follow_symlinks=True):
             yield entry
 
-
-def _cat_one(fs: fsspec.AbstractFileSystem, path: str) -> bytes | Exception:
-    try:
-        return fs.cat_file(path)
-    except Exception as exc:  # noqa: BLE001 - a failed read becomes the row's error
-        return exc

@@ -55,13 +55,29 @@ def test_killed_writer_is_invisible_to_readers(tmp_path):
     assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{tmp_path}/*.parquet')").fetchall()[0][0] == 3
 
 
-def test_s3_keys_with_spaces_and_unicode(storage, bucket):
-    uri = f"s3://{bucket}/a folder/ünïcode 名前 #1.png"
-    storage.write_bytes(uri, b"payload")
+ODD_NAMES = ["a folder/ünïcode 名前 #1.png", "glob[1].png", "star*.png", "what?.png", "plus+and%20.png",
+             "emoji 📷.png", "semi;colon,comma'quote.png"]
+
+
+def test_odd_s3_keys_round_trip(storage, bucket):
+    uris = [f"s3://{bucket}/{name}" for name in ODD_NAMES]
+    for i, uri in enumerate(uris):
+        storage.write_bytes(uri, f"payload {i}".encode())
     listed = [o.uri for page in storage.list_pages(f"s3://{bucket}/") for o in page]
-    assert listed == [uri]
-    assert storage.read_many([uri, f"s3://{bucket}/missing"])[0] == b"payload"
-    assert isinstance(storage.read_many([uri, f"s3://{bucket}/missing"])[1], FileNotFoundError)
+    assert sorted(listed) == sorted(uris)
+    fetched = storage.read_many([*uris, f"s3://{bucket}/missing.png"])
+    assert fetched[:-1] == [f"payload {i}".encode() for i in range(len(uris))]
+    assert isinstance(fetched[-1], FileNotFoundError)
+
+
+def test_odd_local_names_round_trip(tmp_path):
+    paths = [tmp_path / name for name in ODD_NAMES]
+    for i, path in enumerate(paths):
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(f"payload {i}".encode())
+    listed = [o.uri for page in Storage().list_pages(str(tmp_path)) for o in page]
+    assert sorted(listed) == sorted(str(p) for p in paths)
+    assert Storage().read_many([str(p) for p in paths]) == [f"payload {i}".encode() for i in range(len(paths))]
 
 
 def test_s3_prefix_is_a_folder(storage, bucket):
@@ -71,3 +87,11 @@ def test_s3_prefix_is_a_folder(storage, bucket):
         listed = sorted(o.uri.rsplit("/", 2)[-2:][-1] for page in storage.list_pages(prefix) for o in page)
         assert listed == ["a.jpg", "b.jpg"]
     assert len([o for page in storage.list_pages(f"s3://{bucket}") for o in page]) == 3
+
+
+def test_local_walk_survives_a_symlink_loop(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.jpg").write_bytes(b"x")
+    (tmp_path / "a" / "loop").symlink_to(tmp_path)
+    listed = [o.uri for page in Storage().list_pages(str(tmp_path)) for o in page]
+    assert listed == [str(tmp_path / "a" / "x.jpg")]
