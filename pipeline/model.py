@@ -67,9 +67,12 @@ def resolve_model(cfg: ModelConfig, storage: Storage) -> ModelSpec:
         preprocess=_resolve_preprocess(cfg, weights_enum),
         top_k=cfg.top_k,
     )
-    model = _instantiate(spec, state_dict)
-    if not spec.labels:
-        spec = _with_index_labels(spec, model)
+    num_outputs = _probe(_instantiate(spec, state_dict), spec)
+    if not spec.labels:  # a custom model without a labels file: classes are named by index
+        return ModelSpec(**{**spec.__dict__, "labels": tuple(str(i) for i in range(num_outputs))})
+    if num_outputs != len(spec.labels):
+        raise UserError(f"model.labels: {len(spec.labels)} labels, but {spec.name} outputs {num_outputs} classes; "
+                        "give one line per class, in the model's class order")
     return spec
 
 
@@ -188,9 +191,17 @@ def _resolve_preprocess(cfg: ModelConfig, weights_enum) -> Preprocess:
     return resolved
 
 
-def _with_index_labels(spec: ModelSpec, model: nn.Module) -> ModelSpec:
-    """A custom model without a labels file: its classes are named by index."""
+def _probe(model: nn.Module, spec: ModelSpec) -> int:
+    """One forward pass on a blank image of the configured size: the number of classes, or a clear error."""
     size = spec.preprocess.crop_size
-    with torch.inference_mode():
-        num_classes = model(torch.zeros(1, 3, size, size)).shape[-1]
-    return ModelSpec(**{**spec.__dict__, "labels": tuple(str(i) for i in range(num_classes))})
+    try:
+        with torch.inference_mode():
+            logits = model(torch.zeros(1, 3, size, size))
+    except Exception as exc:  # noqa: BLE001 - shape errors come as RuntimeError, ValueError, ...
+        detail = " ".join(str(exc).split())[:200]
+        raise UserError(f"model.preprocess: {spec.name} fails on a 3x{size}x{size} input ({type(exc).__name__}: "
+                        f"{detail}); set model.preprocess.crop_size to what the model expects") from None
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+        raise UserError(f"model.name: {spec.name} must return class scores of shape (batch, classes), got "
+                        f"{getattr(logits, 'shape', type(logits).__name__)}")
+    return int(logits.shape[1])

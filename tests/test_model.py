@@ -89,3 +89,16 @@ def test_gpu_autocast_agrees_with_fp32(classifier_files, precision):
     reference, mixed = classify(spec), classify(spec, precision=precision, channels_last=True)
     assert list(reference["label"]) == list(mixed["label"])
     np.testing.assert_allclose(reference["score"][[0, 2]], mixed["score"][[0, 2]], atol=2e-2)
+
+
+def test_labels_that_do_not_match_the_model(tmp_path, cached_imagenet_resnet18):
+    (tmp_path / "labels.txt").write_text("a\nb\nc\n")
+    cfg = ModelConfig(name="resnet18", weights="IMAGENET1K_V1", labels=str(tmp_path / "labels.txt"))
+    with pytest.raises(UserError, match="model.labels: 3 labels, but resnet18 outputs 1000 classes"):
+        resolve_model(cfg, Storage.from_env())
+
+
+def test_input_size_the_model_rejects():
+    cfg = ModelConfig(name="pipeline.demo:build_lenet", preprocess={"resize_size": 64, "crop_size": 64})
+    with pytest.raises(UserError, match="model.preprocess: pipeline.demo:build_lenet fails on a 3x64x64 input"):
+        resolve_model(cfg, Storage.from_env())
