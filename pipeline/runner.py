@@ -29,8 +29,11 @@ from pipeline.preflight import existing_parquet, preflight
 from pipeline.progress import ProgressPrinter, Tally
 from pipeline.read import Reader
 from pipeline.sink import ParquetSink
-from pipeline.source import InputListing, ListingTally
+from pipeline.source import BLOCK_ROWS, InputListing, ListingTally
 from pipeline.storage import Storage, absolute, join
+
+
+BLOCK_BYTES = 1 << 20  # ~10k listed keys, or a few decoded images, per block
 
 
 @dataclass
@@ -103,11 +106,27 @@ def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float 
 
 
 def build_dataset(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tally) -> ray.data.Dataset:
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    context = ray.data.DataContext.get_current()
+    default_block_size = context.target_max_block_size
+    context.enable_progress_bars = False
+    # Ray merges what a task yields into blocks of up to this many bytes before passing them on; at the
+    # default (128 MiB) the listing would hand over nothing until ~1M keys were listed. A dataset captures
+    # the context when it is created, so the setting is restored for anything built after ours.
+    context.target_max_block_size = BLOCK_BYTES
+    try:
+        dataset = _build(cfg, spec, storage, listing_tally)
+    finally:
+        context.target_max_block_size = default_block_size
+    return dataset
+
+
+def _build(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tally) -> ray.data.Dataset:
     compute = cfg.compute
     listing = InputListing(cfg.input.uri, storage, cfg.input.extensions, listing_tally)
     # A fractional CPU keeps the listing task from being fused with reading: it must run alone and stream.
     dataset = ray.data.read_datasource(listing, override_num_blocks=1, num_cpus=0.25)
+    # Small blocks of inputs are the unit of parallelism for reading and decoding.
+    dataset = dataset.repartition(target_num_rows_per_block=BLOCK_ROWS)
     dataset = dataset.map_batches(Reader(storage, cfg.input.max_file_bytes), batch_size=None)
     dataset = dataset.map_batches(Decoder(spec.preprocess, cfg.decode.max_image_pixels), batch_size=None)
     num_gpus = gpus_per_actor(compute.num_gpus_per_actor)

@@ -251,3 +251,19 @@ def test_torchvision_weights_by_name(tmp_path, cached_imagenet_resnet18):
     assert summary.weights == row["weights"] == "ResNet18_Weights.IMAGENET1K_V1"
     assert row["error"] is None and row["label"] in cached_imagenet_resnet18.meta["categories"]
     assert len(row["topk_labels"]) == 5
+
+
+def test_predictions_stream_to_the_driver_in_many_batches(tmp_path, storage, bucket):
+    """Ray must not merge the listing into one block: rows reach the driver while work is still going on."""
+    from pipeline.runner import build_dataset
+    from pipeline.source import ListingTally
+
+    put_objects(storage, bucket, "stream/", {f"{i:04d}.png": encode(photo(40, 40, seed=i), "PNG") for i in range(300)})
+    cfg = load_job(None, {"input": f"s3://{bucket}/stream/", "output": str(tmp_path / "out"),
+                          "model": "pipeline.demo:build_lenet", "batch_size": 16})
+    cfg.model.preprocess.resize_size = cfg.model.preprocess.crop_size = 32
+    spec = resolve_model(cfg.model, storage)
+    batches = [b.num_rows for b in build_dataset(cfg, spec, storage, ListingTally.remote()).iter_batches(
+        batch_format="pyarrow", batch_size=None)]
+    assert sum(batches) == 300
+    assert len(batches) >= 300 // 64
