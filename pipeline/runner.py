@@ -29,11 +29,13 @@ from pipeline.preflight import existing_parquet, preflight
 from pipeline.progress import ProgressPrinter, Tally
 from pipeline.read import Reader
 from pipeline.sink import ParquetSink
-from pipeline.source import BLOCK_ROWS, InputListing, ListingTally
+from pipeline.source import InputListing, ListingTally
 from pipeline.storage import Storage, absolute, join
 
 
 BLOCK_BYTES = 1 << 20  # ~10k listed keys, or a few decoded images, per block
+BLOCK_ROWS = 64  # inputs per read and per decode task: the unit of parallelism before the model
+READ_CPUS = 0.25  # a read task mostly waits on storage
 
 
 @dataclass
@@ -127,7 +129,10 @@ def _build(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tally) -> 
     dataset = ray.data.read_datasource(listing, override_num_blocks=1, num_cpus=0.25)
     # Small blocks of inputs are the unit of parallelism for reading and decoding.
     dataset = dataset.repartition(target_num_rows_per_block=BLOCK_ROWS)
-    dataset = dataset.map_batches(Reader(storage, cfg.input.max_file_bytes), batch_size=None)
+    # Reading waits on the network, decoding burns CPU: separate tasks, so fetches overlap with decoding and
+    # inference instead of holding a whole core each (the bytes pass through Ray's object store once).
+    dataset = dataset.map_batches(Reader(storage, cfg.input.max_file_bytes), batch_size=None,
+                                  num_cpus=READ_CPUS)
     dataset = dataset.map_batches(Decoder(spec.preprocess, cfg.decode.max_image_pixels), batch_size=None)
     num_gpus = gpus_per_actor(compute.num_gpus_per_actor)
     return dataset.map_batches(

@@ -32,6 +32,7 @@ class ParquetSink:
         self._last_flush = time.monotonic()
 
     def add(self, batch: pa.Table) -> None:
+        batch = to_output_table(batch, self.provenance)  # batches differ in inferred types; the output does not
         self._pending.append(batch)
         self._pending_rows += batch.num_rows
         while self._pending_rows >= self.rows_per_file:
@@ -50,9 +51,8 @@ class ParquetSink:
         self._pending, self._pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
         self._last_flush = time.monotonic()
         uri = join(self.output_uri, f"part-{self.run_id}-{len(self.files):05d}.parquet")
-        output = to_output_table(head, self.provenance)
-        self.storage.write_atomic(uri, lambda f: pq.write_table(output, f, compression="zstd"))
-        self.files.append({"uri": uri, "rows": output.num_rows})
+        self.storage.write_atomic(uri, lambda f: pq.write_table(head, f, compression="zstd"))
+        self.files.append({"uri": uri, "rows": head.num_rows})
 
 
 def to_output_table(batch: pa.Table, provenance: dict[str, str]) -> pa.Table:

@@ -2,8 +2,8 @@
 
 Listing a prefix of 100M objects takes hours, so it must not happen before the first read (Ray issue
 #40686). A single Ray read task walks the listing page by page (S3's paginator, a local folder walk, or a
-manifest read in record batches) and yields a block per few dozen inputs; Ray's streaming executor hands
-each block to the read/decode tasks while the listing goes on. A small actor keeps the running counts so
+manifest read in record batches) and yields a block per page; Ray's streaming executor hands the blocks on
+(see runner.BLOCK_BYTES) while the listing goes on. A small actor keeps the running counts so
 the driver can show progress and, once listing ends, what remains.
 """
 
@@ -21,9 +21,6 @@ from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.rows import SOURCE_SCHEMA
 from pipeline.storage import ObjectInfo, Storage, extension, is_s3
-
-BLOCK_ROWS = 64  # inputs per block: the unit of parallelism for read and decode tasks
-
 
 @ray.remote(num_cpus=0)
 class ListingTally:
@@ -70,8 +67,8 @@ class InputListing(Datasource):
             kept = [o for o in page if self._wanted(o)]
             if self.tally is not None:
                 self.tally.add.remote(len(kept), len(page) - len(kept))
-            for start in range(0, len(kept), BLOCK_ROWS):
-                yield to_block(kept[start:start + BLOCK_ROWS])
+            if kept:
+                yield to_block(kept)
         if self.tally is not None:
             ray.get(self.tally.finish.remote())
 

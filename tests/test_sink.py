@@ -37,3 +37,15 @@ def test_files_roll_by_row_count(tmp_path):
     uris = [u for f in files for u in pq.read_table(f["uri"])["uri"].to_pylist()]
     assert uris == [f"u{i}" for i in range(8)]
     assert [f["uri"].rsplit("/", 1)[1] for f in files] == [f"part-r1-{i:05d}.parquet" for i in range(3)]
+
+
+def test_batches_with_different_inferred_types_share_one_file(tmp_path):
+    """One batch's all-null `error` is Arrow null type, another's is string; sizes int or float."""
+    from pipeline.storage import Storage
+
+    sink = ParquetSink(Storage(), str(tmp_path), "r1", PROVENANCE, rows_per_file=100, flush_seconds=3600)
+    sink.add(pa.table({"uri": ["a"], "error": pa.nulls(1), "size": [1], "topk_scores": [[0.5]]}))
+    sink.add(pa.table({"uri": ["b"], "error": ["decode: x"], "size": [np.nan], "topk_scores": pa.nulls(1)}))
+    files = sink.close()
+    table = pq.read_table(files[0]["uri"])
+    assert table.schema == OUTPUT_SCHEMA and table["error"].to_pylist() == [None, "decode: x"]

@@ -1,0 +1,88 @@
+"""Time to the first prediction versus time to list the whole prefix, on a local S3-compatible server.
+
+    .venv/bin/python bench/first_prediction.py --objects 20000
+
+Uploads N small PNGs to moto's S3 on 127.0.0.1, times a full listing with boto3 alone, then runs the pipeline's
+dataset (LeNet, CPU) and times the first prediction batch at the driver, noting whether the listing was still
+running at that moment. Prints one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pipeline.config import load_job  # noqa: E402
+from pipeline.local_s3 import LocalS3Server, use_server  # noqa: E402
+from pipeline.model import resolve_model  # noqa: E402
+from pipeline.storage import Storage  # noqa: E402
+
+
+def upload(storage: Storage, bucket: str, count: int) -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buffer, "PNG")
+    png = buffer.getvalue()
+    client = storage.s3_client
+    with ThreadPoolExecutor(32) as pool:
+        list(pool.map(lambda i: client.put_object(Bucket=bucket, Key=f"images/{i:08d}.png", Body=png), range(count)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--objects", type=int, default=20000)
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    from pipeline.runner import build_dataset, start_ray
+    from pipeline.source import ListingTally
+
+    with LocalS3Server() as server:
+        use_server(server)
+        storage = Storage.from_env()
+        storage.s3_client.create_bucket(Bucket="bench")
+        started = time.monotonic()
+        upload(storage, "bench", args.objects)
+        print(f"uploaded {args.objects:,} objects in {time.monotonic() - started:.1f}s", flush=True)
+
+        started = time.monotonic()
+        listed = sum(len(page) for page in storage.list_pages("s3://bench/images/"))
+        full_listing = time.monotonic() - started
+
+        cfg = load_job(None, {"input": "s3://bench/images/", "output": "/tmp/unused",
+                              "model": "pipeline.demo:build_lenet", "batch_size": 64})
+        cfg.model.preprocess.resize_size = cfg.model.preprocess.crop_size = 32
+        spec = resolve_model(cfg.model, storage)
+        start_ray(None)
+        tally = ListingTally.remote()
+        dataset = build_dataset(cfg, spec, storage, tally)
+        started = time.monotonic()
+        first = None
+        rows = 0
+        for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+            if first is None:
+                first = time.monotonic() - started
+                at_first = ray.get(tally.get.remote())
+            rows += batch.num_rows
+        total = time.monotonic() - started
+        if os.environ.get("BENCH_STATS"):
+            print(dataset.stats())
+
+    print(f"| objects | full listing alone (boto3) | first prediction at driver | listed by then | "
+          f"listing finished by then | all {rows:,} predicted |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {listed:,} | {full_listing:.1f} s | {first:.1f} s | {at_first['listed']:,} | {at_first['done']} | "
+          f"{total:.1f} s |")
+
+
+if __name__ == "__main__":
+    main()
