@@ -95,3 +95,14 @@ def test_local_walk_survives_a_symlink_loop(tmp_path):
     (tmp_path / "a" / "loop").symlink_to(tmp_path)
     listed = [o.uri for page in Storage().list_pages(str(tmp_path)) for o in page]
     assert listed == [str(tmp_path / "a" / "x.jpg")]
+
+
+def test_spec_endpoint_wins_over_the_environment(s3_server, bucket, monkeypatch):
+    """storage.endpoint_url in the job spec is used even when AWS_ENDPOINT_URL points elsewhere."""
+    from pipeline.preflight import check_bucket
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    storage = Storage.from_env(endpoint_url=s3_server.endpoint_url)
+    check_bucket("input.uri", f"s3://{bucket}/x", storage)  # raises UserError if it went to port 9
+    storage.write_bytes(f"s3://{bucket}/x/a.bin", b"1")
+    assert storage.read_many([f"s3://{bucket}/x/a.bin"]) == [b"1"]
