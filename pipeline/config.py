@@ -132,7 +132,7 @@ class ComputeConfig(_Section):
     num_cpus_per_actor: float = Field(1.0, gt=0)
     num_gpus_per_actor: float | Literal["auto"] = Field(
         "auto", description="'auto': 1 when the Ray cluster has GPUs, else 0 (CPU inference)")
-    memory_per_actor_gb: float = Field(1.0, gt=0, description="memory Ray reserves for each model actor")
+    memory_per_actor_gb: float = Field(2.0, gt=0, description="memory Ray reserves for each model actor")
     precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="autocast dtype on GPU")
     channels_last: bool = False
     ray_address: str | None = Field(None, description="existing cluster; default RAY_ADDRESS or a local Ray")

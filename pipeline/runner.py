@@ -34,8 +34,14 @@ from pipeline.storage import Storage, absolute, join
 
 
 BLOCK_BYTES = 1 << 20  # ~10k listed keys, or a few decoded images, per block
-BLOCK_ROWS = 64  # inputs per read and per decode task: the unit of parallelism before the model
-READ_CPUS = 0.25  # a read task mostly waits on storage
+BLOCK_ROWS = 64  # inputs fetched concurrently by a read task
+# Logical CPUs per task. Listing and reading mostly wait on storage; decoding is CPU work. The values differ so
+# that Ray keeps the stages apart (it fuses neighbours with equal resources into one task), and they are small
+# enough that on a 2-core machine, with one core held by a model actor, decoding still gets scheduled while
+# the listing and a read are in flight.
+LIST_CPUS = 0.1
+READ_CPUS = 0.25
+DECODE_CPUS = 0.5
 
 
 @dataclass
@@ -83,15 +89,8 @@ def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float 
     interval = progress_interval or (2.0 if out.isatty() else 5.0)
     print(f"Run {run_id}: {cfg.input.uri} -> {cfg.output.uri} with {spec.name} ({spec.weights_id})",
           file=out, flush=True)
-    status, message = "completed", None
     with ProgressPrinter(tally, lambda: ray.get(listing_tally.get.remote()), out, interval):
-        try:
-            for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-                sink.add(batch)
-                tally.add(batch)
-                tally.check_error_rate(cfg.errors.max_error_rate, cfg.errors.min_inputs)
-        except JobStopped as exc:
-            status, message = "stopped", str(exc)
+        status, message = drain(dataset, sink, tally, cfg)
         files = sink.close()
     listing = ray.get(listing_tally.get.remote())
     summary = RunSummary(
@@ -105,6 +104,18 @@ def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float 
     if status == "stopped":
         raise JobStopped(message)
     return summary
+
+
+def drain(dataset: ray.data.Dataset, sink: ParquetSink, tally: Tally, cfg: JobConfig) -> tuple[str, str | None]:
+    """Every prediction row into the sink, once; (status, message) at the end or at the error-rate stop."""
+    try:
+        for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+            sink.add(batch)
+            tally.add(batch)
+            tally.check_error_rate(cfg.errors.max_error_rate, cfg.errors.min_inputs)
+    except JobStopped as exc:
+        return "stopped", str(exc)
+    return "completed", None
 
 
 def build_dataset(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tally) -> ray.data.Dataset:
@@ -125,15 +136,12 @@ def build_dataset(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tal
 def _build(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tally) -> ray.data.Dataset:
     compute = cfg.compute
     listing = InputListing(cfg.input.uri, storage, cfg.input.extensions, listing_tally)
-    # A fractional CPU keeps the listing task from being fused with reading: it must run alone and stream.
-    dataset = ray.data.read_datasource(listing, override_num_blocks=1, num_cpus=0.25)
-    # Small blocks of inputs are the unit of parallelism for reading and decoding.
-    dataset = dataset.repartition(target_num_rows_per_block=BLOCK_ROWS)
-    # Reading waits on the network, decoding burns CPU: separate tasks, so fetches overlap with decoding and
-    # inference instead of holding a whole core each (the bytes pass through Ray's object store once).
-    dataset = dataset.map_batches(Reader(storage, cfg.input.max_file_bytes), batch_size=None,
+    dataset = ray.data.read_datasource(listing, override_num_blocks=1, num_cpus=LIST_CPUS)
+    # A read task walks its block of the listing 64 inputs at a time, fetching each 64 concurrently.
+    dataset = dataset.map_batches(Reader(storage, cfg.input.max_file_bytes), batch_size=BLOCK_ROWS,
                                   num_cpus=READ_CPUS)
-    dataset = dataset.map_batches(Decoder(spec.preprocess, cfg.decode.max_image_pixels), batch_size=None)
+    dataset = dataset.map_batches(Decoder(spec.preprocess, cfg.decode.max_image_pixels), batch_size=None,
+                                  num_cpus=DECODE_CPUS)
     num_gpus = gpus_per_actor(compute.num_gpus_per_actor)
     return dataset.map_batches(
         Classifier,
