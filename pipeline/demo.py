@@ -64,7 +64,7 @@ def run_demo(keep: str | None = None) -> int:
         uploaded = upload_images(storage, test)
         print(f"Uploaded {uploaded:,} PNGs ({len(BROKEN_FILES)} deliberately broken) to s3://{BUCKET}/digits/")
 
-        summary = run_job(demo_job())
+        summary = run_job(demo_job(), progress_interval=1.0)
         table = read_predictions(storage, summary.files)
         report_accuracy(table)
         if keep:
