@@ -265,3 +265,24 @@ def test_predictions_stream_to_the_driver_in_many_batches(tmp_path, storage, buc
         batch_format="pyarrow", batch_size=None)]
     assert sum(batches) == 80
     assert len(batches) >= 4
+
+
+def test_manifest_on_s3_with_relative_entries(storage, bucket, classifier_files, tmp_path):
+    put_objects(storage, bucket, "data/", {"images/x y.png": encode(photo(seed=40), "PNG")})
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"uri": ["images/x y.png", f"s3://{bucket}/data/images/x y.png"]}), buffer)
+    storage.write_bytes(f"s3://{bucket}/data/manifest.parquet", buffer.getvalue())
+    run_job(job(classifier_files, f"s3://{bucket}/data/manifest.parquet", str(tmp_path / "out")), out=io.StringIO())
+    rows = read_back(str(tmp_path / "out")).to_pylist()
+    assert [r["uri"] for r in rows] == [f"s3://{bucket}/data/images/x y.png"] * 2
+    assert all(r["error"] is None for r in rows)
+
+
+def test_empty_input_finishes_with_a_hint(tmp_path, classifier_files):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "notes.txt").write_text("no images here")
+    printed = io.StringIO()
+    summary = run_job(job(classifier_files, str(tmp_path / "in"), str(tmp_path / "out")), out=printed)
+    assert (summary.inputs, summary.skipped_by_extension, summary.files) == (0, 1, [])
+    assert "nothing to do under" in printed.getvalue()
+    assert json.loads((tmp_path / "out" / "_summary.json").read_text())["inputs"] == 0
