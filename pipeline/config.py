@@ -111,7 +111,7 @@ class ModelConfig(_Section):
     @property
     def checkpoint(self) -> str | None:
         """The weights as a file URI, or None when they name torchvision weights (or are absent)."""
-        if self.weights is None or is_weights_name(self.weights):
+        if self.weights is None or (is_weights_name(self.weights) and not Path(self.weights).exists()):
             return None
         return self.weights
 
