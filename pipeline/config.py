@@ -10,6 +10,7 @@ import difflib
 import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -48,9 +49,14 @@ class StorageConfig(_Section):
     @field_validator("endpoint_url")
     @classmethod
     def _endpoint_is_http(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("http://", "https://")):
-            raise ValueError(f"'{value}' must start with http:// or https://")
+        if value is not None and not _is_http_url(value):
+            raise ValueError(f"'{value}' must be an http:// or https:// URL such as http://127.0.0.1:9000")
         return value
+
+
+def _is_http_url(value: str) -> bool:
+    parts = urlsplit(value)
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and " " not in value
 
 
 class InputConfig(_Section):
@@ -191,6 +197,8 @@ def _read_yaml(path: str) -> dict[str, Any]:
         text = Path(path).read_text()
     except OSError as exc:
         raise UserError(f"job spec {path}: cannot read it ({exc.strerror}); check the path") from None
+    except UnicodeDecodeError:
+        raise UserError(f"job spec {path}: not a text file; give a YAML job spec") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

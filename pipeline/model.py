@@ -109,11 +109,16 @@ def _build_custom(target: str, num_classes: int | None) -> nn.Module:
     module_name, _, fn_name = target.partition(":")
     try:
         build_fn = getattr(importlib.import_module(module_name), fn_name)
-    except (ImportError, AttributeError) as exc:
-        raise UserError(f"model.name: cannot import '{target}' ({exc}); the module must be importable "
-                        "(installed, or on PYTHONPATH) and define that function") from None
-    accepts_classes = "num_classes" in inspect.signature(build_fn).parameters
-    model = build_fn(num_classes=num_classes) if accepts_classes and num_classes else build_fn()
+    except Exception as exc:  # noqa: BLE001 - ImportError, AttributeError, an error inside the module...
+        raise UserError(f"model.name: cannot import '{target}' ({type(exc).__name__}: {exc}); the module must be "
+                        "importable (installed, or on PYTHONPATH) and define that function") from None
+    if not callable(build_fn):
+        raise UserError(f"model.name: '{target}' is not a function")
+    try:
+        accepts_classes = "num_classes" in inspect.signature(build_fn).parameters
+        model = build_fn(num_classes=num_classes) if accepts_classes and num_classes else build_fn()
+    except Exception as exc:  # noqa: BLE001 - whatever the user's builder raises
+        raise UserError(f"model.name: '{target}' raised {type(exc).__name__}: {exc}") from None
     if not isinstance(model, nn.Module):
         raise UserError(f"model.name: '{target}' returned {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -140,7 +145,7 @@ def _torchvision_weights(cfg: ModelConfig):
 def _read_labels(uri: str, storage: Storage) -> tuple[str, ...]:
     try:
         text = storage.read_bytes(uri).decode("utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - OSError, UnicodeDecodeError, botocore errors...
         raise UserError(f"model.labels: cannot read {uri} ({type(exc).__name__}); give a UTF-8 text file, one "
                         "class name per line") from None
     labels = tuple(line.strip() for line in text.splitlines() if line.strip())
@@ -153,7 +158,7 @@ def _load_checkpoint(uri: str, storage: Storage) -> tuple[str, dict]:
     """(sha256 id, state_dict). Loaded with weights_only=True: a checkpoint cannot run code."""
     try:
         data = storage.read_bytes(uri)
-    except OSError as exc:
+    except Exception as exc:  # noqa: BLE001 - OSError, botocore's NoCredentialsError, a bad endpoint...
         raise UserError(f"model.weights: cannot read checkpoint {uri} ({type(exc).__name__}: {exc}); "
                         "check the path and credentials") from None
     try:

@@ -5,12 +5,13 @@ model and checkpoint. Each failure is one UserError line naming the field and th
 from __future__ import annotations
 
 import os
+import uuid
 
 from pipeline.config import JobConfig
 from pipeline.errors import UserError
 from pipeline.model import ModelSpec, resolve_model
 from pipeline.source import is_manifest, manifest_columns
-from pipeline.storage import Storage, is_s3, split_s3
+from pipeline.storage import Storage, is_s3, join, split_s3
 
 
 def preflight(cfg: JobConfig, storage: Storage) -> ModelSpec:
@@ -44,10 +45,22 @@ def check_output(uri: str, overwrite: bool, storage: Storage) -> None:
         check_bucket("output.uri", uri, storage)
     elif os.path.exists(uri) and not os.path.isdir(uri):
         raise UserError(f"output.uri: {uri} is a file; give a folder for the Parquet files")
+    check_writable(uri, storage)
     existing = existing_parquet(uri, storage)
     if existing and not overwrite:
         raise UserError(f"output.uri: {uri} already holds {len(existing)} Parquet file(s); choose a new output "
                         "folder or pass --overwrite to replace them")
+
+
+def check_writable(uri: str, storage: Storage) -> None:
+    """Write and delete a hidden probe, so a read-only folder or bucket fails now, not at the first flush."""
+    probe = join(uri, f".write-probe-{uuid.uuid4().hex}")
+    try:
+        storage.write_bytes(probe, b"")
+        storage.delete([probe])
+    except Exception as exc:  # noqa: BLE001 - PermissionError, ClientError, NotADirectoryError, ...
+        raise UserError(f"output.uri: cannot write to {uri} ({type(exc).__name__}: {exc}); check the folder's "
+                        "permissions or the credentials' write access") from None
 
 
 def existing_parquet(uri: str, storage: Storage) -> list[str]:
@@ -78,3 +91,6 @@ def check_bucket(field: str, uri: str, storage: Storage) -> None:
     except BotoCoreError as exc:
         raise UserError(f"{field}: cannot reach {where} ({type(exc).__name__}); check storage.endpoint_url / "
                         "AWS_ENDPOINT_URL and the network") from None
+    except ValueError as exc:  # boto3 refuses a malformed endpoint when it builds the client
+        raise UserError(f"{field}: endpoint {where!r} is not usable ({exc}); fix storage.endpoint_url / "
+                        "AWS_ENDPOINT_URL") from None

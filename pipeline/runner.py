@@ -22,7 +22,7 @@ import ray
 
 from pipeline.config import JobConfig
 from pipeline.decode import Decoder
-from pipeline.errors import JobStopped
+from pipeline.errors import JobStopped, UserError
 from pipeline.model import ModelSpec
 from pipeline.predict import Classifier
 from pipeline.preflight import existing_parquet, preflight
@@ -178,8 +178,12 @@ def start_ray(address: str | None) -> None:
         # A local Ray's workers inherit this environment: let them import what the driver can from here
         # (a custom `module:build_fn` next to the job spec). A cluster needs it installed in its image.
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
-    ray.init(address=address, include_dashboard=False, logging_level="WARNING", log_to_driver=True,
-             configure_logging=True)
+    try:
+        ray.init(address=address, include_dashboard=False, logging_level="WARNING", log_to_driver=True,
+                 configure_logging=True)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise UserError(f"compute.ray_address: cannot start or join Ray at {address or 'a new local cluster'} "
+                        f"({type(exc).__name__}: {exc}); check RAY_ADDRESS / compute.ray_address") from None
 
 
 def with_absolute_paths(cfg: JobConfig) -> JobConfig:

@@ -9,6 +9,7 @@ the driver can show progress and, once listing ends, what remains.
 
 from __future__ import annotations
 
+import logging
 import posixpath
 from typing import Iterator
 
@@ -21,6 +22,8 @@ from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.rows import SOURCE_SCHEMA
 from pipeline.storage import ObjectInfo, Storage, extension, is_s3
+
+logger = logging.getLogger(__name__)
 
 @ray.remote(num_cpus=0)
 class ListingTally:
@@ -112,7 +115,14 @@ def manifest_batches(f, uri: str) -> Iterator[pa.RecordBatch]:
         yield from pq.ParquetFile(f).iter_batches(batch_size=1000, columns=["uri"])
     else:
         convert = pacsv.ConvertOptions(include_columns=["uri"], column_types={"uri": pa.string()})
-        yield from pacsv.open_csv(f, convert_options=convert)
+        # A row with the wrong number of fields is skipped, not fatal; its line is logged.
+        parse = pacsv.ParseOptions(invalid_row_handler=_skip_bad_row)
+        yield from pacsv.open_csv(f, convert_options=convert, parse_options=parse)
+
+
+def _skip_bad_row(row) -> str:
+    logger.warning("manifest line %s skipped: %s (quote values that contain commas)", row.number, row.text)
+    return "skip"
 
 
 def manifest_columns(uri: str, storage: Storage) -> list[str]:
@@ -129,4 +139,6 @@ def _resolve(entry: str, base: str) -> str:
         return entry
     if entry.startswith("file://"):
         return entry.removeprefix("file://")
-    return posixpath.normpath(posixpath.join(base, entry)) if not is_s3(base) else f"{base}/{entry}"
+    if is_s3(base):
+        return f"{base}/{posixpath.normpath(entry)}"
+    return posixpath.normpath(posixpath.join(base, entry))

@@ -8,6 +8,8 @@ an explicit `storage.endpoint_url` in the job spec wins.
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import posixpath
 import uuid
@@ -17,6 +19,8 @@ from functools import cached_property
 from typing import Iterator
 
 import fsspec
+
+logger = logging.getLogger(__name__)
 
 PAGE_SIZE = 1000
 
@@ -140,8 +144,10 @@ class Storage:
         """
         fs, path = self.fs(uri)
         if is_s3(uri):
-            with fs.open(path, "wb") as f:
-                write(f)
+            # Buffer first: an s3fs file that is closed after an exception still uploads what it had.
+            buffer = io.BytesIO()
+            write(buffer)
+            fs.pipe_file(path, buffer.getvalue())
             return
         folder, name = posixpath.split(path)
         fs.makedirs(folder, exist_ok=True)
@@ -160,7 +166,7 @@ class Storage:
     def delete(self, uris: list[str]) -> None:
         for uri in uris:
             fs, path = self.fs(uri)
-            fs.rm(path)
+            fs.rm_file(path)  # not rm: it would glob-expand '[', '*' and '?' in the key
 
     # --- listing --------------------------------------------------------------------------------------
     def list_pages(self, folder: str) -> Iterator[list[ObjectInfo]]:
@@ -187,14 +193,22 @@ class Storage:
     def _list_local(self, root: str) -> Iterator[list[ObjectInfo]]:
         page: list[ObjectInfo] = []
         for entry in _walk_files(root):
-            stat = entry.stat()
-            page.append(ObjectInfo(uri=entry.path, size=stat.st_size, etag=None,
-                                   last_modified=datetime.fromtimestamp(stat.st_mtime, tz=timezone.utc)))
+            try:
+                stat = entry.stat()
+                size, mtime = stat.st_size, datetime.fromtimestamp(stat.st_mtime, tz=timezone.utc)
+            except OSError:  # gone since the folder was read: the read stage will say so in its row
+                size, mtime = None, None
+            page.append(ObjectInfo(uri=printable(entry.path), size=size, etag=None, last_modified=mtime))
             if len(page) >= PAGE_SIZE:
                 yield page
                 page = []
         if page:
             yield page
+
+
+def printable(path: str) -> str:
+    """A file name that is not valid UTF-8 keeps its place as a row (its read then fails and says so)."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _walk_files(root: str, seen: set[str] | None = None) -> Iterator[os.DirEntry]:
@@ -207,8 +221,12 @@ def _walk_files(root: str, seen: set[str] | None = None) -> Iterator[os.DirEntry
     if real in seen:
         return
     seen.add(real)
-    with os.scandir(root) as it:
-        entries = sorted(it, key=lambda e: e.name)
+    try:
+        with os.scandir(root) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError as exc:
+        logger.warning("skipping unreadable folder %s (%s)", printable(root), exc.strerror)
+        return
     for entry in entries:
         if entry.name.startswith("."):
             continue

@@ -156,3 +156,36 @@ def test_console_script_prints_no_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert_one_line(result.stderr, "input.uri", "scheme 'ftp://' is not supported")
+
+
+def test_binary_file_as_spec(capsys, tmp_path):
+    spec = tmp_path / "model.pt"
+    spec.write_bytes(b"\x80\x02\xff\xfe binary")
+    code, err = run_cli(capsys, str(spec))
+    assert code == 2
+    assert_one_line(err, "not a text file")
+
+
+@pytest.mark.parametrize("endpoint", ["http://", "http://my host:9000", "ftp://x"])
+def test_malformed_endpoint(capsys, good_args, tmp_path, endpoint):
+    spec = tmp_path / "job.yaml"
+    spec.write_text(f"storage: {{endpoint_url: '{endpoint}'}}\n")
+    code, err = run_cli(capsys, str(spec), *with_flag(good_args, "--input", "s3://some-bucket/x/"))
+    assert code == 2
+    assert_one_line(err, "storage.endpoint_url", "http:// or https:// URL")
+
+
+def test_output_that_cannot_be_written(capsys, good_args, tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    code, err = run_cli(capsys, *with_flag(good_args, "--output", str(tmp_path / "a-file" / "out")))
+    assert code == 2
+    assert_one_line(err, "output.uri", "cannot write to")
+
+
+def test_custom_builder_that_raises(capsys, good_args, tmp_path, monkeypatch):
+    (tmp_path / "broken_models.py").write_text("def build():\n    raise RuntimeError('no GPU here')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = with_flag(good_args, "--model", "broken_models:build")
+    code, err = run_cli(capsys, *args[: args.index("--weights")])
+    assert code == 2
+    assert_one_line(err, "model.name", "raised RuntimeError: no GPU here")

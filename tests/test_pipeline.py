@@ -286,3 +286,14 @@ def test_empty_input_finishes_with_a_hint(tmp_path, classifier_files):
     assert (summary.inputs, summary.skipped_by_extension, summary.files) == (0, 1, [])
     assert "nothing to do under" in printed.getvalue()
     assert json.loads((tmp_path / "out" / "_summary.json").read_text())["inputs"] == 0
+
+
+def test_manifest_entries_are_normalised_and_bad_csv_rows_skipped(tmp_path):
+    from pipeline.source import _resolve, read_manifest
+
+    assert _resolve("./cat/1.jpg", "s3://b/dir") == "s3://b/dir/cat/1.jpg"
+    assert _resolve("/abs/2.jpg", "s3://b/dir") == "/abs/2.jpg"
+    assert _resolve("../x.jpg", "/data/m") == "/data/x.jpg"
+    (tmp_path / "m.csv").write_text("uri\na.jpg\nb,c.jpg\n\"d,e.jpg\"\n")
+    uris = [o.uri for page in read_manifest(str(tmp_path / "m.csv"), Storage()) for o in page]
+    assert uris == [str(tmp_path / "a.jpg"), str(tmp_path / "d,e.jpg")]

@@ -106,3 +106,29 @@ def test_spec_endpoint_wins_over_the_environment(s3_server, bucket, monkeypatch)
     check_bucket("input.uri", f"s3://{bucket}/x", storage)  # raises UserError if it went to port 9
     storage.write_bytes(f"s3://{bucket}/x/a.bin", b"1")
     assert storage.read_many([f"s3://{bucket}/x/a.bin"]) == [b"1"]
+
+
+def test_delete_takes_keys_literally(storage, bucket):
+    keep, drop = f"s3://{bucket}/outv/part-1.parquet", f"s3://{bucket}/out[v]/part-1.parquet"
+    storage.write_bytes(keep, b"keep")
+    storage.write_bytes(drop, b"drop")
+    storage.delete([drop])
+    assert [o.uri for page in storage.list_pages(f"s3://{bucket}/") for o in page] == [keep]
+
+
+def test_failed_s3_write_leaves_nothing(storage, bucket):
+    def explode(f):
+        f.write(b"PAR1 half a file")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        storage.write_atomic(f"s3://{bucket}/out/part-0.parquet", explode)
+    assert not storage.exists(f"s3://{bucket}/out/part-0.parquet")
+
+
+def test_undecodable_local_name_is_still_listed(tmp_path):
+    os.mkdir(os.fsencode(str(tmp_path / "in")))
+    with open(os.path.join(os.fsencode(str(tmp_path / "in")), b"caf\xe9.jpg"), "wb") as f:
+        f.write(b"x")
+    listed = [o.uri for page in Storage().list_pages(str(tmp_path / "in")) for o in page]
+    assert listed == [str(tmp_path / "in" / "caf\ufffd.jpg")]
