@@ -102,3 +102,27 @@ def test_input_size_the_model_rejects():
     cfg = ModelConfig(name="pipeline.demo:build_lenet", preprocess={"resize_size": 64, "crop_size": 64})
     with pytest.raises(UserError, match="model.preprocess: pipeline.demo:build_lenet fails on a 3x64x64 input"):
         resolve_model(cfg, Storage.from_env())
+
+
+@pytest.mark.parametrize("name", ["resnet50", "efficientnet_b0", "mobilenet_v3_large"])
+def test_any_torchvision_architecture_with_a_checkpoint(tmp_path, name):
+    import torchvision
+
+    torch.manual_seed(0)
+    torch.save(torchvision.models.get_model(name, num_classes=3).state_dict(), tmp_path / "ckpt.pt")
+    (tmp_path / "labels.txt").write_text("x\ny\nz\n")
+    spec = resolve_model(ModelConfig(name=name, weights=str(tmp_path / "ckpt.pt"), labels=str(tmp_path / "labels.txt"),
+                                     preprocess={"resize_size": 72, "crop_size": 64}), Storage.from_env())
+    pixels = np.random.default_rng(2).integers(0, 255, (2, 3, 64, 64), dtype=np.uint8)
+    scores, indexes = Classifier(spec, Storage.from_env()).predict(pixels)
+    assert scores.shape == (2, 3) and np.allclose(scores.sum(axis=1), 1, atol=1e-5)
+
+
+def test_preprocessing_follows_each_weights_metadata():
+    import torchvision
+
+    from pipeline.model import _resolve_preprocess
+
+    weights = torchvision.models.EfficientNet_B3_Weights.IMAGENET1K_V1
+    p = _resolve_preprocess(ModelConfig(name="efficientnet_b3"), weights)
+    assert (p.resize_size, p.crop_size, p.interpolation) == (320, 300, "bicubic")
