@@ -1,6 +1,6 @@
 """The only module that knows Ray: wires the stages into one streaming Ray Data pipeline and drains it.
 
-    ListInputs (1 read task) -> Read+Decode (CPU tasks) -> Classify (actor pool) -> driver -> Parquet
+    ListInputs (1 read task) -> Read (I/O tasks) -> Decode (CPU tasks) -> Classify (actor pool) -> driver -> Parquet
 
 Prediction rows are small (a few hundred bytes), so the driver consumes them with `iter_batches` and
 writes the Parquet files itself. That one place sees every row exactly once, which is what makes the
@@ -153,8 +153,8 @@ def _build(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tally) -> 
         num_cpus=compute.num_cpus_per_actor,
         num_gpus=num_gpus,
         # Besides reserving room for the model, a memory request makes the actors' remote args differ from
-        # the decode tasks', which stops Ray from fusing read+decode into the actors (decoding would then
-        # queue behind inference instead of running on the other cores).
+        # the decode tasks', which stops Ray from fusing decoding into the actors (it would then queue behind
+        # inference instead of running on the other cores).
         memory=int(compute.memory_per_actor_gb * 2**30),
     )
 
