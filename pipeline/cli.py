@@ -26,7 +26,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--labels", help="labels file, one class name per line")
     run.add_argument("--batch-size", type=int, help="images per model call")
     run.add_argument("--overwrite", action="store_true", default=None,
-                     help="replace Parquet files already in the output folder")
+                     help="backfill: process every input, then atomically replace the folder's earlier output")
+    run.add_argument("--full", action="store_const", const=False, default=None,
+                     help="process every input, not only those new or changed since earlier runs")
+    run.add_argument("--reprocess-errors", action="store_true", default=None,
+                     help="also retry inputs whose row in an earlier run is an error")
+    run.add_argument("--partitioning", choices=["none", "run_date"],
+                     help="run_date: write each run under run_date=YYYY-MM-DD/")
+    run.add_argument("--ray-address", help="join this Ray cluster (default RAY_ADDRESS, else a local Ray)")
 
     demo = commands.add_parser("demo", help="train a digits CNN, serve images from a local S3, run a job")
     demo.add_argument("--keep", metavar="DIR", help="also copy the Parquet output to this local folder")

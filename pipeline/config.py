@@ -45,6 +45,11 @@ class StorageConfig(_Section):
     endpoint_url: str | None = Field(
         None, description="S3-compatible endpoint for every s3:// URI of the job; default AWS_ENDPOINT_URL")
     region: str | None = Field(None, description="default AWS_REGION / AWS_DEFAULT_REGION")
+    # Every request retries throttling, 5xx, resets and timeouts with exponential backoff, so one request
+    # gives up after at most about max_attempts * (timeouts + 20 s of backoff).
+    max_attempts: int = Field(10, ge=1, le=50, description="tries per S3 request before it fails")
+    connect_timeout_s: float = Field(10.0, gt=0)
+    read_timeout_s: float = Field(60.0, gt=0, description="a stalled request is retried after this")
 
     @field_validator("endpoint_url")
     @classmethod
@@ -65,6 +70,9 @@ class InputConfig(_Section):
     extensions: list[str] | None = Field(
         list(DEFAULT_EXTENSIONS), description="file extensions listed from a prefix; null lists every object")
     max_file_bytes: int = Field(256 * 2**20, gt=0, description="larger objects become error rows unread")
+    incremental: bool = Field(True, description="skip inputs unchanged since earlier committed runs of the "
+                                                "same model and weights (false, or --full: process all)")
+    reprocess_errors: bool = Field(False, description="also retry inputs whose earlier row is an error")
 
     @field_validator("uri")
     @classmethod
@@ -83,9 +91,13 @@ class InputConfig(_Section):
 
 class OutputConfig(_Section):
     uri: str = Field(..., description="folder (local or s3://) that receives the Parquet files")
-    overwrite: bool = Field(False, description="replace Parquet files already in the output folder")
-    rows_per_file: int = Field(100_000, gt=0)
-    flush_seconds: float = Field(60.0, gt=0, description="commit a file at least this often")
+    overwrite: bool = Field(False, description="backfill: process every input and atomically replace the "
+                                                "folder's earlier output when this run commits")
+    partitioning: Literal["none", "run_date"] = Field(
+        "none", description="run_date: each run's files under run_date=YYYY-MM-DD/ (append-style nightly jobs)")
+    rows_per_file: int = Field(100_000, gt=0, description="rows per committed Parquet file")
+    checkpoint_rows: int = Field(1024, gt=0, description="progress is made durable every this many rows...")
+    checkpoint_seconds: float = Field(30.0, gt=0, description="...or this often, whichever comes first")
 
     @field_validator("uri")
     @classmethod
@@ -175,6 +187,10 @@ OVERRIDES = {
     "labels": "model.labels",
     "batch_size": "compute.batch_size",
     "overwrite": "output.overwrite",
+    "full": "input.incremental",
+    "reprocess_errors": "input.reprocess_errors",
+    "partitioning": "output.partitioning",
+    "ray_address": "compute.ray_address",
 }
 
 

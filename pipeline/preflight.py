@@ -16,7 +16,7 @@ from pipeline.storage import Storage, is_s3, join, split_s3
 
 def preflight(cfg: JobConfig, storage: Storage) -> ModelSpec:
     check_input(cfg.input.uri, storage)
-    check_output(cfg.output.uri, cfg.output.overwrite, storage)
+    check_output(cfg.output.uri, storage)
     return resolve_model(cfg.model, storage)
 
 
@@ -40,16 +40,12 @@ def check_input(uri: str, storage: Storage) -> None:
                         ".parquet/.csv manifest")
 
 
-def check_output(uri: str, overwrite: bool, storage: Storage) -> None:
+def check_output(uri: str, storage: Storage) -> None:
     if is_s3(uri):
         check_bucket("output.uri", uri, storage)
     elif os.path.exists(uri) and not os.path.isdir(uri):
         raise UserError(f"output.uri: {uri} is a file; give a folder for the Parquet files")
     check_writable(uri, storage)
-    existing = existing_parquet(uri, storage)
-    if existing and not overwrite:
-        raise UserError(f"output.uri: {uri} already holds {len(existing)} Parquet file(s); choose a new output "
-                        "folder or pass --overwrite to replace them")
 
 
 def check_writable(uri: str, storage: Storage) -> None:
@@ -61,12 +57,6 @@ def check_writable(uri: str, storage: Storage) -> None:
     except Exception as exc:  # noqa: BLE001 - PermissionError, ClientError, NotADirectoryError, ...
         raise UserError(f"output.uri: cannot write to {uri} ({type(exc).__name__}: {exc}); check the folder's "
                         "permissions or the credentials' write access") from None
-
-
-def existing_parquet(uri: str, storage: Storage) -> list[str]:
-    if not is_s3(uri) and not os.path.isdir(uri):
-        return []
-    return [o.uri for page in storage.list_pages(uri) for o in page if o.uri.endswith(".parquet")]
 
 
 def check_bucket(field: str, uri: str, storage: Storage) -> None:

@@ -9,6 +9,7 @@ progress counts, the error-rate stop and the summary exact.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -18,17 +19,22 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TextIO
 
+import pyarrow.parquet as pq
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from pipeline.commit import STAGING, FolderState, OutputFolder, StagedRun
 from pipeline.config import JobConfig
 from pipeline.decode import Decoder
 from pipeline.errors import JobStopped, UserError
 from pipeline.model import ModelSpec
 from pipeline.predict import Classifier
-from pipeline.preflight import existing_parquet, preflight
+from pipeline.history import History
+from pipeline.lease import OutputLease
+from pipeline.preflight import preflight
 from pipeline.progress import ProgressPrinter, Tally
 from pipeline.read import Reader
-from pipeline.sink import ParquetSink
+from pipeline.sink import StagingSink
 from pipeline.source import InputListing, ListingTally
 from pipeline.storage import Storage, absolute, join
 
@@ -47,16 +53,19 @@ DECODE_CPUS = 0.5
 @dataclass
 class RunSummary:
     run_id: str
-    status: str
+    status: str  # completed | stopped
     input: str
     output: str
     model: str
     weights: str
-    inputs: int
+    inputs: int  # processed by this attempt
     predicted: int
     errors: int
     errors_by_type: dict[str, int]
+    resumed: int  # rows an interrupted earlier attempt of this run had staged
+    already_done: int  # inputs skipped: unchanged since an earlier committed run
     skipped_by_extension: int
+    committed_rows: int  # rows the run's commit holds (resumed + this attempt); 0 until it commits
     elapsed_s: float
     images_per_s: float
     started_at: str
@@ -69,36 +78,45 @@ class RunSummary:
 
 
 def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float | None = None) -> RunSummary:
-    """Validate, run and summarise one job. Raises UserError before any work if the job cannot run."""
+    """Validate, run (or resume) and commit one job. Raises UserError before any work if it cannot run."""
     out = out or sys.stdout
     cfg = with_absolute_paths(cfg)
-    storage = Storage.from_env(cfg.storage.endpoint_url, cfg.storage.region)
+    s = cfg.storage
+    storage = Storage.from_env(s.endpoint_url, s.region, max_attempts=s.max_attempts,
+                               connect_timeout_s=s.connect_timeout_s, read_timeout_s=s.read_timeout_s)
     spec = preflight(cfg, storage)
-    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
-    started_at = _now()
-    if cfg.output.overwrite:
-        storage.delete(existing_parquet(cfg.output.uri, storage))
-
-    start_ray(cfg.compute.ray_address)
-    listing_tally = ListingTally.remote()
-    dataset = build_dataset(cfg, spec, storage, listing_tally)
-    sink = ParquetSink(storage, cfg.output.uri, run_id,
-                       provenance={"model": spec.name, "weights": spec.weights_id, "run_id": run_id},
-                       rows_per_file=cfg.output.rows_per_file, flush_seconds=cfg.output.flush_seconds)
-    tally = Tally()
-    interval = progress_interval or (2.0 if out.isatty() else 5.0)
-    print(f"Run {run_id}: {cfg.input.uri} -> {cfg.output.uri} with {spec.name} ({spec.weights_id})",
-          file=out, flush=True)
-    with ProgressPrinter(tally, lambda: ray.get(listing_tally.get.remote()), out, interval):
-        status, message = drain(dataset, sink, tally, cfg)
-        files = sink.close()
+    folder = OutputFolder(storage, cfg.output.uri)
+    with OutputLease(storage, cfg.output.uri, new_run_id()) as lease:
+        state = folder.recover(folder.scan())
+        check_foreign_files(state, cfg)
+        run = start_or_resume(folder, state, cfg, spec, lease.run_id, out)
+        start_ray(cfg.compute.ray_address)
+        listing_tally = ListingTally.remote()
+        dataset = build_dataset(cfg, spec, storage, listing_tally, history_for(state, run, cfg, spec))
+        sink = StagingSink(folder, run.run_id, {"model": spec.name, "weights": spec.weights_id, "run_id": run.run_id},
+                           first_chunk=run.next_chunk(), checkpoint_rows=cfg.output.checkpoint_rows,
+                           checkpoint_seconds=cfg.output.checkpoint_seconds)
+        tally = Tally()
+        interval = progress_interval or (2.0 if out.isatty() else 5.0)
+        with ProgressPrinter(tally, lambda: ray.get(listing_tally.get.remote()), out, interval):
+            status, message = drain(dataset, sink, tally, cfg, lease)
+            sink.flush()
+        record = None
+        if status == "completed":
+            lease.check()
+            record = folder.publish(folder.scan().staged[run.run_id], cfg.output.rows_per_file,
+                                    partition_for(cfg, run), replaces=state if cfg.output.overwrite else None,
+                                    summary={"input": cfg.input.uri, "model": spec.name, "weights": spec.weights_id,
+                                             "job_key": run.info["job_key"]})
     listing = ray.get(listing_tally.get.remote())
     summary = RunSummary(
-        run_id=run_id, status=status, input=cfg.input.uri, output=cfg.output.uri, model=spec.name,
+        run_id=run.run_id, status=status, input=cfg.input.uri, output=cfg.output.uri, model=spec.name,
         weights=spec.weights_id, inputs=tally.done, predicted=tally.done - tally.failed, errors=tally.failed,
-        errors_by_type=dict(tally.errors_by_type.most_common()), skipped_by_extension=listing["skipped"],
-        elapsed_s=round(tally.elapsed, 3), images_per_s=round(tally.rate, 2), started_at=started_at,
-        finished_at=_now(), files=files, message=message)
+        errors_by_type=dict(tally.errors_by_type.most_common()), resumed=run.info["resumed_rows"],
+        already_done=listing["already_done"] - run.info["resumed_rows"], skipped_by_extension=listing["skipped"],
+        committed_rows=record["rows"] if record else 0, elapsed_s=round(tally.elapsed, 3),
+        images_per_s=round(tally.rate, 2), started_at=run.info["attempts"][-1], finished_at=_now(),
+        files=record["files"] if record else [], message=message)
     storage.write_bytes(join(cfg.output.uri, "_summary.json"), summary.to_json().encode())
     print_summary(summary, out)
     if status == "stopped":
@@ -106,19 +124,83 @@ def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float 
     return summary
 
 
-def drain(dataset: ray.data.Dataset, sink: ParquetSink, tally: Tally, cfg: JobConfig) -> tuple[str, str | None]:
+def new_run_id() -> str:
+    """Sortable by start time, unique across hosts."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
+
+
+def check_foreign_files(state: FolderState, cfg: JobConfig) -> None:
+    foreign = state.foreign()
+    if foreign and not cfg.output.overwrite:
+        raise UserError(f"output.uri: {cfg.output.uri} already holds {len(foreign)} Parquet file(s) this pipeline "
+                        f"did not commit (e.g. {foreign[0]}); choose a new output folder or pass --overwrite to "
+                        "replace them")
+
+
+def job_key(cfg: JobConfig, spec: ModelSpec) -> str:
+    """What decides a run's rows: an interrupted attempt is resumed only by the same job."""
+    identity = {"input": cfg.input.model_dump(include={"uri", "extensions", "max_file_bytes"}),
+                "model": cfg.model.model_dump(), "weights": spec.weights_id, "decode": cfg.decode.model_dump()}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def start_or_resume(folder: OutputFolder, state: FolderState, cfg: JobConfig, spec: ModelSpec, new_id: str,
+                    out: TextIO) -> StagedRun:
+    key = job_key(cfg, spec)
+    run = state.resumable(key)
+    now = _now()
+    if run is None:
+        run = StagedRun(new_id, {"run_id": new_id, "job_key": key, "started_at": now, "attempts": [],
+                                 "input": cfg.input.uri, "model": spec.name, "weights": spec.weights_id})
+    run.info["attempts"].append(now)
+    run.info["resumed_rows"] = resumed = sum(_rows_in(folder, c) for c in run.chunks)
+    folder.begin(run.run_id, run.info)
+    if resumed:
+        print(f"Resuming run {run.run_id}: {resumed:,} rows were staged before it was interrupted", file=out)
+    others = [r.run_id for r in state.staged.values() if r.run_id != run.run_id and r.run_id not in state.commits]
+    if others:
+        print(f"note: interrupted run(s) of other jobs left staged rows under {folder.uri}/{STAGING}/: "
+              f"{', '.join(others)}; rerun that job to finish it, or delete the folder", file=out)
+    return run
+
+
+def _rows_in(folder: OutputFolder, chunk: str) -> int:
+    fs, path = folder.storage.fs(chunk)
+    with fs.open(path, "rb") as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
+def history_for(state: FolderState, run: StagedRun, cfg: JobConfig, spec: ModelSpec) -> History:
+    """Inputs to skip: this run's staged rows, and unless told otherwise, earlier runs' unchanged inputs."""
+    committed = []
+    if cfg.input.incremental and not cfg.output.overwrite:
+        committed = [f["uri"] for c in state.live if (c["model"], c["weights"]) == (spec.name, spec.weights_id)
+                     for f in c["files"]]
+    return History(committed_files=committed, staged_files=run.chunks, reprocess_errors=cfg.input.reprocess_errors)
+
+
+def partition_for(cfg: JobConfig, run: StagedRun) -> str | None:
+    if cfg.output.partitioning == "run_date":
+        return f"run_date={run.info['started_at'][:10]}"
+    return None
+
+
+def drain(dataset: ray.data.Dataset, sink: StagingSink, tally: Tally, cfg: JobConfig,
+          lease: OutputLease) -> tuple[str, str | None]:
     """Every prediction row into the sink, once; (status, message) at the end or at the error-rate stop."""
     try:
         for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+            lease.check()
             sink.add(batch)
             tally.add(batch)
             tally.check_error_rate(cfg.errors.max_error_rate, cfg.errors.min_inputs)
     except JobStopped as exc:
-        return "stopped", str(exc)
+        return "stopped", f"{exc} (rows so far stay staged; rerunning the job resumes after them)"
     return "completed", None
 
 
-def build_dataset(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tally) -> ray.data.Dataset:
+def build_dataset(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tally,
+                  history: History | None = None) -> ray.data.Dataset:
     context = ray.data.DataContext.get_current()
     default_block_size = context.target_max_block_size
     context.enable_progress_bars = False
@@ -127,16 +209,20 @@ def build_dataset(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tal
     # the context when it is created, so the setting is restored for anything built after ours.
     context.target_max_block_size = BLOCK_BYTES
     try:
-        dataset = _build(cfg, spec, storage, listing_tally)
+        dataset = _build(cfg, spec, storage, listing_tally, history)
     finally:
         context.target_max_block_size = default_block_size
     return dataset
 
 
-def _build(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tally) -> ray.data.Dataset:
+def _build(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tally,
+           history: History | None) -> ray.data.Dataset:
     compute = cfg.compute
-    listing = InputListing(cfg.input.uri, storage, cfg.input.extensions, listing_tally)
-    dataset = ray.data.read_datasource(listing, override_num_blocks=1, num_cpus=LIST_CPUS)
+    listing = InputListing(cfg.input.uri, storage, cfg.input.extensions, listing_tally, history)
+    # The listing runs on the driver's node: if it ran on a node that died, Ray would rerun it from the start.
+    on_driver_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    dataset = ray.data.read_datasource(listing, override_num_blocks=1, num_cpus=LIST_CPUS,
+                                       scheduling_strategy=on_driver_node)
     # A read task walks its block of the listing 64 inputs at a time, fetching each 64 concurrently.
     dataset = dataset.map_batches(Reader(storage, cfg.input.max_file_bytes), batch_size=BLOCK_ROWS,
                                   num_cpus=READ_CPUS)
@@ -204,12 +290,17 @@ def print_summary(s: RunSummary, out: TextIO) -> None:
         f"Run {s.run_id} {s.status} in {s.elapsed_s:.1f}s",
         f"  inputs      {s.inputs:,}" + (f"  ({s.skipped_by_extension:,} other files skipped by "
                                          f"input.extensions)" if s.skipped_by_extension else ""),
+        *([f"  resumed     {s.resumed:,}  (staged by the interrupted attempt, not redone)"] if s.resumed else []),
+        *([f"  unchanged   {s.already_done:,}  (done by earlier runs; --full redoes them)"] if s.already_done
+          else []),
         f"  predicted   {s.predicted:,}",
         f"  errors      {s.errors:,}" + (f"  ({errors})" if errors else ""),
         f"  images/s    {s.images_per_s:,.1f}",
-        f"  output      {s.output}  ({len(s.files)} Parquet file(s), summary in _summary.json)",
+        f"  output      {s.output}  ({len(s.files)} Parquet file(s), {s.committed_rows:,} rows committed; "
+        f"record in _commits/{s.run_id}.json)" if s.status == "completed" else
+        f"  output      {s.output}  (nothing committed; rows so far are staged for the rerun)",
     ]
-    if s.inputs == 0:
+    if s.inputs == 0 and not s.resumed and not s.already_done:
         lines.append(f"  note: nothing to do under {s.input}; check the URI and input.extensions")
     print("\n".join(lines), file=out, flush=True)
 

@@ -1,8 +1,8 @@
-"""Sink: prediction rows -> Parquet files under the output folder, each file whole or invisible.
+"""Sink: prediction rows -> staged chunks of the run, each durable as a whole (the resume checkpoint).
 
-Rows are buffered and written as one file per `rows_per_file` rows or `flush_seconds`, whichever comes
-first, with the explicit OUTPUT_SCHEMA and zstd. Files are named part-<run_id>-<seq>.parquet, so two runs
-never collide, and each is made visible atomically (see Storage.write_atomic).
+The driver adds every batch it drains; a chunk is written every `checkpoint_rows` rows or
+`checkpoint_seconds`, whichever comes first, with the explicit OUTPUT_SCHEMA. Chunks become visible Parquet
+only when the run is published (commit.py).
 """
 
 from __future__ import annotations
@@ -13,20 +13,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline import failpoints
+from pipeline.commit import OutputFolder
 from pipeline.rows import OUTPUT_SCHEMA
-from pipeline.storage import Storage, join
 
 
-class ParquetSink:
-    def __init__(self, storage: Storage, output_uri: str, run_id: str, provenance: dict[str, str],
-                 rows_per_file: int, flush_seconds: float):
-        self.storage = storage
-        self.output_uri = output_uri
+class StagingSink:
+    def __init__(self, folder: OutputFolder, run_id: str, provenance: dict[str, str], first_chunk: int,
+                 checkpoint_rows: int, checkpoint_seconds: float):
+        self.folder = folder
         self.run_id = run_id
         self.provenance = provenance  # constant columns: model, weights, run_id
-        self.rows_per_file = rows_per_file
-        self.flush_seconds = flush_seconds
-        self.files: list[dict] = []
+        self.next_chunk = first_chunk
+        self.checkpoint_rows = checkpoint_rows
+        self.checkpoint_seconds = checkpoint_seconds
+        self.chunks_written = 0
+        self.rows_written = 0
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
         self._last_flush = time.monotonic()
@@ -35,24 +37,22 @@ class ParquetSink:
         batch = to_output_table(batch, self.provenance)  # batches differ in inferred types; the output does not
         self._pending.append(batch)
         self._pending_rows += batch.num_rows
-        while self._pending_rows >= self.rows_per_file:
-            self._flush(self.rows_per_file)
-        if self._pending_rows and time.monotonic() - self._last_flush >= self.flush_seconds:
-            self._flush(self._pending_rows)
+        failpoints.hit("batch_drained")
+        if self._pending_rows >= self.checkpoint_rows or time.monotonic() - self._last_flush >= self.checkpoint_seconds:
+            self.flush()
 
-    def close(self) -> list[dict]:
-        if self._pending_rows:
-            self._flush(self._pending_rows)
-        return self.files
-
-    def _flush(self, rows: int) -> None:
-        table = pa.concat_tables(self._pending)
-        head, rest = table.slice(0, rows), table.slice(rows)
-        self._pending, self._pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
+    def flush(self) -> None:
         self._last_flush = time.monotonic()
-        uri = join(self.output_uri, f"part-{self.run_id}-{len(self.files):05d}.parquet")
-        self.storage.write_atomic(uri, lambda f: pq.write_table(head, f, compression="zstd"))
-        self.files.append({"uri": uri, "rows": head.num_rows})
+        if not self._pending_rows:
+            return
+        table = pa.concat_tables(self._pending)
+        uri = self.folder.chunk_uri(self.run_id, self.next_chunk)
+        self.folder.storage.write_atomic(uri, lambda f: pq.write_table(table, f, compression="zstd"))
+        self._pending, self._pending_rows = [], 0
+        self.next_chunk += 1
+        self.chunks_written += 1
+        self.rows_written += table.num_rows
+        failpoints.hit("chunk_written")
 
 
 def to_output_table(batch: pa.Table, provenance: dict[str, str]) -> pa.Table:

@@ -20,6 +20,7 @@ import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
+from pipeline.history import History
 from pipeline.rows import SOURCE_SCHEMA
 from pipeline.storage import ObjectInfo, Storage, extension, is_s3
 
@@ -27,33 +28,38 @@ logger = logging.getLogger(__name__)
 
 @ray.remote(num_cpus=0)
 class ListingTally:
-    """How many inputs the listing has produced and skipped, and whether it has finished."""
+    """How many inputs the listing has produced, skipped and found already done, and whether it has finished."""
 
     def __init__(self):
         self.listed = 0
         self.skipped = 0
+        self.already_done = 0
         self.done = False
 
-    def add(self, listed: int, skipped: int) -> None:
+    def add(self, listed: int, skipped: int, already_done: int = 0) -> None:
         self.listed += listed
         self.skipped += skipped
+        self.already_done += already_done
 
     def finish(self) -> None:
         self.done = True
 
     def get(self) -> dict:
-        return {"listed": self.listed, "skipped": self.skipped, "done": self.done}
+        return {"listed": self.listed, "skipped": self.skipped, "already_done": self.already_done,
+                "done": self.done}
 
 
 class InputListing(Datasource):
     """One read task that streams the job's inputs; see the module docstring."""
 
-    def __init__(self, uri: str, storage: Storage, extensions: list[str] | None, tally=None):
+    def __init__(self, uri: str, storage: Storage, extensions: list[str] | None, tally=None,
+                 history: History | None = None):
         super().__init__()
         self.uri = uri
         self.storage = storage
         self.extensions = set(extensions) if extensions is not None else None
         self.tally = tally
+        self.history = history or History()
 
     def get_name(self) -> str:
         return "ListInputs"
@@ -66,12 +72,14 @@ class InputListing(Datasource):
         return [ReadTask(self._blocks, metadata, schema=SOURCE_SCHEMA, per_task_row_limit=per_task_row_limit)]
 
     def _blocks(self) -> Iterator[pa.Table]:
+        done = self.history.load(self.storage)
         for page in self.pages():
-            kept = [o for o in page if self._wanted(o)]
+            wanted = [o for o in page if self._wanted(o)]
+            todo = done.todo(wanted)
             if self.tally is not None:
-                self.tally.add.remote(len(kept), len(page) - len(kept))
-            if kept:
-                yield to_block(kept)
+                self.tally.add.remote(len(todo), len(page) - len(wanted), len(wanted) - len(todo))
+            if todo:
+                yield to_block(todo)
         if self.tally is not None:
             ray.get(self.tally.finish.remote())
 

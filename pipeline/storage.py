@@ -63,23 +63,35 @@ class Storage:
     """Picklable handle: built on the driver, used inside Ray tasks and actors."""
     endpoint_url: str | None = None
     region: str | None = None
+    max_attempts: int = 10
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 60.0
 
     @classmethod
-    def from_env(cls, endpoint_url: str | None = None, region: str | None = None) -> "Storage":
+    def from_env(cls, endpoint_url: str | None = None, region: str | None = None, **retry) -> "Storage":
         endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-        return cls(endpoint_url=endpoint, region=region)
+        return cls(endpoint_url=endpoint, region=region, **retry)
 
     # --- clients, built lazily once per process and never pickled -------------------------------------
+    _SETTINGS = ("endpoint_url", "region", "max_attempts", "connect_timeout_s", "read_timeout_s")
+
     def __getstate__(self) -> dict:
-        return {"endpoint_url": self.endpoint_url, "region": self.region}
+        return {name: getattr(self, name) for name in self._SETTINGS}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
 
+    @property
+    def _retry_config(self) -> dict:
+        # botocore's "standard" mode retries throttling, 5xx, connection resets and timeouts with jittered
+        # exponential backoff; the timeouts turn a stalled connection into one of those retries.
+        return {"retries": {"mode": "standard", "max_attempts": self.max_attempts},
+                "connect_timeout": self.connect_timeout_s, "read_timeout": self.read_timeout_s}
+
     @cached_property
     def s3_client(self):
-        return self._client(retries={"mode": "standard", "max_attempts": 8}, max_pool_connections=64)
+        return self._client(**self._retry_config, max_pool_connections=64)
 
     @cached_property
     def s3_probe_client(self):
@@ -96,9 +108,8 @@ class Storage:
 
     @cached_property
     def s3fs(self) -> fsspec.AbstractFileSystem:
-        return fsspec.filesystem("s3", endpoint_url=self.endpoint_url,
-                                 client_kwargs={"region_name": self.region},
-                                 config_kwargs={"retries": {"mode": "standard", "max_attempts": 8}})
+        return fsspec.filesystem("s3", endpoint_url=self.endpoint_url, client_kwargs={"region_name": self.region},
+                                 config_kwargs=self._retry_config)
 
     @cached_property
     def localfs(self) -> fsspec.AbstractFileSystem:
@@ -166,7 +177,18 @@ class Storage:
     def delete(self, uris: list[str]) -> None:
         for uri in uris:
             fs, path = self.fs(uri)
-            fs.rm_file(path)  # not rm: it would glob-expand '[', '*' and '?' in the key
+            try:
+                fs.rm_file(path)  # not rm: it would glob-expand '[', '*' and '?' in the key
+            except FileNotFoundError:
+                pass  # already gone: deleting is idempotent, as on S3
+
+    def remove_folder(self, uri: str) -> None:
+        """Drop an emptied local folder; S3 has no folders to drop."""
+        if not is_s3(uri):
+            try:
+                os.rmdir(absolute(uri))
+            except OSError:
+                pass
 
     # --- listing --------------------------------------------------------------------------------------
     def list_pages(self, folder: str) -> Iterator[list[ObjectInfo]]:

@@ -194,9 +194,15 @@ def test_error_rate_threshold_stops_the_job(tmp_path, classifier_files):
     with pytest.raises(JobStopped, match=r"over errors.max_error_rate=0.5; most common: decode.not_an_image"):
         run_job(cfg, out=io.StringIO())
     summary = json.loads((tmp_path / "out" / "_summary.json").read_text())
-    assert summary["status"] == "stopped"
+    assert summary["status"] == "stopped" and summary["committed_rows"] == 0
+    assert not list((tmp_path / "out").glob("**/*.parquet"))  # a stopped run publishes nothing
+    # Its rows stay staged: rerunning with a looser threshold resumes after them and commits every input once.
+    cfg.errors.max_error_rate = 1.0
+    resumed = run_job(cfg, out=io.StringIO())
+    assert resumed.run_id == summary["run_id"] and resumed.resumed == summary["inputs"]
+    assert resumed.inputs == 31 - summary["inputs"]
     written = read_back(str(tmp_path / "out"))
-    assert written.num_rows == summary["inputs"] and len(set(written["uri"].to_pylist())) == written.num_rows
+    assert written.num_rows == 31 and len(set(written["uri"].to_pylist())) == 31
 
 
 def test_overwrite_replaces_earlier_output(tmp_path, classifier_files):

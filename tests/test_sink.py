@@ -4,8 +4,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.commit import OutputFolder
 from pipeline.rows import OUTPUT_SCHEMA
-from pipeline.sink import ParquetSink, to_output_table
+from pipeline.sink import StagingSink, to_output_table
+from pipeline.storage import Storage
 
 PROVENANCE = {"model": "resnet18", "weights": "sha256:abc", "run_id": "r1"}
 
@@ -26,26 +28,30 @@ def test_failed_rows_have_no_score():
     assert to_output_table(batch, PROVENANCE)["score"].to_pylist() == [None]
 
 
-def test_files_roll_by_row_count(tmp_path):
-    from pipeline.storage import Storage
+RUN = "20261124T000000Z-0000abcd"
 
-    sink = ParquetSink(Storage(), str(tmp_path), "r1", PROVENANCE, rows_per_file=3, flush_seconds=3600)
+
+def staging_sink(tmp_path, rows: int) -> StagingSink:
+    folder = OutputFolder(Storage(), str(tmp_path))
+    return StagingSink(folder, RUN, PROVENANCE, first_chunk=0, checkpoint_rows=rows, checkpoint_seconds=3600)
+
+
+def test_chunks_are_cut_by_row_count(tmp_path):
+    sink = staging_sink(tmp_path, rows=3)
     for start in range(0, 8, 2):
         sink.add(pa.table({"uri": [f"u{start}", f"u{start + 1}"], "error": [None, None]}))
-    files = sink.close()
-    assert [f["rows"] for f in files] == [3, 3, 2]
-    uris = [u for f in files for u in pq.read_table(f["uri"])["uri"].to_pylist()]
-    assert uris == [f"u{i}" for i in range(8)]
-    assert [f["uri"].rsplit("/", 1)[1] for f in files] == [f"part-r1-{i:05d}.parquet" for i in range(3)]
+    sink.flush()
+    chunks = sorted((tmp_path / "_staging" / RUN).glob("chunk-*.parquet.staged"))
+    assert [pq.read_metadata(c).num_rows for c in chunks] == [4, 4]  # a chunk holds whole batches
+    assert [u for c in chunks for u in pq.read_table(c)["uri"].to_pylist()] == [f"u{i}" for i in range(8)]
+    assert not list(tmp_path.glob("**/*.parquet"))  # nothing a reader would pick up
 
 
-def test_batches_with_different_inferred_types_share_one_file(tmp_path):
+def test_batches_with_different_inferred_types_share_one_chunk(tmp_path):
     """One batch's all-null `error` is Arrow null type, another's is string; sizes int or float."""
-    from pipeline.storage import Storage
-
-    sink = ParquetSink(Storage(), str(tmp_path), "r1", PROVENANCE, rows_per_file=100, flush_seconds=3600)
+    sink = staging_sink(tmp_path, rows=100)
     sink.add(pa.table({"uri": ["a"], "error": pa.nulls(1), "size": [1], "topk_scores": [[0.5]]}))
     sink.add(pa.table({"uri": ["b"], "error": ["decode: x"], "size": [np.nan], "topk_scores": pa.nulls(1)}))
-    files = sink.close()
-    table = pq.read_table(files[0]["uri"])
+    sink.flush()
+    table = pq.read_table(next((tmp_path / "_staging" / RUN).glob("chunk-*")))
     assert table.schema == OUTPUT_SCHEMA and table["error"].to_pylist() == [None, "decode: x"]

@@ -1,0 +1,222 @@
+"""The output folder and its commit protocol (docs/commit-protocol.md tells it for users).
+
+    <output>/
+      [run_date=YYYY-MM-DD/]part-<run_id>-<n>.parquet   committed rows: what readers see
+      _commits/<run_id>.json                            one commit record per committed run
+      _staging/<run_id>/_run.json                       a run in progress: its job, start, attempts
+      _staging/<run_id>/chunk-<n>.parquet.staged        its rows so far, a few batches per chunk
+      _lock or _lock.json                               the lease of the run in progress (lease.py)
+      _summary.json                                     the last run's summary
+
+Readers (`**/*.parquet` globs in DuckDB, pyarrow datasets, Spark) skip `_` folders or do not match
+`.staged`, so they never see a run in progress. A chunk is the unit of durable progress: it is written
+whole or not at all, and the set of chunks *is* the resume checkpoint, so there is no window between
+"written" and "checkpointed" in which a crash could duplicate rows.
+
+Publishing a run compacts its chunks, in order, into parts with deterministic names, then writes the commit
+record, then drops the staging folder. A crash anywhere in that sequence is rolled forward by the next run:
+parts are rewritten under the same names (overwriting, never duplicating) and the invariant "the visible
+Parquet files are exactly those of live committed runs" is restored before any new work starts.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import failpoints
+from pipeline.history import KEY_DTYPE, table_keys
+from pipeline.storage import Storage, join
+
+STAGING = "_staging"
+COMMITS = "_commits"
+RUN_FILE = "_run.json"
+CHUNK_SUFFIX = ".parquet.staged"
+_PART_RE = re.compile(r"(?:^|/)part-(?P<run_id>\d{8}T\d{6}Z-[0-9a-f]{8})-\d+\.parquet$")
+
+
+@dataclass
+class StagedRun:
+    run_id: str
+    info: dict  # the _run.json
+    chunks: list[str] = field(default_factory=list)  # in write order
+
+    def next_chunk(self) -> int:
+        return len(self.chunks) and int(posixpath.basename(self.chunks[-1]).split("-")[1].split(".")[0]) + 1
+
+
+@dataclass
+class FolderState:
+    commits: dict[str, dict]  # run_id -> commit record
+    staged: dict[str, StagedRun]  # run_id -> run in progress (or interrupted)
+    parquet: list[str]  # every *.parquet file under the output
+
+    @property
+    def live(self) -> list[dict]:
+        """Committed runs not replaced by a later overwrite, oldest first."""
+        superseded = {r for record in self.commits.values() for r in record.get("supersedes", [])}
+        return sorted((c for c in self.commits.values() if c["run_id"] not in superseded),
+                      key=lambda c: c["committed_at"])
+
+    def foreign(self) -> list[str]:
+        """Parquet files no run of ours wrote (or legacy output): mixing with them would mislead readers."""
+        ours = set(self.commits) | set(self.staged)
+        return [uri for uri in self.parquet if (m := _PART_RE.search(uri)) is None or m["run_id"] not in ours]
+
+    def resumable(self, job_key: str) -> StagedRun | None:
+        """The newest interrupted attempt of this same job, if any."""
+        runs = [r for r in self.staged.values() if r.run_id not in self.commits and r.info.get("job_key") == job_key]
+        return max(runs, key=lambda r: r.run_id, default=None)
+
+
+class OutputFolder:
+    def __init__(self, storage: Storage, uri: str):
+        self.storage = storage
+        self.uri = uri
+
+    # --- names -----------------------------------------------------------------------------------------
+    def staging(self, run_id: str) -> str:
+        return join(self.uri, f"{STAGING}/{run_id}")
+
+    def chunk_uri(self, run_id: str, seq: int) -> str:
+        return join(self.staging(run_id), f"chunk-{seq:06d}{CHUNK_SUFFIX}")
+
+    def commit_uri(self, run_id: str) -> str:
+        return join(self.uri, f"{COMMITS}/{run_id}.json")
+
+    def part_uri(self, run_id: str, seq: int, partition: str | None) -> str:
+        folder = join(self.uri, partition) if partition else self.uri
+        return join(folder, f"part-{run_id}-{seq:05d}.parquet")
+
+    # --- reading the folder ----------------------------------------------------------------------------
+    def scan(self) -> FolderState:
+        commits: dict[str, dict] = {}
+        staged: dict[str, StagedRun] = {}
+        parquet: list[str] = []
+        prefix = self.uri.rstrip("/") + "/"
+        for page in self.storage.list_pages(self.uri):
+            for obj in page:
+                rel = obj.uri.removeprefix(prefix)
+                if rel.startswith(COMMITS + "/") and rel.endswith(".json"):
+                    record = json.loads(self.storage.read_bytes(obj.uri))
+                    commits[record["run_id"]] = record
+                elif rel.startswith(STAGING + "/"):
+                    parts = rel.split("/")
+                    if len(parts) != 3:
+                        continue
+                    run = staged.setdefault(parts[1], StagedRun(parts[1], {}))
+                    if parts[2] == RUN_FILE:
+                        run.info = json.loads(self.storage.read_bytes(obj.uri))
+                    elif parts[2].endswith(CHUNK_SUFFIX):
+                        run.chunks.append(obj.uri)
+                elif rel.endswith(".parquet"):
+                    parquet.append(obj.uri)
+        for run in staged.values():
+            run.chunks.sort()
+        return FolderState(commits, staged, parquet)
+
+    # --- a run's life ----------------------------------------------------------------------------------
+    def begin(self, run_id: str, info: dict) -> None:
+        self.storage.write_bytes(join(self.staging(run_id), RUN_FILE), json.dumps(info, indent=2).encode())
+
+    def recover(self, state: FolderState) -> FolderState:
+        """Finish what crashed runs left half done, so only live committed runs' files are visible."""
+        live = {c["run_id"] for c in state.live}
+        stale_parts = [uri for uri in state.parquet
+                       if (m := _PART_RE.search(uri)) and m["run_id"] not in live
+                       and (m["run_id"] in state.commits or m["run_id"] in state.staged)]
+        self.storage.delete(stale_parts)
+        for run in [r for r in state.staged.values() if r.run_id in state.commits]:
+            self._drop_staging(run)
+        return self.scan() if stale_parts or any(r in state.commits for r in state.staged) else state
+
+    def publish(self, run: StagedRun, rows_per_file: int, partition: str | None,
+                replaces: FolderState | None, summary: dict) -> dict:
+        """Compact the run's chunks into parts, write its commit record, drop its staging. Idempotent."""
+        stats = _Stats()
+        pending: list[pa.Table] = []
+        files: list[dict] = []
+
+        def write_part(table: pa.Table) -> None:
+            uri = self.part_uri(run.run_id, len(files), partition)
+            self.storage.write_atomic(uri, lambda f: pq.write_table(table, f, compression="zstd"))
+            files.append({"uri": uri, "rows": table.num_rows})
+            failpoints.hit("part_written")
+
+        for chunk in run.chunks:
+            table = self._read_chunk(chunk)
+            stats.add(table)
+            pending.append(table)
+            buffered = pa.concat_tables(pending)
+            while buffered.num_rows >= rows_per_file:
+                write_part(buffered.slice(0, rows_per_file))
+                buffered = buffered.slice(rows_per_file)
+            pending = [buffered] if buffered.num_rows else []
+        if pending:
+            write_part(pa.concat_tables(pending))
+
+        record = {
+            "run_id": run.run_id,
+            "mode": "overwrite" if replaces is not None else "append",
+            **summary,
+            "rows": stats.rows,
+            "predicted": stats.rows - stats.errors,
+            "errors": stats.errors,
+            "errors_by_type": dict(stats.errors_by_type.most_common()),
+            "input_fingerprint": stats.fingerprint(),
+            "started_at": run.info.get("started_at"),
+            "attempts": run.info.get("attempts", []),
+            "committed_at": _now_precise(),
+            "files": files,
+            "supersedes": [c["run_id"] for c in replaces.live] if replaces is not None else [],
+        }
+        self.storage.write_bytes(self.commit_uri(run.run_id), json.dumps(record, indent=2).encode())
+        failpoints.hit("committed")
+        if replaces is not None:
+            self.storage.delete([uri for uri in replaces.parquet if uri not in {f["uri"] for f in files}])
+        self._drop_staging(run)
+        return record
+
+    def _read_chunk(self, uri: str) -> pa.Table:
+        fs, path = self.storage.fs(uri)
+        with fs.open(path, "rb") as f:
+            return pq.read_table(f)
+
+    def _drop_staging(self, run: StagedRun) -> None:
+        self.storage.delete(run.chunks + [join(self.staging(run.run_id), RUN_FILE)])
+        self.storage.remove_folder(self.staging(run.run_id))
+
+
+class _Stats:
+    """Counts and an order-independent fingerprint (XOR of version keys) of the rows published."""
+
+    def __init__(self):
+        self.rows = 0
+        self.errors = 0
+        self.errors_by_type: Counter[str] = Counter()
+        self._xor = np.zeros(2, dtype=np.uint64)
+
+    def add(self, table: pa.Table) -> None:
+        self.rows += table.num_rows
+        types = table["error_type"].drop_null().to_pylist()
+        self.errors += len(types)
+        self.errors_by_type.update(types)
+        keys = table_keys(table, "version").astype(KEY_DTYPE)
+        if len(keys):
+            self._xor ^= np.bitwise_xor.reduce(np.frombuffer(keys.tobytes(), dtype=np.uint64).reshape(-1, 2))
+
+    def fingerprint(self) -> str:
+        return f"{self.rows}:{self._xor.tobytes().hex()}"
+
+
+def _now_precise() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")

@@ -1,0 +1,194 @@
+"""One run at a time per output folder: a lease held for the whole run.
+
+Local folders use an advisory `flock` on `<output>/_lock`: the kernel drops it the moment the holder dies,
+even by SIGKILL. S3 has no locks, so the lease is an object, `<output>/_lock.json`, created only if absent
+(`If-None-Match: *`) and renewed every few seconds only if unchanged since our last write (`If-Match`), so
+at most one driver can hold it. A holder that stops renewing (killed, partitioned) is taken over once its
+heartbeat is older than LEASE_TTL_S, or at once when it ran on this host and its process is gone. A driver
+whose renewal fails has lost the lease and must stop before it publishes anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+from pipeline.errors import UserError
+from pipeline.storage import Storage, is_s3, join, split_s3
+
+LEASE_TTL_S = 60.0
+RENEW_EVERY_S = 10.0
+
+
+@dataclass
+class Holder:
+    run_id: str
+    host: str
+    pid: int
+    heartbeat: float  # unix time of the last renewal
+
+    @classmethod
+    def me(cls, run_id: str) -> "Holder":
+        return cls(run_id=run_id, host=socket.gethostname(), pid=os.getpid(), heartbeat=time.time())
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.__dict__).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Holder | None":
+        try:
+            return cls(**json.loads(data))
+        except (ValueError, TypeError):
+            return None
+
+    def is_stale(self) -> bool:
+        if self.host == socket.gethostname() and not _process_alive(self.pid):
+            return True
+        return time.time() - self.heartbeat > LEASE_TTL_S
+
+    def describe(self) -> str:
+        age = time.time() - self.heartbeat
+        return f"run {self.run_id} (host {self.host}, pid {self.pid}, heartbeat {age:.0f}s ago)"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def busy_message(output_uri: str, holder: Holder | None) -> str:
+    who = holder.describe() if holder else "another run"
+    return (f"output.uri: {output_uri} is in use by {who}; wait for it to finish, or if it died on another "
+            f"host, retry after its lease expires ({LEASE_TTL_S:.0f}s without a heartbeat)")
+
+
+class OutputLease:
+    """Context manager: hold the output folder for one run, or raise UserError naming who holds it."""
+
+    def __init__(self, storage: Storage, output_uri: str, run_id: str):
+        self.storage = storage
+        self.output_uri = output_uri
+        self.run_id = run_id
+        self.lost: str | None = None  # why the lease was lost, once it was
+        self._fd: int | None = None
+        self._etag: str | None = None
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def __enter__(self) -> "OutputLease":
+        if is_s3(self.output_uri):
+            self._acquire_s3()
+            self._renewer = threading.Thread(target=self._renew_loop, name="lease", daemon=True)
+            self._renewer.start()
+        else:
+            self._acquire_local()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._renewer:
+            self._renewer.join()
+            self._release_s3()
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock; the file itself stays, harmlessly
+
+    def check(self) -> None:
+        """Raise if another driver has taken the output over: it must not see two publishers."""
+        if self.lost:
+            raise UserError(f"output.uri: lost the lease on {self.output_uri} ({self.lost}); this run's staged "
+                            "rows stay and a rerun resumes them")
+
+    # --- local: flock --------------------------------------------------------------------------------
+    def _acquire_local(self) -> None:
+        import fcntl
+
+        os.makedirs(self.output_uri, exist_ok=True)
+        path = join(self.output_uri, "_lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = Holder.from_bytes(os.pread(fd, 4096, 0))
+            os.close(fd)
+            raise UserError(busy_message(self.output_uri, holder)) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, Holder.me(self.run_id).to_bytes(), 0)
+        self._fd = fd
+
+    # --- S3: conditional puts --------------------------------------------------------------------------
+    @property
+    def _key(self) -> tuple[str, str]:
+        return split_s3(join(self.output_uri, "_lock.json"))
+
+    def _put(self, **condition) -> str:
+        bucket, key = self._key
+        reply = self.storage.s3_client.put_object(Bucket=bucket, Key=key, Body=Holder.me(self.run_id).to_bytes(),
+                                                  **condition)
+        return reply["ETag"]
+
+    def _acquire_s3(self) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            self._etag = self._put(IfNoneMatch="*")
+            return
+        except ClientError as exc:
+            if not _precondition_failed(exc):
+                raise
+        bucket, key = self._key
+        try:
+            current = self.storage.s3_client.get_object(Bucket=bucket, Key=key)
+        except ClientError as exc:  # released between our two requests: try once more from the top
+            if _code(exc) in ("NoSuchKey", "404"):
+                return self._acquire_s3()
+            raise
+        holder = Holder.from_bytes(current["Body"].read())
+        if holder is not None and not holder.is_stale():
+            raise UserError(busy_message(self.output_uri, holder))
+        try:
+            self._etag = self._put(IfMatch=current["ETag"])  # exactly one of several claimants wins
+        except ClientError as exc:
+            if _precondition_failed(exc):
+                raise UserError(busy_message(self.output_uri, None)) from None
+            raise
+
+    def _renew_loop(self) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        while not self._stop.wait(RENEW_EVERY_S):
+            try:
+                self._etag = self._put(IfMatch=self._etag)
+            except ClientError as exc:
+                if _precondition_failed(exc) or _code(exc) in ("NoSuchKey", "404"):
+                    self.lost = "another run took it over"
+                    return
+            except BotoCoreError:
+                pass  # transient: the next renewal retries; the TTL is several renewals long
+
+    def _release_s3(self) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if self.lost:
+            return
+        bucket, key = self._key
+        try:
+            self.storage.s3_client.delete_object(Bucket=bucket, Key=key, IfMatch=self._etag)
+        except (ClientError, BotoCoreError):
+            pass  # someone else holds it now, or it expires on its own
+
+
+def _code(exc) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _precondition_failed(exc) -> bool:
+    return _code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")

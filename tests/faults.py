@@ -1,0 +1,364 @@
+"""A fault-injecting HTTP proxy for tests: put it between an S3 client and the local moto server.
+
+    with LocalS3Server() as s3, FaultyProxy(s3.endpoint_url, fail_rate=0.2) as proxy:
+        client = boto3.client("s3", endpoint_url=proxy.url, ...)
+
+Each request is either forwarded whole, byte for byte (request line, headers as sent -- Host included, so
+SigV4 signatures stay valid -- and the body with its own framing: Content-Length, chunked, aws-chunked),
+or hit by exactly one fault, chosen with a seeded RNG:
+
+  fail   answer 503 SlowDown (one time in four 500 InternalError) with an S3 error XML body; not forwarded
+  reset  close the client's connection with an RST (SO_LINGER 0) and no response; not forwarded
+  stall  wait `stall_seconds`, then forward the request whole (like a slow server: the request still takes
+         effect upstream even when the client has given up on it and retried)
+
+A fault never touches a response that came from upstream, so whatever the client receives is either
+upstream's complete answer or an unmistakable failure. `.stats` counts requests and faults; `.history`
+lists (method, target, fault) for every request. The rates are plain attributes: set them to 0 to pause
+faults (to create a bucket, say) and back again.
+
+Standard library only; one thread per client connection and a fresh upstream connection per request.
+"""
+
+from __future__ import annotations
+
+import random
+import select
+import socket
+import socketserver
+import struct
+import threading
+import uuid
+from urllib.parse import urlsplit
+
+FAULTS = ("fail", "reset", "stall")
+MAX_LINE = 65536
+MAX_HEADERS = 200
+UPSTREAM_TIMEOUT = 60.0
+CONTINUE_WAIT = 3.0  # how long to wait for upstream's "100 Continue" before sending the body anyway
+COPY_SIZE = 64 * 1024
+
+_ERRORS = {
+    503: ("Service Unavailable", "SlowDown", "Please reduce your request rate."),
+    500: ("Internal Server Error", "InternalError", "We encountered an internal error. Please try again."),
+}
+
+
+class FaultyProxy:
+    def __init__(self, upstream_url: str, fail_rate: float = 0.2, stall_rate: float = 0.05,
+                 stall_seconds: float = 5.0, reset_rate: float = 0.05, seed: int = 0,
+                 methods: set[str] | list[str] | tuple[str, ...] | None = None):
+        upstream = urlsplit(upstream_url)
+        if upstream.scheme != "http" or not upstream.hostname:
+            raise ValueError(f"upstream must be an http:// URL, not {upstream_url!r}")
+        self.upstream = (upstream.hostname, upstream.port or 80)
+        self.fail_rate, self.reset_rate, self.stall_rate = fail_rate, reset_rate, stall_rate
+        self.stall_seconds = stall_seconds
+        self.methods = {m.upper() for m in methods} if methods is not None else None
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        self._stats = {"requests": 0, "forwarded": 0, "fail": 0, "reset": 0, "stall": 0, "errors": 0}
+        self.history: list[tuple[str, str, str | None]] = []
+        self._connections: set[socket.socket] = set()
+        self._stopping = threading.Event()
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self.url = ""
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> "FaultyProxy":
+        self._stopping.clear()
+        self._server = _Server(("127.0.0.1", 0), _Handler, self)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, name="faulty-proxy", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is None:
+            return
+        self._stopping.set()  # wakes stalled handlers
+        self._server.shutdown()
+        with self._lock:
+            connections = list(self._connections)
+        for conn in connections:  # unblock handlers waiting on idle keep-alive connections
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._server.server_close()
+        self._thread.join(timeout=5)
+        self._server = self._thread = None
+
+    def __enter__(self) -> "FaultyProxy":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # --- bookkeeping -------------------------------------------------------------------------------
+    @property
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._stats)
+
+    def reset_stats(self) -> None:
+        with self._lock:
+            for key in self._stats:
+                self._stats[key] = 0
+            self.history.clear()
+
+    def _count(self, key: str) -> None:
+        with self._lock:
+            self._stats[key] += 1
+
+    def _choose(self, method: str, target: str) -> str | None:
+        """Count the request and draw its fault (None: forward it untouched)."""
+        with self._lock:
+            self._stats["requests"] += 1
+            fault = None
+            if self.methods is None or method in self.methods:
+                draw = self._rng.random()
+                for kind, rate in (("fail", self.fail_rate), ("reset", self.reset_rate),
+                                   ("stall", self.stall_rate)):
+                    if draw < rate:
+                        fault = kind
+                        break
+                    draw -= rate
+            if fault:
+                self._stats[fault] += 1
+            self.history.append((method, target, fault))
+            return fault
+
+    def _error_status(self) -> int:
+        with self._lock:
+            return 500 if self._rng.random() < 0.25 else 503
+
+
+class _Server(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, address, handler, proxy: FaultyProxy):
+        self.proxy = proxy
+        super().__init__(address, handler)
+
+
+class _Message:
+    """A parsed request or response head; `raw` is exactly the bytes that were received."""
+
+    def __init__(self, raw: bytes, start: list[str], headers: list[tuple[str, str]]):
+        self.raw, self.start, self.headers = raw, start, headers
+
+    def header(self, name: str) -> str | None:
+        values = [v for k, v in self.headers if k.lower() == name]
+        return ", ".join(values) if values else None
+
+    @property
+    def chunked(self) -> bool:
+        codings = (self.header("transfer-encoding") or "").lower()
+        return codings.split(",")[-1].strip() == "chunked" if codings else False
+
+    @property
+    def content_length(self) -> int | None:
+        value = self.header("content-length")
+        return int(value.split(",")[0].strip()) if value is not None else None
+
+    @property
+    def version(self) -> str:
+        """'HTTP/1.1' or so: first word of a status line, last of a request line."""
+        return self.start[0] if self.start[0].startswith("HTTP/") else self.start[-1]
+
+    def wants_close(self) -> bool:
+        tokens = {t.strip().lower() for t in (self.header("connection") or "").split(",")}
+        if self.version == "HTTP/1.0":
+            return "keep-alive" not in tokens
+        return "close" in tokens
+
+
+def _read_head(rfile) -> _Message | None:
+    """Read a request or response head; None at a clean end of stream before any byte of it."""
+    lines = []
+    line = rfile.readline(MAX_LINE)
+    while line in (b"\r\n", b"\n"):  # tolerate stray blank lines between messages
+        line = rfile.readline(MAX_LINE)
+    if not line:
+        return None
+    while True:
+        if not line.endswith(b"\n"):
+            raise ConnectionError("truncated or oversized message head")
+        lines.append(line)
+        if line in (b"\r\n", b"\n"):
+            break
+        if len(lines) > MAX_HEADERS:
+            raise ConnectionError("too many header lines")
+        line = rfile.readline(MAX_LINE)
+    text = [ln.decode("latin-1").rstrip("\r\n") for ln in lines[:-1]]
+    headers = []
+    for ln in text[1:]:
+        if ln[:1] in (" ", "\t") and headers:  # obsolete line folding
+            headers[-1] = (headers[-1][0], headers[-1][1] + " " + ln.strip())
+        else:
+            name, _, value = ln.partition(":")
+            headers.append((name.strip(), value.strip()))
+    return _Message(b"".join(lines), text[0].split(" ", 2), headers)
+
+
+def _copy_exact(rfile, n: int, send) -> None:
+    while n > 0:
+        data = rfile.read(min(n, COPY_SIZE))
+        if not data:
+            raise ConnectionError("peer closed mid-body")
+        if send:
+            send(data)
+        n -= len(data)
+
+
+def _copy_chunked(rfile, send) -> None:
+    """Relay a chunked body verbatim (chunk sizes, extensions, trailers), stopping at its end."""
+    while True:
+        line = rfile.readline(MAX_LINE)
+        if not line.endswith(b"\n"):
+            raise ConnectionError("bad chunk header")
+        if send:
+            send(line)
+        size = int(line.split(b";", 1)[0].strip(), 16)
+        if size == 0:
+            break
+        _copy_exact(rfile, size + 2, send)  # data and its CRLF
+    while True:  # trailers, then the blank line
+        line = rfile.readline(MAX_LINE)
+        if not line.endswith(b"\n"):
+            raise ConnectionError("bad chunked trailer")
+        if send:
+            send(line)
+        if line in (b"\r\n", b"\n"):
+            return
+
+
+def _copy_body(message: _Message, rfile, send, *, request: bool, until_close: bool = False) -> None:
+    if message.chunked:
+        _copy_chunked(rfile, send)
+    elif message.content_length is not None:
+        _copy_exact(rfile, message.content_length, send)
+    elif until_close and not request:
+        while data := rfile.read1(COPY_SIZE):
+            if send:
+                send(data)
+
+
+def _response_has_body(method: str, status: int) -> bool:
+    return method != "HEAD" and not (100 <= status < 200 or status in (204, 304))
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    server: _Server
+
+    def setup(self) -> None:
+        self.proxy = self.server.proxy
+        self.sock: socket.socket = self.request
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.rfile = self.sock.makefile("rb")
+        with self.proxy._lock:
+            self.proxy._connections.add(self.sock)
+
+    def finish(self) -> None:
+        with self.proxy._lock:
+            self.proxy._connections.discard(self.sock)
+        self.rfile.close()
+
+    def handle(self) -> None:
+        try:
+            while not self.proxy._stopping.is_set():
+                request = _read_head(self.rfile)
+                if request is None or not self._serve(request):
+                    return
+        except (OSError, ValueError, ConnectionError):
+            return  # the client went away, or sent something unparseable: drop the connection
+
+    def _serve(self, request: _Message) -> bool:
+        """Handle one request; True to keep the client connection for another."""
+        method = request.start[0].upper()
+        expects_continue = (request.header("expect") or "").lower() == "100-continue"
+        fault = self.proxy._choose(method, request.start[1] if len(request.start) > 1 else "")
+        if fault == "reset":
+            self._reset()
+            return False
+        if fault == "fail":
+            if expects_continue:  # the client holds its body back until told: answer now, then close
+                self._send_error(method, close=True)
+                return False
+            _copy_body(request, self.rfile, None, request=True)
+            self._send_error(method, close=request.wants_close())
+            return not request.wants_close()
+        if fault == "stall" and self.proxy._stopping.wait(self.proxy.stall_seconds):
+            return False
+        try:
+            keep = self._forward(request, method, expects_continue)
+        except (OSError, ConnectionError, ValueError):
+            self.proxy._count("errors")
+            self._reset()
+            return False
+        return keep and not request.wants_close()
+
+    def _forward(self, request: _Message, method: str, expects_continue: bool) -> bool:
+        with socket.create_connection(self.proxy.upstream, timeout=UPSTREAM_TIMEOUT) as upstream:
+            upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with upstream.makefile("rb") as upstream_rfile:
+                upstream.sendall(request.raw)
+                has_body = request.chunked or bool(request.content_length)
+                if expects_continue and has_body:
+                    # Relay upstream's verdict: "100 Continue" (then the body follows) or an early final
+                    # answer, after which the client's body state is unknown and the connection must go.
+                    ready, _, _ = select.select([upstream], [], [], CONTINUE_WAIT)
+                    if ready:
+                        response = _read_head(upstream_rfile)
+                        if response is None:
+                            raise ConnectionError("upstream closed before answering")
+                        status = int(response.start[1])
+                        if status >= 200:
+                            self.proxy._count("forwarded")
+                        self.sock.sendall(response.raw)
+                        if status >= 200:
+                            _copy_body(response, upstream_rfile, self.sock.sendall,
+                                       request=False, until_close=True)
+                            return False
+                _copy_body(request, self.rfile, upstream.sendall, request=True)
+                while True:
+                    response = _read_head(upstream_rfile)
+                    if response is None:
+                        raise ConnectionError("upstream closed before answering")
+                    status = int(response.start[1])
+                    if status >= 200 or status == 101:
+                        self.proxy._count("forwarded")  # before the client can see the answer
+                        self.sock.sendall(response.raw)
+                        break
+                    self.sock.sendall(response.raw)  # interim (1xx) responses are relayed too
+                if not _response_has_body(method, status):
+                    return not response.wants_close()
+                delimited = response.chunked or response.content_length is not None
+                _copy_body(response, upstream_rfile, self.sock.sendall, request=False, until_close=True)
+                return delimited and not response.wants_close()
+
+    def _send_error(self, method: str, *, close: bool) -> None:
+        status = self.proxy._error_status()
+        reason, code, message = _ERRORS[status]
+        request_id = uuid.uuid4().hex[:16].upper()
+        body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
+                f"<Message>{message}</Message><RequestId>{request_id}</RequestId>"
+                f"<HostId>faulty-proxy</HostId></Error>").encode()
+        head = [f"HTTP/1.1 {status} {reason}", "Content-Type: application/xml",
+                f"Content-Length: {len(body)}", f"x-amz-request-id: {request_id}", "Server: AmazonS3",
+                f"Connection: {'close' if close else 'keep-alive'}"]
+        self.sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
+                          + (body if method != "HEAD" else b""))
+
+    def _reset(self) -> None:
+        """Drop the client connection with an RST and no response."""
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+        self.rfile.close()
+        self.sock.close()

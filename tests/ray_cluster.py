@@ -1,0 +1,260 @@
+"""A real two-node Ray cluster on this one machine, for tests that kill a node mid-job.
+
+    with TwoNodeCluster(head_cpus=1, worker_cpus=2, env={"PYTHONPATH": ...}) as cluster:
+        # a driver (best in a subprocess: the test process may already hold a local Ray) joins
+        # with ray.init(address=cluster.address)
+        ...
+        cluster.kill_worker()           # SIGKILL the second node: its raylet, workers and `ray start`
+        cluster.wait_worker_dead()      # until the head's GCS has marked it dead (~3 s with FAST_HEALTH_CHECK)
+
+Each node is a `ray start --block` subprocess in its own session (start_new_session=True) and its own
+--temp-dir. Every process a node spawns (raylet, agents, log monitor, and the raylet's worker processes,
+which each get their own process group but keep the session) carries that session id, so a node is
+killed by killing its session, found through /proc, without touching any other Ray on the machine.
+Ray binds to the machine's own interface address (not 127.0.0.1) even when joined through 127.0.0.1;
+that is fine, everything stays on this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+# The head's GCS marks a node dead after `failure_threshold` failed health checks `period_ms` apart
+# (Ray's defaults, 3000 ms x 5, take ~15 s). A SIGKILLed raylet refuses connections at once, so the
+# timeout hardly matters for it; it is kept generous so that a busy 2-core machine never fails a live node.
+FAST_HEALTH_CHECK = {
+    "health_check_initial_delay_ms": 1000,
+    "health_check_period_ms": 1000,
+    "health_check_timeout_ms": 5000,
+    "health_check_failure_threshold": 3,
+}
+
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+
+
+class TwoNodeCluster:
+    """Head (custom resource `head_node`) plus a second node (custom resource `second_node`)."""
+
+    def __init__(self, head_cpus: float = 1, worker_cpus: float = 2, env: dict[str, str] | None = None,
+                 head_resources: dict[str, float] | None = None, worker_resources: dict[str, float] | None = None,
+                 object_store_bytes: int = 256 * 2**20, system_config: dict | None = None,
+                 startup_timeout: float = 60.0):
+        self.head_cpus = head_cpus
+        self.worker_cpus = worker_cpus
+        self.head_resources = {"head_node": 1, **(head_resources or {})}
+        self.worker_resources = {"second_node": 1, **(worker_resources or {})}
+        self.object_store_bytes = object_store_bytes
+        self.system_config = FAST_HEALTH_CHECK if system_config is None else system_config
+        self.startup_timeout = startup_timeout
+        self.env = dict(os.environ)
+        for name in ("RAY_ADDRESS", "RAY_NAMESPACE"):  # would redirect `ray start` or the drivers elsewhere
+            self.env.pop(name, None)
+        self.env.setdefault("RAY_AUTH_MODE", "disabled")
+        self.env.update(env or {})
+        self.port: int | None = None
+        self.address: str | None = None
+        self.head_node_id: str | None = None
+        self.worker_node_id: str | None = None
+        self.root: str | None = None
+        self._head: subprocess.Popen | None = None
+        self._worker: subprocess.Popen | None = None
+        self._gcs = None
+        self.timings: dict[str, float] = {}  # seconds: head_start, worker_start, worker_stop, head_stop
+
+    # ---- lifecycle ----
+
+    def __enter__(self) -> "TwoNodeCluster":
+        try:
+            self.start()
+        except BaseException:
+            self.shutdown()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def start(self) -> None:
+        # A short root: Ray's unix socket paths under it must stay below ~107 characters.
+        self.root = tempfile.mkdtemp(prefix="ray2n-", dir="/tmp")
+        self.port = _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        head_args = ["--head", f"--port={self.port}", "--include-dashboard=false"]
+        if self.system_config:
+            head_args.append("--system-config=" + json.dumps(self.system_config))
+        start = time.monotonic()
+        self._head = self._start_node("head", head_args, self.head_cpus, self.head_resources)
+        self.head_node_id = self._wait_for_node("head_node", self._head, "head")
+        self.timings["head_start"] = time.monotonic() - start
+        start = time.monotonic()
+        self._worker = self._start_node("worker", [f"--address={self.address}"], self.worker_cpus,
+                                        self.worker_resources)
+        self.worker_node_id = self._wait_for_node("second_node", self._worker, "worker")
+        self.timings["worker_start"] = time.monotonic() - start
+
+    def shutdown(self) -> None:
+        """Second node, then head: SIGTERM each `ray start` (it stops its own children), then SIGKILL leftovers."""
+        for name, proc in (("worker", self._worker), ("head", self._head)):
+            if proc is not None:
+                start = time.monotonic()
+                _stop_session(proc)
+                self.timings[f"{name}_stop"] = time.monotonic() - start
+        self._gcs = None
+        if self.root:
+            shutil.rmtree(self.root, ignore_errors=True)
+            self.root = None
+
+    # ---- the second node ----
+
+    def kill_worker(self) -> list[int]:
+        """SIGKILL every process of the second node at once (no graceful exit); returns the PIDs killed."""
+        assert self._worker is not None, "cluster not started"
+        killed = _kill_session(self._worker.pid, signal.SIGKILL)
+        self._worker.wait(timeout=10)
+        return killed
+
+    def worker_processes(self) -> list[int]:
+        return _session_pids(self._worker.pid) if self._worker is not None else []
+
+    def worker_node_alive(self) -> bool:
+        """What the head's GCS believes (it lags a SIGKILL by the health check time)."""
+        return self.node_states().get(self.worker_node_id) == "ALIVE"
+
+    def wait_worker_dead(self, timeout: float = 60.0) -> float:
+        """Seconds until the GCS marked the second node dead."""
+        start = time.monotonic()
+        while self.worker_node_alive():
+            if time.monotonic() - start > timeout:
+                raise TimeoutError(f"second node still ALIVE in the GCS after {timeout} s")
+            time.sleep(0.1)
+        return time.monotonic() - start
+
+    def node_states(self) -> dict[str, str]:
+        """node id (hex) -> 'ALIVE' / 'DEAD', straight from the head's GCS (no driver needed)."""
+        from ray.core.generated import gcs_pb2
+
+        return {node_id.hex(): gcs_pb2.GcsNodeInfo.GcsNodeState.Name(info.state)
+                for node_id, info in self._gcs_client().get_all_node_info(timeout=10).items()}
+
+    # ---- internals ----
+
+    def _start_node(self, name: str, args: list[str], cpus: float, resources: dict) -> subprocess.Popen:
+        temp_dir = os.path.join(self.root, name)
+        os.makedirs(temp_dir)
+        log = open(os.path.join(self.root, f"{name}.log"), "wb")
+        cmd = [RAY, "start", *args, f"--num-cpus={cpus}", "--resources=" + json.dumps(resources),
+               f"--object-store-memory={self.object_store_bytes}", f"--temp-dir={temp_dir}",
+               "--disable-usage-stats", "--block"]
+        try:
+            return subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.root)
+        finally:
+            log.close()
+
+    def _gcs_client(self):
+        if self._gcs is None:
+            from ray._raylet import GcsClient
+
+            self._gcs = GcsClient(address=self.address)
+        return self._gcs
+
+    def _wait_for_node(self, resource: str, proc: subprocess.Popen, name: str) -> str:
+        from ray.core.generated import gcs_pb2
+
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"ray {name} node exited with {proc.returncode}:\n{self.log(name)[-3000:]}")
+            if self._head.poll() is None and os.path.exists(os.path.join(self.root, "head", "ray_current_cluster")):
+                try:
+                    for node_id, info in self._gcs_client().get_all_node_info(timeout=2).items():
+                        if info.state == gcs_pb2.GcsNodeInfo.ALIVE and resource in info.resources_total:
+                            return node_id.hex()
+                except Exception:  # GCS not answering yet
+                    pass
+            time.sleep(0.2)
+        raise TimeoutError(f"ray {name} node not alive after {self.startup_timeout} s:\n{self.log(name)[-3000:]}")
+
+    def log(self, name: str) -> str:
+        """Output of the `ray start` for 'head' or 'worker' (Ray's own logs are under root/<name>/session_*)."""
+        try:
+            with open(os.path.join(self.root, f"{name}.log"), errors="replace") as f:
+                return f.read()
+        except (OSError, TypeError):
+            return ""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))  # the GCS listens on all interfaces
+        return s.getsockname()[1]
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Processes in session `sid` (a start_new_session child's pid) plus any descendants that left it."""
+    parents, in_session = {}, set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()  # state ppid pgrp session ...
+        if fields[0] == "Z":
+            continue
+        pid, ppid, session = int(entry), int(fields[1]), int(fields[3])
+        parents[pid] = ppid
+        if session == sid:
+            in_session.add(pid)
+    found = set(in_session)
+    changed = True
+    while changed:
+        changed = False
+        for pid, ppid in parents.items():
+            if pid not in found and ppid in found:
+                found.add(pid)
+                changed = True
+    return sorted(found)
+
+
+def _kill_session(sid: int, sig: int) -> list[int]:
+    killed: list[int] = []
+    for _ in range(50):  # until nothing is left (a dying raylet may have just forked a worker)
+        pids = _session_pids(sid)
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+                killed.append(pid)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
+    return sorted(set(killed))
+
+
+def _stop_session(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+    deadline = time.monotonic() + grace
+    while _session_pids(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    _kill_session(proc.pid, signal.SIGKILL)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
