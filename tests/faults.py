@@ -57,7 +57,8 @@ class FaultyProxy:
         self.methods = {m.upper() for m in methods} if methods is not None else None
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
-        self._stats = {"requests": 0, "forwarded": 0, "fail": 0, "reset": 0, "stall": 0, "errors": 0}
+        self._stats = {"requests": 0, "forwarded": 0, "fail": 0, "reset": 0, "stall": 0,
+                       "client_gone": 0, "errors": 0}
         self.history: list[tuple[str, str, str | None]] = []
         self._connections: set[socket.socket] = set()
         self._stopping = threading.Event()
@@ -133,6 +134,10 @@ class FaultyProxy:
     def _error_status(self) -> int:
         with self._lock:
             return 500 if self._rng.random() < 0.25 else 503
+
+
+class _ClientGone(Exception):
+    """The client's connection broke while we relayed an answer to it."""
 
 
 class _Server(socketserver.ThreadingTCPServer):
@@ -296,7 +301,11 @@ class _Handler(socketserver.BaseRequestHandler):
             return False
         try:
             keep = self._forward(request, method, expects_continue)
-        except (OSError, ConnectionError, ValueError):
+        except _ClientGone:  # typically a client that gave up on a stalled request before its answer came
+            self.proxy._count("client_gone")
+            self._reset()
+            return False
+        except (OSError, ConnectionError, ValueError):  # upstream failed, or sent something unparseable
             self.proxy._count("errors")
             self._reset()
             return False
@@ -319,9 +328,9 @@ class _Handler(socketserver.BaseRequestHandler):
                         status = int(response.start[1])
                         if status >= 200:
                             self.proxy._count("forwarded")
-                        self.sock.sendall(response.raw)
+                        self._to_client(response.raw)
                         if status >= 200:
-                            _copy_body(response, upstream_rfile, self.sock.sendall,
+                            _copy_body(response, upstream_rfile, self._to_client,
                                        request=False, until_close=True)
                             return False
                 _copy_body(request, self.rfile, upstream.sendall, request=True)
@@ -332,14 +341,20 @@ class _Handler(socketserver.BaseRequestHandler):
                     status = int(response.start[1])
                     if status >= 200 or status == 101:
                         self.proxy._count("forwarded")  # before the client can see the answer
-                        self.sock.sendall(response.raw)
+                        self._to_client(response.raw)
                         break
-                    self.sock.sendall(response.raw)  # interim (1xx) responses are relayed too
+                    self._to_client(response.raw)  # interim (1xx) responses are relayed too
                 if not _response_has_body(method, status):
                     return not response.wants_close()
                 delimited = response.chunked or response.content_length is not None
-                _copy_body(response, upstream_rfile, self.sock.sendall, request=False, until_close=True)
+                _copy_body(response, upstream_rfile, self._to_client, request=False, until_close=True)
                 return delimited and not response.wants_close()
+
+    def _to_client(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except OSError as exc:
+            raise _ClientGone from exc
 
     def _send_error(self, method: str, *, close: bool) -> None:
         status = self.proxy._error_status()

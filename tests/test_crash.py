@@ -1,0 +1,127 @@
+"""Real processes, real kills: the driver is SIGKILLed at each stage of a run, then the job is rerun.
+
+Every rerun must end with exactly one committed row per input, and the model must see only the inputs the
+killed attempt had not made durable (counted by tests/counting_model.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import pyarrow.dataset as pads
+import pytest
+
+from conftest import encode, photo
+from counting_model import images_seen
+
+TESTS = Path(__file__).parent
+INPUTS = 120
+
+
+def put_inputs(storage, bucket: str, prefix: str = "in") -> list[str]:
+    uris = []
+    for i in range(INPUTS):
+        key = f"{prefix}/img {i:04d}.jpg"
+        storage.s3_client.put_object(Bucket=bucket, Key=key, Body=encode(photo(40, 30, seed=i), "JPEG"))
+        uris.append(f"s3://{bucket}/{key}")
+    return uris
+
+
+def pipeline_cmd(input_uri: str, output_uri: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline", "run", "--input", input_uri, "--output", output_uri,
+            "--model", "counting_model:build", "--batch-size", "8", *extra]
+
+
+def spec_file(tmp_path: Path, **output) -> str:
+    path = tmp_path / "job.yaml"
+    path.write_text(json.dumps({"output": {"checkpoint_rows": 16, "rows_per_file": 40, **output},
+                                "model": {"name": "counting_model:build",
+                                          "preprocess": {"resize_size": 128, "crop_size": 128}}}))
+    return str(path)
+
+
+def env_for(calls: Path, failpoint: str | None = None) -> dict[str, str]:
+    env = {**os.environ, "PIPELINE_TEST_CALLS": str(calls),
+           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    env.pop("PIPELINE_FAILPOINTS", None)
+    if failpoint:
+        env["PIPELINE_FAILPOINTS"] = failpoint
+    return env
+
+
+def committed_rows(output: str, storage) -> "pyarrow.Table":
+    fs, path = storage.fs(output)
+    fs.invalidate_cache()  # s3fs caches listings; the output changed in another process
+    return pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive").to_table()
+
+
+def staged_rows(output: Path | str, storage) -> int:
+    fs, path = storage.fs(str(output))
+    fs.invalidate_cache()
+    chunks = [p for p in fs.find(path) if p.endswith(".parquet.staged")]
+    import pyarrow.parquet as pq
+    return sum(pq.ParquetFile(fs.open(c, "rb")).metadata.num_rows for c in chunks)
+
+
+@pytest.mark.parametrize("failpoint, on_s3", [
+    ("chunk_written:3", True),      # mid-run, right after a checkpoint
+    ("batch_drained:5", False),     # mid-run, rows in the driver's hands but not yet durable
+    ("part_written:1", True),       # mid-publish: one part visible, the rest not written
+    ("committed:1", False),         # after the commit record, before staging is cleaned up
+])
+def test_killed_driver_resumes_with_exactly_one_row_per_input(failpoint, on_s3, tmp_path, storage, bucket):
+    uris = put_inputs(storage, bucket)
+    output = f"s3://{bucket}/out" if on_s3 else str(tmp_path / "out")
+    calls = tmp_path / "calls.txt"
+    spec = spec_file(tmp_path)
+
+    killed = subprocess.run([*pipeline_cmd(f"s3://{bucket}/in", output), spec],
+                            env=env_for(calls, failpoint), capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    seen_before = images_seen(calls)
+    durable = staged_rows(output, storage)
+    calls.unlink(missing_ok=True)
+
+    rerun = subprocess.run([*pipeline_cmd(f"s3://{bucket}/in", output), spec], env=env_for(calls),
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    table = committed_rows(output, storage)
+    assert sorted(table["uri"].to_pylist()) == sorted(uris)  # every input, exactly once
+    assert table["error"].null_count == INPUTS
+    # Work made durable before the kill is not redone: the rerun's model saw only the rest.
+    if failpoint.startswith("committed"):
+        assert images_seen(calls) == 0 and "unchanged   120" in rerun.stdout
+    else:
+        assert 0 < durable < INPUTS if failpoint.startswith("chunk") else durable < INPUTS
+        assert images_seen(calls) == INPUTS - durable
+        assert seen_before >= durable
+    assert staged_rows(output, storage) == 0  # staging cleaned up
+
+
+def test_kill_while_listing_then_rerun(tmp_path, storage, bucket):
+    """An external SIGKILL as soon as the run has started (listing in progress), not at a chosen point."""
+    uris = put_inputs(storage, bucket)
+    output = tmp_path / "out"
+    calls = tmp_path / "calls.txt"
+    spec = spec_file(tmp_path)
+    proc = subprocess.Popen([*pipeline_cmd(f"s3://{bucket}/in", str(output)), spec], env=env_for(calls),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(output.glob("_staging/*/_run.json")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not list(output.glob("**/*.parquet"))  # nothing visible from the killed run
+
+    rerun = subprocess.run([*pipeline_cmd(f"s3://{bucket}/in", str(output)), spec], env=env_for(calls),
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    rows = duckdb.sql(f"SELECT uri, count(*) AS n FROM read_parquet('{output}/**/*.parquet') GROUP BY uri").fetchall()
+    assert sorted(u for u, _ in rows) == sorted(uris) and {n for _, n in rows} == {1}
