@@ -162,17 +162,19 @@ class OutputLease:
             raise
 
     def _renew_loop(self) -> None:
+        while not self._stop.wait(RENEW_EVERY_S) and not self.lost:
+            self._renew_once()
+
+    def _renew_once(self) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
 
-        while not self._stop.wait(RENEW_EVERY_S):
-            try:
-                self._etag = self._put(IfMatch=self._etag)
-            except ClientError as exc:
-                if _precondition_failed(exc) or _code(exc) in ("NoSuchKey", "404"):
-                    self.lost = "another run took it over"
-                    return
-            except BotoCoreError:
-                pass  # transient: the next renewal retries; the TTL is several renewals long
+        try:
+            self._etag = self._put(IfMatch=self._etag)
+        except ClientError as exc:
+            if _precondition_failed(exc) or _code(exc) in ("NoSuchKey", "404"):
+                self.lost = "another run took it over"
+        except BotoCoreError:
+            pass  # transient: the next renewal retries; the TTL is several renewals long
 
     def _release_s3(self) -> None:
         from botocore.exceptions import BotoCoreError, ClientError

@@ -13,9 +13,18 @@ or hit by exactly one fault, chosen with a seeded RNG:
          effect upstream even when the client has given up on it and retried)
 
 A fault never touches a response that came from upstream, so whatever the client receives is either
-upstream's complete answer or an unmistakable failure. `.stats` counts requests and faults; `.history`
-lists (method, target, fault) for every request. The rates are plain attributes: set them to 0 to pause
-faults (to create a bucket, say) and back again.
+upstream's complete answer or an unmistakable failure. The rates are plain attributes: set them to 0 to
+pause faults (to create a bucket, say) and back again.
+
+`.stats` (a snapshot, thread-safe): requests seen, forwarded (answered by upstream), fail, reset and stall
+(faults injected), client_gone (forwarded, but the client had hung up before the answer could be relayed:
+usually a client that timed out on a stall) and errors (upstream failed; the client then got an RST).
+`.history` lists (method, target, fault or None) for every request; `reset_stats()` clears both.
+
+A stall holds the request head back too, so a client that sent `Expect: 100-continue` waits for the
+"100 Continue" through the stall: botocore sends its body after 1 s anyway and then hits read_timeout,
+but aiohttp (hence s3fs/aiobotocore, which sends Expect on every PutObject) waits with no timer running,
+for the whole stall, and then succeeds.
 
 Standard library only; one thread per client connection and a fresh upstream connection per request.
 """
@@ -45,6 +54,8 @@ _ERRORS = {
 
 
 class FaultyProxy:
+    """Proxy to `upstream_url` on 127.0.0.1 (a free port; see `.url`); faults only `methods` if given."""
+
     def __init__(self, upstream_url: str, fail_rate: float = 0.2, stall_rate: float = 0.05,
                  stall_seconds: float = 5.0, reset_rate: float = 0.05, seed: int = 0,
                  methods: set[str] | list[str] | tuple[str, ...] | None = None):
@@ -52,6 +63,8 @@ class FaultyProxy:
         if upstream.scheme != "http" or not upstream.hostname:
             raise ValueError(f"upstream must be an http:// URL, not {upstream_url!r}")
         self.upstream = (upstream.hostname, upstream.port or 80)
+        if min(fail_rate, reset_rate, stall_rate) < 0 or fail_rate + reset_rate + stall_rate > 1:
+            raise ValueError("fault rates must be >= 0 and add up to at most 1")
         self.fail_rate, self.reset_rate, self.stall_rate = fail_rate, reset_rate, stall_rate
         self.stall_seconds = stall_seconds
         self.methods = {m.upper() for m in methods} if methods is not None else None
@@ -120,8 +133,8 @@ class FaultyProxy:
             fault = None
             if self.methods is None or method in self.methods:
                 draw = self._rng.random()
-                for kind, rate in (("fail", self.fail_rate), ("reset", self.reset_rate),
-                                   ("stall", self.stall_rate)):
+                for kind in FAULTS:
+                    rate = getattr(self, f"{kind}_rate")
                     if draw < rate:
                         fault = kind
                         break
@@ -242,12 +255,13 @@ def _copy_chunked(rfile, send) -> None:
             return
 
 
-def _copy_body(message: _Message, rfile, send, *, request: bool, until_close: bool = False) -> None:
+def _copy_body(message: _Message, rfile, send, *, until_close: bool = False) -> None:
+    """Relay (or, with send None, skip) one message body; until_close for a response without framing."""
     if message.chunked:
         _copy_chunked(rfile, send)
     elif message.content_length is not None:
         _copy_exact(rfile, message.content_length, send)
-    elif until_close and not request:
+    elif until_close:
         while data := rfile.read1(COPY_SIZE):
             if send:
                 send(data)
@@ -294,7 +308,7 @@ class _Handler(socketserver.BaseRequestHandler):
             if expects_continue:  # the client holds its body back until told: answer now, then close
                 self._send_error(method, close=True)
                 return False
-            _copy_body(request, self.rfile, None, request=True)
+            _copy_body(request, self.rfile, None)
             self._send_error(method, close=request.wants_close())
             return not request.wants_close()
         if fault == "stall" and self.proxy._stopping.wait(self.proxy.stall_seconds):
@@ -330,10 +344,9 @@ class _Handler(socketserver.BaseRequestHandler):
                             self.proxy._count("forwarded")
                         self._to_client(response.raw)
                         if status >= 200:
-                            _copy_body(response, upstream_rfile, self._to_client,
-                                       request=False, until_close=True)
+                            _copy_body(response, upstream_rfile, self._to_client, until_close=True)
                             return False
-                _copy_body(request, self.rfile, upstream.sendall, request=True)
+                _copy_body(request, self.rfile, upstream.sendall)
                 while True:
                     response = _read_head(upstream_rfile)
                     if response is None:
@@ -347,7 +360,7 @@ class _Handler(socketserver.BaseRequestHandler):
                 if not _response_has_body(method, status):
                     return not response.wants_close()
                 delimited = response.chunked or response.content_length is not None
-                _copy_body(response, upstream_rfile, self._to_client, request=False, until_close=True)
+                _copy_body(response, upstream_rfile, self._to_client, until_close=True)
                 return delimited and not response.wants_close()
 
     def _to_client(self, data: bytes) -> None:
