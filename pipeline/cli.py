@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from pipeline.errors import JobStopped, UserError
+from pipeline.errors import JobFailed, JobStopped, UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except JobStopped as exc:
+    except (JobStopped, JobFailed) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -7,3 +7,7 @@ class UserError(Exception):
 
 class JobStopped(Exception):
     """The job stopped itself on purpose (error-rate threshold); rows already written stay committed."""
+
+
+class JobFailed(Exception):
+    """The job could not finish (e.g. output storage kept failing after retries); staged rows stay for a rerun."""

@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TextIO
@@ -26,11 +27,11 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from pipeline.commit import STAGING, FolderState, OutputFolder, StagedRun
 from pipeline.config import JobConfig
 from pipeline.decode import Decoder
-from pipeline.errors import JobStopped, UserError
-from pipeline.model import ModelSpec
-from pipeline.predict import Classifier
+from pipeline.errors import JobFailed, JobStopped, UserError
 from pipeline.history import History
 from pipeline.lease import OutputLease
+from pipeline.model import ModelSpec
+from pipeline.predict import Classifier
 from pipeline.preflight import preflight
 from pipeline.progress import ProgressPrinter, Tally
 from pipeline.read import Reader
@@ -98,16 +99,17 @@ def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float 
                            checkpoint_seconds=cfg.output.checkpoint_seconds)
         tally = Tally()
         interval = progress_interval or (2.0 if out.isatty() else 5.0)
-        with ProgressPrinter(tally, lambda: ray.get(listing_tally.get.remote()), out, interval):
-            status, message = drain(dataset, sink, tally, cfg, lease)
-            sink.flush()
-        record = None
-        if status == "completed":
-            lease.check()
-            record = folder.publish(folder.scan().staged[run.run_id], cfg.output.rows_per_file,
-                                    partition_for(cfg, run), replaces=state if cfg.output.overwrite else None,
-                                    summary={"input": cfg.input.uri, "model": spec.name, "weights": spec.weights_id,
-                                             "job_key": run.info["job_key"]})
+        with output_failures(cfg.output.uri):
+            with ProgressPrinter(tally, lambda: ray.get(listing_tally.get.remote()), out, interval):
+                status, message = drain(dataset, sink, tally, cfg, lease)
+                sink.flush()
+            record = None
+            if status == "completed":
+                lease.check()
+                record = folder.publish(folder.scan().staged[run.run_id], cfg.output.rows_per_file,
+                                        partition_for(cfg, run), replaces=state if cfg.output.overwrite else None,
+                                        summary={"input": cfg.input.uri, "model": spec.name,
+                                                 "weights": spec.weights_id, "job_key": run.info["job_key"]})
     listing = ray.get(listing_tally.get.remote())
     summary = RunSummary(
         run_id=run.run_id, status=status, input=cfg.input.uri, output=cfg.output.uri, model=spec.name,
@@ -122,6 +124,18 @@ def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float 
     if status == "stopped":
         raise JobStopped(message)
     return summary
+
+
+@contextmanager
+def output_failures(output_uri: str):
+    """Storage that still fails after every retry ends the run in one line; what is staged stays staged."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except (OSError, BotoCoreError, ClientError) as exc:
+        raise JobFailed(f"writing to {output_uri} failed after retries ({type(exc).__name__}: {exc}); rows "
+                        "staged so far are kept: rerun the job to resume") from None
 
 
 def new_run_id() -> str:
