@@ -36,7 +36,8 @@ class Reader:
                 errors[i], error_types[i] = fail("read", self._too_large(len(result)), describe_read_error)
             else:
                 data[i] = result
-                sizes[i] = len(result)
+                if sizes[i] is None:  # keep a listed size: it belongs with the listed ETag and mtime
+                    sizes[i] = len(result)
         batch.update(bytes=data, size=sizes, error=errors, error_type=error_types)
         return batch
 

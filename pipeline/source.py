@@ -106,23 +106,33 @@ def to_block(objects: list[ObjectInfo]) -> pa.Table:
 
 
 def read_manifest(uri: str, storage: Storage) -> Iterator[list[ObjectInfo]]:
-    """Rows of a Parquet or CSV manifest's `uri` column, a record batch at a time.
+    """Rows of a Parquet or CSV manifest, a record batch at a time.
 
-    Relative entries are taken relative to the manifest's own folder.
+    The `uri` column is required; optional `etag`, `size` and `last_modified` columns are carried into the
+    output and let incremental runs notice changed objects. Relative entries are taken relative to the
+    manifest's own folder.
     """
     fs, path = storage.fs(uri)
     base = posixpath.dirname(uri)
     with fs.open(path, "rb") as f:
         for batch in manifest_batches(f, uri):
-            yield [ObjectInfo(uri=_resolve(str(u).strip(), base), size=None, etag=None, last_modified=None)
-                   for u in batch.column("uri").to_pylist() if u is not None and str(u).strip()]
+            columns = {name: batch.column(name).to_pylist() if name in batch.schema.names else [None] * batch.num_rows
+                       for name in SOURCE_SCHEMA.names}
+            yield [ObjectInfo(uri=_resolve(str(u).strip(), base), size=size, etag=etag, last_modified=mtime)
+                   for u, size, etag, mtime in zip(*(columns[n] for n in ("uri", "size", "etag", "last_modified")))
+                   if u is not None and str(u).strip()]
 
 
 def manifest_batches(f, uri: str) -> Iterator[pa.RecordBatch]:
     if uri.lower().endswith(".parquet"):
-        yield from pq.ParquetFile(f).iter_batches(batch_size=1000, columns=["uri"])
+        parquet = pq.ParquetFile(f)
+        columns = [name for name in SOURCE_SCHEMA.names if name in parquet.schema_arrow.names]
+        for batch in parquet.iter_batches(batch_size=1000, columns=columns):
+            yield pa.RecordBatch.from_arrays(
+                [batch.column(n).cast(SOURCE_SCHEMA.field(n).type) for n in columns], names=columns)
     else:
-        convert = pacsv.ConvertOptions(include_columns=["uri"], column_types={"uri": pa.string()})
+        convert = pacsv.ConvertOptions(include_columns=SOURCE_SCHEMA.names, include_missing_columns=True,
+                                       column_types={f.name: f.type for f in SOURCE_SCHEMA})
         # A row with the wrong number of fields is skipped, not fatal; its line is logged.
         parse = pacsv.ParseOptions(invalid_row_handler=_skip_bad_row)
         yield from pacsv.open_csv(f, convert_options=convert, parse_options=parse)

@@ -303,3 +303,18 @@ def test_manifest_entries_are_normalised_and_bad_csv_rows_skipped(tmp_path):
     (tmp_path / "m.csv").write_text("uri\na.jpg\nb,c.jpg\n\"d,e.jpg\"\n")
     uris = [o.uri for page in read_manifest(str(tmp_path / "m.csv"), Storage()) for o in page]
     assert uris == [str(tmp_path / "a.jpg"), str(tmp_path / "d,e.jpg")]
+
+
+def test_manifest_metadata_columns_are_carried_and_drive_incremental_runs(tmp_path, classifier_files):
+    write_files(tmp_path / "imgs", {"a.png": encode(photo(seed=1), "PNG"), "b.png": encode(photo(seed=2), "PNG")})
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("uri,etag,size,last_modified\n"
+                        "imgs/a.png,e1,10,2026-11-01T10:00:00Z\n"
+                        "imgs/b.png,e2,20,2026-11-01T10:00:00Z\n")
+    cfg = job(classifier_files, str(manifest), str(tmp_path / "out"))
+    assert run_job(cfg, out=io.StringIO()).inputs == 2
+    rows = {r["uri"].rsplit("/", 1)[1]: r for r in read_back(str(tmp_path / "out")).to_pylist()}
+    assert rows["a.png"]["etag"] == "e1" and rows["a.png"]["last_modified"].isoformat() == "2026-11-01T10:00:00+00:00"
+    manifest.write_text(manifest.read_text().replace("e2,20", "e3,20"))  # b changed upstream
+    again = run_job(cfg, out=io.StringIO())
+    assert again.inputs == 1 and again.already_done == 1
