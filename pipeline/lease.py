@@ -50,6 +50,9 @@ class Holder:
             return True
         return time.time() - self.heartbeat > LEASE_TTL_S
 
+    def is_me(self, run_id: str) -> bool:
+        return (self.run_id, self.host, self.pid) == (run_id, socket.gethostname(), os.getpid())
+
     def describe(self) -> str:
         age = time.time() - self.heartbeat
         return f"run {self.run_id} (host {self.host}, pid {self.pid}, heartbeat {age:.0f}s ago)"
@@ -152,6 +155,10 @@ class OutputLease:
                 return self._acquire_s3()
             raise
         holder = Holder.from_bytes(current["Body"].read())
+        if holder is not None and holder.is_me(self.run_id):
+            # Our own create took effect but its reply was lost, and the retry then found it: it is ours.
+            self._etag = current["ETag"]
+            return
         if holder is not None and not holder.is_stale():
             raise UserError(busy_message(self.output_uri, holder))
         try:
@@ -172,9 +179,26 @@ class OutputLease:
             self._etag = self._put(IfMatch=self._etag)
         except ClientError as exc:
             if _precondition_failed(exc) or _code(exc) in ("NoSuchKey", "404"):
-                self.lost = "another run took it over"
+                self._check_still_mine()
         except BotoCoreError:
             pass  # transient: the next renewal retries; the TTL is several renewals long
+
+    def _check_still_mine(self) -> None:
+        """A renewal whose reply was lost and was retried fails its own condition; look before giving up."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, key = self._key
+        try:
+            current = self.storage.s3_client.get_object(Bucket=bucket, Key=key)
+            holder = Holder.from_bytes(current["Body"].read())
+        except ClientError:
+            holder = None
+        except BotoCoreError:
+            return  # cannot tell now; the next renewal looks again
+        if holder is not None and holder.is_me(self.run_id):
+            self._etag = current["ETag"]
+        else:
+            self.lost = "another run took it over"
 
     def _release_s3(self) -> None:
         from botocore.exceptions import BotoCoreError, ClientError

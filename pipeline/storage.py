@@ -96,7 +96,7 @@ class Storage:
     @cached_property
     def s3_probe_client(self):
         """For up-front checks: a wrong endpoint should fail in seconds, not after a minute of retries."""
-        return self._client(retries={"mode": "standard", "max_attempts": 2}, connect_timeout=3, read_timeout=10)
+        return self._client(retries={"mode": "standard", "max_attempts": 4}, connect_timeout=3, read_timeout=10)
 
     def _client(self, **config):
         import boto3

@@ -84,7 +84,8 @@ class FaultyProxy:
         self._stopping.clear()
         self._server = _Server(("127.0.0.1", 0), _Handler, self)
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, name="faulty-proxy", daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="faulty-proxy", daemon=True)  # short poll: stop() is quick
         self._thread.start()
         return self
 

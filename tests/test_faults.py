@@ -1,0 +1,59 @@
+"""Flaky object storage: a job whose every S3 request (listing, reads, staged chunks, parts, commit record,
+lease) goes through a proxy that fails, resets or stalls a share of them still commits every input once."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pyarrow.dataset as pads
+import pytest
+
+from conftest import encode, photo
+from faults import FaultyProxy
+from pipeline.runner import run_job
+from pipeline.storage import Storage
+from test_pipeline import job, put_objects
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def test_a_job_through_a_faulty_s3_loses_and_duplicates_nothing(s3_server, storage, bucket, classifier_files):
+    inputs = {f"photos/{i:03d} x.jpg": encode(photo(64, 48, seed=i), "JPEG") for i in range(60)}
+    put_objects(storage, bucket, "", inputs)
+    with FaultyProxy(s3_server.endpoint_url, fail_rate=0.15, reset_rate=0.05, stall_rate=0.03,
+                     stall_seconds=3.0, seed=7) as proxy:
+        cfg = job(classifier_files, f"s3://{bucket}/photos/", f"s3://{bucket}/out",
+                  storage={"endpoint_url": proxy.url, "read_timeout_s": 1.0, "connect_timeout_s": 1.0},
+                  output={"checkpoint_rows": 8, "rows_per_file": 25})
+        summary = run_job(cfg, out=io.StringIO())
+        stats = proxy.stats
+    assert stats["fail"] > 5 and stats["reset"] > 0 and stats["stall"] > 0, stats
+    assert summary.errors == 0 and summary.committed_rows == 60
+
+    fs, path = Storage.from_env().fs(f"s3://{bucket}/out")
+    table = pads.dataset(path, filesystem=fs, format="parquet").to_table()
+    assert sorted(table["uri"].to_pylist()) == sorted(f"s3://{bucket}/{key}" for key in inputs)
+    assert table["error"].null_count == 60
+    record = json.loads(fs.cat_file(f"{path}/_commits/{summary.run_id}.json"))
+    assert [f["rows"] for f in record["files"]] == [25, 25, 10]
+    assert not fs.find(f"{path}/_staging")
+
+
+def test_reads_that_keep_failing_become_error_rows_and_are_retried_later(s3_server, storage, bucket,
+                                                                         classifier_files, tmp_path):
+    """A storage that fails every GET for a while: rows say so, the run commits, --reprocess-errors heals."""
+    put_objects(storage, bucket, "p/", {f"{i}.jpg": encode(photo(seed=i), "JPEG") for i in range(4)})
+    with FaultyProxy(s3_server.endpoint_url, fail_rate=0.0, seed=1) as proxy:
+        cfg = job(classifier_files, f"s3://{bucket}/p/", str(tmp_path / "out"),
+                  storage={"endpoint_url": proxy.url, "max_attempts": 2})
+        proxy.fail_only_methods = None
+        proxy.fail_rate = 1.0
+        proxy.methods = {"GET"}  # listing is a GET too: fail only object reads below
+        proxy.path_filter = lambda target: "list-type" not in target
+        first = run_job(cfg, out=io.StringIO())
+        proxy.fail_rate = 0.0
+        cfg.input.reprocess_errors = True
+        second = run_job(cfg, out=io.StringIO())
+    assert first.errors == 4 and set(first.errors_by_type) == {"read.io_error"}
+    assert second.inputs == 4 and second.errors == 0
