@@ -86,7 +86,7 @@ class Storage:
     def _retry_config(self) -> dict:
         # botocore's "standard" mode retries throttling, 5xx, connection resets and timeouts with jittered
         # exponential backoff; the timeouts turn a stalled connection into one of those retries.
-        return {"retries": {"mode": "standard", "max_attempts": self.max_attempts},
+        return {"retries": {"mode": "standard", "total_max_attempts": self.max_attempts},
                 "connect_timeout": self.connect_timeout_s, "read_timeout": self.read_timeout_s}
 
     @cached_property
@@ -108,8 +108,12 @@ class Storage:
 
     @cached_property
     def s3fs(self) -> fsspec.AbstractFileSystem:
-        return fsspec.filesystem("s3", endpoint_url=self.endpoint_url, client_kwargs={"region_name": self.region},
-                                 config_kwargs=self._retry_config)
+        # retries=1 turns off s3fs's own retry loops (two nested, of 5 each, around botocore's): one bounded
+        # loop, botocore's, decides how long a failing request may take.
+        fs = fsspec.filesystem("s3", endpoint_url=self.endpoint_url, client_kwargs={"region_name": self.region},
+                               config_kwargs=self._retry_config)
+        fs.retries = 1
+        return fs
 
     @cached_property
     def localfs(self) -> fsspec.AbstractFileSystem:
@@ -155,10 +159,13 @@ class Storage:
         """
         fs, path = self.fs(uri)
         if is_s3(uri):
-            # Buffer first: an s3fs file that is closed after an exception still uploads what it had.
+            # Buffer, then one PUT through boto3: its read timeout covers a stalled upload, where s3fs (aiohttp
+            # waiting on "100 Continue") has no timer running and would wait forever.
             buffer = io.BytesIO()
             write(buffer)
-            fs.pipe_file(path, buffer.getvalue())
+            bucket, key = split_s3(uri)
+            self.s3_client.put_object(Bucket=bucket, Key=key, Body=buffer.getvalue())
+            fs.invalidate_cache(path)
             return
         folder, name = posixpath.split(path)
         fs.makedirs(folder, exist_ok=True)

@@ -17,7 +17,7 @@ upstream's complete answer or an unmistakable failure. The rates are plain attri
 pause faults (to create a bucket, say) and back again.
 
 `.stats` (a snapshot, thread-safe): requests seen, forwarded (answered by upstream), fail, reset and stall
-(faults injected), client_gone (forwarded, but the client had hung up before the answer could be relayed:
+(faults injected), client_gone (the client hung up mid-exchange, so its answer, if any, was dropped:
 usually a client that timed out on a stall) and errors (upstream failed; the client then got an RST).
 `.history` lists (method, target, fault or None) for every request; `reset_stats()` clears both.
 
@@ -68,6 +68,7 @@ class FaultyProxy:
         self.fail_rate, self.reset_rate, self.stall_rate = fail_rate, reset_rate, stall_rate
         self.stall_seconds = stall_seconds
         self.methods = {m.upper() for m in methods} if methods is not None else None
+        self.only = None  # optional predicate (method, target) -> bool: fault only the requests it accepts
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._stats = {"requests": 0, "forwarded": 0, "fail": 0, "reset": 0, "stall": 0,
@@ -132,7 +133,7 @@ class FaultyProxy:
         with self._lock:
             self._stats["requests"] += 1
             fault = None
-            if self.methods is None or method in self.methods:
+            if (self.methods is None or method in self.methods) and (self.only is None or self.only(method, target)):
                 draw = self._rng.random()
                 for kind in FAULTS:
                     rate = getattr(self, f"{kind}_rate")
@@ -151,7 +152,11 @@ class FaultyProxy:
 
 
 class _ClientGone(Exception):
-    """The client's connection broke while we relayed an answer to it."""
+    """The client's connection broke while we relayed its request or the answer."""
+
+
+class _UpstreamFailed(Exception):
+    """Sending the request body upstream failed."""
 
 
 class _Server(socketserver.ThreadingTCPServer):
@@ -320,7 +325,7 @@ class _Handler(socketserver.BaseRequestHandler):
             self.proxy._count("client_gone")
             self._reset()
             return False
-        except (OSError, ConnectionError, ValueError):  # upstream failed, or sent something unparseable
+        except (_UpstreamFailed, OSError, ValueError):  # upstream failed, or sent something unparseable
             self.proxy._count("errors")
             self._reset()
             return False
@@ -347,7 +352,10 @@ class _Handler(socketserver.BaseRequestHandler):
                         if status >= 200:
                             _copy_body(response, upstream_rfile, self._to_client, until_close=True)
                             return False
-                _copy_body(request, self.rfile, upstream.sendall)
+                try:
+                    _copy_body(request, self.rfile, self._sender(upstream))
+                except OSError as exc:  # reading the client's body failed: it gave up (after a stall, say)
+                    raise _ClientGone from exc
                 while True:
                     response = _read_head(upstream_rfile)
                     if response is None:
@@ -369,6 +377,15 @@ class _Handler(socketserver.BaseRequestHandler):
             self.sock.sendall(data)
         except OSError as exc:
             raise _ClientGone from exc
+
+    @staticmethod
+    def _sender(upstream: socket.socket):
+        def send(data: bytes) -> None:
+            try:
+                upstream.sendall(data)
+            except OSError as exc:
+                raise _UpstreamFailed from exc
+        return send
 
     def _send_error(self, method: str, *, close: bool) -> None:
         status = self.proxy._error_status()

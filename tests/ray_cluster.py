@@ -17,6 +17,7 @@ that is fine, everything stays on this machine.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -88,6 +89,7 @@ class TwoNodeCluster:
     def start(self) -> None:
         # A short root: Ray's unix socket paths under it must stay below ~107 characters.
         self.root = tempfile.mkdtemp(prefix="ray2n-", dir="/tmp")
+        atexit.register(self.shutdown)  # a test process that dies of an exception still leaves nothing running
         self.port = _free_port()
         self.address = f"127.0.0.1:{self.port}"
         head_args = ["--head", f"--port={self.port}", "--include-dashboard=false"]
@@ -111,6 +113,8 @@ class TwoNodeCluster:
                 _stop_session(proc)
                 self.timings[f"{name}_stop"] = time.monotonic() - start
         self._gcs = None
+        self._head = self._worker = None
+        atexit.unregister(self.shutdown)
         if self.root:
             shutil.rmtree(self.root, ignore_errors=True)
             self.root = None
@@ -118,13 +122,19 @@ class TwoNodeCluster:
     # ---- the second node ----
 
     def kill_worker(self) -> list[int]:
-        """SIGKILL every process of the second node at once (no graceful exit); returns the PIDs killed."""
-        assert self._worker is not None, "cluster not started"
+        """SIGKILL every process of the second node at once (no graceful exit); returns the PIDs killed.
+
+        The `ray start` is reaped only after the sweep, so its pid (the session id) cannot be reused meanwhile.
+        """
+        if self._worker is None:
+            return []
         killed = _kill_session(self._worker.pid, signal.SIGKILL)
         self._worker.wait(timeout=10)
+        self._worker = None
         return killed
 
     def worker_processes(self) -> list[int]:
+        """PIDs of the second node's processes still running (none once killed)."""
         return _session_pids(self._worker.pid) if self._worker is not None else []
 
     def worker_node_alive(self) -> bool:
@@ -144,6 +154,8 @@ class TwoNodeCluster:
         """node id (hex) -> 'ALIVE' / 'DEAD', straight from the head's GCS (no driver needed)."""
         from ray.core.generated import gcs_pb2
 
+        if self._head is None or _exited(self._head):
+            return {}
         return {node_id.hex(): gcs_pb2.GcsNodeInfo.GcsNodeState.Name(info.state)
                 for node_id, info in self._gcs_client().get_all_node_info(timeout=10).items()}
 
@@ -174,9 +186,10 @@ class TwoNodeCluster:
 
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"ray {name} node exited with {proc.returncode}:\n{self.log(name)[-3000:]}")
-            if self._head.poll() is None and os.path.exists(os.path.join(self.root, "head", "ray_current_cluster")):
+            if _exited(proc):
+                _kill_session(proc.pid, signal.SIGKILL)  # whatever it left behind, before the pid is reaped
+                raise RuntimeError(f"ray {name} node exited with {proc.wait()}:\n{self.log(name)[-3000:]}")
+            if not _exited(self._head) and os.path.exists(os.path.join(self.root, "head", "ray_current_cluster")):
                 try:
                     for node_id, info in self._gcs_client().get_all_node_info(timeout=2).items():
                         if info.state == gcs_pb2.GcsNodeInfo.ALIVE and resource in info.resources_total:
@@ -247,17 +260,21 @@ def _kill_session(sid: int, sig: int) -> list[int]:
 
 
 def _stop_session(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
+    # os.kill, not proc.send_signal/poll: those reap, and a reaped leader's pid (our session id) may be reused.
+    if not _exited(proc):
+        os.kill(proc.pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while _session_pids(proc.pid) and time.monotonic() < deadline:
+    while (not _exited(proc) or _session_pids(proc.pid)) and time.monotonic() < deadline:
         time.sleep(0.1)
     _kill_session(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+
+
+def _exited(proc: subprocess.Popen) -> bool:
+    """Whether the child has exited, without reaping it."""
+    if proc.returncode is not None:
+        return True
     try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
+        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True

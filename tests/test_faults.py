@@ -47,10 +47,8 @@ def test_reads_that_keep_failing_become_error_rows_and_are_retried_later(s3_serv
     with FaultyProxy(s3_server.endpoint_url, fail_rate=0.0, seed=1) as proxy:
         cfg = job(classifier_files, f"s3://{bucket}/p/", str(tmp_path / "out"),
                   storage={"endpoint_url": proxy.url, "max_attempts": 2})
-        proxy.fail_only_methods = None
-        proxy.fail_rate = 1.0
-        proxy.methods = {"GET"}  # listing is a GET too: fail only object reads below
-        proxy.path_filter = lambda target: "list-type" not in target
+        proxy.fail_rate = 1.0  # every object GET fails; the listing (a GET with list-type) still works
+        proxy.only = lambda method, target: method == "GET" and "list-type" not in target
         first = run_job(cfg, out=io.StringIO())
         proxy.fail_rate = 0.0
         cfg.input.reprocess_errors = True
