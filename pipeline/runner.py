@@ -92,7 +92,7 @@ def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float 
         check_foreign_files(state, cfg)
         run = start_or_resume(folder, state, cfg, spec, lease.run_id, out)
         start_ray(cfg.compute.ray_address)
-        listing_tally = ListingTally.remote()
+        listing_tally = ListingTally.options(scheduling_strategy=on_driver_node()).remote()
         dataset = build_dataset(cfg, spec, storage, listing_tally, history_for(state, run, cfg, spec))
         sink = StagingSink(folder, run.run_id, {"model": spec.name, "weights": spec.weights_id, "run_id": run.run_id},
                            first_chunk=run.next_chunk(), checkpoint_rows=cfg.output.checkpoint_rows,
@@ -233,10 +233,8 @@ def _build(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tally,
            history: History | None) -> ray.data.Dataset:
     compute = cfg.compute
     listing = InputListing(cfg.input.uri, storage, cfg.input.extensions, listing_tally, history)
-    # The listing runs on the driver's node: if it ran on a node that died, Ray would rerun it from the start.
-    on_driver_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     dataset = ray.data.read_datasource(listing, override_num_blocks=1, num_cpus=LIST_CPUS,
-                                       scheduling_strategy=on_driver_node)
+                                       scheduling_strategy=on_driver_node())
     # A read task walks its block of the listing 64 inputs at a time, fetching each 64 concurrently.
     dataset = dataset.map_batches(Reader(storage, cfg.input.max_file_bytes), batch_size=BLOCK_ROWS,
                                   num_cpus=READ_CPUS)
@@ -257,6 +255,12 @@ def _build(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tally,
         # inference instead of running on the other cores).
         memory=int(compute.memory_per_actor_gb * 2**30),
     )
+
+
+def on_driver_node() -> NodeAffinitySchedulingStrategy:
+    """The listing and its tally live and die with the driver's node: if they ran on a worker node that
+    died, the listing would start over and the tally would be lost."""
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
 def gpus_per_actor(setting: float | str) -> float:

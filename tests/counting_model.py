@@ -1,7 +1,7 @@
 """A tiny classifier for crash tests that records every forward pass, so a test can tell work redone.
 
-Each call appends the batch size to the file named by PIPELINE_TEST_CALLS (O_APPEND: whole lines even
-with several actors). Built as the custom model `counting_model:build`.
+Each call appends "<batch size> <Ray node id>" to the file named by PIPELINE_TEST_CALLS (O_APPEND: whole
+lines even with several actors). Built as the custom model `counting_model:build`.
 """
 
 import os
@@ -21,7 +21,7 @@ class CountingNet(nn.Module):
         calls = os.environ.get("PIPELINE_TEST_CALLS")
         if calls and ray.is_initialized():  # in a model actor, not the driver's up-front probe
             fd = os.open(calls, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            os.write(fd, f"{x.shape[0]}\n".encode())
+            os.write(fd, f"{x.shape[0]} {ray.get_runtime_context().get_node_id()}\n".encode())
             os.close(fd)
         return self.head(self.features(x))
 
@@ -31,9 +31,17 @@ def build(num_classes: int | None = None) -> nn.Module:
     return CountingNet(num_classes or 3)
 
 
-def images_seen(path) -> int:
+def _calls(path) -> list[tuple[int, str]]:
     try:
         with open(path) as f:
-            return sum(int(line) for line in f if line.strip())
+            return [(int(n), node) for n, node in (line.split() for line in f if line.strip())]
     except FileNotFoundError:
-        return 0
+        return []
+
+
+def images_seen(path) -> int:
+    return sum(n for n, _ in _calls(path))
+
+
+def nodes_seen(path) -> set[str]:
+    return {node for _, node in _calls(path)}
