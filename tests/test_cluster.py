@@ -33,7 +33,7 @@ def test_job_survives_losing_a_node_mid_run(tmp_path, s3_server, storage, bucket
         "compute": {"batch_size": 8, "min_actors": 2, "max_actors": 2, "num_cpus_per_actor": 1.5,
                     "memory_per_actor_gb": 0.5}}))
     calls = tmp_path / "calls.txt"
-    env = {"PYTHONPATH": TESTS, "PIPELINE_TEST_CALLS": str(calls)}
+    env = {"PYTHONPATH": TESTS, "PIPELINE_TEST_CALLS": str(calls), "PIPELINE_TEST_DELAY_S": "0.5"}
     with TwoNodeCluster(head_cpus=2, worker_cpus=2, env=env) as cluster:
         driver = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(spec), "--ray-address",
                                    cluster.address], env={**cluster.env}, stdout=subprocess.PIPE,
