@@ -233,8 +233,7 @@ def _build(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tally,
            history: History | None) -> ray.data.Dataset:
     compute = cfg.compute
     listing = InputListing(cfg.input.uri, storage, cfg.input.extensions, listing_tally, history)
-    dataset = ray.data.read_datasource(listing, override_num_blocks=1, num_cpus=LIST_CPUS,
-                                       scheduling_strategy=on_driver_node())
+    dataset = ray.data.read_datasource(listing, override_num_blocks=1, num_cpus=LIST_CPUS)
     # A read task walks its block of the listing 64 inputs at a time, fetching each 64 concurrently.
     dataset = dataset.map_batches(Reader(storage, cfg.input.max_file_bytes), batch_size=BLOCK_ROWS,
                                   num_cpus=READ_CPUS)
@@ -258,8 +257,7 @@ def _build(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tally,
 
 
 def on_driver_node() -> NodeAffinitySchedulingStrategy:
-    """The listing and its tally live and die with the driver's node: if they ran on a worker node that
-    died, the listing would start over and the tally would be lost."""
+    """The listing's tally lives and dies with the driver's node (see InputListing.supports_distributed_reads)."""
     return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 

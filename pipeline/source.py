@@ -64,6 +64,13 @@ class InputListing(Datasource):
     def get_name(self) -> str:
         return "ListInputs"
 
+    @property
+    def supports_distributed_reads(self) -> bool:
+        # False makes Ray run the listing task on the driver's node. On a worker node that died, Ray would
+        # rerun it from the first page, and a long listing would stall the job meanwhile. (Passing a
+        # scheduling_strategy to read_datasource is silently ignored in Ray 2.60.)
+        return False
+
     def estimate_inmemory_data_size(self) -> int | None:
         return None
 
