@@ -12,6 +12,7 @@ import io
 import logging
 import os
 import posixpath
+import shutil
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -190,12 +191,9 @@ class Storage:
                 pass  # already gone: deleting is idempotent, as on S3
 
     def remove_folder(self, uri: str) -> None:
-        """Drop an emptied local folder; S3 has no folders to drop."""
+        """Drop a local folder and what is left in it (a killed write's hidden temp file); S3 has no folders."""
         if not is_s3(uri):
-            try:
-                os.rmdir(absolute(uri))
-            except OSError:
-                pass
+            shutil.rmtree(absolute(uri), ignore_errors=True)
 
     # --- listing --------------------------------------------------------------------------------------
     def list_pages(self, folder: str) -> Iterator[list[ObjectInfo]]:

@@ -25,7 +25,19 @@ class CountingNet(nn.Module):
             os.write(fd, f"{x.shape[0]} {ray.get_runtime_context().get_node_id()}\n".encode())
             os.close(fd)
             time.sleep(float(os.environ.get("PIPELINE_TEST_DELAY_S", "0")))  # a slower model, to kill mid-job
+            _maybe_die()
         return self.head(self.features(x))
+
+
+def _maybe_die() -> None:
+    """With PIPELINE_TEST_DIE_ONCE=<marker path>, the first actor to get here exits abruptly mid-batch (once)."""
+    marker = os.environ.get("PIPELINE_TEST_DIE_ONCE")
+    if marker:
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return
+        os._exit(1)
 
 
 def build(num_classes: int | None = None) -> nn.Module:

@@ -125,3 +125,17 @@ def test_kill_while_listing_then_rerun(tmp_path, storage, bucket):
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     rows = duckdb.sql(f"SELECT uri, count(*) AS n FROM read_parquet('{output}/**/*.parquet') GROUP BY uri").fetchall()
     assert sorted(u for u, _ in rows) == sorted(uris) and {n for _, n in rows} == {1}
+
+
+def test_a_model_actor_that_dies_mid_batch_is_replaced_and_its_batch_redone_once(tmp_path, storage, bucket):
+    uris = put_inputs(storage, bucket)
+    output = str(tmp_path / "out")
+    calls = tmp_path / "calls.txt"
+    env = {**env_for(calls), "PIPELINE_TEST_DIE_ONCE": str(tmp_path / "died")}
+    run = subprocess.run([*pipeline_cmd(f"s3://{bucket}/in", output), spec_file(tmp_path)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "died").exists()  # an actor did die, after running its batch through the model
+    table = committed_rows(output, storage)
+    assert sorted(table["uri"].to_pylist()) == sorted(uris) and table["error"].null_count == INPUTS
+    assert images_seen(calls) > INPUTS  # the dead actor's batch was run again, by its replacement
