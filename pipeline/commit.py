@@ -32,8 +32,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import failpoints
+from pipeline.errors import JobFailed, UserError
 from pipeline.history import KEY_DTYPE, table_keys
 from pipeline.storage import Storage, join
+
+FORMAT = 1  # of commit records and _run.json; a newer one is refused rather than misread
 
 STAGING = "_staging"
 COMMITS = "_commits"
@@ -49,7 +52,11 @@ class StagedRun:
     chunks: list[str] = field(default_factory=list)  # in write order
 
     def next_chunk(self) -> int:
-        return len(self.chunks) and int(posixpath.basename(self.chunks[-1]).split("-")[1].split(".")[0]) + 1
+        return chunk_number(self.chunks[-1]) + 1 if self.chunks else 0
+
+
+def chunk_number(uri: str) -> int:
+    return int(posixpath.basename(uri).removeprefix("chunk-").removesuffix(CHUNK_SUFFIX))
 
 
 @dataclass
@@ -66,14 +73,29 @@ class FolderState:
                       key=lambda c: c["committed_at"])
 
     def foreign(self) -> list[str]:
-        """Parquet files no run of ours wrote (or legacy output): mixing with them would mislead readers."""
-        ours = set(self.commits) | set(self.staged)
-        return [uri for uri in self.parquet if (m := _PART_RE.search(uri)) is None or m["run_id"] not in ours]
+        """Parquet files this pipeline did not write: never mixed with, never deleted."""
+        return [uri for uri in self.parquet if _PART_RE.search(uri) is None]
 
-    def resumable(self, job_key: str) -> StagedRun | None:
-        """The newest interrupted attempt of this same job, if any."""
-        runs = [r for r in self.staged.values() if r.run_id not in self.commits and r.info.get("job_key") == job_key]
-        return max(runs, key=lambda r: r.run_id, default=None)
+    def unrecorded(self) -> list[str]:
+        """Our part files without a commit record or staging (output of a version before commit records)."""
+        known = set(self.commits) | set(self.staged)
+        return [uri for uri in self.parquet if (m := _PART_RE.search(uri)) and m["run_id"] not in known]
+
+    def ours(self) -> list[str]:
+        return [uri for uri in self.parquet if _PART_RE.search(uri)]
+
+    def interrupted(self, job_key: str) -> tuple[StagedRun | None, list[StagedRun]]:
+        """(the attempt of this job to resume, stale attempts of it to drop).
+
+        An interrupted attempt is resumed only while nothing has committed since it last ran: otherwise its
+        staged rows may already be in a later commit, and publishing them would duplicate them.
+        """
+        runs = sorted((r for r in self.staged.values()
+                       if r.run_id not in self.commits and r.info.get("job_key") == job_key), key=lambda r: r.run_id)
+        last_commit = max((c["committed_at"] for c in self.commits.values()), default="")
+        fresh = [r for r in runs if (r.info.get("attempts") or [""])[-1] > last_commit]
+        resume = fresh[-1] if fresh else None
+        return resume, [r for r in runs if r is not resume]
 
 
 class OutputFolder:
@@ -86,14 +108,17 @@ class OutputFolder:
         return join(self.uri, f"{STAGING}/{run_id}")
 
     def chunk_uri(self, run_id: str, seq: int) -> str:
-        return join(self.staging(run_id), f"chunk-{seq:06d}{CHUNK_SUFFIX}")
+        return join(self.staging(run_id), f"chunk-{seq:09d}{CHUNK_SUFFIX}")
 
     def commit_uri(self, run_id: str) -> str:
         return join(self.uri, f"{COMMITS}/{run_id}.json")
 
-    def part_uri(self, run_id: str, seq: int, partition: str | None) -> str:
-        folder = join(self.uri, partition) if partition else self.uri
-        return join(folder, f"part-{run_id}-{seq:05d}.parquet")
+    def part_path(self, run_id: str, seq: int, partition: str | None) -> str:
+        """Relative to the output folder, so commit records stay valid when the folder is moved or copied."""
+        return f"{partition}/part-{run_id}-{seq:05d}.parquet" if partition else f"part-{run_id}-{seq:05d}.parquet"
+
+    def files(self, record: dict) -> list[str]:
+        return [join(self.uri, f["path"]) for f in record["files"]]
 
     # --- reading the folder ----------------------------------------------------------------------------
     def scan(self) -> FolderState:
@@ -105,7 +130,7 @@ class OutputFolder:
             for obj in page:
                 rel = obj.uri.removeprefix(prefix)
                 if rel.startswith(COMMITS + "/") and rel.endswith(".json"):
-                    record = json.loads(self.storage.read_bytes(obj.uri))
+                    record = self._read_json(obj.uri, required=("run_id", "committed_at", "files"))
                     commits[record["run_id"]] = record
                 elif rel.startswith(STAGING + "/"):
                     parts = rel.split("/")
@@ -113,17 +138,31 @@ class OutputFolder:
                         continue
                     run = staged.setdefault(parts[1], StagedRun(parts[1], {}))
                     if parts[2] == RUN_FILE:
-                        run.info = json.loads(self.storage.read_bytes(obj.uri))
+                        run.info = self._read_json(obj.uri, required=("job_key", "attempts"))
                     elif parts[2].endswith(CHUNK_SUFFIX):
                         run.chunks.append(obj.uri)
                 elif rel.endswith(".parquet"):
                     parquet.append(obj.uri)
         for run in staged.values():
-            run.chunks.sort()
+            run.chunks.sort(key=chunk_number)
         return FolderState(commits, staged, parquet)
+
+    def _read_json(self, uri: str, required: tuple[str, ...]) -> dict:
+        try:
+            data = json.loads(self.storage.read_bytes(uri))
+        except (ValueError, UnicodeDecodeError):
+            data = None
+        if not isinstance(data, dict) or any(k not in data for k in required):
+            raise UserError(f"output.uri: {uri} is not a valid record of this pipeline; restore it, or move it "
+                            "away if you know that run's files are gone too")
+        if data.get("format", FORMAT) > FORMAT:
+            raise UserError(f"output.uri: {uri} was written by a newer version of this pipeline (format "
+                            f"{data['format']}); upgrade to run jobs on this output")
+        return data
 
     # --- a run's life ----------------------------------------------------------------------------------
     def begin(self, run_id: str, info: dict) -> None:
+        info = {"format": FORMAT, **info}
         self.storage.write_bytes(join(self.staging(run_id), RUN_FILE), json.dumps(info, indent=2).encode())
 
     def recover(self, state: FolderState) -> FolderState:
@@ -134,20 +173,23 @@ class OutputFolder:
                        and (m["run_id"] in state.commits or m["run_id"] in state.staged)]
         self.storage.delete(stale_parts)
         for run in [r for r in state.staged.values() if r.run_id in state.commits]:
-            self._drop_staging(run)
+            self.drop_staging(run)
         return self.scan() if stale_parts or any(r in state.commits for r in state.staged) else state
 
-    def publish(self, run: StagedRun, rows_per_file: int, partition: str | None,
+    def publish(self, run: StagedRun, expected_rows: int, rows_per_file: int, partition: str | None,
                 replaces: FolderState | None, summary: dict) -> dict:
-        """Compact the run's chunks into parts, write its commit record, drop its staging. Idempotent."""
+        """Compact the run's chunks into parts, write its commit record, drop its staging. Idempotent.
+
+        Refuses to commit unless the chunks hold exactly the rows the driver staged (a chunk missing from
+        the list would otherwise be dropped with the staging)."""
         stats = _Stats()
         pending: list[pa.Table] = []
         files: list[dict] = []
 
         def write_part(table: pa.Table) -> None:
-            uri = self.part_uri(run.run_id, len(files), partition)
-            self.storage.write_atomic(uri, lambda f: pq.write_table(table, f, compression="zstd"))
-            files.append({"uri": uri, "rows": table.num_rows})
+            path = self.part_path(run.run_id, len(files), partition)
+            self.storage.write_atomic(join(self.uri, path), lambda f: pq.write_table(table, f, compression="zstd"))
+            files.append({"path": path, "rows": table.num_rows})
             failpoints.hit("part_written")
 
         for chunk in run.chunks:
@@ -162,7 +204,11 @@ class OutputFolder:
         if pending:
             write_part(pa.concat_tables(pending))
 
+        if stats.rows != expected_rows:
+            raise JobFailed(f"run {run.run_id}: its staged chunks hold {stats.rows:,} rows, but {expected_rows:,} were "
+                            "staged; nothing was committed, and a rerun resumes the run")
         record = {
+            "format": FORMAT,
             "run_id": run.run_id,
             "mode": "overwrite" if replaces is not None else "append",
             **summary,
@@ -180,8 +226,9 @@ class OutputFolder:
         self.storage.write_bytes(self.commit_uri(run.run_id), json.dumps(record, indent=2).encode())
         failpoints.hit("committed")
         if replaces is not None:
-            self.storage.delete([uri for uri in replaces.parquet if uri not in {f["uri"] for f in files}])
-        self._drop_staging(run)
+            mine = {join(self.uri, f["path"]) for f in files}
+            self.storage.delete([uri for uri in replaces.ours() if uri not in mine])
+        self.drop_staging(run)
         return record
 
     def _read_chunk(self, uri: str) -> pa.Table:
@@ -189,7 +236,7 @@ class OutputFolder:
         with fs.open(path, "rb") as f:
             return pq.read_table(f)
 
-    def _drop_staging(self, run: StagedRun) -> None:
+    def drop_staging(self, run: StagedRun) -> None:
         self.storage.delete(run.chunks + [join(self.staging(run.run_id), RUN_FILE)])
         self.storage.remove_folder(self.staging(run.run_id))
 

@@ -13,6 +13,7 @@ copy, in the single listing task rather than in every read task):
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -21,6 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.storage import ObjectInfo, Storage
+
+logger = logging.getLogger(__name__)
 
 KEY_DTYPE = "S16"
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -89,16 +92,21 @@ class History:
     reprocess_errors: bool = False
 
     def load(self, storage: Storage) -> "DoneFilter":
-        versions = [table_keys(self._read(storage, uri, with_errors=not self.reprocess_errors), "version")
-                    for uri in self.committed_files]
-        uris = [table_keys(self._read(storage, uri, with_errors=True), "uri") for uri in self.staged_files]
+        versions = [table_keys(table, "version") for uri in self.committed_files
+                    if (table := self._read(storage, uri, with_errors=not self.reprocess_errors)) is not None]
+        uris = [table_keys(table, "uri") for uri in self.staged_files
+                if (table := self._read(storage, uri, with_errors=True)) is not None]
         return DoneFilter(KeySet(_concat(versions)), KeySet(_concat(uris)))
 
     @staticmethod
-    def _read(storage: Storage, uri: str, with_errors: bool) -> pa.Table:
+    def _read(storage: Storage, uri: str, with_errors: bool) -> pa.Table | None:
         fs, path = storage.fs(uri)
-        with fs.open(path, "rb") as f:
-            table = pq.read_table(f, columns=["uri", "etag", "last_modified", "size", "error"])
+        try:
+            with fs.open(path, "rb") as f:
+                table = pq.read_table(f, columns=["uri", "etag", "last_modified", "size", "error"])
+        except FileNotFoundError:
+            logger.warning("%s is listed in a commit record but gone; its inputs count as not done", uri)
+            return None
         if not with_errors:
             table = table.filter(table["error"].is_null())
         return table

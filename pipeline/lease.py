@@ -4,8 +4,9 @@ Local folders use an advisory `flock` on `<output>/_lock`: the kernel drops it t
 even by SIGKILL. S3 has no locks, so the lease is an object, `<output>/_lock.json`, created only if absent
 (`If-None-Match: *`) and renewed every few seconds only if unchanged since our last write (`If-Match`), so
 at most one driver can hold it. A holder that stops renewing (killed, partitioned) is taken over once its
-heartbeat is older than LEASE_TTL_S, or at once when it ran on this host and its process is gone. A driver
-whose renewal fails has lost the lease and must stop before it publishes anything.
+last write is older than LEASE_TTL_S by the server's clock, or at once when it ran on this machine and its
+process is gone. A driver that finds its lease rewritten, or cannot renew it for TTL/2, has lost it and must
+stop before it publishes anything.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from pathlib import Path
 
 from pipeline.errors import UserError
 from pipeline.storage import Storage, is_s3, join, split_s3
@@ -29,11 +32,13 @@ class Holder:
     run_id: str
     host: str
     pid: int
-    heartbeat: float  # unix time of the last renewal
+    machine: str  # host + boot + pid namespace: a pid means something only on the same one
+    heartbeat: float  # unix time of the last renewal, by the holder's clock (shown to people only)
 
     @classmethod
     def me(cls, run_id: str) -> "Holder":
-        return cls(run_id=run_id, host=socket.gethostname(), pid=os.getpid(), heartbeat=time.time())
+        return cls(run_id=run_id, host=socket.gethostname(), pid=os.getpid(), machine=_machine(),
+                   heartbeat=time.time())
 
     def to_bytes(self) -> bytes:
         return json.dumps(self.__dict__).encode()
@@ -45,17 +50,26 @@ class Holder:
         except (ValueError, TypeError):
             return None
 
-    def is_stale(self) -> bool:
-        if self.host == socket.gethostname() and not _process_alive(self.pid):
-            return True
-        return time.time() - self.heartbeat > LEASE_TTL_S
+    def died_here(self) -> bool:
+        """It ran on this machine (same host, boot and pid namespace) and its process is gone."""
+        return self.machine == _machine() and not _process_alive(self.pid)
 
     def is_me(self, run_id: str) -> bool:
-        return (self.run_id, self.host, self.pid) == (run_id, socket.gethostname(), os.getpid())
+        return (self.run_id, self.machine, self.pid) == (run_id, _machine(), os.getpid())
 
     def describe(self) -> str:
         age = time.time() - self.heartbeat
         return f"run {self.run_id} (host {self.host}, pid {self.pid}, heartbeat {age:.0f}s ago)"
+
+
+def _machine() -> str:
+    parts = [socket.gethostname()]
+    for path in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid"):
+        try:
+            parts.append(os.readlink(path) if path.endswith("/pid") else Path(path).read_text().strip())
+        except OSError:
+            parts.append("?")
+    return ":".join(parts)
 
 
 def _process_alive(pid: int) -> bool:
@@ -86,6 +100,7 @@ class OutputLease:
         self._etag: str | None = None
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
+        self._renewed_at = time.monotonic()
 
     def __enter__(self) -> "OutputLease":
         if is_s3(self.output_uri):
@@ -105,7 +120,9 @@ class OutputLease:
             os.close(self._fd)  # closing drops the flock; the file itself stays, harmlessly
 
     def check(self) -> None:
-        """Raise if another driver has taken the output over: it must not see two publishers."""
+        """Raise if another driver may have taken the output over: it must not see two publishers."""
+        if self._renewer and not self.lost and time.monotonic() - self._renewed_at > LEASE_TTL_S / 2:
+            self.lost = f"it could not be renewed for {LEASE_TTL_S / 2:.0f}s"
         if self.lost:
             raise UserError(f"output.uri: lost the lease on {self.output_uri} ({self.lost}); this run's staged "
                             "rows stay and a rerun resumes them")
@@ -133,9 +150,11 @@ class OutputLease:
         return split_s3(join(self.output_uri, "_lock.json"))
 
     def _put(self, **condition) -> str:
+        # The probe client's short timeouts: a renewal must not hang for longer than the lease lives.
         bucket, key = self._key
-        reply = self.storage.s3_client.put_object(Bucket=bucket, Key=key, Body=Holder.me(self.run_id).to_bytes(),
-                                                  **condition)
+        reply = self.storage.s3_probe_client.put_object(Bucket=bucket, Key=key,
+                                                        Body=Holder.me(self.run_id).to_bytes(), **condition)
+        self._renewed_at = time.monotonic()
         return reply["ETag"]
 
     def _acquire_s3(self) -> None:
@@ -146,27 +165,43 @@ class OutputLease:
             return
         except ClientError as exc:
             if not _precondition_failed(exc):
-                raise
-        bucket, key = self._key
-        try:
-            current = self.storage.s3_client.get_object(Bucket=bucket, Key=key)
-        except ClientError as exc:  # released between our two requests: try once more from the top
-            if _code(exc) in ("NoSuchKey", "404"):
-                return self._acquire_s3()
-            raise
-        holder = Holder.from_bytes(current["Body"].read())
+                raise UserError(self._unsupported(exc)) from None
+        current = self._read()
+        if current is None:  # released between our two requests: try once more from the top
+            return self._acquire_s3()
+        holder, etag, age = current
         if holder is not None and holder.is_me(self.run_id):
             # Our own create took effect but its reply was lost, and the retry then found it: it is ours.
-            self._etag = current["ETag"]
+            self._etag = etag
             return
-        if holder is not None and not holder.is_stale():
+        if age <= LEASE_TTL_S and not (holder is not None and holder.died_here()):
             raise UserError(busy_message(self.output_uri, holder))
         try:
-            self._etag = self._put(IfMatch=current["ETag"])  # exactly one of several claimants wins
+            self._etag = self._put(IfMatch=etag)  # of several claimants of an expired lease, exactly one wins
         except ClientError as exc:
             if _precondition_failed(exc):
                 raise UserError(busy_message(self.output_uri, None)) from None
             raise
+
+    def _read(self) -> tuple[Holder | None, str, float] | None:
+        """(holder, ETag, seconds since its last write by the server's clock), or None if there is no lease."""
+        from botocore.exceptions import ClientError
+
+        bucket, key = self._key
+        try:
+            reply = self.storage.s3_probe_client.get_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            if _code(exc) in ("NoSuchKey", "404"):
+                return None
+            raise
+        holder = Holder.from_bytes(reply["Body"].read())
+        served = reply["ResponseMetadata"].get("HTTPHeaders", {}).get("date")
+        now = parsedate_to_datetime(served).timestamp() if served else time.time()
+        return holder, reply["ETag"], now - reply["LastModified"].timestamp()
+
+    def _unsupported(self, exc) -> str:
+        return (f"output.uri: cannot take the lease {self.output_uri}/_lock.json ({_code(exc)}: {exc}); the S3 "
+                "endpoint must support conditional writes (If-None-Match / If-Match), as AWS S3 and MinIO do")
 
     def _renew_loop(self) -> None:
         while not self._stop.wait(RENEW_EVERY_S) and not self.lost:
@@ -181,22 +216,19 @@ class OutputLease:
             if _precondition_failed(exc) or _code(exc) in ("NoSuchKey", "404"):
                 self._check_still_mine()
         except BotoCoreError:
-            pass  # transient: the next renewal retries; the TTL is several renewals long
+            pass  # transient: the next renewal retries; check() gives up once renewals fail for TTL/2
 
     def _check_still_mine(self) -> None:
         """A renewal whose reply was lost and was retried fails its own condition; look before giving up."""
         from botocore.exceptions import BotoCoreError, ClientError
 
-        bucket, key = self._key
         try:
-            current = self.storage.s3_client.get_object(Bucket=bucket, Key=key)
-            holder = Holder.from_bytes(current["Body"].read())
-        except ClientError:
-            holder = None
-        except BotoCoreError:
+            current = self._read()
+        except (BotoCoreError, ClientError):
             return  # cannot tell now; the next renewal looks again
-        if holder is not None and holder.is_me(self.run_id):
-            self._etag = current["ETag"]
+        if current is not None and current[0] is not None and current[0].is_me(self.run_id):
+            self._etag = current[1]
+            self._renewed_at = time.monotonic()
         else:
             self.lost = "another run took it over"
 
@@ -207,7 +239,7 @@ class OutputLease:
             return
         bucket, key = self._key
         try:
-            self.storage.s3_client.delete_object(Bucket=bucket, Key=key, IfMatch=self._etag)
+            self.storage.s3_probe_client.delete_object(Bucket=bucket, Key=key, IfMatch=self._etag)
         except (ClientError, BotoCoreError):
             pass  # someone else holds it now, or it expires on its own
 

@@ -16,6 +16,9 @@ from pipeline.storage import Storage, is_s3, join, split_s3
 
 def preflight(cfg: JobConfig, storage: Storage) -> ModelSpec:
     check_input(cfg.input.uri, storage)
+    if cfg.output.uri.rstrip("/") == cfg.input.uri.rstrip("/"):
+        raise UserError(f"output.uri: {cfg.output.uri} is the input folder itself; write the predictions to "
+                        "another folder (a subfolder of the input is fine: it is never listed as input)")
     check_output(cfg.output.uri, storage)
     return resolve_model(cfg.model, storage)
 

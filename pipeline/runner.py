@@ -87,43 +87,55 @@ def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float 
                                connect_timeout_s=s.connect_timeout_s, read_timeout_s=s.read_timeout_s)
     spec = preflight(cfg, storage)
     folder = OutputFolder(storage, cfg.output.uri)
-    with OutputLease(storage, cfg.output.uri, new_run_id()) as lease:
+    with OutputLease(storage, cfg.output.uri, new_run_id()) as lease, output_failures(cfg.output.uri):
         state = folder.recover(folder.scan())
-        check_foreign_files(state, cfg)
+        check_existing_files(state, cfg)
         run = start_or_resume(folder, state, cfg, spec, lease.run_id, out)
         start_ray(cfg.compute.ray_address)
         listing_tally = ListingTally.options(scheduling_strategy=on_driver_node()).remote()
-        dataset = build_dataset(cfg, spec, storage, listing_tally, history_for(state, run, cfg, spec))
+        dataset = build_dataset(cfg, spec, storage, listing_tally, history_for(folder, state, run, cfg))
         sink = StagingSink(folder, run.run_id, {"model": spec.name, "weights": spec.weights_id, "run_id": run.run_id},
                            first_chunk=run.next_chunk(), checkpoint_rows=cfg.output.checkpoint_rows,
                            checkpoint_seconds=cfg.output.checkpoint_seconds)
         tally = Tally()
         interval = progress_interval or (2.0 if out.isatty() else 5.0)
-        with output_failures(cfg.output.uri):
-            with ProgressPrinter(tally, lambda: ray.get(listing_tally.get.remote()), out, interval):
-                status, message = drain(dataset, sink, tally, cfg, lease)
-                sink.flush()
-            record = None
-            if status == "completed":
-                lease.check()
-                record = folder.publish(folder.scan().staged[run.run_id], cfg.output.rows_per_file,
-                                        partition_for(cfg, run), replaces=state if cfg.output.overwrite else None,
-                                        summary={"input": cfg.input.uri, "model": spec.name,
-                                                 "weights": spec.weights_id, "job_key": run.info["job_key"]})
-    listing = ray.get(listing_tally.get.remote())
-    summary = RunSummary(
-        run_id=run.run_id, status=status, input=cfg.input.uri, output=cfg.output.uri, model=spec.name,
-        weights=spec.weights_id, inputs=tally.done, predicted=tally.done - tally.failed, errors=tally.failed,
-        errors_by_type=dict(tally.errors_by_type.most_common()), resumed=run.info["resumed_rows"],
-        already_done=listing["already_done"] - run.info["resumed_rows"], skipped_by_extension=listing["skipped"],
-        committed_rows=record["rows"] if record else 0, elapsed_s=round(tally.elapsed, 3),
-        images_per_s=round(tally.rate, 2), started_at=run.info["attempts"][-1], finished_at=_now(),
-        files=record["files"] if record else [], message=message)
-    storage.write_bytes(join(cfg.output.uri, "_summary.json"), summary.to_json().encode())
+        with ProgressPrinter(tally, lambda: ray.get(listing_tally.get.remote()), out, interval):
+            status, message = drain(dataset, sink, tally, cfg, lease)
+            sink.flush()
+        record = None
+        if status == "completed":
+            lease.check()
+            record = publish(folder, state, run, sink, cfg, spec, out)
+        listing = ray.get(listing_tally.get.remote())
+        summary = RunSummary(
+            run_id=run.run_id, status=status, input=cfg.input.uri, output=cfg.output.uri, model=spec.name,
+            weights=spec.weights_id, inputs=tally.done, predicted=tally.done - tally.failed, errors=tally.failed,
+            errors_by_type=dict(tally.errors_by_type.most_common()), resumed=run.info["resumed_rows"],
+            already_done=max(0, listing["already_done"] - run.info["resumed_rows"]),
+            skipped_by_extension=listing["skipped"], committed_rows=record["rows"] if record else 0,
+            elapsed_s=round(tally.elapsed, 3), images_per_s=round(tally.rate, 2),
+            started_at=run.info["attempts"][-1], finished_at=_now(),
+            files=[{"uri": join(cfg.output.uri, f["path"]), "rows": f["rows"]} for f in record["files"]]
+            if record else [], message=message)
+        storage.write_bytes(join(cfg.output.uri, "_summary.json"), summary.to_json().encode())
     print_summary(summary, out)
     if status == "stopped":
         raise JobStopped(message)
     return summary
+
+
+def publish(folder: OutputFolder, state: FolderState, run: StagedRun, sink: StagingSink, cfg: JobConfig,
+            spec: ModelSpec, out: TextIO) -> dict:
+    staged = run.info["resumed_rows"] + sink.rows_written
+    replaces = state if cfg.output.overwrite else None
+    if replaces is not None and staged == 0:
+        print("note: the backfill found no inputs, so it replaces nothing; the earlier output stays", file=out)
+        replaces = None
+    return folder.publish(
+        StagedRun(run.run_id, run.info, run.chunks + sink.written), expected_rows=staged,
+        rows_per_file=cfg.output.rows_per_file, partition=partition_for(cfg, run), replaces=replaces,
+        summary={"input": cfg.input.uri, "model": spec.name, "weights": spec.weights_id,
+                 "model_key": run.info["model_key"], "job_key": run.info["job_key"]})
 
 
 @contextmanager
@@ -134,7 +146,7 @@ def output_failures(output_uri: str):
     try:
         yield
     except (OSError, BotoCoreError, ClientError) as exc:
-        raise JobFailed(f"writing to {output_uri} failed after retries ({type(exc).__name__}: {exc}); rows "
+        raise JobFailed(f"output {output_uri}: storage failed after retries ({type(exc).__name__}: {exc}); rows "
                         "staged so far are kept: rerun the job to resume") from None
 
 
@@ -143,35 +155,57 @@ def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
 
 
-def check_foreign_files(state: FolderState, cfg: JobConfig) -> None:
+def check_existing_files(state: FolderState, cfg: JobConfig) -> None:
     foreign = state.foreign()
-    if foreign and not cfg.output.overwrite:
-        raise UserError(f"output.uri: {cfg.output.uri} already holds {len(foreign)} Parquet file(s) this pipeline "
-                        f"did not commit (e.g. {foreign[0]}); choose a new output folder or pass --overwrite to "
-                        "replace them")
+    if foreign:
+        raise UserError(f"output.uri: {cfg.output.uri} holds {len(foreign)} Parquet file(s) this pipeline did not "
+                        f"write (e.g. {foreign[0]}); readers of the folder would mix them in. Choose another "
+                        "output folder, or move them")
+    unrecorded = state.unrecorded()
+    if unrecorded and not cfg.output.overwrite:
+        raise UserError(f"output.uri: {cfg.output.uri} already holds {len(unrecorded)} Parquet file(s) without a "
+                        f"commit record (e.g. {unrecorded[0]}); choose a new output folder or pass --overwrite "
+                        "to replace them")
+
+
+def model_key(cfg: JobConfig, spec: ModelSpec) -> str:
+    """What decides an input's row: rows of an earlier run count as done only under the same model key."""
+    identity = {"model": cfg.model.model_dump(), "weights": spec.weights_id, "decode": cfg.decode.model_dump()}
+    return _digest(identity)
 
 
 def job_key(cfg: JobConfig, spec: ModelSpec) -> str:
-    """What decides a run's rows: an interrupted attempt is resumed only by the same job."""
-    identity = {"input": cfg.input.model_dump(include={"uri", "extensions", "max_file_bytes"}),
-                "model": cfg.model.model_dump(), "weights": spec.weights_id, "decode": cfg.decode.model_dump()}
+    """An interrupted attempt is resumed only by the same job: same inputs, model key and mode."""
+    identity = {"input": cfg.input.uri.rstrip("/"), "extensions": cfg.input.extensions,
+                "max_file_bytes": cfg.input.max_file_bytes, "model": model_key(cfg, spec),
+                "overwrite": cfg.output.overwrite}
+    return _digest(identity)
+
+
+def _digest(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def start_or_resume(folder: OutputFolder, state: FolderState, cfg: JobConfig, spec: ModelSpec, new_id: str,
                     out: TextIO) -> StagedRun:
     key = job_key(cfg, spec)
-    run = state.resumable(key)
-    now = _now()
+    run, stale = state.interrupted(key)
+    for old in stale:
+        print(f"note: dropping interrupted run {old.run_id}: runs have committed since, so its staged rows are "
+              "redone where needed instead of resumed", file=out)
+        folder.drop_staging(old)
+    now = _now_precise()
     if run is None:
-        run = StagedRun(new_id, {"run_id": new_id, "job_key": key, "started_at": now, "attempts": [],
-                                 "input": cfg.input.uri, "model": spec.name, "weights": spec.weights_id})
+        run = StagedRun(new_id, {"run_id": new_id, "job_key": key, "model_key": model_key(cfg, spec),
+                                 "started_at": now, "attempts": [], "input": cfg.input.uri, "model": spec.name,
+                                 "weights": spec.weights_id})
     run.info["attempts"].append(now)
     run.info["resumed_rows"] = resumed = sum(_rows_in(folder, c) for c in run.chunks)
     folder.begin(run.run_id, run.info)
     if resumed:
         print(f"Resuming run {run.run_id}: {resumed:,} rows were staged before it was interrupted", file=out)
-    others = [r.run_id for r in state.staged.values() if r.run_id != run.run_id and r.run_id not in state.commits]
+    others = [r.run_id for r in state.staged.values()
+              if r.run_id != run.run_id and r.run_id not in state.commits and r not in stale]
     if others:
         print(f"note: interrupted run(s) of other jobs left staged rows under {folder.uri}/{STAGING}/: "
               f"{', '.join(others)}; rerun that job to finish it, or delete the folder", file=out)
@@ -184,12 +218,12 @@ def _rows_in(folder: OutputFolder, chunk: str) -> int:
         return pq.ParquetFile(f).metadata.num_rows
 
 
-def history_for(state: FolderState, run: StagedRun, cfg: JobConfig, spec: ModelSpec) -> History:
+def history_for(folder: OutputFolder, state: FolderState, run: StagedRun, cfg: JobConfig) -> History:
     """Inputs to skip: this run's staged rows, and unless told otherwise, earlier runs' unchanged inputs."""
     committed = []
     if cfg.input.incremental and not cfg.output.overwrite:
-        committed = [f["uri"] for c in state.live if (c["model"], c["weights"]) == (spec.name, spec.weights_id)
-                     for f in c["files"]]
+        committed = [uri for c in state.live if c.get("model_key") == run.info["model_key"]
+                     for uri in folder.files(c)]
     return History(committed_files=committed, staged_files=run.chunks, reprocess_errors=cfg.input.reprocess_errors)
 
 
@@ -232,7 +266,8 @@ def build_dataset(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tal
 def _build(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tally,
            history: History | None) -> ray.data.Dataset:
     compute = cfg.compute
-    listing = InputListing(cfg.input.uri, storage, cfg.input.extensions, listing_tally, history)
+    listing = InputListing(cfg.input.uri, storage, cfg.input.extensions, listing_tally, history,
+                           exclude=cfg.output.uri)
     dataset = ray.data.read_datasource(listing, override_num_blocks=1, num_cpus=LIST_CPUS)
     # A read task walks its block of the listing 64 inputs at a time, fetching each 64 concurrently.
     dataset = dataset.map_batches(Reader(storage, cfg.input.max_file_bytes), batch_size=BLOCK_ROWS,
@@ -319,6 +354,10 @@ def print_summary(s: RunSummary, out: TextIO) -> None:
     if s.inputs == 0 and not s.resumed and not s.already_done:
         lines.append(f"  note: nothing to do under {s.input}; check the URI and input.extensions")
     print("\n".join(lines), file=out, flush=True)
+
+
+def _now_precise() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
 def _now() -> str:

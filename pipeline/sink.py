@@ -27,7 +27,7 @@ class StagingSink:
         self.next_chunk = first_chunk
         self.checkpoint_rows = checkpoint_rows
         self.checkpoint_seconds = checkpoint_seconds
-        self.chunks_written = 0
+        self.written: list[str] = []  # chunk URIs, in order
         self.rows_written = 0
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
@@ -50,7 +50,7 @@ class StagingSink:
         self.folder.storage.write_atomic(uri, lambda f: pq.write_table(table, f, compression="zstd"))
         self._pending, self._pending_rows = [], 0
         self.next_chunk += 1
-        self.chunks_written += 1
+        self.written.append(uri)
         self.rows_written += table.num_rows
         failpoints.hit("chunk_written")
 

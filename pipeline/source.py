@@ -53,13 +53,15 @@ class InputListing(Datasource):
     """One read task that streams the job's inputs; see the module docstring."""
 
     def __init__(self, uri: str, storage: Storage, extensions: list[str] | None, tally=None,
-                 history: History | None = None):
+                 history: History | None = None, exclude: str | None = None):
         super().__init__()
         self.uri = uri
         self.storage = storage
         self.extensions = set(extensions) if extensions is not None else None
         self.tally = tally
         self.history = history or History()
+        # The job's own output, when it sits inside the input folder, is never an input.
+        self.exclude = exclude.rstrip("/") + "/" if exclude else None
 
     def get_name(self) -> str:
         return "ListInputs"
@@ -96,6 +98,8 @@ class InputListing(Datasource):
         return self.storage.list_pages(self.uri)
 
     def _wanted(self, info: ObjectInfo) -> bool:
+        if self.exclude and info.uri.startswith(self.exclude):
+            return False
         return self.extensions is None or is_manifest(self.uri) or extension(info.uri) in self.extensions
 
 

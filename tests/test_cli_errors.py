@@ -141,11 +141,36 @@ def test_manifest_without_uri_column(capsys, good_args, tmp_path):
 
 def test_output_that_already_holds_parquet(capsys, good_args, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "part-old.parquet").write_bytes(b"PAR1")
+    (out / "sales").mkdir(parents=True)
+    (out / "sales" / "2024.parquet").write_bytes(b"PAR1")
     code, err = run_cli(capsys, *good_args)
     assert code == 2
-    assert_one_line(err, "output.uri", "already holds 1 Parquet file", "--overwrite")
+    assert_one_line(err, "output.uri", "1 Parquet file(s) this pipeline did not write", "sales/2024.parquet")
+    code, err = run_cli(capsys, *good_args, "--overwrite")  # never deleted, not even by a backfill
+    assert code == 2 and (out / "sales" / "2024.parquet").exists()
+
+
+def test_output_with_parts_from_before_commit_records(capsys, good_args, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "part-20261101T000000Z-0123abcd-00000.parquet").write_bytes(b"PAR1")
+    code, err = run_cli(capsys, *good_args)
+    assert code == 2
+    assert_one_line(err, "output.uri", "without a commit record", "--overwrite")
+
+
+def test_output_that_is_the_input_folder(capsys, good_args, tmp_path):
+    code, err = run_cli(capsys, *with_flag(good_args, "--output", str(tmp_path / "images")))
+    assert code == 2
+    assert_one_line(err, "output.uri", "is the input folder itself")
+
+
+def test_corrupt_commit_record(capsys, good_args, tmp_path):
+    (tmp_path / "out" / "_commits").mkdir(parents=True)
+    (tmp_path / "out" / "_commits" / "x.json").write_text("{not json")
+    code, err = run_cli(capsys, *good_args)
+    assert code == 2
+    assert_one_line(err, "output.uri", "_commits/x.json is not a valid record")
 
 
 def test_console_script_prints_no_traceback(tmp_path):

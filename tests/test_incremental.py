@@ -16,8 +16,8 @@ import pyarrow.dataset as pads
 import pytest
 
 from conftest import encode, photo
-from pipeline.errors import UserError
-from pipeline.lease import Holder, OutputLease
+from pipeline.errors import JobStopped, UserError
+from pipeline.lease import Holder, OutputLease, _machine
 from pipeline.runner import run_job
 from pipeline.storage import Storage
 from test_pipeline import job, put_objects
@@ -108,7 +108,7 @@ def test_a_second_run_on_a_locked_local_output_refuses(tmp_path, classifier_file
             run_job(cfg, out=io.StringIO())
 
 
-def test_s3_lease_refuses_a_live_holder_and_takes_over_a_dead_one(storage, bucket):
+def test_s3_lease_refuses_a_live_holder_and_takes_over_a_dead_one(storage, bucket, monkeypatch):
     output = f"s3://{bucket}/out"
     key = "out/_lock.json"
     with OutputLease(storage, output, "run-a"):
@@ -116,25 +116,34 @@ def test_s3_lease_refuses_a_live_holder_and_takes_over_a_dead_one(storage, bucke
             OutputLease(storage, output, "run-b").__enter__()
     assert "Contents" not in storage.s3_client.list_objects_v2(Bucket=bucket, Prefix=key)  # released
 
-    # Killed on this host (its pid is gone): taken over at once.
+    # Killed on this machine (its pid is gone): taken over at once.
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    holder = Holder("run-dead", socket.gethostname(), int(dead.stdout), time.time())
+    holder = Holder("run-dead", socket.gethostname(), int(dead.stdout), _machine(), time.time())
     storage.s3_client.put_object(Bucket=bucket, Key=key, Body=holder.to_bytes())
     with OutputLease(storage, output, "run-c"):
         pass
-    # Alive elsewhere (a fresh heartbeat from another host): refused, naming the holder.
-    holder = Holder("run-far", "another-host", 1, time.time())
+    # Alive elsewhere (written just now, from another machine): refused, naming the holder.
+    holder = Holder("run-far", "another-host", 1, "another-host:boot:ns", time.time())
     storage.s3_client.put_object(Bucket=bucket, Key=key, Body=holder.to_bytes())
     with pytest.raises(UserError, match="in use by run run-far \\(host another-host"):
         OutputLease(storage, output, "run-d").__enter__()
-    # Silent for longer than the lease's TTL: expired, taken over.
-    holder.heartbeat -= 3600
-    storage.s3_client.put_object(Bucket=bucket, Key=key, Body=holder.to_bytes())
+    # Not rewritten for longer than the TTL by the server's clock: expired, taken over.
+    monkeypatch.setattr("pipeline.lease.LEASE_TTL_S", 1.0)
+    time.sleep(2.1)
     with OutputLease(storage, output, "run-e") as lease:
         # Someone rewrites the lease behind our back: our next renewal notices, and we must not publish.
         storage.s3_client.put_object(Bucket=bucket, Key=key, Body=Holder.me("run-thief").to_bytes())
         lease._renew_once()
         with pytest.raises(UserError, match="lost the lease"):
+            lease.check()
+
+
+def test_a_lease_that_cannot_be_renewed_is_given_up(storage, bucket, monkeypatch):
+    monkeypatch.setattr("pipeline.lease.LEASE_TTL_S", 1.0)
+    with OutputLease(storage, f"s3://{bucket}/out", "run-a") as lease:
+        lease.check()
+        time.sleep(0.6)  # no renewal for over TTL/2 (the renewer runs every 10 s)
+        with pytest.raises(UserError, match="could not be renewed"):
             lease.check()
 
 
@@ -154,3 +163,56 @@ def test_concurrent_runs_on_one_s3_output(tmp_path, storage, bucket):
     assert refused.strip().count("\n") == 0 and "is in use by run" in refused
     table = pads.dataset(f"{bucket}/out", filesystem=storage.fs(f"s3://{bucket}/out")[0], format="parquet").to_table()
     assert table.num_rows == 12 and len(set(table["uri"].to_pylist())) == 12
+
+
+def test_an_interrupted_run_is_not_resumed_after_a_later_commit(tmp_path, classifier_files):
+    """Its staged rows may be in the later commit already: resuming would publish them twice."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(12):
+        (folder / f"bad{i:02d}.jpg").write_bytes(b"garbage")
+    (folder / "good.jpg").write_bytes(images(1)["img01.jpg"])
+    output = str(tmp_path / "out")
+    stopped = job(classifier_files, str(folder), output, errors={"max_error_rate": 0.5, "min_inputs": 4})
+    with pytest.raises(JobStopped):
+        run_job(stopped, out=io.StringIO())
+    assert list((tmp_path / "out" / "_staging").glob("*/chunk-*"))
+
+    other = job(classifier_files, str(folder) + "/", output, errors={"max_error_rate": 1.0},
+                input={"max_file_bytes": 10_000_000})  # another job (its key differs) commits every input
+    run_job(other, out=io.StringIO())
+    stopped.errors.max_error_rate = 1.0
+    printed = io.StringIO()
+    third = run_job(stopped, out=printed)
+    assert "dropping interrupted run" in printed.getvalue() and third.resumed == 0 and third.inputs == 0
+    rows = duckdb.sql(f"SELECT uri, count(*) FROM read_parquet('{output}/**/*.parquet') GROUP BY 1").fetchall()
+    assert len(rows) == 13 and {n for _, n in rows} == {1}
+
+
+def test_an_output_inside_the_input_folder_is_never_an_input(tmp_path, classifier_files):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name, data in images(0, 1).items():
+        (folder / name).write_bytes(data)
+    cfg = job(classifier_files, str(folder), str(folder / "predictions"), input={"extensions": None})
+    assert run_job(cfg, out=io.StringIO()).inputs == 2
+    again = run_job(cfg, out=io.StringIO())  # our parquet, commit record and lock file are not new inputs
+    assert again.inputs == 0 and again.already_done == 2
+
+
+def test_a_moved_output_folder_keeps_its_history(tmp_path, classifier_files):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name, data in images(0, 1).items():
+        (folder / name).write_bytes(data)
+    run_job(job(classifier_files, str(folder), str(tmp_path / "out")), out=io.StringIO())
+    (tmp_path / "out").rename(tmp_path / "moved")
+    (folder / "img02.jpg").write_bytes(images(2)["img02.jpg"])
+    moved = run_job(job(classifier_files, str(folder), str(tmp_path / "moved")), out=io.StringIO())
+    assert moved.inputs == 1 and moved.already_done == 2
+
+    for path in folder.iterdir():  # a backfill over an empty input replaces nothing
+        path.unlink()
+    cfg = job(classifier_files, str(folder), str(tmp_path / "moved"), output={"overwrite": True})
+    run_job(cfg, out=io.StringIO())
+    assert sum(map(len, rows_by_run(str(tmp_path / "moved")).values())) == 3
