@@ -96,8 +96,9 @@ class OutputConfig(_Section):
     partitioning: Literal["none", "run_date"] = Field(
         "none", description="run_date: each run's files under run_date=YYYY-MM-DD/ (append-style nightly jobs)")
     rows_per_file: int = Field(100_000, gt=0, description="rows per committed Parquet file")
-    checkpoint_rows: int = Field(1024, gt=0, description="progress is made durable every this many rows...")
-    checkpoint_seconds: float = Field(30.0, gt=0, description="...or this often, whichever comes first")
+    checkpoint_rows: int | None = Field(
+        None, gt=0, description="progress is made durable every this many rows (default: 8 model batches)...")
+    checkpoint_seconds: float = Field(10.0, gt=0, description="...or this often, whichever comes first")
 
     @field_validator("uri")
     @classmethod

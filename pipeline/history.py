@@ -16,6 +16,7 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -92,24 +93,35 @@ class History:
     reprocess_errors: bool = False
 
     def load(self, storage: Storage) -> "DoneFilter":
-        versions = [table_keys(table, "version") for uri in self.committed_files
-                    if (table := self._read(storage, uri, with_errors=not self.reprocess_errors)) is not None]
-        uris = [table_keys(table, "uri") for uri in self.staged_files
-                if (table := self._read(storage, uri, with_errors=True)) is not None]
+        versions = [table_keys(t, "version") for t in _read_parts(storage, self.committed_files,
+                                                                  with_errors=not self.reprocess_errors)]
+        uris = [table_keys(t, "uri") for t in _read_chunks(storage, self.staged_files)]
         return DoneFilter(KeySet(_concat(versions)), KeySet(_concat(uris)))
 
-    @staticmethod
-    def _read(storage: Storage, uri: str, with_errors: bool) -> pa.Table | None:
+
+KEY_COLUMNS = ["uri", "etag", "last_modified", "size", "error"]
+
+
+def _read_parts(storage: Storage, uris: list[str], with_errors: bool) -> Iterator[pa.Table]:
+    """Committed parts are large (rows_per_file): read only the key columns, one file at a time."""
+    for uri in uris:
         fs, path = storage.fs(uri)
         try:
             with fs.open(path, "rb") as f:
-                table = pq.read_table(f, columns=["uri", "etag", "last_modified", "size", "error"])
+                table = pq.read_table(f, columns=KEY_COLUMNS)
         except FileNotFoundError:
             logger.warning("%s is listed in a commit record but gone; its inputs count as not done", uri)
-            return None
-        if not with_errors:
-            table = table.filter(table["error"].is_null())
-        return table
+            continue
+        yield table if with_errors else table.filter(table["error"].is_null())
+
+
+def _read_chunks(storage: Storage, uris: list[str], fetch: int = 32) -> Iterator[pa.Table]:
+    """Staged chunks are small and many: fetch them `fetch` at a time concurrently."""
+    for start in range(0, len(uris), fetch):
+        for data in storage.read_many(uris[start:start + fetch]):
+            if isinstance(data, Exception):
+                raise data
+            yield pq.read_table(pa.BufferReader(data), columns=KEY_COLUMNS)
 
 
 def _concat(parts: list[np.ndarray]) -> np.ndarray:

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TextIO
 
-import pyarrow.parquet as pq
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -42,6 +41,7 @@ from pipeline.storage import Storage, absolute, join
 
 BLOCK_BYTES = 1 << 20  # ~10k listed keys, or a few decoded images, per block
 BLOCK_ROWS = 64  # inputs fetched concurrently by a read task
+CHECKPOINT_BATCHES = 8  # default durability granularity, in model batches
 # Logical CPUs per task. Listing and reading mostly wait on storage; decoding is CPU work. The values differ so
 # that Ray keeps the stages apart (it fuses neighbours with equal resources into one task), and they are small
 # enough that on a 2-core machine, with one core held by a model actor, decoding still gets scheduled while
@@ -95,7 +95,8 @@ def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float 
         listing_tally = ListingTally.options(scheduling_strategy=on_driver_node()).remote()
         dataset = build_dataset(cfg, spec, storage, listing_tally, history_for(folder, state, run, cfg))
         sink = StagingSink(folder, run.run_id, {"model": spec.name, "weights": spec.weights_id, "run_id": run.run_id},
-                           first_chunk=run.next_chunk(), checkpoint_rows=cfg.output.checkpoint_rows,
+                           first_chunk=run.next_chunk(),
+                           checkpoint_rows=cfg.output.checkpoint_rows or CHECKPOINT_BATCHES * cfg.compute.batch_size,
                            checkpoint_seconds=cfg.output.checkpoint_seconds)
         tally = Tally()
         interval = progress_interval or (2.0 if out.isatty() else 5.0)
@@ -200,7 +201,7 @@ def start_or_resume(folder: OutputFolder, state: FolderState, cfg: JobConfig, sp
                                  "started_at": now, "attempts": [], "input": cfg.input.uri, "model": spec.name,
                                  "weights": spec.weights_id})
     run.info["attempts"].append(now)
-    run.info["resumed_rows"] = resumed = sum(_rows_in(folder, c) for c in run.chunks)
+    run.info["resumed_rows"] = resumed = folder.staged_rows(run)
     folder.begin(run.run_id, run.info)
     if resumed:
         print(f"Resuming run {run.run_id}: {resumed:,} rows were staged before it was interrupted", file=out)
@@ -210,12 +211,6 @@ def start_or_resume(folder: OutputFolder, state: FolderState, cfg: JobConfig, sp
         print(f"note: interrupted run(s) of other jobs left staged rows under {folder.uri}/{STAGING}/: "
               f"{', '.join(others)}; rerun that job to finish it, or delete the folder", file=out)
     return run
-
-
-def _rows_in(folder: OutputFolder, chunk: str) -> int:
-    fs, path = folder.storage.fs(chunk)
-    with fs.open(path, "rb") as f:
-        return pq.ParquetFile(f).metadata.num_rows
 
 
 def history_for(folder: OutputFolder, state: FolderState, run: StagedRun, cfg: JobConfig) -> History:

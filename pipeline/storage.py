@@ -183,12 +183,27 @@ class Storage:
         self.write_atomic(uri, lambda f: f.write(data))
 
     def delete(self, uris: list[str]) -> None:
+        """Idempotent: what is already gone is fine. S3 keys go 1,000 per request."""
+        by_bucket: dict[str, list[str]] = {}
         for uri in uris:
-            fs, path = self.fs(uri)
+            if is_s3(uri):
+                bucket, key = split_s3(uri)
+                by_bucket.setdefault(bucket, []).append(key)
+                continue
             try:
-                fs.rm_file(path)  # not rm: it would glob-expand '[', '*' and '?' in the key
+                self.localfs.rm_file(absolute(uri))  # not rm: it would glob-expand '[', '*' and '?'
             except FileNotFoundError:
-                pass  # already gone: deleting is idempotent, as on S3
+                pass
+        for bucket, keys in by_bucket.items():
+            for start in range(0, len(keys), 1000):
+                batch = keys[start:start + 1000]
+                reply = self.s3_client.delete_objects(
+                    Bucket=bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True})
+                if reply.get("Errors"):
+                    first = reply["Errors"][0]
+                    raise OSError(f"cannot delete s3://{bucket}/{first['Key']}: {first.get('Code')} "
+                                  f"{first.get('Message', '')}")
+            self.s3fs.invalidate_cache()
 
     def remove_folder(self, uri: str) -> None:
         """Drop a local folder and what is left in it (a killed write's hidden temp file); S3 has no folders."""
