@@ -1,10 +1,11 @@
 """What crash safety costs and saves: a job of N photo-like JPEGs on the local S3 server, run three ways.
 
-    .venv/bin/python bench/resume.py --images 2000 [--baseline-commit 135d6f4]
+    .venv/bin/python bench/resume.py --images 2000 --repeat 3 [--baseline-commit 135d6f4]
 
 1. baseline: the pipeline as it was before commit/resume existed (a git worktree of --baseline-commit),
-   S3 -> S3, one uninterrupted run;
-2. this pipeline, one uninterrupted run (staged chunks, compaction, commit record, lease);
+   S3 -> S3, uninterrupted;
+2. this pipeline, uninterrupted (staged chunks, compaction, commit record, lease);
+(1) and (2) alternate --repeat times, to a fresh output each time; the table reports each one's median.
 3. this pipeline, its driver SIGKILLed once the model has seen half the inputs, then rerun to completion.
 The model (bench/counting_mobilenet.py) logs every image it sees, so (3) reports the fraction of work redone.
 """
@@ -16,6 +17,7 @@ import io
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -83,6 +85,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--baseline-commit", default="135d6f4")
+    parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="bench-resume-")
     baseline = os.path.join(work, "baseline")
@@ -96,13 +99,13 @@ def main() -> None:
             with ThreadPoolExecutor(16) as pool:
                 list(pool.map(lambda i: storage.s3_client.put_object(
                     Bucket="bench", Key=f"images/{i:06d}.jpg", Body=photo_jpeg(i)), range(args.images)))
-            results = {}
-            calls = os.path.join(work, "calls-baseline")
-            results["baseline (no commit protocol)"] = (timed_run(baseline, "s3://bench/out-baseline", calls),
-                                                        images_seen(calls))
-            calls = os.path.join(work, "calls-plain")
-            results["this pipeline, uninterrupted"] = (timed_run(ROOT, "s3://bench/out-plain", calls),
-                                                       images_seen(calls))
+            times: dict[str, list[float]] = {"baseline (no commit protocol)": [], "this pipeline, uninterrupted": []}
+            for i in range(args.repeat):
+                for (name, seconds), code in zip(times.items(), (baseline, ROOT)):
+                    calls = os.path.join(work, f"calls-{i}-{len(seconds)}-{code == ROOT}")
+                    seconds.append(timed_run(code, f"s3://bench/out-{i}-{code == ROOT}", calls))
+                    assert images_seen(calls) == args.images
+            results = {name: (statistics.median(seconds), args.images) for name, seconds in times.items()}
 
             calls = os.path.join(work, "calls-killed")
             started = time.monotonic()
@@ -125,7 +128,8 @@ def main() -> None:
     print(f"\n{args.images:,} JPEGs 500x375, mobilenet_v3_small (CPU), S3 (moto on 127.0.0.1) -> S3\n")
     print(f"| run | wall s | images through the model | vs baseline |\n|---|---:|---:|---:|")
     for name, (seconds, seen) in results.items():
-        print(f"| {name} | {seconds:.1f} | {seen:,} | {seconds / base_time:.2f}x |")
+        runs = ", ".join(f"{t:.1f}" for t in times[name])
+        print(f"| {name} | {seconds:.1f} (runs: {runs}) | {seen:,} | {seconds / base_time:.2f}x |")
     print(f"| killed when the model had seen {seen_before_kill:,} ({durable:,} durable) at {first_attempt:.1f} s, "
           f"then rerun | {first_attempt:.1f} + "
           f"{rerun:.1f} | {total_seen:,} | {(first_attempt + rerun) / base_time:.2f}x |")
