@@ -9,12 +9,10 @@ progress counts, the error-rate stop and the summary exact.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import sys
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -23,7 +21,7 @@ from typing import TextIO
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from pipeline.commit import STAGING, FolderState, OutputFolder, StagedRun
+from pipeline.commit import OutputFolder
 from pipeline.config import JobConfig
 from pipeline.decode import Decoder
 from pipeline.errors import JobFailed, JobStopped, UserError
@@ -34,6 +32,7 @@ from pipeline.predict import Classifier
 from pipeline.preflight import preflight
 from pipeline.progress import ProgressPrinter, Tally
 from pipeline.read import Reader
+from pipeline.runs import check_existing_files, history_for, new_run_id, publish, start_or_resume
 from pipeline.sink import StagingSink
 from pipeline.source import InputListing, ListingTally
 from pipeline.storage import Storage, absolute, join
@@ -125,20 +124,6 @@ def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float 
     return summary
 
 
-def publish(folder: OutputFolder, state: FolderState, run: StagedRun, sink: StagingSink, cfg: JobConfig,
-            spec: ModelSpec, out: TextIO) -> dict:
-    staged = run.info["resumed_rows"] + sink.rows_written
-    replaces = state if cfg.output.overwrite else None
-    if replaces is not None and staged == 0:
-        print("note: the backfill found no inputs, so it replaces nothing; the earlier output stays", file=out)
-        replaces = None
-    return folder.publish(
-        StagedRun(run.run_id, run.info, run.chunks + sink.written), expected_rows=staged,
-        rows_per_file=cfg.output.rows_per_file, partition=partition_for(cfg, run), replaces=replaces,
-        summary={"input": cfg.input.uri, "model": spec.name, "weights": spec.weights_id,
-                 "model_key": run.info["model_key"], "job_key": run.info["job_key"]})
-
-
 @contextmanager
 def output_failures(output_uri: str):
     """Storage that still fails after every retry ends the run in one line; what is staged stays staged."""
@@ -149,83 +134,6 @@ def output_failures(output_uri: str):
     except (OSError, BotoCoreError, ClientError) as exc:
         raise JobFailed(f"output {output_uri}: storage failed after retries ({type(exc).__name__}: {exc}); rows "
                         "staged so far are kept: rerun the job to resume") from None
-
-
-def new_run_id() -> str:
-    """Sortable by start time, unique across hosts."""
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
-
-
-def check_existing_files(state: FolderState, cfg: JobConfig) -> None:
-    foreign = state.foreign()
-    if foreign:
-        raise UserError(f"output.uri: {cfg.output.uri} holds {len(foreign)} Parquet file(s) this pipeline did not "
-                        f"write (e.g. {foreign[0]}); readers of the folder would mix them in. Choose another "
-                        "output folder, or move them")
-    unrecorded = state.unrecorded()
-    if unrecorded and not cfg.output.overwrite:
-        raise UserError(f"output.uri: {cfg.output.uri} already holds {len(unrecorded)} Parquet file(s) without a "
-                        f"commit record (e.g. {unrecorded[0]}); choose a new output folder or pass --overwrite "
-                        "to replace them")
-
-
-def model_key(cfg: JobConfig, spec: ModelSpec) -> str:
-    """What decides an input's row: rows of an earlier run count as done only under the same model key."""
-    identity = {"model": cfg.model.model_dump(), "weights": spec.weights_id, "decode": cfg.decode.model_dump()}
-    return _digest(identity)
-
-
-def job_key(cfg: JobConfig, spec: ModelSpec) -> str:
-    """An interrupted attempt is resumed only by the same job: same inputs, model key and mode."""
-    identity = {"input": cfg.input.uri.rstrip("/"), "extensions": cfg.input.extensions,
-                "max_file_bytes": cfg.input.max_file_bytes, "model": model_key(cfg, spec),
-                "overwrite": cfg.output.overwrite}
-    return _digest(identity)
-
-
-def _digest(identity: dict) -> str:
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def start_or_resume(folder: OutputFolder, state: FolderState, cfg: JobConfig, spec: ModelSpec, new_id: str,
-                    out: TextIO) -> StagedRun:
-    key = job_key(cfg, spec)
-    run, stale = state.interrupted(key)
-    for old in stale:
-        print(f"note: dropping interrupted run {old.run_id}: runs have committed since, so its staged rows are "
-              "redone where needed instead of resumed", file=out)
-        folder.drop_staging(old)
-    now = _now_precise()
-    if run is None:
-        run = StagedRun(new_id, {"run_id": new_id, "job_key": key, "model_key": model_key(cfg, spec),
-                                 "started_at": now, "attempts": [], "input": cfg.input.uri, "model": spec.name,
-                                 "weights": spec.weights_id})
-    run.info["attempts"].append(now)
-    run.info["resumed_rows"] = resumed = folder.staged_rows(run)
-    folder.begin(run.run_id, run.info)
-    if resumed:
-        print(f"Resuming run {run.run_id}: {resumed:,} rows were staged before it was interrupted", file=out)
-    others = [r.run_id for r in state.staged.values()
-              if r.run_id != run.run_id and r.run_id not in state.commits and r not in stale]
-    if others:
-        print(f"note: interrupted run(s) of other jobs left staged rows under {folder.uri}/{STAGING}/: "
-              f"{', '.join(others)}; rerun that job to finish it, or delete the folder", file=out)
-    return run
-
-
-def history_for(folder: OutputFolder, state: FolderState, run: StagedRun, cfg: JobConfig) -> History:
-    """Inputs to skip: this run's staged rows, and unless told otherwise, earlier runs' unchanged inputs."""
-    committed = []
-    if cfg.input.incremental and not cfg.output.overwrite:
-        committed = [uri for c in state.live if c.get("model_key") == run.info["model_key"]
-                     for uri in folder.files(c)]
-    return History(committed_files=committed, staged_files=run.chunks, reprocess_errors=cfg.input.reprocess_errors)
-
-
-def partition_for(cfg: JobConfig, run: StagedRun) -> str | None:
-    if cfg.output.partitioning == "run_date":
-        return f"run_date={run.info['started_at'][:10]}"
-    return None
 
 
 def drain(dataset: ray.data.Dataset, sink: StagingSink, tally: Tally, cfg: JobConfig,
@@ -349,10 +257,6 @@ def print_summary(s: RunSummary, out: TextIO) -> None:
     if s.inputs == 0 and not s.resumed and not s.already_done:
         lines.append(f"  note: nothing to do under {s.input}; check the URI and input.extensions")
     print("\n".join(lines), file=out, flush=True)
-
-
-def _now_precise() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
 def _now() -> str:
