@@ -24,26 +24,14 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
-from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
 
+from images import photo_jpeg  # noqa: E402
 from pipeline.local_s3 import LocalS3Server, use_server  # noqa: E402
 from pipeline.storage import Storage  # noqa: E402
-
-
-def photo_jpeg(seed: int) -> bytes:
-    """ImageNet-like: 500x375, smooth structure plus grain, quality 90."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:375, 0:500]
-    phase = rng.uniform(0, 6.28, 3)
-    base = np.stack([127 + 100 * np.sin(x / (40 + 20 * c) + y / 70 + phase[c]) for c in range(3)], axis=-1)
-    pixels = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
-    return buffer.getvalue()
 
 
 def command(python_path: str, output: str) -> list[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -142,24 +142,31 @@ def is_weights_name(value: str) -> bool:
 
 class DecodeConfig(_Section):
     max_image_pixels: int = Field(89_478_485, gt=0, description="decompression-bomb guard (Pillow's default)")
+    device: Literal["auto", "cpu", "gpu"] = Field(
+        "auto", description="where JPEGs are decoded when the model runs on a GPU: 'auto'/'gpu' in the GPU "
+        "actor (nvJPEG, batched), 'cpu' in CPU tasks ahead of it. Without GPUs each model actor decodes on "
+        "its own core")
 
 
 class ComputeConfig(_Section):
     batch_size: int = Field(32, gt=0, description="images per model call")
-    min_actors: int = Field(1, ge=1)
-    max_actors: int = Field(1, ge=1, description="the pool autoscales between min and max")
+    min_actors: Annotated[int, Field(ge=1)] | Literal["auto"] = Field("auto", description="'auto': the same as max_actors")
+    max_actors: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="the pool autoscales between min and max; 'auto': as many actors as the "
+        "cluster's GPUs (or, without GPUs, its CPUs) hold at the start")
     num_cpus_per_actor: float = Field(1.0, gt=0)
     num_gpus_per_actor: float | Literal["auto"] = Field(
         "auto", description="'auto': 1 when the Ray cluster has GPUs, else 0 (CPU inference)")
     memory_per_actor_gb: float = Field(2.0, gt=0, description="memory Ray reserves for each model actor")
     precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="autocast dtype on GPU")
-    channels_last: bool = False
+    channels_last: bool = Field(True, description="NHWC memory layout for the model (faster on CPU and GPU)")
     ray_address: str | None = Field(None, description="existing cluster; default RAY_ADDRESS or a local Ray")
 
     @field_validator("max_actors")
     @classmethod
-    def _max_not_below_min(cls, value: int, info) -> int:
-        if value < info.data.get("min_actors", 1):
+    def _max_not_below_min(cls, value: int | str, info) -> int | str:
+        low = info.data.get("min_actors", 1)
+        if isinstance(value, int) and isinstance(low, int) and value < low:
             raise ValueError("must be at least compute.min_actors")
         return value
 
@@ -242,7 +249,7 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
 def _describe(exc: ValidationError, spec_path: str | None) -> str:
     """One line for the first problem: the field, what is wrong, how to fix it."""
     err = exc.errors()[0]
-    field = ".".join(str(p) for p in err["loc"])
+    field = ".".join(str(p) for p in err["loc"] if not _is_union_member(p))
     where = f"job spec {spec_path}" if spec_path else "job"
     if err["type"] == "extra_forbidden":
         parent = _model_at(err["loc"][:-1])
@@ -260,6 +267,11 @@ def _describe(exc: ValidationError, spec_path: str | None) -> str:
     got = err.get("input")
     shown = "" if isinstance(got, str) and got in message else f" (got {got!r})"
     return f"{where}: '{field}' {message}{shown}"
+
+
+def _is_union_member(part: Any) -> bool:
+    """pydantic names the member of a union that failed ('constrained-int', "literal['auto']") in the path."""
+    return isinstance(part, str) and ("-" in part or "[" in part or part in ("int", "float", "str", "bool"))
 
 
 def _model_at(loc: tuple) -> type[BaseModel] | None:

@@ -1,8 +1,11 @@
-"""Decode stage: encoded bytes -> an RGB uint8 tensor (3, crop, crop) ready for the model.
+"""Decode stage: encoded bytes -> an RGB uint8 array (crop, crop, 3) ready for the model.
 
 Every image goes through the same steps: header check against the pixel limit, first frame, full decode,
 EXIF orientation, mode -> RGB, resize of the shorter side, center crop. Whatever goes wrong becomes the
 row's error ("decode: image file is truncated"); the batch carries on.
+
+Pixels stay height x width x channel, as every image library lays them out: the model stage views that
+memory as a channels-last NCHW tensor without a copy.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ class Decoder:
         ImageFile.LOAD_TRUNCATED_IMAGES = False
         size = self.preprocess.crop_size
         n = len(batch["uri"])
-        pixels = np.zeros((n, 3, size, size), dtype=np.uint8)
+        pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
         widths = np.zeros(n, dtype=np.int32)
         heights = np.zeros(n, dtype=np.int32)
         errors, error_types = error_columns(batch)
@@ -84,7 +87,7 @@ class Decoder:
         if new_size != image.size:
             image = image.resize(new_size, _RESAMPLE[p.interpolation], reducing_gap=None)
         image = center_crop(image, p.crop_size)
-        return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
+        return np.asarray(image, dtype=np.uint8)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

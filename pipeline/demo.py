@@ -132,7 +132,7 @@ def _tensors(pairs) -> tuple[torch.Tensor, torch.Tensor]:
         "error": np.full(len(pairs), None, dtype=object),
         "error_type": np.full(len(pairs), None, dtype=object),
     })
-    x = torch.from_numpy(decoded["pixels"]).float()
+    x = torch.from_numpy(decoded["pixels"]).permute(0, 3, 1, 2).float()
     x = (x / 255.0 - 0.5) / 0.5
     return x, torch.tensor([label for label, _ in pairs])
 

@@ -38,16 +38,20 @@ from pipeline.source import InputListing, ListingTally
 from pipeline.storage import Storage, absolute, join
 
 
-BLOCK_BYTES = 1 << 20  # ~10k listed keys, or a few decoded images, per block
+# Ray merges what a task yields into blocks of up to this many bytes, and an actor takes whole blocks. Small
+# blocks keep the listing streaming (~2,500 keys per block) and spread even tiny images over every actor
+# (a read task yields 64 at a time); bigger ones would hand one actor thousands of thumbnails at once.
+BLOCK_BYTES = 256 << 10
 BLOCK_ROWS = 64  # inputs fetched concurrently by a read task
 CHECKPOINT_BATCHES = 8  # default durability granularity, in model batches
-# Logical CPUs per task. Listing and reading mostly wait on storage; decoding is CPU work. The values differ so
-# that Ray keeps the stages apart (it fuses neighbours with equal resources into one task), and they are small
-# enough that on a 2-core machine, with one core held by a model actor, decoding still gets scheduled while
-# the listing and a read are in flight.
-LIST_CPUS = 0.1
-READ_CPUS = 0.25
-DECODE_CPUS = 0.5
+# Listing and reading wait on storage, so they hold no logical CPU: every core goes to decoding and the
+# model. Ray fuses neighbouring stages whose resource requests are equal into one task, which would put
+# reading inside the single listing task; a read task's memory request (the objects it holds in flight)
+# keeps them apart. Decoding in CPU tasks (only ahead of GPU actors that do not decode) takes a core each.
+LIST_CPUS = 0
+READ_CPUS = 0
+READ_MEMORY = 256 * 2**20
+DECODE_CPUS = 1
 
 
 @dataclass
@@ -173,25 +177,48 @@ def _build(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tally,
                            exclude=cfg.output.uri)
     dataset = ray.data.read_datasource(listing, override_num_blocks=1, num_cpus=LIST_CPUS)
     # A read task walks its block of the listing 64 inputs at a time, fetching each 64 concurrently.
+    # Holding no CPU, read tasks are bounded by count instead: each already has 64 fetches in flight.
+    read_tasks = max(2, int(ray.cluster_resources().get("CPU", 2)) // 2)
     dataset = dataset.map_batches(Reader(storage, cfg.input.max_file_bytes), batch_size=BLOCK_ROWS,
-                                  num_cpus=READ_CPUS)
-    dataset = dataset.map_batches(Decoder(spec.preprocess, cfg.decode.max_image_pixels), batch_size=None,
-                                  num_cpus=DECODE_CPUS)
+                                  num_cpus=READ_CPUS, memory=READ_MEMORY,
+                                  compute=ray.data.TaskPoolStrategy(size=read_tasks))
+    decoder = Decoder(spec.preprocess, cfg.decode.max_image_pixels)
     num_gpus = gpus_per_actor(compute.num_gpus_per_actor)
+    decode_in_tasks = num_gpus > 0 and cfg.decode.device == "cpu"
+    if cfg.decode.device == "gpu" and num_gpus == 0:
+        raise UserError("decode.device: 'gpu' but the model actors get no GPU (the Ray cluster has none, or "
+                        "compute.num_gpus_per_actor is 0); use 'auto' or 'cpu'")
+    if decode_in_tasks:
+        dataset = dataset.map_batches(decoder, batch_size=None, num_cpus=DECODE_CPUS)
+    min_actors, max_actors = pool_size(compute, num_gpus)
     return dataset.map_batches(
         Classifier,
         fn_constructor_kwargs={"spec": spec, "storage": storage, "precision": compute.precision,
                                "channels_last": compute.channels_last,
-                               "num_threads": max(1, int(compute.num_cpus_per_actor))},
+                               "num_threads": max(1, int(compute.num_cpus_per_actor)),
+                               "decode": None if decode_in_tasks else decoder, "decode_on_device": num_gpus > 0},
         batch_size=compute.batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=compute.min_actors, max_size=compute.max_actors),
+        compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
         num_cpus=compute.num_cpus_per_actor,
         num_gpus=num_gpus,
-        # Besides reserving room for the model, a memory request makes the actors' remote args differ from
-        # the decode tasks', which stops Ray from fusing decoding into the actors (it would then queue behind
-        # inference instead of running on the other cores).
+        # Besides reserving room for the model, a memory request keeps the actors' remote args apart from
+        # the tasks before them, which Ray would otherwise fuse into the actors.
         memory=int(compute.memory_per_actor_gb * 2**30),
     )
+
+
+def pool_size(compute, num_gpus: float) -> tuple[int, int]:
+    """(min, max) model actors; 'auto' fills the cluster's GPUs, or without GPUs its CPUs, as it is now."""
+    if compute.max_actors == "auto":
+        resources = ray.cluster_resources()
+        if num_gpus > 0:
+            fit = resources.get("GPU", 0) / num_gpus
+        else:
+            fit = resources.get("CPU", 1) / compute.num_cpus_per_actor
+        max_actors = max(1, int(fit), compute.min_actors if isinstance(compute.min_actors, int) else 1)
+    else:
+        max_actors = compute.max_actors
+    return (max_actors if compute.min_actors == "auto" else compute.min_actors), max_actors
 
 
 def on_driver_node() -> NodeAffinitySchedulingStrategy:

@@ -38,7 +38,9 @@ def check_existing_files(state: FolderState, cfg: JobConfig) -> None:
 
 def model_key(cfg: JobConfig, spec: ModelSpec) -> str:
     """What decides an input's row: rows of an earlier run count as done only under the same model key."""
-    identity = {"model": cfg.model.model_dump(), "weights": spec.weights_id, "decode": cfg.decode.model_dump()}
+    # Where decoding runs changes pixels by resampling noise only: moving a job to GPUs does not redo it.
+    decode = cfg.decode.model_dump(exclude={"device"})
+    identity = {"model": cfg.model.model_dump(), "weights": spec.weights_id, "decode": decode}
     return _digest(identity)
 
 

@@ -29,7 +29,9 @@ def put_inputs(storage, bucket: str, prefix: str = "in") -> list[str]:
     uris = []
     for i in range(INPUTS):
         key = f"{prefix}/img {i:04d}.jpg"
-        storage.s3_client.put_object(Bucket=bucket, Key=key, Body=encode(photo(40, 30, seed=i), "JPEG"))
+        # Photo-sized files (~10 KB), so that the rows reach the driver over several blocks (runner.BLOCK_BYTES)
+        # and the kill points fall mid-run.
+        storage.s3_client.put_object(Bucket=bucket, Key=key, Body=encode(photo(160, 120, seed=i), "JPEG", quality=90))
         uris.append(f"s3://{bucket}/{key}")
     return uris
 

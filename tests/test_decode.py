@@ -54,7 +54,7 @@ def test_transparency_is_composited_on_white():
 def test_formats_decode(fmt):
     batch = decode_batch([encode(photo(), fmt)])
     assert batch["error"][0] is None
-    assert batch["pixels"].shape == (1, 3, 56, 56) and batch["pixels"].dtype == np.uint8
+    assert batch["pixels"].shape == (1, 56, 56, 3) and batch["pixels"].dtype == np.uint8
     assert (batch["image_width"][0], batch["image_height"][0]) == (96, 72)
     assert "bytes" not in batch
 
@@ -71,7 +71,7 @@ def test_animated_image_uses_first_frame():
     red, blue = Image.new("RGB", (64, 64), (255, 0, 0)), Image.new("RGB", (64, 64), (0, 0, 255))
     gif = encode(red, "GIF", save_all=True, append_images=[blue], duration=100)
     pixels = decode_batch([gif])["pixels"][0]
-    assert pixels[0].mean() > 200 and pixels[2].mean() < 50
+    assert pixels[..., 0].mean() > 200 and pixels[..., 2].mean() < 50
 
 
 @pytest.mark.parametrize("payload, error, error_type", [
@@ -118,4 +118,4 @@ def test_resize_and_crop_match_torchvision(size):
     image = photo(*size, seed=3)
     expected = transforms.Compose([transforms.Resize(64), transforms.CenterCrop(56), transforms.PILToTensor()])(image)
     got = decode_batch([encode(image, "PNG")])["pixels"][0]
-    assert torch.equal(torch.from_numpy(got), expected)
+    assert torch.equal(torch.from_numpy(got), expected.permute(1, 2, 0))

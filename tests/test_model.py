@@ -42,7 +42,7 @@ def test_training_checkpoints_are_unwrapped(tmp_path, classifier_files):
                                      labels=classifier_files["labels"]), Storage.from_env())
     spec = resolve_model(ModelConfig(name="resnet18", weights=str(wrapped), labels=classifier_files["labels"]),
                          Storage.from_env())
-    pixels = np.random.default_rng(0).integers(0, 255, (2, 3, 224, 224), dtype=np.uint8)
+    pixels = np.random.default_rng(0).integers(0, 255, (2, 224, 224, 3), dtype=np.uint8)
     a = Classifier(bare, Storage.from_env()).predict(pixels)
     b = Classifier(spec, Storage.from_env()).predict(pixels)
     np.testing.assert_allclose(a[0], b[0], atol=1e-6)
@@ -56,7 +56,7 @@ def test_custom_model_without_labels_names_classes_by_index():
 
 def classify(spec, **options) -> dict:
     classifier = Classifier(spec, Storage.from_env(), **options)
-    pixels = np.random.default_rng(1).integers(0, 255, (3, 3, 224, 224), dtype=np.uint8)
+    pixels = np.random.default_rng(1).integers(0, 255, (3, 224, 224, 3), dtype=np.uint8)
     return classifier({"uri": np.array(["a", "b", "c"], dtype=object), "pixels": pixels,
                        "error": np.array([None, "decode: broken", None], dtype=object),
                        "error_type": np.array([None, "decode.corrupt", None], dtype=object)})
@@ -113,7 +113,7 @@ def test_any_torchvision_architecture_with_a_checkpoint(tmp_path, name):
     (tmp_path / "labels.txt").write_text("x\ny\nz\n")
     spec = resolve_model(ModelConfig(name=name, weights=str(tmp_path / "ckpt.pt"), labels=str(tmp_path / "labels.txt"),
                                      preprocess={"resize_size": 72, "crop_size": 64}), Storage.from_env())
-    pixels = np.random.default_rng(2).integers(0, 255, (2, 3, 64, 64), dtype=np.uint8)
+    pixels = np.random.default_rng(2).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
     scores, indexes = Classifier(spec, Storage.from_env()).predict(pixels)
     assert scores.shape == (2, 3) and np.allclose(scores.sum(axis=1), 1, atol=1e-5)
 

@@ -148,7 +148,7 @@ def test_predictions_equal_a_direct_model_call(tmp_path, classifier_files):
         "error": np.full(len(names), None, dtype=object), "error_type": np.full(len(names), None, dtype=object)})
     mean = torch.tensor(spec.preprocess.mean).view(1, 3, 1, 1)
     std = torch.tensor(spec.preprocess.std).view(1, 3, 1, 1)
-    x = (torch.from_numpy(decoded["pixels"]).float() / 255 - mean) / std
+    x = (torch.from_numpy(decoded["pixels"]).permute(0, 3, 1, 2).float() / 255 - mean) / std
     with torch.inference_mode():
         probabilities = torch.softmax(model(x), dim=1)
     for i, name in enumerate(names):
@@ -260,16 +260,18 @@ def test_torchvision_weights_by_name(tmp_path, cached_imagenet_resnet18):
 
 
 def test_predictions_stream_to_the_driver_in_many_batches(tmp_path, storage, bucket, classifier_files):
-    """Ray must not merge the work into one block: rows reach the driver while work is still going on."""
+    """Ray must not merge the work into one block: rows reach the driver while work is still going on.
+    Blocks are runner.BLOCK_BYTES of encoded images, about 23 of these ~11 KB photos."""
     from pipeline.runner import build_dataset
     from pipeline.source import ListingTally
 
-    put_objects(storage, bucket, "stream/", {f"{i:04d}.png": encode(photo(40, 40, seed=i), "PNG") for i in range(80)})
+    put_objects(storage, bucket, "stream/", {f"{i:04d}.jpg": encode(photo(160, 120, seed=i), "JPEG", quality=90)
+                                             for i in range(160)})
     cfg = job(classifier_files, f"s3://{bucket}/stream/", str(tmp_path / "out"), compute={"batch_size": 8})
     spec = resolve_model(cfg.model, storage)
     batches = [b.num_rows for b in build_dataset(cfg, spec, storage, ListingTally.remote()).iter_batches(
         batch_format="pyarrow", batch_size=None)]
-    assert sum(batches) == 80
+    assert sum(batches) == 160
     assert len(batches) >= 4
 
 

@@ -1,0 +1,103 @@
+"""Decode on the model's device: batched JPEG decode (nvJPEG on a GPU), resize and crop there too.
+
+A CPU cannot keep a fast GPU fed with Pillow (about 3 CPU-ms per 500x375 JPEG), so a GPU actor takes the
+encoded bytes and decodes its whole batch with one `torchvision.io.decode_jpeg` call. Pillow still reads
+each header (microseconds): that applies the pixel limit before anything is decoded, and routes whatever
+the GPU decoder does not handle (other formats, CMYK, broken files) to the CPU `Decoder`, one image at a
+time, which also writes their error rows. Resampling on the device matches Pillow's antialiased
+resize to within a few grey levels, not bit for bit.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+from pipeline.decode import Decoder, Preprocess
+from pipeline.rows import error_columns
+
+_INTERPOLATION = {"nearest": InterpolationMode.NEAREST, "bilinear": InterpolationMode.BILINEAR,
+                  "bicubic": InterpolationMode.BICUBIC}
+_DEVICE_MODES = {"RGB", "L"}  # JPEG colour modes the device decoder turns into RGB itself
+
+
+class DeviceDecoder:
+    """Batch of encoded bytes -> (batch with sizes and errors, uint8 pixels (N, crop, crop, 3) on `device`)."""
+
+    def __init__(self, preprocess: Preprocess, max_image_pixels: int, device: torch.device):
+        self.preprocess = preprocess
+        self.device = device
+        self.cpu = Decoder(preprocess, max_image_pixels)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], torch.Tensor]:
+        data = batch.pop("bytes")
+        n = len(data)
+        size = self.preprocess.crop_size
+        pixels = torch.zeros((n, size, size, 3), dtype=torch.uint8, device=self.device)
+        widths, heights = np.zeros(n, dtype=np.int32), np.zeros(n, dtype=np.int32)
+        errors, error_types = error_columns(batch)
+        on_device = [i for i in range(n) if errors[i] is None and self.device_can_decode(data[i])]
+        decoded = self.decode_jpegs([data[i] for i in on_device])
+        for i, image in zip(on_device, decoded):
+            if image is not None:
+                heights[i], widths[i] = image.shape[-2:]
+                pixels[i] = self.resize_and_crop(image).permute(1, 2, 0)
+        on_cpu = [i for i in range(n) if errors[i] is None and (widths[i] == 0)]
+        if on_cpu:
+            self.decode_on_cpu(on_cpu, data, pixels, widths, heights, errors, error_types, batch)
+        batch.update(image_width=widths, image_height=heights, error=errors, error_type=error_types)
+        return batch, pixels
+
+    def device_can_decode(self, data: bytes) -> bool:
+        """A JPEG in a mode the device decoder handles and within the pixel limit; anything else, or a header
+        Pillow cannot read, goes to the CPU decoder, which says what is wrong with it."""
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                return (image.format == "JPEG" and image.mode in _DEVICE_MODES
+                        and image.width * image.height <= self.cpu.max_image_pixels)
+        except Exception:  # noqa: BLE001 - the CPU decoder reports it
+            return False
+
+    def decode_jpegs(self, data: list[bytes]) -> list[torch.Tensor | None]:
+        """One batched call; if the batch fails, each image alone, so one bad file costs only itself."""
+        if not data:
+            return []
+        tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
+        try:
+            return list(self._decode(tensors))
+        except RuntimeError:
+            results: list[torch.Tensor | None] = []
+            for tensor in tensors:
+                try:
+                    results.append(self._decode([tensor])[0])
+                except RuntimeError:
+                    results.append(None)
+            return results
+
+    def _decode(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torchvision 0.29 marks its decoders deprecated
+            return decode_jpeg(tensors, mode=ImageReadMode.RGB, device=self.device, apply_exif_orientation=True)
+
+    def resize_and_crop(self, image: torch.Tensor) -> torch.Tensor:
+        p = self.preprocess
+        image = F.resize(image, [p.resize_size], interpolation=_INTERPOLATION[p.interpolation], antialias=True)
+        return F.center_crop(image, [p.crop_size])
+
+    def decode_on_cpu(self, rows: list[int], data, pixels, widths, heights, errors, error_types, batch) -> None:
+        encoded = np.empty(len(rows), dtype=object)
+        encoded[:] = [data[i] for i in rows]
+        sub = {"uri": batch["uri"][rows], "bytes": encoded,
+               "error": np.full(len(rows), None, dtype=object), "error_type": np.full(len(rows), None, dtype=object)}
+        out = self.cpu(sub)
+        pixels[rows] = torch.from_numpy(out["pixels"]).to(self.device)
+        for j, i in enumerate(rows):
+            widths[i], heights[i] = out["image_width"][j], out["image_height"][j]
+            errors[i], error_types[i] = out["error"][j], out["error_type"][j]

@@ -1,0 +1,177 @@
+"""The GPU code paths, run on the CPU: batched JPEG decode with per-image fallback, decoding inside the
+model actor, and halving the batch on CUDA out-of-memory. Tests marked `gpu` run the same on a GPU."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import encode, photo
+from pipeline.config import ComputeConfig, ModelConfig
+from pipeline.decode import Decoder, Preprocess
+from pipeline.gpu_decode import DeviceDecoder
+from pipeline.model import resolve_model
+from pipeline.predict import Classifier
+from pipeline.storage import Storage
+
+PREPROCESS = Preprocess(resize_size=64, crop_size=56, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+needs_gpu = pytest.mark.gpu
+gpu_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def as_batch(payloads: list[bytes]) -> dict:
+    n = len(payloads)
+    encoded = np.empty(n, dtype=object)
+    encoded[:] = payloads
+    return {"uri": np.array([f"img{i}" for i in range(n)], dtype=object), "bytes": encoded,
+            "error": np.full(n, None, dtype=object), "error_type": np.full(n, None, dtype=object)}
+
+
+def rotated_jpeg() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated 90 degrees clockwise
+    return encode(photo(80, 40, seed=4), "JPEG", exif=exif.tobytes(), quality=95)
+
+
+def mixed_inputs() -> dict[str, bytes]:
+    jpeg = encode(photo(96, 72, seed=1), "JPEG", quality=95)
+    return {
+        "jpeg": jpeg,
+        "grey jpeg": encode(photo(70, 90, seed=2).convert("L"), "JPEG", quality=95),
+        "cmyk jpeg": encode(photo(64, 64, seed=3).convert("CMYK"), "JPEG", quality=95),
+        "exif-rotated jpeg": rotated_jpeg(),
+        "png": encode(photo(50, 60, seed=5), "PNG"),
+        "truncated jpeg": jpeg[: len(jpeg) // 3],
+        "empty": b"",
+        "text": b"not an image at all",
+    }
+
+
+def decode_both(device: str, max_image_pixels: int = 10**8):
+    inputs = mixed_inputs()
+    on_device, pixels = DeviceDecoder(PREPROCESS, max_image_pixels, torch.device(device))(as_batch(list(inputs.values())))
+    on_cpu = Decoder(PREPROCESS, max_image_pixels)(as_batch(list(inputs.values())))
+    return list(inputs), on_device, pixels.cpu().numpy(), on_cpu
+
+
+def check_agrees_with_cpu_decoder(device: str) -> None:
+    names, on_device, pixels, on_cpu = decode_both(device)
+    assert pixels.shape == (len(names), 56, 56, 3) and pixels.dtype == np.uint8
+    assert list(on_device["error_type"]) == list(on_cpu["error_type"])
+    assert list(on_device["error"]) == list(on_cpu["error"])
+    assert list(on_device["image_width"]) == list(on_cpu["image_width"])
+    assert list(on_device["image_height"]) == list(on_cpu["image_height"])
+    for i, name in enumerate(names):
+        if on_cpu["error"][i] is None:
+            # Resampling on the device is antialiased bilinear like Pillow's, not bit-identical to it.
+            difference = np.abs(pixels[i].astype(int) - on_cpu["pixels"][i].astype(int)).mean()
+            assert difference < 4, f"{name}: mean difference {difference:.1f} grey levels"
+
+
+def test_device_decoder_on_cpu_agrees_with_the_pillow_decoder():
+    """Every row accounted for: JPEGs decoded in one batch, the rest (CMYK, PNG, broken) through Pillow."""
+    check_agrees_with_cpu_decoder("cpu")
+
+
+def test_exif_rotation_applies_on_the_device_path():
+    names, on_device, _, _ = decode_both("cpu")
+    i = names.index("exif-rotated jpeg")
+    assert (on_device["image_width"][i], on_device["image_height"][i]) == (40, 80)
+
+
+def test_one_broken_jpeg_does_not_fail_the_batched_decode():
+    good = [encode(photo(96, 72, seed=s), "JPEG") for s in range(3)]
+    broken = good[0][:200] + b"\xff\xd9"  # a header that opens, then no image data
+    batch, pixels = DeviceDecoder(PREPROCESS, 10**8, torch.device("cpu"))(as_batch([good[0], broken, good[1], good[2]]))
+    assert [e is None for e in batch["error"]] == [True, False, True, True]
+    assert batch["error_type"][1].startswith("decode.")
+    assert pixels[[0, 2, 3]].float().std() > 10 and not pixels[1].any()
+
+
+def test_pixel_limit_applies_before_the_device_decodes():
+    big = encode(Image.new("RGB", (1500, 1000), (90, 90, 90)), "JPEG")
+    batch, _ = DeviceDecoder(PREPROCESS, 1_000_000, torch.device("cpu"))(as_batch([big]))
+    assert batch["error_type"][0] == "decode.too_many_pixels"
+
+
+@pytest.fixture(scope="module")
+def spec(classifier_files):
+    return resolve_model(ModelConfig(name="resnet18", weights=classifier_files["weights"],
+                                     labels=classifier_files["labels"], top_k=3,
+                                     preprocess={"resize_size": 64, "crop_size": 56}), Storage.from_env())
+
+
+def test_actor_that_decodes_for_itself_predicts_like_decode_tasks(spec):
+    """The CPU-only plan (decode inside the actor) and the decode-tasks plan give the same rows; asking for
+    device decoding on a CPU actor falls back to Pillow."""
+    inputs = list(mixed_inputs().values())
+    decoder = Decoder(spec.preprocess, 10**8)
+    separate = Classifier(spec, Storage.from_env())(decoder(as_batch(inputs)))
+    inside = Classifier(spec, Storage.from_env(), decode=decoder, decode_on_device=True)(as_batch(inputs))
+    assert list(inside["error_type"]) == list(separate["error_type"])
+    assert list(inside["label"]) == list(separate["label"])
+    ok = [e is None for e in separate["error"]]
+    np.testing.assert_allclose(inside["score"][ok], separate["score"][ok], atol=1e-5)
+    assert "bytes" not in inside and "pixels" not in inside
+
+
+class RunsOutOfMemoryAbove(torch.nn.Module):
+    """Raises CUDA's out-of-memory error, as a GPU would, for batches larger than `limit`."""
+
+    def __init__(self, model: torch.nn.Module, limit: int):
+        super().__init__()
+        self.model, self.limit, self.sizes = model, limit, []
+
+    def forward(self, x):
+        self.sizes.append(len(x))
+        if len(x) > self.limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.model(x)
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_it_halved(spec):
+    pixels = np.random.default_rng(0).integers(0, 255, (8, 56, 56, 3), dtype=np.uint8)
+    expected = Classifier(spec, Storage.from_env()).predict(pixels)
+    classifier = Classifier(spec, Storage.from_env())
+    classifier.model = RunsOutOfMemoryAbove(classifier.model, limit=3)
+    scores, indexes = classifier.predict(pixels)
+    np.testing.assert_allclose(scores, expected[0], atol=1e-5)
+    assert (indexes == expected[1]).all()
+    assert classifier.max_batch == 2 and classifier.model.sizes == [8, 4, 2, 2, 2, 2]
+    classifier.predict(pixels)
+    assert classifier.model.sizes[6:] == [2, 2, 2, 2]  # later batches start at the size that fitted
+
+
+def test_out_of_memory_on_one_image_is_an_error_row_not_a_failed_job(spec):
+    classifier = Classifier(spec, Storage.from_env())
+    classifier.model = RunsOutOfMemoryAbove(classifier.model, limit=0)
+    out = classifier(Decoder(spec.preprocess, 10**8)(as_batch([encode(photo(), "JPEG"), b""])))
+    assert list(out["error_type"]) == ["model.out_of_memory", "decode.empty"]
+    assert out["label"][0] is None
+
+
+def test_auto_pool_fills_the_cluster(ray_session):
+    from pipeline.runner import pool_size
+
+    assert pool_size(ComputeConfig(), 0) == (2, 2)  # the test session's Ray has 2 CPUs, no GPU
+    assert pool_size(ComputeConfig(num_cpus_per_actor=0.5), 0) == (4, 4)
+    assert pool_size(ComputeConfig(min_actors=1), 0) == (1, 2)
+    assert pool_size(ComputeConfig(min_actors=1, max_actors=3), 0) == (1, 3)
+
+
+@needs_gpu
+@gpu_only
+def test_device_decoder_on_gpu_agrees_with_the_pillow_decoder():
+    check_agrees_with_cpu_decoder("cuda")
+
+
+@needs_gpu
+@gpu_only
+def test_gpu_actor_decodes_jpegs_on_the_gpu(spec):
+    inputs = list(mixed_inputs().values())
+    classifier = Classifier(spec, Storage.from_env(), decode=Decoder(spec.preprocess, 10**8), decode_on_device=True)
+    assert isinstance(classifier.decoder, DeviceDecoder)
+    out = classifier(as_batch(inputs))
+    cpu = Classifier(spec, Storage.from_env())(Decoder(spec.preprocess, 10**8)(as_batch(inputs)))
+    assert list(out["error_type"]) == list(cpu["error_type"])
+    assert sum(e is None for e in out["error"]) == 5
