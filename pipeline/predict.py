@@ -91,7 +91,7 @@ class Classifier:
     def predict(self, pixels: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """uint8 (N, H, W, 3) -> top-k probabilities and class indexes, both (N, k)."""
         x = torch.as_tensor(pixels)
-        if x.device != self.device:
+        if x.device.type != self.device.type:
             x = x.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else x
         x = x.permute(0, 3, 1, 2)  # NHWC memory is exactly a channels-last NCHW tensor
         x = x.float().mul_(self.scale).add_(self.shift).contiguous(memory_format=self.memory_format)

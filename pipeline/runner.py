@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -38,10 +39,10 @@ from pipeline.source import InputListing, ListingTally
 from pipeline.storage import Storage, absolute, join
 
 
-# Ray merges what a task yields into blocks of up to this many bytes, and an actor takes whole blocks. Small
-# blocks keep the listing streaming (~2,500 keys per block) and spread even tiny images over every actor
-# (a read task yields 64 at a time); bigger ones would hand one actor thousands of thumbnails at once.
-BLOCK_BYTES = 256 << 10
+# Ray merges what a task yields into blocks of up to this many bytes, and an actor takes whole blocks: ~10k
+# listed keys or ~14 photos per block. Ray's default (128 MiB) would hold the listing back until ~1M keys;
+# 256 KiB blocks cost 2.7x in throughput (docs/performance.md). Thumbnails come ~1,000 to a block.
+BLOCK_BYTES = 1 << 20
 BLOCK_ROWS = 64  # inputs fetched concurrently by a read task
 CHECKPOINT_BATCHES = 8  # default durability granularity, in model batches
 # Listing and reading wait on storage, so they hold no logical CPU: every core goes to decoding and the
@@ -240,6 +241,8 @@ def start_ray(address: str | None) -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     for chatty in ("ray.data._internal.progress", "ray._private.authentication.authentication_token_setup"):
         logging.getLogger(chatty).setLevel(logging.ERROR)
+    # Ray Data warns when a small job has fewer blocks than the pool has tasks or actors: expected, not a fault.
+    warnings.filterwarnings("ignore", message=r"The (maximum|minimum) number of concurrent", category=UserWarning)
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
         # A local Ray's workers inherit this environment: let them import what the driver can from here

@@ -60,6 +60,12 @@ def photo(width: int = 96, height: int = 72, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB")
 
 
+def photo_jpeg(seed: int) -> bytes:
+    """A photo-sized JPEG (~95 KB). The model actors take whole blocks of encoded files (runner.BLOCK_BYTES,
+    about 11 of these), so tests that need rows to arrive over many blocks use these, not thumbnails."""
+    return encode(photo(480, 360, seed=seed), "JPEG", quality=90)
+
+
 def encode(image: Image.Image, fmt: str, **options) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **options)

@@ -12,7 +12,7 @@ import time
 import pyarrow.dataset as pads
 import pytest
 
-from conftest import encode, photo
+from conftest import photo_jpeg
 from counting_model import images_seen, nodes_seen
 from ray_cluster import TwoNodeCluster
 from test_crash import staged_rows
@@ -24,10 +24,8 @@ INPUTS = 400
 @pytest.mark.slow
 def test_job_survives_losing_a_node_mid_run(tmp_path, s3_server, storage, bucket):
     for i in range(INPUTS):
-        # Photo-sized files (~10 KB): Ray hands actors whole blocks (runner.BLOCK_BYTES), and 400 thumbnails
-        # would fit in two blocks, too few to spread over both nodes' actors.
-        storage.s3_client.put_object(Bucket=bucket, Key=f"in/{i:04d}.jpg",
-                                     Body=encode(photo(160, 120, seed=i), "JPEG", quality=90))
+        # Photo-sized: 400 thumbnails would fit in one block, too few to spread over both nodes' actors.
+        storage.s3_client.put_object(Bucket=bucket, Key=f"in/{i:04d}.jpg", Body=photo_jpeg(i))
     spec = tmp_path / "job.yaml"
     # One model actor per node: each wants 1.5 of a node's 2 CPUs, leaving room for reading and decoding.
     spec.write_text(json.dumps({

@@ -18,7 +18,7 @@ import duckdb
 import pyarrow.dataset as pads
 import pytest
 
-from conftest import encode, photo
+from conftest import photo_jpeg
 from counting_model import images_seen
 
 TESTS = Path(__file__).parent
@@ -29,9 +29,8 @@ def put_inputs(storage, bucket: str, prefix: str = "in") -> list[str]:
     uris = []
     for i in range(INPUTS):
         key = f"{prefix}/img {i:04d}.jpg"
-        # Photo-sized files (~10 KB), so that the rows reach the driver over several blocks (runner.BLOCK_BYTES)
-        # and the kill points fall mid-run.
-        storage.s3_client.put_object(Bucket=bucket, Key=key, Body=encode(photo(160, 120, seed=i), "JPEG", quality=90))
+        # Photo-sized, so that rows reach the driver over many blocks and the kill points fall mid-run.
+        storage.s3_client.put_object(Bucket=bucket, Key=key, Body=photo_jpeg(i))
         uris.append(f"s3://{bucket}/{key}")
     return uris
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import encode, photo
+from conftest import encode, photo, photo_jpeg
 from pipeline.cli import main
 from pipeline.config import load_job
 from pipeline.decode import Decoder
@@ -261,17 +261,16 @@ def test_torchvision_weights_by_name(tmp_path, cached_imagenet_resnet18):
 
 def test_predictions_stream_to_the_driver_in_many_batches(tmp_path, storage, bucket, classifier_files):
     """Ray must not merge the work into one block: rows reach the driver while work is still going on.
-    Blocks are runner.BLOCK_BYTES of encoded images, about 23 of these ~11 KB photos."""
+    Blocks are runner.BLOCK_BYTES of encoded images, about 11 of these photos."""
     from pipeline.runner import build_dataset
     from pipeline.source import ListingTally
 
-    put_objects(storage, bucket, "stream/", {f"{i:04d}.jpg": encode(photo(160, 120, seed=i), "JPEG", quality=90)
-                                             for i in range(160)})
+    put_objects(storage, bucket, "stream/", {f"{i:04d}.jpg": photo_jpeg(i) for i in range(80)})
     cfg = job(classifier_files, f"s3://{bucket}/stream/", str(tmp_path / "out"), compute={"batch_size": 8})
     spec = resolve_model(cfg.model, storage)
     batches = [b.num_rows for b in build_dataset(cfg, spec, storage, ListingTally.remote()).iter_batches(
         batch_format="pyarrow", batch_size=None)]
-    assert sum(batches) == 160
+    assert sum(batches) == 80
     assert len(batches) >= 4
 
 
