@@ -175,3 +175,18 @@ def test_gpu_actor_decodes_jpegs_on_the_gpu(spec):
     cpu = Classifier(spec, Storage.from_env())(Decoder(spec.preprocess, 10**8)(as_batch(inputs)))
     assert list(out["error_type"]) == list(cpu["error_type"])
     assert sum(e is None for e in out["error"]) == 5
+
+
+def test_gpu_decoding_without_gpus_is_refused_in_one_line(ray_session, tmp_path, classifier_files):
+    import io
+
+    from pipeline.config import load_job
+    from pipeline.errors import UserError
+    from pipeline.runner import run_job
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes(encode(photo(), "JPEG"))
+    cfg = load_job(None, {"input": str(tmp_path / "in"), "output": str(tmp_path / "out"), **classifier_files})
+    cfg.decode.device = "gpu"
+    with pytest.raises(UserError, match=r"decode.device: 'gpu' but the model actors get no GPU"):
+        run_job(cfg, out=io.StringIO())
