@@ -57,6 +57,14 @@ def env_for(calls: Path, failpoint: str | None = None) -> dict[str, str]:
     return env
 
 
+def wait_until_quiet(calls: Path, quiet_s: float = 3.0, limit_s: float = 60.0) -> None:
+    deadline, last, since = time.monotonic() + limit_s, images_seen(calls), time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - since < quiet_s:
+        time.sleep(0.2)
+        if images_seen(calls) != last:
+            last, since = images_seen(calls), time.monotonic()
+
+
 def committed_rows(output: str, storage) -> "pyarrow.Table":
     fs, path = storage.fs(output)
     fs.invalidate_cache()  # s3fs caches listings; the output changed in another process
@@ -86,6 +94,7 @@ def test_killed_driver_resumes_with_exactly_one_row_per_input(failpoint, on_s3, 
     killed = subprocess.run([*pipeline_cmd(f"s3://{bucket}/in", output), spec],
                             env=env_for(calls, failpoint), capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    wait_until_quiet(calls)  # the killed driver's actors can finish a batch before Ray reaps them
     seen_before = images_seen(calls)
     durable = staged_rows(output, storage)
     calls.unlink(missing_ok=True)
