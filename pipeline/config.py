@@ -115,13 +115,42 @@ class PreprocessConfig(_Section):
     interpolation: Literal["nearest", "bilinear", "bicubic"] | None = None
 
 
+class DetectionConfig(_Section):
+    score_threshold: float = Field(0.5, ge=0, le=1, description="detections scoring below this are dropped")
+    max_detections: int = Field(100, gt=0, description="at most this many detections per image, best first")
+    classes: list[str] | None = Field(None, description="allow-list of labels to keep; null keeps every class")
+
+
+class EmbeddingConfig(_Section):
+    normalize: bool = Field(True, description="L2-normalise each embedding (cosine similarity = dot product)")
+    layer: str | None = Field(
+        None, description="dotted name of the module whose input is the embedding; default: the classifier head "
+        "(fc, classifier, head or heads, else the last Linear), or a detector's backbone output")
+
+
 class ModelConfig(_Section):
-    name: str = Field(..., description="torchvision architecture (resnet50) or custom 'module.path:build_fn'")
+    name: str = Field(..., description="torchvision architecture (resnet50, fasterrcnn_resnet50_fpn) or custom "
+                                       "'module.path:build_fn'")
+    task: Literal["auto", "classification", "detection"] = Field(
+        "auto", description="'auto': detection for torchvision detection models, else classification; a custom "
+                            "detector says 'detection'")
     weights: str | None = Field(
         None, description="torchvision weights name (IMAGENET1K_V2, DEFAULT) or a local/s3:// state_dict file")
     labels: str | None = Field(None, description="text file, one class name per line (local or s3://)")
+    outputs: list[Literal["predictions", "embedding"]] = Field(
+        ["predictions"], description="what each row holds: the model's predictions (labels or detections), "
+                                     "its embedding (pooled features before the head), or both")
     top_k: int = Field(5, gt=0)
     preprocess: PreprocessConfig = PreprocessConfig()
+    detection: DetectionConfig = DetectionConfig()
+    embedding: EmbeddingConfig = EmbeddingConfig()
+
+    @field_validator("outputs")
+    @classmethod
+    def _some_outputs(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("must name at least one of: predictions, embedding")
+        return sorted(set(value), key=["predictions", "embedding"].index)
 
     @property
     def is_custom(self) -> bool:
@@ -160,6 +189,9 @@ class ComputeConfig(_Section):
     memory_per_actor_gb: float = Field(2.0, gt=0, description="memory Ray reserves for each model actor")
     precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="autocast dtype on GPU")
     channels_last: bool = Field(True, description="NHWC memory layout for the model (faster on CPU and GPU)")
+    max_batch_megapixels: float = Field(
+        48.0, gt=0, description="detection: a model call takes at most this many decoded pixels (in millions) "
+        "however many images batch_size allows, so a batch of large photos is split instead of exhausting memory")
     ray_address: str | None = Field(None, description="existing cluster; default RAY_ADDRESS or a local Ray")
 
     @field_validator("max_actors")

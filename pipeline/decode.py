@@ -1,7 +1,9 @@
 """Decode stage: encoded bytes -> an RGB uint8 array (crop, crop, 3) ready for the model.
 
 Every image goes through the same steps: header check against the pixel limit, first frame, full decode,
-EXIF orientation, mode -> RGB, resize of the shorter side, center crop. Whatever goes wrong becomes the
+EXIF orientation, mode -> RGB, resize of the shorter side, center crop. For a detector (no `Preprocess`)
+the image keeps its size after EXIF orientation: the detector resizes it itself and reports boxes in
+these pixels. Whatever goes wrong becomes the
 row's error ("decode: image file is truncated"); the batch carries on.
 
 Pixels stay height x width x channel, as every image library lays them out: the model stage views that
@@ -33,9 +35,13 @@ class Preprocess:
 
 
 class Decoder:
-    """Batch function: adds `pixels`, `image_width`, `image_height`; drops `bytes`."""
+    """Batch function: adds `pixels`, `image_width`, `image_height`; drops `bytes`.
 
-    def __init__(self, preprocess: Preprocess, max_image_pixels: int):
+    `pixels` is one (N, crop, crop, 3) array, or without a `Preprocess` an object array of (H, W, 3) arrays
+    (None for a failed row).
+    """
+
+    def __init__(self, preprocess: Preprocess | None, max_image_pixels: int):
         self.preprocess = preprocess
         self.max_image_pixels = max_image_pixels
 
@@ -44,9 +50,11 @@ class Decoder:
         # check is off because `decode` checks the header against our limit, with a clearer message.
         Image.MAX_IMAGE_PIXELS = None
         ImageFile.LOAD_TRUNCATED_IMAGES = False
-        size = self.preprocess.crop_size
         n = len(batch["uri"])
-        pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
+        if self.preprocess is None:
+            pixels = np.full(n, None, dtype=object)
+        else:
+            pixels = np.zeros((n, self.preprocess.crop_size, self.preprocess.crop_size, 3), dtype=np.uint8)
         widths = np.zeros(n, dtype=np.int32)
         heights = np.zeros(n, dtype=np.int32)
         errors, error_types = error_columns(batch)
@@ -78,6 +86,8 @@ class Decoder:
 
     def resize_and_crop(self, image: Image.Image) -> np.ndarray:
         p = self.preprocess
+        if p is None:
+            return np.array(image, dtype=np.uint8)  # writable: torch refuses to wrap read-only memory
         width, height = image.size
         # Shorter side to resize_size, longer side truncated: torchvision's Resize(int) arithmetic.
         if width <= height:

@@ -29,9 +29,13 @@ _DEVICE_MODES = {"RGB", "L"}  # JPEG colour modes the device decoder turns into 
 
 
 class DeviceDecoder:
-    """Batch of encoded bytes -> (batch with sizes and errors, uint8 pixels (N, crop, crop, 3) on `device`)."""
+    """Batch of encoded bytes -> (batch with sizes and errors, uint8 pixels (N, crop, crop, 3) on `device`).
 
-    def __init__(self, preprocess: Preprocess, max_image_pixels: int, device: torch.device):
+    Without a `Preprocess` (a detector) the pixels are a list of (H, W, 3) images at their own size, None
+    for a failed row.
+    """
+
+    def __init__(self, preprocess: Preprocess | None, max_image_pixels: int, device: torch.device):
         self.preprocess = preprocess
         self.device = device
         self.cpu = Decoder(preprocess, max_image_pixels)
@@ -39,8 +43,11 @@ class DeviceDecoder:
     def __call__(self, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], torch.Tensor]:
         data = batch.pop("bytes")
         n = len(data)
-        size = self.preprocess.crop_size
-        pixels = torch.zeros((n, size, size, 3), dtype=torch.uint8, device=self.device)
+        if self.preprocess is None:
+            pixels: torch.Tensor | list = [None] * n
+        else:
+            size = self.preprocess.crop_size
+            pixels = torch.zeros((n, size, size, 3), dtype=torch.uint8, device=self.device)
         widths, heights = np.zeros(n, dtype=np.int32), np.zeros(n, dtype=np.int32)
         errors, error_types = error_columns(batch)
         on_device = [i for i in range(n) if errors[i] is None and self.device_can_decode(data[i])]
@@ -88,6 +95,8 @@ class DeviceDecoder:
 
     def resize_and_crop(self, image: torch.Tensor) -> torch.Tensor:
         p = self.preprocess
+        if p is None:
+            return image
         image = F.resize(image, [p.resize_size], interpolation=_INTERPOLATION[p.interpolation], antialias=True)
         return F.center_crop(image, [p.crop_size])
 
@@ -97,7 +106,12 @@ class DeviceDecoder:
         sub = {"uri": batch["uri"][rows], "bytes": encoded,
                "error": np.full(len(rows), None, dtype=object), "error_type": np.full(len(rows), None, dtype=object)}
         out = self.cpu(sub)
-        pixels[rows] = torch.from_numpy(out["pixels"]).to(self.device)
+        if isinstance(pixels, list):
+            for j, i in enumerate(rows):
+                image = out["pixels"][j]
+                pixels[i] = None if image is None else torch.from_numpy(image).to(self.device)
+        else:
+            pixels[rows] = torch.from_numpy(out["pixels"]).to(self.device)
         for j, i in enumerate(rows):
             widths[i], heights[i] = out["image_width"][j], out["image_height"][j]
             errors[i], error_types[i] = out["error"][j], out["error_type"][j]

@@ -11,14 +11,15 @@ import hashlib
 import importlib
 import inspect
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torchvision
 from torch import nn
 
-from pipeline.config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig
+from pipeline.config import IMAGENET_MEAN, IMAGENET_STD, DetectionConfig, EmbeddingConfig, ModelConfig
 from pipeline.decode import Preprocess
+from pipeline.embedding import EmbeddingTap
 from pipeline.errors import UserError
 from pipeline.storage import Storage
 
@@ -33,21 +34,41 @@ class ModelSpec:
     checkpoint: str | None  # local path or s3:// URI of a state_dict
     weights_id: str  # what the output's `weights` column says: the enum, or sha256 of the checkpoint
     labels: tuple[str, ...]
-    preprocess: Preprocess
+    preprocess: Preprocess | None  # None for detectors: they resize with their own transform
     top_k: int
+    task: str = "classification"  # or "detection"
+    outputs: tuple[str, ...] = ("predictions",)  # and/or "embedding"
+    detection: DetectionConfig = field(default_factory=DetectionConfig)
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    embedding_dim: int | None = None  # set when outputs has "embedding"
+
+    @property
+    def wants_predictions(self) -> bool:
+        return "predictions" in self.outputs
+
+    @property
+    def wants_embedding(self) -> bool:
+        return "embedding" in self.outputs
 
 
 def classification_models() -> list[str]:
     return torchvision.models.list_models(module=torchvision.models)
 
 
+def detection_models() -> list[str]:
+    return torchvision.models.list_models(module=torchvision.models.detection)
+
+
+def resolve_task(cfg: ModelConfig) -> str:
+    if cfg.task != "auto":
+        return cfg.task
+    return "detection" if cfg.name in detection_models() else "classification"
+
+
 def resolve_model(cfg: ModelConfig, storage: Storage) -> ModelSpec:
+    task = resolve_task(cfg)
+    _check_name(cfg, task)
     weights_enum = _torchvision_weights(cfg) if cfg.weights and not cfg.checkpoint else None
-    if not cfg.is_custom and cfg.name not in classification_models():
-        close = [m for m in classification_models() if cfg.name.lower().replace("-", "_") in m][:5]
-        hint = f"did you mean {', '.join(close)}?" if close else "see torchvision.models.list_models()"
-        raise UserError(f"model.name: '{cfg.name}' is not a torchvision classification model; {hint} "
-                        "(a custom model is 'module.path:build_fn')")
     if cfg.checkpoint and cfg.labels is None:
         raise UserError("model.labels: required with a checkpoint; give a text file with one class name per "
                         "line (its line count sets num_classes)")
@@ -64,16 +85,44 @@ def resolve_model(cfg: ModelConfig, storage: Storage) -> ModelSpec:
         checkpoint=cfg.checkpoint,
         weights_id=weights_id or (str(weights_enum) if weights_enum is not None else "none"),
         labels=labels or (),
-        preprocess=_resolve_preprocess(cfg, weights_enum),
+        preprocess=_resolve_preprocess(cfg, weights_enum) if task == "classification" else _no_preprocess(cfg),
         top_k=cfg.top_k,
+        task=task,
+        outputs=tuple(cfg.outputs),
+        detection=cfg.detection,
+        embedding=cfg.embedding,
     )
-    num_outputs = _probe(_instantiate(spec, state_dict), spec)
-    if not spec.labels:  # a custom model without a labels file: classes are named by index
-        return ModelSpec(**{**spec.__dict__, "labels": tuple(str(i) for i in range(num_outputs))})
-    if num_outputs != len(spec.labels):
-        raise UserError(f"model.labels: {len(spec.labels)} labels, but {spec.name} outputs {num_outputs} classes; "
-                        "give one line per class, in the model's class order")
+    model = _instantiate(spec, state_dict)
+    if task == "detection":
+        _probe_detector(model, spec)
+        _check_classes(spec)
+    else:
+        num_outputs = _probe(model, spec)
+        if not spec.labels:  # a custom model without a labels file: classes are named by index
+            spec = ModelSpec(**{**spec.__dict__, "labels": tuple(str(i) for i in range(num_outputs))})
+        if num_outputs != len(spec.labels):
+            raise UserError(f"model.labels: {len(spec.labels)} labels, but {spec.name} outputs {num_outputs} "
+                            "classes; give one line per class, in the model's class order")
+    if spec.wants_embedding:
+        spec = ModelSpec(**{**spec.__dict__, "embedding_dim": _probe_embedding(model, spec)})
     return spec
+
+
+def _check_name(cfg: ModelConfig, task: str) -> None:
+    if cfg.is_custom:
+        return
+    known = classification_models() if task == "classification" else detection_models()
+    if cfg.name in known:
+        return
+    if cfg.name in detection_models() + classification_models():
+        other = "detection" if task == "classification" else "classification"
+        raise UserError(f"model.name: '{cfg.name}' is a torchvision {other} model, but model.task is '{task}'; "
+                        f"set model.task to '{other}' or 'auto'")
+    everything = classification_models() + detection_models()
+    close = [m for m in everything if cfg.name.lower().replace("-", "_") in m][:5]
+    hint = f"did you mean {', '.join(close)}?" if close else "see torchvision.models.list_models()"
+    raise UserError(f"model.name: '{cfg.name}' is not a torchvision {task} model; {hint} "
+                    "(a custom model is 'module.path:build_fn')")
 
 
 def build_model(spec: ModelSpec, storage: Storage) -> nn.Module:
@@ -93,6 +142,9 @@ def _instantiate(spec: ModelSpec, state_dict: dict | None) -> nn.Module:
         except Exception as exc:  # download failures surface as URLError, HTTPError, OSError...
             raise UserError(f"model.weights: cannot load {spec.weights_name} ({type(exc).__name__}: {exc}); "
                             "it downloads into TORCH_HOME, so check the network or use a local checkpoint") from None
+    elif spec.task == "detection":
+        # Detection builders fetch ImageNet backbone weights unless told not to; the checkpoint has them all.
+        model = torchvision.models.get_model(spec.name, weights=None, weights_backbone=None, num_classes=num_classes)
     else:
         model = torchvision.models.get_model(spec.name, weights=None, num_classes=num_classes)
     if state_dict is not None:
@@ -194,6 +246,52 @@ def _resolve_preprocess(cfg: ModelConfig, weights_enum) -> Preprocess:
         raise UserError(f"model.preprocess: crop_size {resolved.crop_size} is larger than resize_size "
                         f"{resolved.resize_size}; make crop_size <= resize_size")
     return resolved
+
+
+def _no_preprocess(cfg: ModelConfig) -> None:
+    if cfg.preprocess.model_dump(exclude_none=True):
+        raise UserError("model.preprocess: a detector resizes and normalises with its own transform; remove "
+                        "model.preprocess from a detection job")
+    return None
+
+
+def _probe_detector(model: nn.Module, spec: ModelSpec) -> None:
+    """One forward pass on a small blank image: the detection API (a list of dicts with boxes) or a clear error."""
+    try:
+        with torch.inference_mode():
+            out = model([torch.zeros(3, 96, 128)])
+    except Exception as exc:  # noqa: BLE001 - whatever a custom detector raises
+        detail = " ".join(str(exc).split())[:200]
+        raise UserError(f"model.name: {spec.name} fails on a list with one 3x96x128 image ({type(exc).__name__}: "
+                        f"{detail}); a detector takes a list of CHW float images in 0..1") from None
+    if not (isinstance(out, (list, tuple)) and len(out) == 1 and isinstance(out[0], dict)
+            and {"boxes", "labels", "scores"} <= set(out[0])):
+        raise UserError(f"model.name: {spec.name} must return one dict with boxes, labels and scores per image, as "
+                        "torchvision's detectors do; set model.task to 'classification' if it is a classifier")
+
+
+def _check_classes(spec: ModelSpec) -> None:
+    allowed = spec.detection.classes
+    if not allowed or not spec.labels:
+        return
+    unknown = [c for c in allowed if c not in spec.labels]
+    if unknown:
+        import difflib
+
+        hint = difflib.get_close_matches(unknown[0], spec.labels, n=3)
+        fix = f"did you mean {', '.join(hint)}?" if hint else "use names from the model's labels"
+        raise UserError(f"model.detection.classes: '{unknown[0]}' is not one of {spec.name}'s labels; {fix}")
+
+
+def _probe_embedding(model: nn.Module, spec: ModelSpec) -> int:
+    """The embedding's width, from one forward pass with the tap attached."""
+    tap = EmbeddingTap(model, spec.task, spec.embedding.layer, spec.embedding.normalize)
+    size = spec.preprocess.crop_size if spec.preprocess else 128
+    with torch.inference_mode():
+        model([torch.zeros(3, size, size)] if spec.task == "detection" else torch.zeros(1, 3, size, size))
+    dim = tap.take().shape[1]
+    tap.remove()
+    return int(dim)
 
 
 def _probe(model: nn.Module, spec: ModelSpec) -> int:

@@ -1,24 +1,28 @@
-"""Model stage: a callable class, so Ray builds one model per actor and reuses it for every batch.
+"""Model stage: callable classes, so Ray builds one model per actor and reuses it for every batch.
+
+`ModelStage` holds what every model actor shares; `Classifier` (here) and `Detector` (detect.py) say only
+how a batch of pixels becomes their columns.
 
 The device is chosen here, on the worker: a GPU when Ray gave this actor one, the CPU otherwise. A batch
 arrives either decoded (`pixels`, from CPU decode tasks) or encoded (`bytes`), which the actor decodes
 itself: on its GPU (`DeviceDecoder`), or on its own core when the cluster has no GPU, so one process per
 core decodes and infers without handing pixels between processes.
 
-Pixels are uint8 height x width x channel; the model sees them as a channels-last NCHW view, normalised on
-the device (a quarter of the bytes to move). Rows that already failed pass through untouched; pixels are
-dropped as soon as the model has used them. A CUDA out-of-memory error halves the batch for this actor
-and retries; at one image it becomes that row's error.
+Rows that already failed pass through untouched; pixels are dropped as soon as the model has used them.
+A CUDA out-of-memory error halves the actor's model calls and retries; at one image it becomes the rows'
+error.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from pipeline.decode import Decoder
+from pipeline.embedding import EmbeddingTap
 from pipeline.model import ModelSpec, build_model
 from pipeline.rows import error_columns
 from pipeline.storage import Storage
@@ -27,9 +31,10 @@ _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 log = logging.getLogger(__name__)
 
 
-class Classifier:
+class ModelStage:
     def __init__(self, spec: ModelSpec, storage: Storage, precision: str = "fp32", channels_last: bool = True,
                  num_threads: int | None = None, decode: Decoder | None = None, decode_on_device: bool = False):
+        self.spec = spec
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu" and num_threads:
             torch.set_num_threads(num_threads)
@@ -38,47 +43,43 @@ class Classifier:
             from pipeline.gpu_decode import DeviceDecoder
 
             self.decoder = DeviceDecoder(decode.preprocess, decode.max_image_pixels, self.device)
-        self.labels = np.asarray(spec.labels, dtype=object)
-        self.top_k = min(spec.top_k, len(spec.labels))
         self.autocast_dtype = _AUTOCAST.get(precision) if self.device.type == "cuda" else None
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = build_model(spec, storage).to(self.device, memory_format=self.memory_format)
-        p = spec.preprocess
-        # (x / 255 - mean) / std as one multiply-add on the uint8 input.
-        std = torch.tensor(p.std, device=self.device).view(1, 3, 1, 1)
-        self.scale = 1.0 / (255.0 * std)
-        self.shift = -torch.tensor(p.mean, device=self.device).view(1, 3, 1, 1) / std
+        self.tap = (EmbeddingTap(self.model, spec.task, spec.embedding.layer, spec.embedding.normalize)
+                    if spec.wants_embedding else None)
         self.max_batch: int | None = None  # lowered after a CUDA out-of-memory error
+
+    def empty_columns(self, n: int) -> dict[str, np.ndarray]:
+        """The stage's output columns for n rows, as they stay for a failed row."""
+        if self.tap is None:
+            return {}
+        return {"embedding": np.full((n, self.spec.embedding_dim), np.nan, dtype=np.float32)}
+
+    def predict(self, pixels) -> dict[str, Sequence]:
+        """Column values for these (good) images, in their order."""
+        raise NotImplementedError
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         pixels = self.decode(batch)
-        n = len(batch["uri"])
         errors, error_types = error_columns(batch)
-        ok = np.array([e is None for e in errors], dtype=bool)
-        label = np.full(n, None, dtype=object)
-        score = np.full(n, np.nan, dtype=np.float32)
-        topk_labels = np.full(n, None, dtype=object)
-        topk_scores = np.full(n, None, dtype=object)
-        if ok.any():
-            rows = np.flatnonzero(ok)
-            if not ok.all():
-                pixels = pixels[torch.from_numpy(rows).to(pixels.device)] if torch.is_tensor(pixels) else pixels[rows]
+        columns = self.empty_columns(len(errors))
+        rows = np.flatnonzero([e is None for e in errors])
+        if len(rows):
+            if len(rows) < len(errors):
+                pixels = _select(pixels, rows)
             try:
-                scores, indexes = self.predict(pixels)
+                values = self.predict(pixels)
             except torch.cuda.OutOfMemoryError:
                 errors[rows] = "model: CUDA out of memory even at one image per forward pass"
                 error_types[rows] = "model.out_of_memory"
             else:
-                label[rows] = self.labels[indexes[:, 0]]
-                score[rows] = scores[:, 0]
-                for j, row in enumerate(rows):
-                    topk_labels[row] = list(self.labels[indexes[j]])
-                    topk_scores[row] = scores[j].tolist()
-        batch.update(label=label, score=score, topk_labels=topk_labels, topk_scores=topk_scores, error=errors,
-                     error_type=error_types)
+                for name, column in values.items():
+                    _fill(columns[name], rows, column)
+        batch.update(columns, error=errors, error_type=error_types)
         return batch
 
-    def decode(self, batch: dict[str, np.ndarray]) -> np.ndarray | torch.Tensor:
+    def decode(self, batch: dict[str, np.ndarray]):
         """The batch's pixels, decoding its `bytes` here when this actor decodes for itself."""
         if "bytes" not in batch:
             return batch.pop("pixels")
@@ -87,31 +88,93 @@ class Classifier:
             return decoded[1]
         return decoded.pop("pixels")
 
+    def in_chunks(self, plan: Callable[[int | None], list[np.ndarray]], run: Callable[[np.ndarray], object]) -> list:
+        """run(indexes) for each chunk that plan(max_batch) makes, under autocast; [(indexes, result)].
+
+        A CUDA out-of-memory error halves max_batch (kept for later batches) and runs the whole plan again.
+        """
+        while True:
+            size = self.max_batch
+            try:
+                with torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                                    enabled=self.autocast_dtype is not None):
+                    if self.tap is not None:
+                        self.tap.clear()
+                    return [(indexes, run(indexes)) for indexes in plan(size)]
+            except torch.cuda.OutOfMemoryError:
+                chunks = plan(size)
+                largest = max(len(c) for c in chunks)
+                if largest == 1:
+                    raise
+                self.max_batch = largest // 2
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                log.warning("CUDA out of memory at %d images per forward pass; retrying at %d", largest,
+                            self.max_batch)
+
+
+class Classifier(ModelStage):
+    """Pixels are uint8 (N, H, W, 3); the model sees a channels-last NCHW view, normalised on the device."""
+
+    def __init__(self, spec: ModelSpec, storage: Storage, **kwargs):
+        super().__init__(spec, storage, **kwargs)
+        self.labels = np.asarray(spec.labels, dtype=object)
+        self.top_k = min(spec.top_k, len(spec.labels))
+        p = spec.preprocess
+        # (x / 255 - mean) / std as one multiply-add on the uint8 input.
+        std = torch.tensor(p.std, device=self.device).view(1, 3, 1, 1)
+        self.scale = 1.0 / (255.0 * std)
+        self.shift = -torch.tensor(p.mean, device=self.device).view(1, 3, 1, 1) / std
+
+    def empty_columns(self, n: int) -> dict[str, np.ndarray]:
+        columns = super().empty_columns(n)
+        if self.spec.wants_predictions:
+            columns.update(label=np.full(n, None, dtype=object), score=np.full(n, np.nan, dtype=np.float32),
+                           topk_labels=np.full(n, None, dtype=object), topk_scores=np.full(n, None, dtype=object))
+        return columns
+
+    def predict(self, pixels) -> dict[str, Sequence]:
+        scores, indexes, embedding = self.infer(pixels)
+        values: dict[str, Sequence] = {}
+        if self.spec.wants_predictions:
+            values.update(label=self.labels[indexes[:, 0]], score=scores[:, 0],
+                          topk_labels=[list(self.labels[i]) for i in indexes],
+                          topk_scores=[s.tolist() for s in scores])
+        if embedding is not None:
+            values["embedding"] = embedding
+        return values
+
     @torch.inference_mode()
-    def predict(self, pixels: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 (N, H, W, 3) -> top-k probabilities and class indexes, both (N, k)."""
+    def infer(self, pixels) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """uint8 (N, H, W, 3) -> top-k probabilities and class indexes (N, k), and embeddings (N, D) or None."""
         x = torch.as_tensor(pixels)
         if x.device.type != self.device.type:
             x = x.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else x
         x = x.permute(0, 3, 1, 2)  # NHWC memory is exactly a channels-last NCHW tensor
         x = x.float().mul_(self.scale).add_(self.shift).contiguous(memory_format=self.memory_format)
-        probabilities = torch.cat([torch.softmax(logits.float(), dim=1) for logits in self.forward(x)])
+        chunks = self.in_chunks(lambda size: _slices(len(x), size), lambda rows: self.model(x[rows[0]:rows[-1] + 1]))
+        probabilities = torch.cat([torch.softmax(logits.float(), dim=1) for _, logits in chunks])
         top = probabilities.topk(self.top_k, dim=1)
-        return top.values.cpu().numpy(), top.indices.cpu().numpy()
+        embedding = self.tap.take() if self.tap is not None else None
+        return top.values.cpu().numpy(), top.indices.cpu().numpy(), embedding
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Logits in chunks of at most `max_batch`; a CUDA out-of-memory error halves it and tries again."""
-        while True:
-            size = self.max_batch or len(x)
-            try:
-                with torch.autocast(self.device.type, dtype=self.autocast_dtype,
-                                    enabled=self.autocast_dtype is not None):
-                    return [self.model(x[i:i + size]) for i in range(0, len(x), size)]
-            except torch.cuda.OutOfMemoryError:
-                if size == 1:
-                    raise
-                self.max_batch = size // 2
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                log.warning("CUDA out of memory at %d images per forward pass; retrying at %d", size,
-                            self.max_batch)
+
+def _slices(n: int, size: int | None) -> list[np.ndarray]:
+    size = size or n
+    return [np.arange(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def _select(pixels, rows: np.ndarray):
+    if torch.is_tensor(pixels):
+        return pixels[torch.from_numpy(rows).to(pixels.device)]
+    if isinstance(pixels, list):
+        return [pixels[i] for i in rows]
+    return pixels[rows]
+
+
+def _fill(column: np.ndarray, rows: np.ndarray, values: Sequence) -> None:
+    if column.dtype == object:  # lists per row: numpy would try to broadcast them
+        for row, value in zip(rows, values):
+            column[row] = value
+    else:
+        column[rows] = values

@@ -12,15 +12,10 @@ import numpy as np
 
 import pyarrow as pa
 
-# The Parquet schema of a prediction row, in column order.
-OUTPUT_SCHEMA = pa.schema([
-    pa.field("uri", pa.string(), nullable=False),
-    pa.field("error", pa.string()),
-    pa.field("error_type", pa.string()),
-    pa.field("label", pa.string()),
-    pa.field("score", pa.float32()),
-    pa.field("topk_labels", pa.list_(pa.string())),
-    pa.field("topk_scores", pa.list_(pa.float32())),
+# The columns every row has, whatever the model: what was read, and by which model and run.
+_IDENTITY = [pa.field("uri", pa.string(), nullable=False), pa.field("error", pa.string()),
+             pa.field("error_type", pa.string())]
+_PROVENANCE = [
     pa.field("image_width", pa.int32()),
     pa.field("image_height", pa.int32()),
     pa.field("size", pa.int64()),
@@ -29,7 +24,27 @@ OUTPUT_SCHEMA = pa.schema([
     pa.field("model", pa.string(), nullable=False),
     pa.field("weights", pa.string(), nullable=False),
     pa.field("run_id", pa.string(), nullable=False),
-])
+]
+CLASSIFICATION_COLUMNS = [
+    pa.field("label", pa.string()),
+    pa.field("score", pa.float32()),
+    pa.field("topk_labels", pa.list_(pa.string())),
+    pa.field("topk_scores", pa.list_(pa.float32())),
+]
+DETECTION = pa.struct([pa.field("label", pa.string()), pa.field("score", pa.float32()),
+                       *(pa.field(name, pa.float32()) for name in ("x1", "y1", "x2", "y2"))])
+DETECTION_COLUMNS = [pa.field("detections", pa.list_(DETECTION)), pa.field("num_detections", pa.int32())]
+
+
+def output_schema(task: str = "classification", predictions: bool = True, embedding_dim: int | None = None) -> pa.Schema:
+    """The Parquet schema of a row: identity, the model's columns, the embedding if any, provenance."""
+    model_columns = (CLASSIFICATION_COLUMNS if task == "classification" else DETECTION_COLUMNS) if predictions else []
+    embedding = [pa.field("embedding", pa.list_(pa.float32(), embedding_dim))] if embedding_dim else []
+    return pa.schema(_IDENTITY + model_columns + embedding + _PROVENANCE)
+
+
+# A classification row, the default job's schema.
+OUTPUT_SCHEMA = output_schema()
 
 # Columns the listing produces; every later stage adds to these.
 SOURCE_SCHEMA = pa.schema([OUTPUT_SCHEMA.field(name) for name in ("uri", "size", "etag", "last_modified")])

@@ -1,6 +1,7 @@
 """The only module that knows Ray: wires the stages into one streaming Ray Data pipeline and drains it.
 
-    ListInputs (1 read task) -> Read (I/O tasks) -> Decode (CPU tasks) -> Classify (actor pool) -> driver -> Parquet
+    ListInputs (1 read task) -> Read (I/O tasks) -> Decode (CPU tasks) -> Classifier or Detector (actor pool)
+        -> driver -> Parquet
 
 Prediction rows are small (a few hundred bytes), so the driver consumes them with `iter_batches` and
 writes the Parquet files itself. That one place sees every row exactly once, which is what makes the
@@ -29,10 +30,12 @@ from pipeline.errors import JobFailed, JobStopped, UserError
 from pipeline.history import History
 from pipeline.lease import OutputLease
 from pipeline.model import ModelSpec
+from pipeline.detect import Detector
 from pipeline.predict import Classifier
 from pipeline.preflight import preflight
 from pipeline.progress import ProgressPrinter, Tally
 from pipeline.read import Reader
+from pipeline.rows import output_schema
 from pipeline.runs import check_existing_files, history_for, new_run_id, publish, start_or_resume
 from pipeline.sink import StagingSink
 from pipeline.source import InputListing, ListingTally
@@ -101,7 +104,8 @@ def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float 
         sink = StagingSink(folder, run.run_id, {"model": spec.name, "weights": spec.weights_id, "run_id": run.run_id},
                            first_chunk=run.next_chunk(),
                            checkpoint_rows=cfg.output.checkpoint_rows or CHECKPOINT_BATCHES * cfg.compute.batch_size,
-                           checkpoint_seconds=cfg.output.checkpoint_seconds)
+                           checkpoint_seconds=cfg.output.checkpoint_seconds,
+                           schema=output_schema(spec.task, spec.wants_predictions, spec.embedding_dim))
         tally = Tally()
         interval = progress_interval or (2.0 if out.isatty() else 5.0)
         with ProgressPrinter(tally, lambda: ray.get(listing_tally.get.remote()), out, interval):
@@ -192,12 +196,14 @@ def _build(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tally,
     if decode_in_tasks:
         dataset = dataset.map_batches(decoder, batch_size=None, num_cpus=DECODE_CPUS)
     min_actors, max_actors = pool_size(compute, num_gpus)
+    stage_kwargs = {"spec": spec, "storage": storage, "precision": compute.precision,
+                    "channels_last": compute.channels_last, "num_threads": max(1, int(compute.num_cpus_per_actor)),
+                    "decode": None if decode_in_tasks else decoder, "decode_on_device": num_gpus > 0}
+    if spec.task == "detection":
+        stage_kwargs["max_batch_megapixels"] = compute.max_batch_megapixels
     return dataset.map_batches(
-        Classifier,
-        fn_constructor_kwargs={"spec": spec, "storage": storage, "precision": compute.precision,
-                               "channels_last": compute.channels_last,
-                               "num_threads": max(1, int(compute.num_cpus_per_actor)),
-                               "decode": None if decode_in_tasks else decoder, "decode_on_device": num_gpus > 0},
+        Detector if spec.task == "detection" else Classifier,
+        fn_constructor_kwargs=stage_kwargs,
         batch_size=compute.batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
         num_cpus=compute.num_cpus_per_actor,

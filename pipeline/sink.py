@@ -1,7 +1,7 @@
 """Sink: prediction rows -> staged chunks of the run, each durable as a whole (the resume checkpoint).
 
 The driver adds every batch it drains; a chunk is written every `checkpoint_rows` rows or
-`checkpoint_seconds`, whichever comes first, with the explicit OUTPUT_SCHEMA. Chunks become visible Parquet
+`checkpoint_seconds`, whichever comes first, with the job's explicit schema (rows.output_schema). Chunks become visible Parquet
 only when the run is published (commit.py).
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -20,10 +21,11 @@ from pipeline.rows import OUTPUT_SCHEMA
 
 class StagingSink:
     def __init__(self, folder: OutputFolder, run_id: str, provenance: dict[str, str], first_chunk: int,
-                 checkpoint_rows: int, checkpoint_seconds: float):
+                 checkpoint_rows: int, checkpoint_seconds: float, schema: pa.Schema = OUTPUT_SCHEMA):
         self.folder = folder
         self.run_id = run_id
         self.provenance = provenance  # constant columns: model, weights, run_id
+        self.schema = schema
         self.next_chunk = first_chunk
         self.checkpoint_rows = checkpoint_rows
         self.checkpoint_seconds = checkpoint_seconds
@@ -34,7 +36,7 @@ class StagingSink:
         self._last_flush = time.monotonic()
 
     def add(self, batch: pa.Table) -> None:
-        batch = to_output_table(batch, self.provenance)  # batches differ in inferred types; the output does not
+        batch = to_output_table(batch, self.provenance, self.schema)  # batches differ in inferred types; the output does not
         self._pending.append(batch)
         self._pending_rows += batch.num_rows
         failpoints.hit("batch_drained")
@@ -55,24 +57,34 @@ class StagingSink:
         failpoints.hit("chunk_written")
 
 
-def to_output_table(batch: pa.Table, provenance: dict[str, str]) -> pa.Table:
-    """Columns in schema order and type; provenance added; a failed row has no score."""
+def to_output_table(batch: pa.Table, provenance: dict[str, str], schema: pa.Schema = OUTPUT_SCHEMA) -> pa.Table:
+    """Columns in schema order and type; provenance added; a failed row has no score or embedding."""
     n = batch.num_rows
     failed = pc.is_valid(batch["error"])
     columns = {}
-    for field in OUTPUT_SCHEMA:
+    for field in schema:
         if field.name in provenance:
             columns[field.name] = pa.array([provenance[field.name]] * n, field.type)
         elif field.name in batch.column_names:
             columns[field.name] = _cast(batch[field.name], field.type)
         else:
             columns[field.name] = pa.nulls(n, field.type)
-    columns["score"] = pc.if_else(failed, pa.scalar(None, pa.float32()), columns["score"])
-    return pa.table(columns, schema=OUTPUT_SCHEMA)
+    for name in ("score", "embedding"):
+        if name in columns:
+            columns[name] = pc.if_else(failed, pa.scalar(None, schema.field(name).type), columns[name])
+    return pa.table(columns, schema=schema)
 
 
 def _cast(column: pa.ChunkedArray, target: pa.DataType) -> pa.ChunkedArray:
     """Numpy batches turn nulls into float NaN (a column of nothing but nulls, even a string one); undo that."""
+    if pa.types.is_fixed_size_list(target) and isinstance(column.type, pa.ExtensionType):
+        return _vectors(column, target)  # Ray's tensor column: an (N, D) array
     if pa.types.is_floating(column.type) and not pa.types.is_floating(target):
         column = pc.if_else(pc.is_nan(column), pa.scalar(None, column.type), column)
     return column.cast(target)
+
+
+def _vectors(column: pa.ChunkedArray, target: pa.FixedSizeListType) -> pa.Array:
+    values = np.concatenate([chunk.to_numpy() for chunk in column.chunks]).astype(np.float32, copy=False)
+    values = values.reshape(len(values), target.list_size)
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.ravel(), pa.float32()), target.list_size)
