@@ -7,6 +7,7 @@ one line instead of inside every actor. `build_model` is what each actor calls t
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib
 import inspect
@@ -119,9 +120,11 @@ def _check_name(cfg: ModelConfig, task: str) -> None:
         raise UserError(f"model.name: '{cfg.name}' is a torchvision {other} model, but model.task is '{task}'; "
                         f"set model.task to '{other}' or 'auto'")
     everything = classification_models() + detection_models()
-    close = [m for m in everything if cfg.name.lower().replace("-", "_") in m][:5]
-    hint = f"did you mean {', '.join(close)}?" if close else "see torchvision.models.list_models()"
-    raise UserError(f"model.name: '{cfg.name}' is not a torchvision {task} model; {hint} "
+    wanted = cfg.name.lower().replace("-", "_")
+    close = [m for m in everything if wanted in m] or difflib.get_close_matches(wanted, everything, n=3, cutoff=0.75)
+    hint = f"did you mean {', '.join(close[:5])}?" if close else "see torchvision.models.list_models()"
+    kind = task if cfg.task != "auto" else "classification or detection"
+    raise UserError(f"model.name: '{cfg.name}' is not a torchvision {kind} model; {hint} "
                     "(a custom model is 'module.path:build_fn')")
 
 
@@ -276,8 +279,6 @@ def _check_classes(spec: ModelSpec) -> None:
         return
     unknown = [c for c in allowed if c not in spec.labels]
     if unknown:
-        import difflib
-
         hint = difflib.get_close_matches(unknown[0], spec.labels, n=3)
         fix = f"did you mean {', '.join(hint)}?" if hint else "use names from the model's labels"
         raise UserError(f"model.detection.classes: '{unknown[0]}' is not one of {spec.name}'s labels; {fix}")

@@ -77,7 +77,7 @@ def test_missing_local_input(capsys, good_args, tmp_path):
 def test_unknown_model(capsys, good_args):
     code, err = run_cli(capsys, *with_flag(good_args, "--model", "resnet51"))
     assert code == 2
-    assert_one_line(err, "model.name", "'resnet51' is not a torchvision classification model")
+    assert_one_line(err, "model.name", "'resnet51' is not a torchvision classification or detection model; did you mean resnet50")
 
 
 def test_unknown_weights_name(capsys, good_args):

@@ -131,14 +131,14 @@ class RunsOutOfMemoryAbove(torch.nn.Module):
 
 def test_out_of_memory_halves_the_batch_and_keeps_it_halved(spec):
     pixels = np.random.default_rng(0).integers(0, 255, (8, 56, 56, 3), dtype=np.uint8)
-    expected = Classifier(spec, Storage.from_env()).predict(pixels)
+    expected = Classifier(spec, Storage.from_env()).infer(pixels)
     classifier = Classifier(spec, Storage.from_env())
     classifier.model = RunsOutOfMemoryAbove(classifier.model, limit=3)
-    scores, indexes = classifier.predict(pixels)
+    scores, indexes, _ = classifier.infer(pixels)
     np.testing.assert_allclose(scores, expected[0], atol=1e-5)
     assert (indexes == expected[1]).all()
     assert classifier.max_batch == 2 and classifier.model.sizes == [8, 4, 2, 2, 2, 2]
-    classifier.predict(pixels)
+    classifier.infer(pixels)
     assert classifier.model.sizes[6:] == [2, 2, 2, 2]  # later batches start at the size that fitted
 
 

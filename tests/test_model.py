@@ -43,8 +43,8 @@ def test_training_checkpoints_are_unwrapped(tmp_path, classifier_files):
     spec = resolve_model(ModelConfig(name="resnet18", weights=str(wrapped), labels=classifier_files["labels"]),
                          Storage.from_env())
     pixels = np.random.default_rng(0).integers(0, 255, (2, 224, 224, 3), dtype=np.uint8)
-    a = Classifier(bare, Storage.from_env()).predict(pixels)
-    b = Classifier(spec, Storage.from_env()).predict(pixels)
+    a = Classifier(bare, Storage.from_env()).infer(pixels)
+    b = Classifier(spec, Storage.from_env()).infer(pixels)
     np.testing.assert_allclose(a[0], b[0], atol=1e-6)
 
 
@@ -114,7 +114,7 @@ def test_any_torchvision_architecture_with_a_checkpoint(tmp_path, name):
     spec = resolve_model(ModelConfig(name=name, weights=str(tmp_path / "ckpt.pt"), labels=str(tmp_path / "labels.txt"),
                                      preprocess={"resize_size": 72, "crop_size": 64}), Storage.from_env())
     pixels = np.random.default_rng(2).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
-    scores, indexes = Classifier(spec, Storage.from_env()).predict(pixels)
+    scores, indexes, _ = Classifier(spec, Storage.from_env()).infer(pixels)
     assert scores.shape == (2, 3) and np.allclose(scores.sum(axis=1), 1, atol=1e-5)
 
 
