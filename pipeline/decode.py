@@ -142,6 +142,6 @@ def describe_decode_error(exc: Exception) -> tuple[str, str]:
     if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
         return "too_many_pixels", f"decompression bomb guard: {exc}"
     text = str(exc)
-    if "truncated" in text:
+    if "truncated" in text.lower():
         return "truncated", "image file is truncated"
     return "corrupt", f"{type(exc).__name__}: {text}" if text else type(exc).__name__
