@@ -20,6 +20,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from pipeline.rows import StageFailure, error_columns, fail
 
+_NO_PIXELS = np.zeros((0, 0, 3), dtype=np.uint8)
 _RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
              "bicubic": Image.Resampling.BICUBIC}
 
@@ -38,7 +39,7 @@ class Decoder:
     """Batch function: adds `pixels`, `image_width`, `image_height`; drops `bytes`.
 
     `pixels` is one (N, crop, crop, 3) array, or without a `Preprocess` an object array of (H, W, 3) arrays
-    (None for a failed row).
+    (0 x 0 for a failed row).
     """
 
     def __init__(self, preprocess: Preprocess | None, max_image_pixels: int):
@@ -52,7 +53,9 @@ class Decoder:
         ImageFile.LOAD_TRUNCATED_IMAGES = False
         n = len(batch["uri"])
         if self.preprocess is None:
-            pixels = np.full(n, None, dtype=object)
+            pixels = np.empty(n, dtype=object)
+            for i in range(n):  # a failed row keeps an empty image: Ray stores the column as ragged tensors
+                pixels[i] = _NO_PIXELS
         else:
             pixels = np.zeros((n, self.preprocess.crop_size, self.preprocess.crop_size, 3), dtype=np.uint8)
         widths = np.zeros(n, dtype=np.int32)

@@ -108,8 +108,7 @@ class DeviceDecoder:
         out = self.cpu(sub)
         if isinstance(pixels, list):
             for j, i in enumerate(rows):
-                image = out["pixels"][j]
-                pixels[i] = None if image is None else torch.from_numpy(image).to(self.device)
+                pixels[i] = torch.from_numpy(out["pixels"][j]).to(self.device)
         else:
             pixels[rows] = torch.from_numpy(out["pixels"]).to(self.device)
         for j, i in enumerate(rows):

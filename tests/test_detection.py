@@ -10,7 +10,7 @@ import pyarrow.dataset as pads
 import pytest
 import torch
 import torchvision
-from PIL import Image
+from PIL import Image, ImageOps
 
 from color_boxes import LABELS, ColorBoxes
 from conftest import encode
@@ -241,3 +241,42 @@ def test_allow_list_names_must_be_labels(color_files):
         color_spec(color_files, classes=["rde"])
     with pytest.raises(UserError, match="remove model.preprocess from a detection job"):
         resolve_model(ModelConfig(**color_files, preprocess={"crop_size": 224}), Storage.from_env())
+
+
+def test_device_decoder_keeps_each_image_at_its_size(color_files):
+    from pipeline.gpu_decode import DeviceDecoder
+
+    shown = scene(300, 200, {"red": (30, 20, 120, 80)})
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = encode(shown.transpose(Image.Transpose.ROTATE_90), "JPEG", quality=95, exif=exif.tobytes())
+    png = encode(scene(64, 48, {}), "PNG")
+    batch, pixels = DeviceDecoder(None, 10**8, torch.device("cpu"))(as_batch([rotated, png, b"broken"]))
+    assert [tuple(p.shape) for p in pixels] == [(200, 300, 3), (48, 64, 3), (0, 0, 3)]
+    pillow = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(rotated))).convert("RGB"), dtype=int)
+    assert np.abs(pixels[0].numpy().astype(int) - pillow).mean() < 2  # another JPEG decoder: rounding differs
+    assert (pixels[1].numpy() == np.asarray(Image.open(io.BytesIO(png)))).all()
+    assert list(batch["error_type"]) == [None, None, "decode.not_an_image"]
+    # and the detector takes them as they are
+    stage = Detector(color_spec(color_files), Storage.from_env())
+    np.testing.assert_allclose(boxes_of(stage.predict(pixels[:1])["detections"][0])["red"], [30, 20, 120, 80], atol=2)
+
+
+def test_images_decoded_in_cpu_tasks_cross_the_object_store_to_the_detector(color_files, ray_session):
+    """The GPU plan with decode.device: cpu hands whole-size images of different shapes between processes."""
+    import ray
+
+    photos = [encode(scene(w, h, {"green": (10, 10, 50, 40)}, seed=w), "JPEG", quality=95)
+              for w, h in [(320, 240), (200, 300), (640, 160)]] + [b"broken"]
+    items = [{"uri": f"p{i}", "bytes": data, "error": None, "error_type": None} for i, data in enumerate(photos)]
+    spec = color_spec(color_files)
+    rows = (ray.data.from_items(items, override_num_blocks=1)
+            .map_batches(Decoder(None, 10**8), batch_size=None)
+            .map_batches(Detector, fn_constructor_kwargs={"spec": spec, "storage": Storage.from_env()},
+                         batch_size=None, compute=ray.data.ActorPoolStrategy(size=1), memory=2**28)
+            .take_all())
+    by_uri = {r["uri"]: r for r in rows}
+    for uri in ("p0", "p1", "p2"):
+        assert [d["label"] for d in by_uri[uri]["detections"]] == ["green"]
+        np.testing.assert_allclose(boxes_of(by_uri[uri]["detections"])["green"], [10, 10, 50, 40], atol=2)
+    assert by_uri["p3"]["error_type"] == "decode.not_an_image"
