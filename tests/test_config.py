@@ -1,6 +1,9 @@
 """The job spec: shape validation with one-line messages that name the field and the fix."""
 
+import re
+
 import pytest
+import yaml
 
 from pipeline.config import JobConfig, is_weights_name, load_job
 from pipeline.errors import UserError
@@ -71,9 +74,29 @@ def test_missing_spec_file():
         load_job("/nonexistent/job.yaml", {})
 
 
-def test_shipped_job_spec_is_valid():
-    cfg = load_job("jobs/nightly_labeling.yaml", {})
+@pytest.mark.parametrize("spec", ["jobs/nightly_labeling.yaml", "jobs/tag_archive.yaml"])
+def test_shipped_job_specs_are_valid(spec):
+    cfg = load_job(spec, {})
     assert isinstance(cfg, JobConfig)
+
+
+@pytest.mark.parametrize("model, words", [
+    ({"outputs": []}, "'model.outputs' must name at least one of: predictions, embedding"),
+    ({"outputs": ["labels"]}, "'model.outputs.0' Input should be 'predictions' or 'embedding'"),
+    ({"task": "segmentation"}, "'model.task' Input should be 'auto', 'classification' or 'detection'"),
+    ({"detection": {"score_threshold": 1.5}}, "'model.detection.score_threshold' Input should be less than or equal to 1"),
+])
+def test_task_and_output_mistakes_name_the_field(tmp_path, model, words):
+    spec = write(tmp_path, yaml.safe_dump({"input": {"uri": "in/"}, "output": {"uri": "out/"},
+                                           "model": {"name": "resnet18", **model}}))
+    with pytest.raises(UserError, match=re.escape(words)):
+        load_job(spec, {})
+
+
+def test_outputs_are_deduplicated_in_a_fixed_order():
+    cfg = load_job(None, MINIMAL)
+    cfg.model.outputs = ["embedding", "predictions", "embedding"]
+    assert cfg.model.outputs == ["predictions", "embedding"]
 
 
 @pytest.mark.parametrize("value, is_name", [

@@ -280,3 +280,29 @@ def test_images_decoded_in_cpu_tasks_cross_the_object_store_to_the_detector(colo
         assert [d["label"] for d in by_uri[uri]["detections"]] == ["green"]
         np.testing.assert_allclose(boxes_of(by_uri[uri]["detections"])["green"], [10, 10, 50, 40], atol=2)
     assert by_uri["p3"]["error_type"] == "decode.not_an_image"
+
+
+def test_torchvision_detector_weights_by_name():
+    """`weights: DEFAULT` for a detector: COCO's labels from torchvision's metadata, weights through its cache.
+
+    No model hub is reachable here, so the cached file holds seeded random weights of the right shape.
+    """
+    import os
+
+    from conftest import TORCH_HOME
+
+    weights = torchvision.models.get_model_weights(FRCNN).DEFAULT
+    folder = os.path.join(TORCH_HOME, "hub", "checkpoints")
+    os.makedirs(folder, exist_ok=True)
+    torch.manual_seed(2)
+    model = torchvision.models.get_model(FRCNN, weights=None, weights_backbone=None,
+                                         num_classes=len(weights.meta["categories"]))
+    torch.save(model.state_dict(), os.path.join(folder, os.path.basename(weights.url)))
+
+    spec = resolve_model(ModelConfig(name=FRCNN, weights="DEFAULT", detection={"score_threshold": 0.0}),
+                         Storage.from_env())
+    assert spec.task == "detection" and spec.weights_id == str(weights)
+    assert spec.labels == tuple(weights.meta["categories"]) and spec.labels[1] == "person"
+    out = detect(spec, [encode(scene(320, 240, {}), "JPEG")])
+    assert out["num_detections"][0] > 0
+    assert {d["label"] for d in out["detections"][0]} <= set(weights.meta["categories"])

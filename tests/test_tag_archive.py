@@ -97,3 +97,12 @@ def test_tag_archive_job_and_the_readme_queries(archive, storage, ray_session, t
     assert [uri for uri, _ in ranked] == [predicted[i] for i in order][:10]
     assert ranked[0] == (beach["uri"], pytest.approx(1.0, abs=1e-5))
     assert ranked[1][0].endswith("beach-0002.jpg")  # the other beach looks most alike
+
+    # Tomorrow night, one new photo: only it is tagged; the archive's rows stay as they are.
+    storage.write_bytes(f"s3://{BUCKET}/incoming/2021/new-0001.jpg", encode(scene(320, 240, {"red": (5, 5, 90, 90)}), "JPEG"))
+    assert main(["run", str(ROOT / "jobs" / "tag_archive.yaml"), "--model", "color_boxes:build",
+                 "--weights", f"s3://{BUCKET}/models/color_boxes.pt",
+                 "--labels", f"s3://{BUCKET}/models/labels.txt"]) == 0
+    out = capsys.readouterr().out
+    assert "inputs      1" in out and "unchanged   7" in out
+    assert len(pads.dataset(f"s3://{BUCKET}/tags/", format="parquet").to_table()) == 8
