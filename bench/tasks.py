@@ -62,7 +62,7 @@ def main() -> None:
                                                            "ssdlite320_mobilenet_v3_large"])
     parser.add_argument("--detector-images", type=int, default=200, help="N for the detection jobs")
     parser.add_argument("--embedder", default="resnet18")
-    parser.add_argument("--embedding-images", type=int, default=1000, help="N for the embedding jobs")
+    parser.add_argument("--embedding-images", type=int, default=1000, help="N for the embedding jobs (0: none)")
     parser.add_argument("--data", default=os.path.join(tempfile.gettempdir(), "pipeline-bench"))
     args = parser.parse_args()
 
@@ -83,7 +83,7 @@ def main() -> None:
 
         sizes = (args.embedding_images, 2 * args.embedding_images)
         checkpoint, labels = make_model(args.embedder, args.data)
-        for outputs in (["predictions"], ["embedding"], ["predictions", "embedding"]):
+        for outputs in (["predictions"], ["embedding"], ["predictions", "embedding"]) if args.embedding_images else ():
             base = {**common, "batch_size": 32, "model": args.embedder, "checkpoint": checkpoint, "labels": labels,
                     "model_settings": {"outputs": outputs}}
             rows.append((f"{args.embedder}: {' + '.join(outputs)}",
