@@ -8,6 +8,7 @@ from collections import Counter
 from typing import TextIO
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.errors import JobStopped
 
@@ -20,6 +21,8 @@ class Tally:
         self.done = 0
         self.failed = 0
         self.errors_by_type: Counter[str] = Counter()
+        self.detections: int | None = None  # a detection job's boxes, and the images with any
+        self.images_with_detections = 0
         self._lock = threading.Lock()
 
     def add(self, batch: pa.Table) -> None:
@@ -28,6 +31,11 @@ class Tally:
             self.done += batch.num_rows
             self.failed += len(types)
             self.errors_by_type.update(types)
+            if "num_detections" in batch.column_names:
+                counts = pc.fill_null(batch["num_detections"].cast("float64"), 0)
+                counts = pc.if_else(pc.is_nan(counts), 0, counts)  # numpy's NaN for a failed row
+                self.detections = (self.detections or 0) + int(pc.sum(counts).as_py() or 0)
+                self.images_with_detections += int(pc.sum(pc.greater(counts, 0)).as_py() or 0)
 
     @property
     def elapsed(self) -> float:

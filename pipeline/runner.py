@@ -80,6 +80,8 @@ class RunSummary:
     finished_at: str
     files: list[dict] = field(default_factory=list)
     message: str | None = None
+    detections: int | None = None  # detection jobs: boxes written by this attempt
+    images_with_detections: int | None = None
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2)
@@ -125,7 +127,8 @@ def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float 
             elapsed_s=round(tally.elapsed, 3), images_per_s=round(tally.rate, 2),
             started_at=run.info["attempts"][-1], finished_at=_now(),
             files=[{"uri": join(cfg.output.uri, f["path"]), "rows": f["rows"]} for f in record["files"]]
-            if record else [], message=message)
+            if record else [], message=message, detections=tally.detections,
+            images_with_detections=tally.images_with_detections if tally.detections is not None else None)
         storage.write_bytes(join(cfg.output.uri, "_summary.json"), summary.to_json().encode())
     print_summary(summary, out)
     if status == "stopped":
@@ -285,6 +288,8 @@ def print_summary(s: RunSummary, out: TextIO) -> None:
           else []),
         f"  predicted   {s.predicted:,}",
         f"  errors      {s.errors:,}" + (f"  ({errors})" if errors else ""),
+        *([f"  detections  {s.detections:,} in {s.images_with_detections:,} images"] if s.detections is not None
+          else []),
         f"  images/s    {s.images_per_s:,.1f}",
         f"  output      {s.output}  ({len(s.files)} Parquet file(s), {s.committed_rows:,} rows committed; "
         f"record in _commits/{s.run_id}.json)" if s.status == "completed" else

@@ -65,6 +65,7 @@ def test_tag_archive_job_and_the_readme_queries(archive, storage, ray_session, t
     out = capsys.readouterr().out
     assert code == 0, out
     assert "predicted   6" in out and "errors      1" in out and "1 other files skipped" in out
+    assert "detections  9 in 5 images" in out
 
     rows = {r["uri"]: r for r in pads.dataset(f"s3://{BUCKET}/tags/", format="parquet").to_table().to_pylist()}
     assert len(rows) == 7 and rows[f"s3://{BUCKET}/incoming/2020/broken.jpg"]["error_type"] == "decode.truncated"
