@@ -306,3 +306,22 @@ def test_torchvision_detector_weights_by_name():
     out = detect(spec, [encode(scene(320, 240, {}), "JPEG")])
     assert out["num_detections"][0] > 0
     assert {d["label"] for d in out["detections"][0]} <= set(weights.meta["categories"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_detector_on_gpu_decodes_there_and_agrees_with_the_cpu(frcnn_files, color_files):
+    """nvJPEG decode, backbone under bf16 autocast, heads in float32: boxes within a pixel of the CPU's."""
+    photos = photos_of_mixed_sizes()
+    color = color_spec(color_files)
+    on_gpu = Detector(color, Storage.from_env(), precision="bf16", decode=Decoder(None, 10**8), decode_on_device=True)
+    assert on_gpu.device.type == "cuda"
+    gpu_rows = on_gpu(as_batch(photos))
+    cpu_rows = detect(color, photos)
+    for got, expected in zip(gpu_rows["detections"], cpu_rows["detections"]):
+        assert [d["label"] for d in got] == [d["label"] for d in expected] == ["red"]
+        np.testing.assert_allclose(as_array(got)[1], as_array(expected)[1], atol=1.5)
+    spec = resolve_model(ModelConfig(**frcnn_files, detection={"score_threshold": 0.0}), Storage.from_env())
+    out = Detector(spec, Storage.from_env(), precision="bf16", decode=Decoder(None, 10**8),
+                   decode_on_device=True)(as_batch(photos))
+    assert all(n > 0 for n in out["num_detections"])
