@@ -208,13 +208,21 @@ def _build(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tally,
         Detector if spec.task == "detection" else Classifier,
         fn_constructor_kwargs=stage_kwargs,
         batch_size=compute.batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
+        compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors,
+                                           max_tasks_in_flight_per_actor=tasks_in_flight(spec, num_gpus)),
         num_cpus=compute.num_cpus_per_actor,
         num_gpus=num_gpus,
         # Besides reserving room for the model, a memory request keeps the actors' remote args apart from
         # the tasks before them, which Ray would otherwise fuse into the actors.
         memory=int(compute.memory_per_actor_gb * 2**30),
     )
+
+
+def tasks_in_flight(spec: ModelSpec, num_gpus: float) -> int | None:
+    """Blocks queued at each model actor. A detector on a CPU core spends seconds on one block (~14 photos), so
+    a queue only piles a small job's few blocks onto one actor while the others idle: one at a time there.
+    Elsewhere Ray's default queue hides the hand-off between blocks."""
+    return 1 if spec.task == "detection" and num_gpus == 0 else None
 
 
 def pool_size(compute, num_gpus: float) -> tuple[int, int]:
