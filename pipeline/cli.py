@@ -31,8 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="process every input, not only those new or changed since earlier runs")
     run.add_argument("--reprocess-errors", action="store_true", default=None,
                      help="also retry inputs whose row in an earlier run is an error")
-    run.add_argument("--partitioning", choices=["none", "run_date"],
-                     help="run_date: write each run under run_date=YYYY-MM-DD/")
+    run.add_argument("--partitioning", metavar="none|run_date|COLUMN",
+                     help="run_date: write each run under run_date=YYYY-MM-DD/; a string column such as modality: "
+                          "Hive-style folders modality=CT/")
     run.add_argument("--ray-address", help="join this Ray cluster (default RAY_ADDRESS, else a local Ray)")
 
     demo = commands.add_parser("demo", help="train a digits CNN, serve images from a local S3, run a job")

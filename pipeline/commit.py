@@ -1,7 +1,7 @@
 """The output folder and its commit protocol (docs/commit-protocol.md tells it for users).
 
     <output>/
-      [run_date=YYYY-MM-DD/]part-<run_id>-<n>.parquet   committed rows: what readers see
+      [run_date=YYYY-MM-DD/ or <column>=<value>/]part-<run_id>-<n>.parquet   committed rows: what readers see
       _commits/<run_id>.json                            one commit record per committed run
       _staging/<run_id>/_run.json                       a run in progress: its job, start, attempts
       _staging/<run_id>/chunk-<n>.parquet.staged        its rows so far, a few batches per chunk
@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import posixpath
 import re
+from urllib.parse import quote
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -179,31 +180,33 @@ class OutputFolder:
         return self.scan() if stale_parts or any(r in state.commits for r in state.staged) else state
 
     def publish(self, run: StagedRun, expected_rows: int, rows_per_file: int, partition: str | None,
-                replaces: FolderState | None, summary: dict) -> dict:
+                replaces: FolderState | None, summary: dict, partition_column: str | None = None) -> dict:
         """Compact the run's chunks into parts, write its commit record, drop its staging. Idempotent.
 
-        Refuses to commit unless the chunks hold exactly the rows the driver staged (a chunk missing from
-        the list would otherwise be dropped with the staging)."""
+        With a `partition_column`, rows go to Hive-style folders by its value (`modality=CT/`), the column
+        kept in the folder name only. Refuses to commit unless the chunks hold exactly the rows the driver
+        staged (a chunk missing from the list would otherwise be dropped with the staging)."""
         stats = _Stats()
-        pending: list[pa.Table] = []
+        pending: dict[str | None, list[pa.Table]] = {}  # by partition folder
         files: list[dict] = []
 
-        def write_part(table: pa.Table) -> None:
-            path = self.part_path(run.run_id, len(files), partition)
+        def write_part(folder: str | None, table: pa.Table) -> None:
+            path = self.part_path(run.run_id, len(files), folder)
             self.storage.write_atomic(join(self.uri, path), lambda f: pq.write_table(table, f, compression="zstd"))
             files.append({"path": path, "rows": table.num_rows})
             failpoints.hit("part_written")
 
         for table in self.read_chunks(run.chunks):
             stats.add(table)
-            pending.append(table)
-            buffered = pa.concat_tables(pending)
-            while buffered.num_rows >= rows_per_file:
-                write_part(buffered.slice(0, rows_per_file))
-                buffered = buffered.slice(rows_per_file)
-            pending = [buffered] if buffered.num_rows else []
-        if pending:
-            write_part(pa.concat_tables(pending))
+            for folder, rows in split_by_partition(table, partition, partition_column):
+                buffered = pa.concat_tables(pending.get(folder, []) + [rows])
+                while buffered.num_rows >= rows_per_file:
+                    write_part(folder, buffered.slice(0, rows_per_file))
+                    buffered = buffered.slice(rows_per_file)
+                pending[folder] = [buffered] if buffered.num_rows else []
+        for folder, tables in pending.items():
+            if tables:
+                write_part(folder, pa.concat_tables(tables))
 
         if stats.rows != expected_rows:
             raise JobFailed(f"run {run.run_id}: its staged chunks hold {stats.rows:,} rows, but {expected_rows:,} were "
@@ -241,7 +244,15 @@ class OutputFolder:
                 yield pq.read_table(pa.BufferReader(data))
 
     def staged_rows(self, run: StagedRun) -> int:
-        return sum(t.num_rows for t in self.read_chunks(run.chunks))
+        return self.staged_counts(run)[0]
+
+    def staged_counts(self, run: StagedRun) -> tuple[int, int]:
+        """(rows, inputs) the run has staged: a multi-frame DICOM file stages a row per frame."""
+        rows, uris = 0, set()
+        for table in self.read_chunks(run.chunks):
+            rows += table.num_rows
+            uris.update(table["uri"].to_pylist())
+        return rows, len(uris)
 
     def drop_staging(self, run: StagedRun) -> None:
         self.storage.delete(run.chunks + [join(self.staging(run.run_id), RUN_FILE)])
@@ -268,6 +279,22 @@ class _Stats:
 
     def fingerprint(self) -> str:
         return f"{self.rows}:{self._xor.tobytes().hex()}"
+
+
+HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"  # Hive's, Spark's and Athena's folder name for a null value
+
+
+def split_by_partition(table: pa.Table, folder: str | None, column: str | None) -> Iterator[tuple[str | None, pa.Table]]:
+    """(partition folder, rows) pairs: the fixed folder (or none), or one per value of `column`, sorted."""
+    if column is None:
+        yield folder, table
+        return
+    values = table[column].to_pylist()
+    rest = table.drop_columns([column])
+    for value in sorted(set(values), key=lambda v: (v is None, v or "")):
+        rows = np.flatnonzero([v == value for v in values])
+        name = HIVE_NULL if value in (None, "") else quote(value, safe="")
+        yield f"{column}={name}", rest.take(rows)
 
 
 def _now_precise() -> str:

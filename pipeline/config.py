@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import UserError
 
@@ -93,8 +93,10 @@ class OutputConfig(_Section):
     uri: str = Field(..., description="folder (local or s3://) that receives the Parquet files")
     overwrite: bool = Field(False, description="backfill: process every input and atomically replace the "
                                                 "folder's earlier output when this run commits")
-    partitioning: Literal["none", "run_date"] = Field(
-        "none", description="run_date: each run's files under run_date=YYYY-MM-DD/ (append-style nightly jobs)")
+    partitioning: str = Field(
+        "none", description="run_date: each run's files under run_date=YYYY-MM-DD/ (append-style nightly jobs); or "
+        "a string column of the output (modality, label): Hive-style folders such as modality=CT/, the column "
+        "kept in the folder name only, as Spark, Athena and DuckDB's hive_partitioning expect")
     rows_per_file: int = Field(100_000, gt=0, description="rows per committed Parquet file")
     checkpoint_rows: int | None = Field(
         None, gt=0, description="progress is made durable every this many rows (default: 8 model batches)...")
@@ -105,13 +107,22 @@ class OutputConfig(_Section):
     def _valid_uri(cls, value: str) -> str:
         return check_uri(value)
 
+    @field_validator("partitioning")
+    @classmethod
+    def _partition_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[a-z_][a-z0-9_]*", value):
+            raise ValueError("must be 'none', 'run_date' or the name of a string column of the output, such as "
+                             "'modality' or 'label'")
+        return value
+
 
 class PreprocessConfig(_Section):
     """Any field left unset comes from the weights' metadata, else the ImageNet defaults."""
     resize_size: int | None = Field(None, gt=0)
     crop_size: int | None = Field(None, gt=0)
-    mean: tuple[float, float, float] | None = None
-    std: tuple[float, float, float] | None = None
+    mean: tuple[float] | tuple[float, float, float] | None = Field(
+        None, description="one value per model input channel (3, or 1 for a grey model)")
+    std: tuple[float] | tuple[float, float, float] | None = None
     interpolation: Literal["nearest", "bilinear", "bicubic"] | None = None
 
 
@@ -141,6 +152,10 @@ class ModelConfig(_Section):
         ["predictions"], description="what each row holds: the model's predictions (labels or detections), "
                                      "its embedding (pooled features before the head), or both")
     top_k: int = Field(5, gt=0)
+    input_channels: Literal["auto", 1, 3] = Field(
+        "auto", description="channels the model takes: 'auto' reads them from the checkpoint or the model's first "
+        "convolution; 1 adapts a torchvision architecture's stem to grey (pretrained RGB kernels summed). Grey "
+        "images are replicated for 3-channel models; colour images become luma for 1-channel ones")
     preprocess: PreprocessConfig = PreprocessConfig()
     detection: DetectionConfig = DetectionConfig()
     embedding: EmbeddingConfig = EmbeddingConfig()
@@ -203,9 +218,62 @@ class ComputeConfig(_Section):
         return value
 
 
+# Common CT windows (center, width) in Hounsfield units.
+WINDOW_PRESETS = {"lung": (-600.0, 1500.0), "mediastinum": (50.0, 350.0), "soft_tissue": (40.0, 400.0),
+                  "brain": (40.0, 80.0), "bone": (400.0, 1800.0)}
+
+
+class WindowConfig(_Section):
+    center: float = Field(..., description="in the modality's output units (Hounsfield units for CT)")
+    width: float = Field(..., gt=0)
+    function: Literal["LINEAR", "LINEAR_EXACT", "SIGMOID"] = "LINEAR"
+
+
+class DicomConfig(_Section):
+    """Present in a spec: DICOM files are read, and rows carry the DICOM keys (study, series, SOP, frame)."""
+    window: Literal["file", "minmax", "lung", "mediastinum", "soft_tissue", "brain", "bone"] | WindowConfig = Field(
+        "file", description="'file': the file's window or VOI LUT (else the frame's own range); 'minmax': the "
+        "frame's own range; a CT preset; or {center, width} in modality units. Applied after the modality LUT "
+        "(RescaleSlope/Intercept)")
+    frames: Literal["all", "first", "middle"] | list[int] = Field(
+        "all", description="which frames of a multi-frame file become rows: all, first, middle, or indexes "
+        "(negative from the end)")
+    include_tags: list[str] = Field(
+        [], description="DICOM keywords written as extra columns (snake_case). Default none: rows hold only the "
+        "UIDs, frame and modality, no patient-identifying data")
+
+    @field_validator("include_tags")
+    @classmethod
+    def _known_keywords(cls, value: list[str]) -> list[str]:
+        from pydicom.datadict import dictionary_VR, keyword_dict
+
+        for keyword in value:
+            if keyword not in keyword_dict:
+                hint = difflib.get_close_matches(keyword, list(keyword_dict), n=1)
+                raise ValueError(f"'{keyword}' is not a DICOM keyword" + (f"; did you mean '{hint[0]}'?" if hint
+                                                                          else " (see pydicom's data dictionary)"))
+            if keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality"):
+                raise ValueError(f"'{keyword}' is always written (a key column); remove it from include_tags")
+            if dictionary_VR(keyword_dict[keyword]) in ("SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN"):
+                raise ValueError(f"'{keyword}' is a sequence or binary attribute; only single values can be columns")
+        return list(dict.fromkeys(value))
+
+    @property
+    def window_spec(self) -> tuple[float, float, str] | str:
+        """(center, width, function), or 'file' / 'minmax'."""
+        if isinstance(self.window, WindowConfig):
+            return self.window.center, self.window.width, self.window.function
+        if self.window in WINDOW_PRESETS:
+            return (*WINDOW_PRESETS[self.window], "LINEAR")
+        return self.window
+
+
 class ErrorPolicy(_Section):
     max_error_rate: float = Field(0.1, ge=0, le=1, description="stop when this fraction of inputs failed")
     min_inputs: int = Field(200, ge=1, description="inputs seen before the rate is checked")
+
+
+DICOM_EXTENSIONS = ("dcm", "dicom")
 
 
 class JobConfig(_Section):
@@ -216,6 +284,15 @@ class JobConfig(_Section):
     decode: DecodeConfig = DecodeConfig()
     compute: ComputeConfig = ComputeConfig()
     errors: ErrorPolicy = ErrorPolicy()
+    dicom: DicomConfig | None = Field(None, description="read DICOM files (see DicomConfig); absent: a DICOM file "
+                                                        "is an error row saying so")
+
+    @model_validator(mode="after")
+    def _dicom_extensions(self) -> "JobConfig":
+        """A DICOM job lists .dcm/.dicom files unless the spec names its own extensions."""
+        if self.dicom is not None and "extensions" not in self.input.model_fields_set:
+            self.input.extensions = sorted({*DEFAULT_EXTENSIONS, *DICOM_EXTENSIONS})
+        return self
 
 
 # CLI flag -> dotted field of the spec.

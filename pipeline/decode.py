@@ -1,10 +1,19 @@
-"""Decode stage: encoded bytes -> an RGB uint8 array (crop, crop, 3) ready for the model.
+"""Decode stage: encoded bytes -> pixels ready for the model, height x width x channels.
 
 Every image goes through the same steps: header check against the pixel limit, first frame, full decode,
-EXIF orientation, mode -> RGB, resize of the shorter side, center crop. For a detector (no `Preprocess`)
-the image keeps its size after EXIF orientation: the detector resizes it itself and reports boxes in
-these pixels. Whatever goes wrong becomes the
-row's error ("decode: image file is truncated"); the batch carries on.
+EXIF orientation, mode -> the model's channels, resize of the shorter side, center crop. For a detector
+(no `Preprocess`) the image keeps its size after EXIF orientation: the detector resizes it itself and
+reports boxes in these pixels. Whatever goes wrong becomes the row's error ("decode: image file is
+truncated"); the batch carries on.
+
+Depth is kept: 8-bit images decode to uint8; 16-bit PNG and TIFF (grey or colour) and windowed DICOM
+frames (dicom.py) to uint16, so values above 255 reach the model's own normalisation. A batch with any
+uint16 image is uint16 throughout (an 8-bit image x 257, exact). Grey images are replicated to 3
+channels for a 3-channel model; a 1-channel model gets colour images as luma (ITU-R 601-2, Pillow's "L").
+
+A DICOM file can hold many frames: each selected frame becomes its own row (`frame`), with the input's
+other columns repeated and `rows_of_input` saying how many rows the input made, so the sink can keep
+a file's rows together.
 
 Pixels stay height x width x channel, as every image library lays them out: the model stage views that
 memory as a channels-last NCHW tensor without a copy.
@@ -13,6 +22,7 @@ memory as a channels-last NCHW tensor without a copy.
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +33,8 @@ from pipeline.rows import StageFailure, error_columns, fail
 _NO_PIXELS = np.zeros((0, 0, 3), dtype=np.uint8)
 _RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
              "bicubic": Image.Resampling.BICUBIC}
+_LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601-2, as Pillow's convert("L")
+_PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @dataclass(frozen=True)
@@ -30,83 +42,233 @@ class Preprocess:
     """Resolved preprocessing: every field set (from the spec, the weights' metadata or ImageNet)."""
     resize_size: int
     crop_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: tuple[float, ...]  # one value per model input channel
+    std: tuple[float, ...]
     interpolation: str = "bilinear"
 
 
 class Decoder:
     """Batch function: adds `pixels`, `image_width`, `image_height`; drops `bytes`.
 
-    `pixels` is one (N, crop, crop, 3) array, or without a `Preprocess` an object array of (H, W, 3) arrays
-    (0 x 0 for a failed row).
+    `pixels` is one (N, crop, crop, channels) array, or without a `Preprocess` an object array of (H, W, 3)
+    arrays (0 x 0 for a failed row). With DICOM enabled (`dicom` settings) it also adds `frame`, the DICOM key
+    and allow-listed tag columns and `rows_of_input`, one row per selected frame.
     """
 
-    def __init__(self, preprocess: Preprocess | None, max_image_pixels: int):
+    def __init__(self, preprocess: Preprocess | None, max_image_pixels: int, channels: int = 3, dicom=None):
         self.preprocess = preprocess
         self.max_image_pixels = max_image_pixels
+        self.channels = channels
+        self.dicom = dicom  # dicom.DicomSettings, or None: DICOM files are reported, not read
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # Pillow reads these globals at decode time, so set them in the worker that decodes. Its own bomb
         # check is off because `decode` checks the header against our limit, with a clearer message.
         Image.MAX_IMAGE_PIXELS = None
         ImageFile.LOAD_TRUNCATED_IMAGES = False
-        n = len(batch["uri"])
-        if self.preprocess is None:
-            pixels = np.empty(n, dtype=object)
-            for i in range(n):  # a failed row keeps an empty image: Ray stores the column as ragged tensors
-                pixels[i] = _NO_PIXELS
-        else:
-            pixels = np.zeros((n, self.preprocess.crop_size, self.preprocess.crop_size, 3), dtype=np.uint8)
-        widths = np.zeros(n, dtype=np.int32)
-        heights = np.zeros(n, dtype=np.int32)
         errors, error_types = error_columns(batch)
+        rows: list[list[tuple[int | None, np.ndarray | None, tuple[int, int]]]] = []  # per input: its frames
+        tags: list[dict] = []
         for i, data in enumerate(batch.pop("bytes")):
+            rows.append([(None, None, (0, 0))])
+            tags.append({})
             if errors[i] is not None:
                 continue
             try:
-                image = self.decode(data)
-                widths[i], heights[i] = image.size
-                pixels[i] = self.resize_and_crop(image)
+                frames, tags[i] = self.decode(data)
+                rows[i] = [(frame, self.prepare(image), size_of(image)) for frame, image in frames]
             except Exception as exc:  # noqa: BLE001 - any failure is this image's, not the job's
                 errors[i], error_types[i] = fail("decode", exc, describe_decode_error)
-        batch.update(pixels=pixels, image_width=widths, image_height=heights, error=errors, error_type=error_types)
+                rows[i] = [(None, None, (0, 0))]
+                tags[i] = getattr(exc, "tags", {})  # a DICOM error row keeps its study, series and SOP UIDs
+        counts = np.array([len(r) for r in rows])
+        owner = np.repeat(np.arange(len(rows)), counts)  # output row -> input row
+        if len(owner) != len(rows):
+            batch.update({name: column[owner] for name, column in batch.items()})  # in place: callers hold it
+        flat = [row for input_rows in rows for row in input_rows]
+        batch.update(pixels=self.stack([image for _, image, _ in flat]),
+                     image_width=np.array([w for _, _, (w, _) in flat], dtype=np.int32),
+                     image_height=np.array([h for _, _, (_, h) in flat], dtype=np.int32),
+                     error=errors[owner], error_type=error_types[owner])
+        if self.dicom is not None:
+            batch.update(dicom_columns(self.dicom, [f for f, _, _ in flat], [tags[i] for i in owner], counts[owner]))
         return batch
 
-    def decode(self, data: bytes) -> Image.Image:
+    def decode(self, data: bytes) -> tuple[list[tuple[int | None, "Image.Image | np.ndarray"]], dict]:
+        """[(frame, image)], tags: one image at frame None for an ordinary file, each selected frame of a DICOM."""
+        from pipeline.dicom import is_dicom, read_dicom
+
         if not data:
             raise StageFailure("empty", "file is empty (0 bytes)")
+        if is_dicom(data):
+            if self.dicom is None:
+                raise StageFailure("dicom_not_enabled", "a DICOM file; add a 'dicom:' section to the job spec to "
+                                                        "read DICOM")
+            dicom = read_dicom(data, self.dicom, self.max_image_pixels)
+            return dicom.frames, dicom.tags
+        try:
+            return [(None, self.open(data))], {}
+        except UnidentifiedImageError:
+            if self.dicom is None:
+                raise
+            try:  # a DICOM data set without the Part 10 preamble
+                dicom = read_dicom(data, self.dicom, self.max_image_pixels, force=True)
+            except StageFailure:
+                raise UnidentifiedImageError() from None
+            return dicom.frames, dicom.tags
+
+    def open(self, data: bytes) -> "Image.Image | np.ndarray":
+        """An 8-bit Pillow image in RGB or L, or a uint16 (H, W, C) array for 16-bit and float images."""
         image = Image.open(io.BytesIO(data))
         width, height = image.size
         if width * height > self.max_image_pixels:
             raise StageFailure("too_many_pixels", f"image is {width}x{height} = {width * height:,} pixels, over "
                                                   f"decode.max_image_pixels={self.max_image_pixels:,}")
+        deep = deep_colour(data, image)
+        if deep is not None:
+            return deep
         if getattr(image, "n_frames", 1) > 1:
             image.seek(0)
         image.load()
         image = ImageOps.exif_transpose(image)
+        if image.mode.startswith("I;16"):
+            return np.asarray(image).astype(np.uint16)[..., np.newaxis]
+        if image.mode in ("I", "F"):
+            return stretch(np.asarray(image, dtype=np.float64))[..., np.newaxis]
         return to_rgb(image)
 
-    def resize_and_crop(self, image: Image.Image) -> np.ndarray:
-        p = self.preprocess
-        if p is None:
-            return np.array(image, dtype=np.uint8)  # writable: torch refuses to wrap read-only memory
-        width, height = image.size
-        # Shorter side to resize_size, longer side truncated: torchvision's Resize(int) arithmetic.
-        if width <= height:
-            new_size = (p.resize_size, max(1, int(p.resize_size * height / width)))
-        else:
-            new_size = (max(1, int(p.resize_size * width / height)), p.resize_size)
-        if new_size != image.size:
-            image = image.resize(new_size, _RESAMPLE[p.interpolation], reducing_gap=None)
-        image = center_crop(image, p.crop_size)
-        return np.asarray(image, dtype=np.uint8)
+    def prepare(self, image: "Image.Image | np.ndarray") -> np.ndarray:
+        """The model's channels, resized and cropped (whole, for a detector): (h, w, channels) uint8/uint16."""
+        channels = 3 if self.preprocess is None else self.channels
+        if isinstance(image, Image.Image):
+            if channels == 1:
+                image = image.convert("L")
+            if self.preprocess is not None:
+                image = resize_and_crop(image, self.preprocess)
+            array = np.array(image, dtype=np.uint8)  # writable: torch refuses to wrap read-only memory
+            return with_channels(array[..., np.newaxis] if array.ndim == 2 else array, channels)
+        array = with_channels(image, channels)
+        if self.preprocess is not None:
+            array = resize_and_crop_deep(array, self.preprocess)
+        return array
+
+    def stack(self, images: list[np.ndarray | None]) -> np.ndarray:
+        """One batch array (object array of whole images for a detector); uint16 if any image is."""
+        deep = any(image is not None and image.dtype == np.uint16 for image in images)
+        dtype = np.uint16 if deep else np.uint8
+        if self.preprocess is None:
+            pixels = np.empty(len(images), dtype=object)
+            for i, image in enumerate(images):  # a failed row keeps an empty image: Ray stores ragged tensors
+                pixels[i] = _NO_PIXELS.astype(dtype) if image is None else as_dtype(image, dtype)
+            return pixels
+        size = self.preprocess.crop_size
+        pixels = np.zeros((len(images), size, size, self.channels), dtype=dtype)
+        for i, image in enumerate(images):
+            if image is not None:
+                pixels[i] = as_dtype(image, dtype)
+        return pixels
+
+
+def size_of(image: "Image.Image | np.ndarray") -> tuple[int, int]:
+    return image.size if isinstance(image, Image.Image) else (image.shape[1], image.shape[0])
+
+
+def as_dtype(image: np.ndarray, dtype) -> np.ndarray:
+    if image.dtype == dtype:
+        return image
+    return image.astype(np.uint16) * np.uint16(257)  # uint8 -> uint16: 255 -> 65535 exactly
+
+
+def with_channels(array: np.ndarray, channels: int) -> np.ndarray:
+    """(H, W, c) -> (H, W, channels): grey replicated to 3, colour to luma for 1."""
+    have = array.shape[2]
+    if have == channels:
+        return array
+    if have == 1:
+        return np.repeat(array, channels, axis=2)
+    luma = array[..., :3].astype(np.float64) @ _LUMA
+    return np.round(luma).astype(array.dtype)[..., np.newaxis]
+
+
+def stretch(values: np.ndarray) -> np.ndarray:
+    """32-bit integer or float pixels (no fixed range) -> their own min..max as uint16."""
+    low, high = float(values.min()), float(values.max())
+    scaled = (values - low) * (65535.0 / (high - low)) if high > low else np.zeros_like(values)
+    return np.round(scaled).astype(np.uint16)
+
+
+def deep_colour(data: bytes, image: Image.Image) -> np.ndarray | None:
+    """16-bit colour PNG and TIFF, which Pillow would cut to 8 bits: uint16 (H, W, 3), alpha on white."""
+    if data.startswith(_PNG) and len(data) > 25 and data[24] == 16 and data[25] in (2, 6):
+        import torch
+        from torchvision.io import ImageReadMode, decode_png
+
+        decoded = decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
+        array = decoded.permute(1, 2, 0).numpy()
+    elif image.format == "TIFF" and image.mode in ("RGB", "RGBA", "RGBX") and max(
+            image.tag_v2.get(258, (8,))) > 8:
+        import tifffile
+
+        array = tifffile.imread(io.BytesIO(data), key=0)
+        if array.ndim != 3 or array.shape[2] not in (3, 4):
+            raise StageFailure("unsupported", f"16-bit TIFF laid out as {array.shape}, not height x width x colour")
+    else:
+        return None
+    array = array.astype(np.uint16)
+    if array.shape[2] == 4:  # composite on white, as 8-bit images are
+        alpha = array[..., 3:].astype(np.float64) / 65535.0
+        array = np.round(array[..., :3] * alpha + 65535.0 * (1 - alpha)).astype(np.uint16)
+    return array
+
+
+def dicom_columns(settings, frames: list[int | None], tags: list[dict], rows_of_input: np.ndarray) -> dict:
+    """The DICOM columns of a decoded batch: frame (NaN: none), key and allow-listed tags, rows per input."""
+    from pipeline.dicom import KEY_TAGS
+
+    columns = {"frame": np.array([np.nan if f is None else f for f in frames], dtype=np.float64),
+               "rows_of_input": rows_of_input.astype(np.int64)}
+    for keyword in KEY_TAGS + settings.tags:
+        columns[column_name(keyword)] = np.array([t.get(keyword) for t in tags], dtype=object)
+    return columns
+
+
+def column_name(keyword: str) -> str:
+    """A DICOM keyword as a column name: SOPInstanceUID -> sop_instance_uid."""
+    return re.sub(r"([a-z\d])([A-Z])", r"\1_\2", re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", keyword)).lower()
+
+
+def resize_and_crop(image: Image.Image, p: Preprocess) -> Image.Image:
+    width, height = image.size
+    new_size = resized(width, height, p.resize_size)
+    if new_size != image.size:
+        image = image.resize(new_size, _RESAMPLE[p.interpolation], reducing_gap=None)
+    return center_crop(image, p.crop_size)
+
+
+def resize_and_crop_deep(array: np.ndarray, p: Preprocess) -> np.ndarray:
+    """uint16 (H, W, C): each channel resized as 32-bit float by Pillow (the same filter as 8-bit images)."""
+    height, width = array.shape[:2]
+    new_size = resized(width, height, p.resize_size)
+    planes = []
+    for c in range(array.shape[2]):
+        plane = Image.fromarray(array[..., c].astype(np.float32), "F")
+        if new_size != plane.size:
+            plane = plane.resize(new_size, _RESAMPLE[p.interpolation], reducing_gap=None)
+        planes.append(np.asarray(center_crop(plane, p.crop_size)))
+    return np.clip(np.round(np.stack(planes, axis=2)), 0, 65535).astype(np.uint16)
+
+
+def resized(width: int, height: int, resize_size: int) -> tuple[int, int]:
+    """Shorter side to resize_size, longer side truncated: torchvision's Resize(int) arithmetic."""
+    if width <= height:
+        return resize_size, max(1, int(resize_size * height / width))
+    return max(1, int(resize_size * width / height)), resize_size
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode to 8-bit RGB: alpha composited on white, 16/32-bit and float scaled to 0..255."""
+    """Any 8-bit Pillow mode to RGB (grey stays L): alpha composited on white."""
     mode = image.mode
-    if mode == "RGB":
+    if mode in ("RGB", "L"):
         return image
     if mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
@@ -115,14 +277,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    if mode.startswith("I;16"):
-        array = np.asarray(image, dtype=np.uint16)
-        return Image.fromarray((array >> 8).astype(np.uint8), "L").convert("RGB")
-    if mode in ("I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        low, high = float(array.min()), float(array.max())
-        scaled = (array - low) * (255.0 / (high - low)) if high > low else np.zeros_like(array)
-        return Image.fromarray(scaled.astype(np.uint8), "L").convert("RGB")
     return image.convert("RGB")
 
 
@@ -130,7 +284,7 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
     """torchvision's center crop on a PIL image, padding with black when the image is smaller."""
     width, height = image.size
     if width < size or height < size:
-        padded = Image.new("RGB", (max(width, size), max(height, size)))
+        padded = Image.new(image.mode, (max(width, size), max(height, size)))
         padded.paste(image, ((padded.width - width) // 2, (padded.height - height) // 2))
         image, width, height = padded, padded.width, padded.height
     left = int(round((width - size) / 2.0))

@@ -88,8 +88,9 @@ class Detector(ModelStage):
         return chunks
 
     def as_input(self, image) -> torch.Tensor:
-        """uint8 (H, W, 3) -> float (3, H, W) in 0..1 on the device, what torchvision's detectors take."""
-        return torch.as_tensor(image).to(self.device).permute(2, 0, 1).float().div_(255)
+        """uint8/uint16 (H, W, 3) -> float (3, H, W) in 0..1 on the device, what torchvision's detectors take."""
+        x = torch.as_tensor(image)
+        return x.to(self.device).permute(2, 0, 1).float().div_(255 if x.dtype == torch.uint8 else 65535)
 
     def to_rows(self, output: dict, width: int, height: int) -> list[dict]:
         """The model's output for one image -> detections above the threshold, allowed, best first, in bounds."""

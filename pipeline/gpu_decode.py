@@ -20,7 +20,8 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from pipeline.decode import Decoder, Preprocess
+from pipeline.decode import Decoder
+from pipeline.dicom import is_dicom
 from pipeline.rows import error_columns
 
 _INTERPOLATION = {"nearest": InterpolationMode.NEAREST, "bilinear": InterpolationMode.BILINEAR,
@@ -35,12 +36,18 @@ class DeviceDecoder:
     for a failed row.
     """
 
-    def __init__(self, preprocess: Preprocess | None, max_image_pixels: int, device: torch.device):
-        self.preprocess = preprocess
+    def __init__(self, cpu: Decoder, device: torch.device):
+        self.preprocess = cpu.preprocess
         self.device = device
-        self.cpu = Decoder(preprocess, max_image_pixels)
+        self.cpu = cpu
 
     def __call__(self, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], torch.Tensor]:
+        if any(is_dicom(d) for d in batch["bytes"]):  # frames become rows: the CPU decoder reshapes the batch
+            batch = self.cpu(batch)
+            pixels = batch.pop("pixels")
+            if self.preprocess is None:
+                return batch, [torch.from_numpy(p).to(self.device) for p in pixels]
+            return batch, torch.from_numpy(pixels).to(self.device)
         data = batch.pop("bytes")
         n = len(data)
         if self.preprocess is None:
@@ -58,7 +65,7 @@ class DeviceDecoder:
                 pixels[i] = self.resize_and_crop(image).permute(1, 2, 0)
         on_cpu = [i for i in range(n) if errors[i] is None and (widths[i] == 0)]
         if on_cpu:
-            self.decode_on_cpu(on_cpu, data, pixels, widths, heights, errors, error_types, batch)
+            pixels = self.decode_on_cpu(on_cpu, data, pixels, widths, heights, errors, error_types, batch)
         batch.update(image_width=widths, image_height=heights, error=errors, error_type=error_types)
         return batch, pixels
 
@@ -100,12 +107,15 @@ class DeviceDecoder:
         image = F.resize(image, [p.resize_size], interpolation=_INTERPOLATION[p.interpolation], antialias=True)
         return F.center_crop(image, [p.crop_size])
 
-    def decode_on_cpu(self, rows: list[int], data, pixels, widths, heights, errors, error_types, batch) -> None:
+    def decode_on_cpu(self, rows: list[int], data, pixels, widths, heights, errors, error_types, batch):
+        """Decodes these rows with Pillow into `pixels`; returns them (uint16 now if any of these is 16-bit)."""
         encoded = np.empty(len(rows), dtype=object)
         encoded[:] = [data[i] for i in rows]
         sub = {"uri": batch["uri"][rows], "bytes": encoded,
                "error": np.full(len(rows), None, dtype=object), "error_type": np.full(len(rows), None, dtype=object)}
         out = self.cpu(sub)
+        if out["pixels"].dtype == np.uint16 and not isinstance(pixels, list):  # a 16-bit image: keep its depth
+            pixels = (pixels.to(torch.int32) * 257).to(torch.uint16)
         if isinstance(pixels, list):
             for j, i in enumerate(rows):
                 pixels[i] = torch.from_numpy(out["pixels"][j]).to(self.device)
@@ -114,3 +124,4 @@ class DeviceDecoder:
         for j, i in enumerate(rows):
             widths[i], heights[i] = out["image_width"][j], out["image_height"][j]
             errors[i], error_types[i] = out["error"][j], out["error_type"][j]
+        return pixels

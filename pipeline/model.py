@@ -42,6 +42,7 @@ class ModelSpec:
     detection: DetectionConfig = field(default_factory=DetectionConfig)
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     embedding_dim: int | None = None  # set when outputs has "embedding"
+    input_channels: int | None = None  # None until resolved: then what the model's first convolution takes
 
     @property
     def wants_predictions(self) -> bool:
@@ -92,8 +93,13 @@ def resolve_model(cfg: ModelConfig, storage: Storage) -> ModelSpec:
         outputs=tuple(cfg.outputs),
         detection=cfg.detection,
         embedding=cfg.embedding,
+        input_channels=None if cfg.input_channels == "auto" else cfg.input_channels,
     )
+    if task == "detection" and spec.input_channels == 1:
+        raise UserError("model.input_channels: torchvision detectors take 3 channels (grey images are replicated); "
+                        "remove input_channels or set it to 3")
     model = _instantiate(spec, state_dict)
+    spec = _with_channels(spec, model, cfg)
     if task == "detection":
         _probe_detector(model, spec)
         _check_classes(spec)
@@ -150,6 +156,8 @@ def _instantiate(spec: ModelSpec, state_dict: dict | None) -> nn.Module:
         model = torchvision.models.get_model(spec.name, weights=None, weights_backbone=None, num_classes=num_classes)
     else:
         model = torchvision.models.get_model(spec.name, weights=None, num_classes=num_classes)
+    if ":" not in spec.name and spec.task == "classification":
+        _fit_stem(model, spec.input_channels, state_dict)
     if state_dict is not None:
         try:
             model.load_state_dict(state_dict, strict=True)
@@ -158,6 +166,51 @@ def _instantiate(spec: ModelSpec, state_dict: dict | None) -> nn.Module:
             raise UserError(f"model.weights: the checkpoint does not fit {spec.name} with {num_classes} classes "
                             f"({detail}); check model.name and model.labels") from None
     return model.eval()
+
+
+def first_conv(model: nn.Module) -> tuple[str, nn.Conv2d] | tuple[None, None]:
+    """The stem: the first Conv2d in definition order (conv1, features.conv0, features.0.0, conv_proj...)."""
+    return next(((name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)), (None, None))
+
+
+def _fit_stem(model: nn.Module, channels: int | None, state_dict: dict | None) -> None:
+    """Give a torchvision architecture the input channels asked for (None: the checkpoint's). Pretrained RGB
+    kernels are summed, so a grey image gives the same response as its 3-channel replica."""
+    name, conv = first_conv(model)
+    if conv is None:
+        return
+    if channels is None and state_dict is not None and f"{name}.weight" in state_dict:
+        channels = int(state_dict[f"{name}.weight"].shape[1])
+    if channels is None or channels == conv.in_channels:
+        return
+    stem = nn.Conv2d(channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                     conv.groups, conv.bias is not None, conv.padding_mode)
+    with torch.no_grad():
+        if channels == 1:
+            stem.weight.copy_(conv.weight.sum(dim=1, keepdim=True))
+        if conv.bias is not None:
+            stem.bias.copy_(conv.bias)
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, stem)
+
+
+def _with_channels(spec: ModelSpec, model: nn.Module, cfg: ModelConfig) -> ModelSpec:
+    """The spec with the model's input channels, and mean/std with one value per channel."""
+    _, conv = first_conv(model)
+    channels = conv.in_channels if conv is not None and conv.in_channels in (1, 3) else 3
+    if spec.input_channels is not None and spec.input_channels != channels:
+        raise UserError(f"model.input_channels: {spec.name}'s first convolution takes {channels} channel(s), not "
+                        f"{spec.input_channels}; set input_channels to 'auto' or {channels}")
+    p = spec.preprocess
+    if p is not None and len(p.mean) != channels:
+        if cfg.preprocess.mean is not None or cfg.preprocess.std is not None:
+            raise UserError(f"model.preprocess: mean and std need {channels} value(s), one per input channel of "
+                            f"{spec.name}")
+        # Defaults (ImageNet's) for a grey model: the average over the colour channels.
+        p = Preprocess(p.resize_size, p.crop_size, (sum(p.mean) / 3,), (sum(p.std) / 3,), p.interpolation)
+    if p is not None and len(p.std) != len(p.mean):
+        raise UserError("model.preprocess: mean and std need the same number of values")
+    return ModelSpec(**{**spec.__dict__, "input_channels": channels, "preprocess": p})
 
 
 def _build_custom(target: str, num_classes: int | None) -> nn.Module:
@@ -289,7 +342,8 @@ def _probe_embedding(model: nn.Module, spec: ModelSpec) -> int:
     tap = EmbeddingTap(model, spec.task, spec.embedding.layer, spec.embedding.normalize)
     size = spec.preprocess.crop_size if spec.preprocess else 128
     with torch.inference_mode():
-        model([torch.zeros(3, size, size)] if spec.task == "detection" else torch.zeros(1, 3, size, size))
+        model([torch.zeros(3, size, size)] if spec.task == "detection" else
+              torch.zeros(1, spec.input_channels, size, size))
     dim = tap.take().shape[1]
     tap.remove()
     return int(dim)
@@ -297,13 +351,13 @@ def _probe_embedding(model: nn.Module, spec: ModelSpec) -> int:
 
 def _probe(model: nn.Module, spec: ModelSpec) -> int:
     """One forward pass on a blank image of the configured size: the number of classes, or a clear error."""
-    size = spec.preprocess.crop_size
+    size, channels = spec.preprocess.crop_size, spec.input_channels
     try:
         with torch.inference_mode():
-            logits = model(torch.zeros(1, 3, size, size))
+            logits = model(torch.zeros(1, channels, size, size))
     except Exception as exc:  # noqa: BLE001 - shape errors come as RuntimeError, ValueError, ...
         detail = " ".join(str(exc).split())[:200]
-        raise UserError(f"model.preprocess: {spec.name} fails on a 3x{size}x{size} input ({type(exc).__name__}: "
+        raise UserError(f"model.preprocess: {spec.name} fails on a {channels}x{size}x{size} input ({type(exc).__name__}: "
                         f"{detail}); set model.preprocess.crop_size to what the model expects") from None
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
         raise UserError(f"model.name: {spec.name} must return class scores of shape (batch, classes), got "

@@ -39,10 +39,10 @@ class ModelStage:
         if self.device.type == "cpu" and num_threads:
             torch.set_num_threads(num_threads)
         self.decoder = decode
-        if decode is not None and decode_on_device and self.device.type == "cuda":
+        if decode is not None and decode_on_device and self.device.type == "cuda" and decode.channels == 3:
             from pipeline.gpu_decode import DeviceDecoder
 
-            self.decoder = DeviceDecoder(decode.preprocess, decode.max_image_pixels, self.device)
+            self.decoder = DeviceDecoder(decode, self.device)
         self.autocast_dtype = _AUTOCAST.get(precision) if self.device.type == "cuda" else None
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = build_model(spec, storage).to(self.device, memory_format=self.memory_format)
@@ -114,17 +114,17 @@ class ModelStage:
 
 
 class Classifier(ModelStage):
-    """Pixels are uint8 (N, H, W, 3); the model sees a channels-last NCHW view, normalised on the device."""
+    """Pixels are uint8 or uint16 (N, H, W, C); the model sees a channels-last NCHW view, normalised on the device."""
 
     def __init__(self, spec: ModelSpec, storage: Storage, **kwargs):
         super().__init__(spec, storage, **kwargs)
         self.labels = np.asarray(spec.labels, dtype=object)
         self.top_k = min(spec.top_k, len(spec.labels))
         p = spec.preprocess
-        # (x / 255 - mean) / std as one multiply-add on the uint8 input.
-        std = torch.tensor(p.std, device=self.device).view(1, 3, 1, 1)
-        self.scale = 1.0 / (255.0 * std)
-        self.shift = -torch.tensor(p.mean, device=self.device).view(1, 3, 1, 1) / std
+        # (x / full_scale - mean) / std as one multiply-add on the integer input; full scale by its depth.
+        std = torch.tensor(p.std, device=self.device).view(1, -1, 1, 1)
+        self.scale = {torch.uint8: 1.0 / (255.0 * std), torch.uint16: 1.0 / (65535.0 * std)}
+        self.shift = -torch.tensor(p.mean, device=self.device).view(1, -1, 1, 1) / std
 
     def empty_columns(self, n: int) -> dict[str, np.ndarray]:
         columns = super().empty_columns(n)
@@ -146,12 +146,13 @@ class Classifier(ModelStage):
 
     @torch.inference_mode()
     def infer(self, pixels) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """uint8 (N, H, W, 3) -> top-k probabilities and class indexes (N, k), and embeddings (N, D) or None."""
+        """uint8/uint16 (N, H, W, C) -> top-k probabilities and class indexes (N, k), and embeddings (N, D) or None."""
         x = torch.as_tensor(pixels)
+        scale = self.scale[x.dtype]
         if x.device.type != self.device.type:
             x = x.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else x
         x = x.permute(0, 3, 1, 2)  # NHWC memory is exactly a channels-last NCHW tensor
-        x = x.float().mul_(self.scale).add_(self.shift).contiguous(memory_format=self.memory_format)
+        x = x.float().mul_(scale).add_(self.shift).contiguous(memory_format=self.memory_format)
         chunks = self.in_chunks(lambda size: _slices(len(x), size), lambda rows: self.model(x[rows[0]:rows[-1] + 1]))
         probabilities = torch.cat([torch.softmax(logits.float(), dim=1) for _, logits in chunks])
         top = probabilities.topk(self.top_k, dim=1)

@@ -18,8 +18,9 @@ class Tally:
 
     def __init__(self):
         self.started = time.monotonic()
-        self.done = 0
-        self.failed = 0
+        self.done = 0  # inputs
+        self.rows = 0  # one per input, or per frame of a multi-frame DICOM
+        self.failed = 0  # error rows (a failed input is one row)
         self.errors_by_type: Counter[str] = Counter()
         self.detections: int | None = None  # a detection job's boxes, and the images with any
         self.images_with_detections = 0
@@ -27,8 +28,10 @@ class Tally:
 
     def add(self, batch: pa.Table) -> None:
         types = batch["error_type"].drop_null().to_pylist()
+        inputs = pc.count_distinct(batch["uri"]).as_py() if "rows_of_input" in batch.column_names else batch.num_rows
         with self._lock:
-            self.done += batch.num_rows
+            self.done += inputs
+            self.rows += batch.num_rows
             self.failed += len(types)
             self.errors_by_type.update(types)
             if "num_detections" in batch.column_names:
@@ -43,7 +46,7 @@ class Tally:
 
     @property
     def rate(self) -> float:
-        return self.done / self.elapsed if self.elapsed > 0 else 0.0
+        return self.rows / self.elapsed if self.elapsed > 0 else 0.0
 
     def check_error_rate(self, max_error_rate: float, min_inputs: int) -> None:
         """Raise JobStopped once enough rows are in and too many of them failed."""

@@ -36,11 +36,21 @@ DETECTION = pa.struct([pa.field("label", pa.string()), pa.field("score", pa.floa
 DETECTION_COLUMNS = [pa.field("detections", pa.list_(DETECTION)), pa.field("num_detections", pa.int32())]
 
 
-def output_schema(task: str = "classification", predictions: bool = True, embedding_dim: int | None = None) -> pa.Schema:
-    """The Parquet schema of a row: identity, the model's columns, the embedding if any, provenance."""
+# A DICOM job's keys: with `uri`, (uri, frame) is unique; the UIDs tie rows to studies and series.
+DICOM_COLUMNS = [pa.field("frame", pa.int32()), pa.field("study_instance_uid", pa.string()),
+                 pa.field("series_instance_uid", pa.string()), pa.field("sop_instance_uid", pa.string()),
+                 pa.field("modality", pa.string())]
+
+
+def output_schema(task: str = "classification", predictions: bool = True, embedding_dim: int | None = None,
+                  dicom_tags: list[str] | None = None) -> pa.Schema:
+    """The Parquet schema of a row: identity (and DICOM keys), the model's columns, the embedding if any,
+    provenance, then the DICOM tags a job allow-lists (`dicom_tags` column names; None: not a DICOM job)."""
     model_columns = (CLASSIFICATION_COLUMNS if task == "classification" else DETECTION_COLUMNS) if predictions else []
     embedding = [pa.field("embedding", pa.list_(pa.float32(), embedding_dim))] if embedding_dim else []
-    return pa.schema(_IDENTITY + model_columns + embedding + _PROVENANCE)
+    dicom = DICOM_COLUMNS if dicom_tags is not None else []
+    tags = [pa.field(name, pa.string()) for name in dicom_tags or []]
+    return pa.schema(_IDENTITY + dicom + model_columns + embedding + _PROVENANCE + tags)
 
 
 # A classification row, the default job's schema.

@@ -26,6 +26,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from pipeline.commit import OutputFolder
 from pipeline.config import JobConfig
 from pipeline.decode import Decoder
+from pipeline.dicom import IDENTIFYING, KEY_TAGS, dicom_settings
 from pipeline.errors import JobFailed, JobStopped, UserError
 from pipeline.history import History
 from pipeline.lease import OutputLease
@@ -35,8 +36,7 @@ from pipeline.predict import Classifier
 from pipeline.preflight import preflight
 from pipeline.progress import ProgressPrinter, Tally
 from pipeline.read import Reader
-from pipeline.rows import output_schema
-from pipeline.runs import check_existing_files, history_for, new_run_id, publish, start_or_resume
+from pipeline.runs import check_existing_files, history_for, job_schema, new_run_id, publish, start_or_resume
 from pipeline.sink import StagingSink
 from pipeline.source import InputListing, ListingTally
 from pipeline.storage import Storage, absolute, join
@@ -67,10 +67,11 @@ class RunSummary:
     model: str
     weights: str
     inputs: int  # processed by this attempt
-    predicted: int
+    rows: int  # written by this attempt: one per input, or per frame of a multi-frame DICOM
+    predicted: int  # rows
     errors: int
     errors_by_type: dict[str, int]
-    resumed: int  # rows an interrupted earlier attempt of this run had staged
+    resumed: int  # inputs an interrupted earlier attempt of this run had staged
     already_done: int  # inputs skipped: unchanged since an earlier committed run
     skipped_by_extension: int
     committed_rows: int  # rows the run's commit holds (resumed + this attempt); 0 until it commits
@@ -82,6 +83,7 @@ class RunSummary:
     message: str | None = None
     detections: int | None = None  # detection jobs: boxes written by this attempt
     images_with_detections: int | None = None
+    dicom_tags_written: list[str] | None = None  # DICOM jobs: every tag the rows carry, keys included
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2)
@@ -95,6 +97,7 @@ def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float 
     storage = Storage.from_env(s.endpoint_url, s.region, max_attempts=s.max_attempts,
                                connect_timeout_s=s.connect_timeout_s, read_timeout_s=s.read_timeout_s)
     spec = preflight(cfg, storage)
+    schema = job_schema(cfg, spec)
     folder = OutputFolder(storage, cfg.output.uri)
     with OutputLease(storage, cfg.output.uri, new_run_id()) as lease, output_failures(cfg.output.uri):
         state = folder.recover(folder.scan())
@@ -106,12 +109,14 @@ def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float 
         sink = StagingSink(folder, run.run_id, {"model": spec.name, "weights": spec.weights_id, "run_id": run.run_id},
                            first_chunk=run.next_chunk(),
                            checkpoint_rows=cfg.output.checkpoint_rows or CHECKPOINT_BATCHES * cfg.compute.batch_size,
-                           checkpoint_seconds=cfg.output.checkpoint_seconds,
-                           schema=output_schema(spec.task, spec.wants_predictions, spec.embedding_dim))
+                           checkpoint_seconds=cfg.output.checkpoint_seconds, schema=schema)
         tally = Tally()
         interval = progress_interval or (2.0 if out.isatty() else 5.0)
         with ProgressPrinter(tally, lambda: ray.get(listing_tally.get.remote()), out, interval):
             status, message = drain(dataset, sink, tally, cfg, lease)
+            leftover = sink.release_partial()
+            if leftover is not None:
+                tally.add(leftover)
             sink.flush()
         record = None
         if status == "completed":
@@ -120,15 +125,17 @@ def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float 
         listing = ray.get(listing_tally.get.remote())
         summary = RunSummary(
             run_id=run.run_id, status=status, input=cfg.input.uri, output=cfg.output.uri, model=spec.name,
-            weights=spec.weights_id, inputs=tally.done, predicted=tally.done - tally.failed, errors=tally.failed,
-            errors_by_type=dict(tally.errors_by_type.most_common()), resumed=run.info["resumed_rows"],
-            already_done=max(0, listing["already_done"] - run.info["resumed_rows"]),
+            weights=spec.weights_id, inputs=tally.done, rows=tally.rows, predicted=tally.rows - tally.failed,
+            errors=tally.failed,
+            errors_by_type=dict(tally.errors_by_type.most_common()), resumed=run.info["resumed_inputs"],
+            already_done=max(0, listing["already_done"] - run.info["resumed_inputs"]),
             skipped_by_extension=listing["skipped"], committed_rows=record["rows"] if record else 0,
             elapsed_s=round(tally.elapsed, 3), images_per_s=round(tally.rate, 2),
             started_at=run.info["attempts"][-1], finished_at=_now(),
             files=[{"uri": join(cfg.output.uri, f["path"]), "rows": f["rows"]} for f in record["files"]]
             if record else [], message=message, detections=tally.detections,
-            images_with_detections=tally.images_with_detections if tally.detections is not None else None)
+            images_with_detections=tally.images_with_detections if tally.detections is not None else None,
+            dicom_tags_written=written_tags(cfg))
         storage.write_bytes(join(cfg.output.uri, "_summary.json"), summary.to_json().encode())
     print_summary(summary, out)
     if status == "stopped":
@@ -154,8 +161,7 @@ def drain(dataset: ray.data.Dataset, sink: StagingSink, tally: Tally, cfg: JobCo
     try:
         for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
             lease.check()
-            sink.add(batch)
-            tally.add(batch)
+            tally.add(sink.add(batch))
             tally.check_error_rate(cfg.errors.max_error_rate, cfg.errors.min_inputs)
     except JobStopped as exc:
         return "stopped", f"{exc} (rows so far stay staged; rerunning the job resumes after them)"
@@ -190,7 +196,7 @@ def _build(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tally,
     dataset = dataset.map_batches(Reader(storage, cfg.input.max_file_bytes), batch_size=BLOCK_ROWS,
                                   num_cpus=READ_CPUS, memory=READ_MEMORY,
                                   compute=ray.data.TaskPoolStrategy(size=read_tasks))
-    decoder = Decoder(spec.preprocess, cfg.decode.max_image_pixels)
+    decoder = Decoder(spec.preprocess, cfg.decode.max_image_pixels, spec.input_channels, dicom_settings(cfg.dicom))
     num_gpus = gpus_per_actor(compute.num_gpus_per_actor)
     decode_in_tasks = num_gpus > 0 and cfg.decode.device == "cpu"
     if cfg.decode.device == "gpu" and num_gpus == 0:
@@ -296,8 +302,12 @@ def print_summary(s: RunSummary, out: TextIO) -> None:
           else []),
         f"  predicted   {s.predicted:,}",
         f"  errors      {s.errors:,}" + (f"  ({errors})" if errors else ""),
+        *([f"  rows        {s.rows:,}  (a row per frame of multi-frame DICOM files)"] if s.rows != s.inputs
+          else []),
         *([f"  detections  {s.detections:,} in {s.images_with_detections:,} images"] if s.detections is not None
           else []),
+        *([f"  DICOM tags  {', '.join(s.dicom_tags_written)}" + identifying_note(s.dicom_tags_written)]
+          if s.dicom_tags_written is not None else []),
         f"  images/s    {s.images_per_s:,.1f}",
         f"  output      {s.output}  ({len(s.files)} Parquet file(s), {s.committed_rows:,} rows committed; "
         f"record in _commits/{s.run_id}.json)" if s.status == "completed" else
@@ -306,6 +316,17 @@ def print_summary(s: RunSummary, out: TextIO) -> None:
     if s.inputs == 0 and not s.resumed and not s.already_done:
         lines.append(f"  note: nothing to do under {s.input}; check the URI and input.extensions")
     print("\n".join(lines), file=out, flush=True)
+
+
+def written_tags(cfg: JobConfig) -> list[str] | None:
+    """The DICOM attributes a DICOM job's rows carry: the keys, the modality, and what the job allow-listed."""
+    return list(KEY_TAGS) + list(cfg.dicom.include_tags) if cfg.dicom is not None else None
+
+
+def identifying_note(tags: list[str]) -> str:
+    flagged = [t for t in tags if t in IDENTIFYING]
+    return f"  (patient-identifying, allow-listed by the job: {', '.join(flagged)})" if flagged else \
+        "  (no patient-identifying attributes)"
 
 
 def _now() -> str:

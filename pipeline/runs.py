@@ -10,11 +10,15 @@ import uuid
 from datetime import datetime, timezone
 from typing import TextIO
 
+import pyarrow as pa
+
 from pipeline.commit import STAGING, FolderState, OutputFolder, StagedRun
 from pipeline.config import JobConfig
 from pipeline.errors import UserError
 from pipeline.history import History
+from pipeline.decode import column_name
 from pipeline.model import ModelSpec
+from pipeline.rows import output_schema
 from pipeline.sink import StagingSink
 
 
@@ -41,6 +45,8 @@ def model_key(cfg: JobConfig, spec: ModelSpec) -> str:
     # Where decoding runs changes pixels by resampling noise only: moving a job to GPUs does not redo it.
     decode = cfg.decode.model_dump(exclude={"device"})
     identity = {"model": cfg.model.model_dump(), "weights": spec.weights_id, "decode": decode}
+    if cfg.dicom is not None:  # windowing and frame choice change the pixels; absent, keys stay as they were
+        identity["dicom"] = cfg.dicom.model_dump()
     return _digest(identity)
 
 
@@ -70,7 +76,8 @@ def start_or_resume(folder: OutputFolder, state: FolderState, cfg: JobConfig, sp
                                  "started_at": now, "attempts": [], "input": cfg.input.uri, "model": spec.name,
                                  "weights": spec.weights_id})
     run.info["attempts"].append(now)
-    run.info["resumed_rows"] = resumed = folder.staged_rows(run)
+    resumed, run.info["resumed_inputs"] = folder.staged_counts(run)
+    run.info["resumed_rows"] = resumed
     folder.begin(run.run_id, run.info)
     if resumed:
         print(f"Resuming run {run.run_id}: {resumed:,} rows were staged before it was interrupted", file=out)
@@ -91,6 +98,22 @@ def history_for(folder: OutputFolder, state: FolderState, run: StagedRun, cfg: J
     return History(committed_files=committed, staged_files=run.chunks, reprocess_errors=cfg.input.reprocess_errors)
 
 
+def job_schema(cfg: JobConfig, spec: ModelSpec) -> pa.Schema:
+    """The job's Parquet schema; a partitioning column must be one of its string columns."""
+    tags = [column_name(keyword) for keyword in cfg.dicom.include_tags] if cfg.dicom is not None else None
+    schema = output_schema(spec.task, spec.wants_predictions, spec.embedding_dim, tags)
+    column = partition_column(cfg)
+    if column is not None and (column not in schema.names or schema.field(column).type != pa.string()):
+        strings = [f.name for f in schema if f.type == pa.string() and f.name not in ("uri", "error", "run_id")]
+        raise UserError(f"output.partitioning: '{column}' is not a string column of this job's output; use none, "
+                        f"run_date or one of {', '.join(strings)}")
+    return schema
+
+
+def partition_column(cfg: JobConfig) -> str | None:
+    return None if cfg.output.partitioning in ("none", "run_date") else cfg.output.partitioning
+
+
 def partition_for(cfg: JobConfig, run: StagedRun) -> str | None:
     if cfg.output.partitioning == "run_date":
         return f"run_date={run.info['started_at'][:10]}"
@@ -106,7 +129,8 @@ def publish(folder: OutputFolder, state: FolderState, run: StagedRun, sink: Stag
         replaces = None
     return folder.publish(
         StagedRun(run.run_id, run.info, run.chunks + sink.written), expected_rows=staged,
-        rows_per_file=cfg.output.rows_per_file, partition=partition_for(cfg, run), replaces=replaces,
+        rows_per_file=cfg.output.rows_per_file, partition=partition_for(cfg, run),
+        partition_column=partition_column(cfg), replaces=replaces,
         summary={"input": cfg.input.uri, "model": spec.name, "weights": spec.weights_id,
                  "model_key": run.info["model_key"], "job_key": run.info["job_key"]})
 

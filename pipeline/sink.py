@@ -32,16 +32,54 @@ class StagingSink:
         self.written: list[str] = []  # chunk URIs, in order
         self.rows_written = 0
         self._pending: list[pa.Table] = []
+        self._partial: dict[str, list[pa.Table]] = {}  # rows of multi-frame inputs still arriving, by uri
         self._pending_rows = 0
         self._last_flush = time.monotonic()
 
-    def add(self, batch: pa.Table) -> None:
+    def add(self, batch: pa.Table) -> pa.Table:
+        """Stages the batch's rows; returns those of inputs whose every row has arrived (what is now counted).
+
+        A multi-frame DICOM file makes a row per frame (`rows_of_input` says how many), and Ray may hand them
+        over in two batches: they wait here until all have come, so a chunk, the unit of resume, never holds
+        part of a file."""
+        batch = self._complete_inputs(batch)
+        released = batch
         batch = to_output_table(batch, self.provenance, self.schema)  # batches differ in inferred types; the output does not
         self._pending.append(batch)
         self._pending_rows += batch.num_rows
         failpoints.hit("batch_drained")
         if self._pending_rows >= self.checkpoint_rows or time.monotonic() - self._last_flush >= self.checkpoint_seconds:
             self.flush()
+        return released
+
+    def _complete_inputs(self, batch: pa.Table) -> pa.Table:
+        if "rows_of_input" not in batch.column_names:
+            return batch
+        counts = pc.fill_null(batch["rows_of_input"], 1).to_numpy()
+        if (counts <= 1).all() and not self._partial:
+            return batch
+        complete = [batch.filter(pa.array(counts <= 1))]
+        multi = batch.filter(pa.array(counts > 1))
+        uris, expected = multi["uri"].to_pylist(), multi["rows_of_input"].to_pylist()
+        for uri in dict.fromkeys(uris):
+            rows = multi.filter(pc.equal(multi["uri"], uri))
+            held = self._partial.pop(uri, []) + [rows]
+            if sum(t.num_rows for t in held) >= expected[uris.index(uri)]:
+                complete.extend(held)
+            else:
+                self._partial[uri] = held
+        return pa.concat_tables(complete, promote_options="permissive")
+
+    def release_partial(self) -> pa.Table | None:
+        """At the end of the stream: rows of inputs still incomplete (none, unless a frame was lost)."""
+        held = [t for tables in self._partial.values() for t in tables]
+        self._partial = {}
+        if not held:
+            return None
+        table = pa.concat_tables(held, promote_options="permissive")
+        self._pending.append(to_output_table(table, self.provenance, self.schema))
+        self._pending_rows += table.num_rows
+        return table
 
     def flush(self) -> None:
         self._last_flush = time.monotonic()

@@ -49,7 +49,7 @@ def mixed_inputs() -> dict[str, bytes]:
 
 def decode_both(device: str, max_image_pixels: int = 10**8):
     inputs = mixed_inputs()
-    on_device, pixels = DeviceDecoder(PREPROCESS, max_image_pixels, torch.device(device))(as_batch(list(inputs.values())))
+    on_device, pixels = DeviceDecoder(Decoder(PREPROCESS, max_image_pixels), torch.device(device))(as_batch(list(inputs.values())))
     on_cpu = Decoder(PREPROCESS, max_image_pixels)(as_batch(list(inputs.values())))
     return list(inputs), on_device, pixels.cpu().numpy(), on_cpu
 
@@ -82,7 +82,7 @@ def test_exif_rotation_applies_on_the_device_path():
 def test_one_broken_jpeg_does_not_fail_the_batched_decode():
     good = [encode(photo(96, 72, seed=s), "JPEG") for s in range(3)]
     broken = good[0][:200] + b"\xff\xd9"  # a header that opens, then no image data
-    batch, pixels = DeviceDecoder(PREPROCESS, 10**8, torch.device("cpu"))(as_batch([good[0], broken, good[1], good[2]]))
+    batch, pixels = DeviceDecoder(Decoder(PREPROCESS, 10**8), torch.device("cpu"))(as_batch([good[0], broken, good[1], good[2]]))
     assert [e is None for e in batch["error"]] == [True, False, True, True]
     assert batch["error_type"][1].startswith("decode.")
     assert pixels[[0, 2, 3]].float().std() > 10 and not pixels[1].any()
@@ -90,7 +90,7 @@ def test_one_broken_jpeg_does_not_fail_the_batched_decode():
 
 def test_pixel_limit_applies_before_the_device_decodes():
     big = encode(Image.new("RGB", (1500, 1000), (90, 90, 90)), "JPEG")
-    batch, _ = DeviceDecoder(PREPROCESS, 1_000_000, torch.device("cpu"))(as_batch([big]))
+    batch, _ = DeviceDecoder(Decoder(PREPROCESS, 1_000_000), torch.device("cpu"))(as_batch([big]))
     assert batch["error_type"][0] == "decode.too_many_pixels"
 
 
