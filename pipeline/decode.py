@@ -113,7 +113,9 @@ class Decoder:
                 raise
             try:  # a DICOM data set without the Part 10 preamble
                 dicom = read_dicom(data, self.dicom, self.max_image_pixels, force=True)
-            except StageFailure:
+            except StageFailure as exc:
+                if getattr(exc, "tags", {}).get("SOPInstanceUID"):  # it was DICOM, without usable pixels
+                    raise
                 raise UnidentifiedImageError() from None
             return dicom.frames, dicom.tags
 

@@ -31,6 +31,7 @@ import pydicom.config
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, iter_pixels
 from pydicom.pixels.decoders.base import get_decoder
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from pipeline.rows import StageFailure
 
@@ -109,6 +110,7 @@ def read_dicom(data: bytes, settings: DicomSettings, max_pixels: int, force: boo
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(io.BytesIO(data), force=force)
+            assume_syntax(ds)
             tags = {kw: tag_text(ds, kw) for kw in KEY_TAGS + settings.tags}
             if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
                 kind = tags.get("Modality") or "no modality"
@@ -142,6 +144,18 @@ def _tags_of(ds: Dataset | None, settings: DicomSettings) -> dict[str, str | Non
         return {kw: tag_text(ds, kw) for kw in KEY_TAGS + settings.tags}
     except Exception:  # noqa: BLE001 - a header too broken to read its tags
         return {}
+
+
+def assume_syntax(ds: Dataset) -> None:
+    """A data set without a transfer syntax (no file meta, or a meta without one) is uncompressed in the
+    encoding the reader found: say so, as DICOM viewers do, so its pixels can be read."""
+    if "TransferSyntaxUID" in getattr(ds, "file_meta", Dataset()):
+        return
+    implicit, little = ds.original_encoding
+    if not hasattr(ds, "file_meta"):
+        ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                      ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
 
 
 def check_decoder(ds: Dataset) -> None:
@@ -266,8 +280,9 @@ def frame_item(ds: Dataset, index: int, sequence: str) -> Dataset | None:
     """The functional-group item `sequence` for frame `index`: its per-frame one, else the shared one."""
     for groups, i in (("PerFrameFunctionalGroupsSequence", index), ("SharedFunctionalGroupsSequence", 0)):
         items = ds.get(groups)
-        if items is not None and i < len(items) and sequence in items[i] and len(items[i][sequence]):
-            return items[i][sequence][0]
+        found = items[i].get(sequence) if items is not None and i < len(items) else None
+        if found:
+            return found[0]
     return None
 
 
