@@ -254,7 +254,7 @@ class DicomConfig(_Section):
                                                                           else " (see pydicom's data dictionary)"))
             if keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality"):
                 raise ValueError(f"'{keyword}' is always written (a key column); remove it from include_tags")
-            if dictionary_VR(keyword_dict[keyword]) in ("SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN"):
+            if set(dictionary_VR(keyword_dict[keyword]).split(" or ")) & {"SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN"}:
                 raise ValueError(f"'{keyword}' is a sequence or binary attribute; only single values can be columns")
         return list(dict.fromkeys(value))
 

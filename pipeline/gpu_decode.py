@@ -114,11 +114,14 @@ class DeviceDecoder:
         sub = {"uri": batch["uri"][rows], "bytes": encoded,
                "error": np.full(len(rows), None, dtype=object), "error_type": np.full(len(rows), None, dtype=object)}
         out = self.cpu(sub)
-        if out["pixels"].dtype == np.uint16 and not isinstance(pixels, list):  # a 16-bit image: keep its depth
-            pixels = (pixels.to(torch.int32) * 257).to(torch.uint16)
         if isinstance(pixels, list):
             for j, i in enumerate(rows):
                 pixels[i] = torch.from_numpy(out["pixels"][j]).to(self.device)
+        elif out["pixels"].dtype == np.uint16:  # a 16-bit image keeps its depth: the batch becomes uint16
+            # (torch cannot index-assign uint16, so the batch is assembled as int32 first)
+            widened = pixels.to(torch.int32) * 257
+            widened[rows] = torch.from_numpy(out["pixels"].astype(np.int32)).to(self.device)
+            pixels = widened.to(torch.uint16)
         else:
             pixels[rows] = torch.from_numpy(out["pixels"]).to(self.device)
         for j, i in enumerate(rows):

@@ -181,6 +181,11 @@ def _fit_stem(model: nn.Module, channels: int | None, state_dict: dict | None) -
         return
     if channels is None and state_dict is not None and f"{name}.weight" in state_dict:
         channels = int(state_dict[f"{name}.weight"].shape[1])
+    stored = state_dict.get(f"{name}.weight") if state_dict is not None else None
+    if channels is not None and stored is not None and stored.ndim == 4 and stored.shape[1] != channels:
+        raise UserError(f"model.input_channels: the checkpoint's first convolution ({name}) takes "
+                        f"{stored.shape[1]} channel(s), not {channels}; set input_channels to 'auto' or "
+                        f"{stored.shape[1]}")
     if channels is None or channels == conv.in_channels:
         return
     stem = nn.Conv2d(channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,

@@ -44,7 +44,10 @@ def model_key(cfg: JobConfig, spec: ModelSpec) -> str:
     """What decides an input's row: rows of an earlier run count as done only under the same model key."""
     # Where decoding runs changes pixels by resampling noise only: moving a job to GPUs does not redo it.
     decode = cfg.decode.model_dump(exclude={"device"})
-    identity = {"model": cfg.model.model_dump(), "weights": spec.weights_id, "decode": decode}
+    # Settings added since outputs were first written join the key only when set, so upgrading the pipeline
+    # does not make an incremental job redo its whole archive.
+    model = cfg.model.model_dump(exclude={"input_channels"} if cfg.model.input_channels == "auto" else None)
+    identity = {"model": model, "weights": spec.weights_id, "decode": decode}
     if cfg.dicom is not None:  # windowing and frame choice change the pixels; absent, keys stay as they were
         identity["dicom"] = cfg.dicom.model_dump()
     return _digest(identity)

@@ -214,3 +214,28 @@ def test_custom_builder_that_raises(capsys, good_args, tmp_path, monkeypatch):
     code, err = run_cli(capsys, *args[: args.index("--weights")])
     assert code == 2
     assert_one_line(err, "model.name", "raised RuntimeError: no GPU here")
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("dicom: {include_tags: [PatientAg]}", ["dicom.include_tags", "'PatientAg' is not a DICOM keyword",
+                                           "did you mean 'PatientAge'"]),
+    ("dicom: {include_tags: [PixelData]}", ["dicom.include_tags", "binary"]),
+    ("dicom: {window: lungs}", ["dicom.window"]),
+    ("dicom: {window: {center: 40, width: 0}}", ["dicom.window", "width"]),
+    ("output: {partitioning: Modality}", ["output.partitioning", "string column"]),
+    ("output: {partitioning: modality}", ["output.partitioning", "'modality' is not a string column",
+                                           "label"]),
+    ("model: {input_channels: 2}", ["model.input_channels"]),
+])
+def test_dicom_and_partitioning_mistakes(capsys, tmp_path, good_args, spec, words):
+    (tmp_path / "job.yaml").write_text(spec + "\n")
+    code, err = run_cli(capsys, str(tmp_path / "job.yaml"), *good_args)
+    assert code == 2
+    assert_one_line(err, *words)
+
+
+def test_grey_channels_that_do_not_fit_the_checkpoint(capsys, tmp_path, good_args):
+    (tmp_path / "job.yaml").write_text("model: {input_channels: 1}\n")
+    code, err = run_cli(capsys, str(tmp_path / "job.yaml"), *good_args)
+    assert code == 2
+    assert_one_line(err, "model.input_channels", "(conv1) takes 3 channel(s), not 1", "'auto'")

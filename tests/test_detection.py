@@ -251,7 +251,7 @@ def test_device_decoder_keeps_each_image_at_its_size(color_files):
     exif[0x0112] = 6
     rotated = encode(shown.transpose(Image.Transpose.ROTATE_90), "JPEG", quality=95, exif=exif.tobytes())
     png = encode(scene(64, 48, {}), "PNG")
-    batch, pixels = DeviceDecoder(None, 10**8, torch.device("cpu"))(as_batch([rotated, png, b"broken"]))
+    batch, pixels = DeviceDecoder(Decoder(None, 10**8), torch.device("cpu"))(as_batch([rotated, png, b"broken"]))
     assert [tuple(p.shape) for p in pixels] == [(200, 300, 3), (48, 64, 3), (0, 0, 3)]
     pillow = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(rotated))).convert("RGB"), dtype=int)
     assert np.abs(pixels[0].numpy().astype(int) - pillow).mean() < 2  # another JPEG decoder: rounding differs

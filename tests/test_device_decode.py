@@ -94,6 +94,26 @@ def test_pixel_limit_applies_before_the_device_decodes():
     assert batch["error_type"][0] == "decode.too_many_pixels"
 
 
+def test_a_sixteen_bit_image_among_jpegs_keeps_its_depth_on_the_device_path():
+    jpegs = [encode(photo(96, 72, seed=s), "JPEG") for s in range(2)]
+    deep = encode(Image.fromarray((np.arange(72 * 96).reshape(72, 96) * 9).astype(np.uint16)), "PNG")
+    _, pixels = DeviceDecoder(Decoder(PREPROCESS, 10**8), torch.device("cpu"))(as_batch([jpegs[0], deep, jpegs[1]]))
+    _, eight = DeviceDecoder(Decoder(PREPROCESS, 10**8), torch.device("cpu"))(as_batch(jpegs))
+    assert pixels.dtype == torch.uint16 and pixels[1].to(torch.int32).max() > 255
+    assert torch.equal(pixels[[0, 2]].to(torch.int32), eight.to(torch.int32) * 257)
+
+
+def test_dicom_frames_become_rows_on_the_device_path():
+    from dicom_files import dicom_bytes
+    from pipeline.dicom import DicomSettings
+
+    frames = np.stack([np.full((40, 40), v) for v in (10, 20)])
+    cpu = Decoder(PREPROCESS, 10**8, dicom=DicomSettings())
+    batch, pixels = DeviceDecoder(cpu, torch.device("cpu"))(as_batch([dicom_bytes(frames), encode(photo(), "JPEG")]))
+    assert list(batch["frame"][:2]) == [0, 1] and np.isnan(batch["frame"][2]) and pixels.shape[0] == 3
+    assert pixels.dtype == torch.uint16 and len(batch["uri"]) == 3
+
+
 @pytest.fixture(scope="module")
 def spec(classifier_files):
     return resolve_model(ModelConfig(name="resnet18", weights=classifier_files["weights"],

@@ -284,3 +284,32 @@ def test_one_channel_models_get_luma_and_three_channel_models_replicas():
     np.testing.assert_array_equal(grey[0, ..., 0], np.asarray(colour.convert("L")))
     dicom = decode([dicom_bytes(STORED, window=(40, 400))], Preprocess(8, 8, (0.5,) * 3, (0.5,) * 3))["pixels"]
     assert dicom.shape == (1, 8, 8, 3) and (dicom[..., 0] == dicom[..., 2]).all()
+
+
+def test_a_one_channel_model_sees_the_sixteen_bit_values_normalised(tmp_path):
+    import torch
+    import torchvision
+
+    from pipeline.config import ModelConfig
+    from pipeline.model import _fit_stem, build_model, resolve_model
+    from pipeline.predict import Classifier
+    from pipeline.storage import Storage
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=3)
+    _fit_stem(model, 1, None)
+    torch.save(model.state_dict(), tmp_path / "grey.pt")
+    (tmp_path / "labels.txt").write_text("a\nb\nc\n")
+    spec = resolve_model(ModelConfig(name="resnet18", weights=str(tmp_path / "grey.pt"),
+                                     labels=str(tmp_path / "labels.txt"), top_k=3,
+                                     preprocess={"resize_size": 32, "crop_size": 32, "mean": [0.5], "std": [0.25]}),
+                         Storage.from_env())
+    assert spec.input_channels == 1  # read from the checkpoint
+    ramp = (np.arange(32 * 32).reshape(32, 32) * 3).astype(np.int16)
+    pixels = decode([dicom_bytes(ramp, window=(1500, 3000))], spec.preprocess, channels=1)["pixels"]
+    assert pixels.shape == (1, 32, 32, 1) and pixels.dtype == np.uint16
+    scores, indexes, _ = Classifier(spec, Storage.from_env(), channels_last=False).infer(pixels)
+    x = (torch.from_numpy(pixels.astype(np.float32)).permute(0, 3, 1, 2) / 65535 - 0.5) / 0.25
+    with torch.inference_mode():
+        expected = torch.softmax(build_model(spec, Storage.from_env())(x), dim=1)[0]
+    np.testing.assert_allclose(scores[0], expected[indexes[0]].numpy(), rtol=1e-4, atol=1e-6)

@@ -55,3 +55,23 @@ def test_batches_with_different_inferred_types_share_one_chunk(tmp_path):
     sink.flush()
     table = pq.read_table(next((tmp_path / "_staging" / RUN).glob("chunk-*")))
     assert table.schema == OUTPUT_SCHEMA and table["error"].to_pylist() == [None, "decode: x"]
+
+
+def test_a_multi_frame_files_rows_stay_in_one_chunk(tmp_path):
+    """Ray may hand a file's frame rows over in two batches; a chunk (the unit of resume) never splits them."""
+    sink = staging_sink(tmp_path, rows=1)
+
+    def batch(uris, frames, counts):
+        return pa.table({"uri": uris, "frame": frames, "rows_of_input": counts, "error": [None] * len(uris)})
+
+    released = sink.add(batch(["a", "a", "b"], [0, 1, 0], [3, 3, 1]))
+    assert released["uri"].to_pylist() == ["b"]  # a's third frame has not come yet
+    released = sink.add(batch(["c", "a"], [0, 2], [1, 1 + 2]))
+    assert sorted(zip(released["uri"].to_pylist(), released["frame"].to_pylist())) == [
+        ("a", 0), ("a", 1), ("a", 2), ("c", 0)]
+    sink.flush()
+    assert sink.release_partial() is None
+    chunks = sorted((tmp_path / "_staging" / RUN).glob("chunk-*.parquet.staged"))
+    held = [set(pq.read_table(c)["uri"].to_pylist()) for c in chunks]
+    assert held == [{"b"}, {"a", "c"}]
+    assert sink.rows_written == 5
