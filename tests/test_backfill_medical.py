@@ -120,12 +120,14 @@ def test_backfill_medical_job(archive, storage, ray_session, tmp_path, monkeypat
 
     # No patient data anywhere: the Parquet's values, the records, the summary, our output and Ray's logs.
     local = tmp_path / "analyst"
-    for key in keys:
-        target = local / key
+    prefix = OUTPUT.removeprefix(f"s3://{BUCKET}/")
+    for key in keys:  # as `aws s3 sync <output> scans/` leaves it
+        target = local / "scans" / key.removeprefix(prefix)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(storage.read_bytes(f"s3://{BUCKET}/{key}"))
     written = " ".join(str(v) for r in rows for v in r.values())
-    written += " ".join((local / k).read_text() for k in keys if k.endswith(".json"))
+    written += " ".join(p.read_text() for p in local.rglob("*.json"))
+    assert (local / "scans" / "_summary.json").exists() and list(local.rglob("_commits/*.json"))
     logs = Path(ray._private.worker._global_node.get_logs_dir_path())
     ray_logs = " ".join(p.read_text(errors="ignore") for p in logs.glob("*") if p.is_file())
     for value in PHI.values():
