@@ -242,6 +242,13 @@ class DicomConfig(_Section):
         [], description="DICOM keywords written as extra columns (snake_case). Default none: rows hold only the "
         "UIDs, frame and modality, no patient-identifying data")
 
+    @field_validator("frames")
+    @classmethod
+    def _some_frames(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("must name at least one frame index, or be all, first or middle")
+        return value
+
     @field_validator("include_tags")
     @classmethod
     def _known_keywords(cls, value: list[str]) -> list[str]:

@@ -75,8 +75,7 @@ class Decoder:
             if errors[i] is not None:
                 continue
             try:
-                frames, tags[i] = self.decode(data)
-                rows[i] = [(frame, self.prepare(image), size_of(image)) for frame, image in frames]
+                rows[i], tags[i] = self.decode(data)
             except Exception as exc:  # noqa: BLE001 - any failure is this image's, not the job's
                 errors[i], error_types[i] = fail("decode", exc, describe_decode_error)
                 rows[i] = [(None, None, (0, 0))]
@@ -94,8 +93,9 @@ class Decoder:
             batch.update(dicom_columns(self.dicom, [f for f, _, _ in flat], [tags[i] for i in owner], counts[owner]))
         return batch
 
-    def decode(self, data: bytes) -> tuple[list[tuple[int | None, "Image.Image | np.ndarray"]], dict]:
-        """[(frame, image)], tags: one image at frame None for an ordinary file, each selected frame of a DICOM."""
+    def decode(self, data: bytes) -> tuple[list[tuple[int | None, np.ndarray, tuple[int, int]]], dict]:
+        """[(frame, prepared pixels, (width, height))] and tags: one row at frame None for an ordinary image,
+        one per selected frame of a DICOM file."""
         from pipeline.dicom import is_dicom, read_dicom
 
         if not data:
@@ -104,20 +104,21 @@ class Decoder:
             if self.dicom is None:
                 raise StageFailure("dicom_not_enabled", "a DICOM file; add a 'dicom:' section to the job spec to "
                                                         "read DICOM")
-            dicom = read_dicom(data, self.dicom, self.max_image_pixels)
+            dicom = read_dicom(data, self.dicom, self.max_image_pixels, prepare=self.prepare)
             return dicom.frames, dicom.tags
         try:
-            return [(None, self.open(data))], {}
+            image = self.open(data)
         except UnidentifiedImageError:
             if self.dicom is None:
                 raise
             try:  # a DICOM data set without the Part 10 preamble
-                dicom = read_dicom(data, self.dicom, self.max_image_pixels, force=True)
+                dicom = read_dicom(data, self.dicom, self.max_image_pixels, force=True, prepare=self.prepare)
             except StageFailure as exc:
                 if getattr(exc, "tags", {}).get("SOPInstanceUID"):  # it was DICOM, without usable pixels
                     raise
                 raise UnidentifiedImageError() from None
             return dicom.frames, dicom.tags
+        return [(None, self.prepare(image), size_of(image))], {}
 
     def open(self, data: bytes) -> "Image.Image | np.ndarray":
         """An 8-bit Pillow image in RGB or L, or a uint16 (H, W, C) array for 16-bit and float images."""

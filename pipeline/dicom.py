@@ -23,6 +23,7 @@ import logging
 import re
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -92,7 +93,7 @@ def dicom_settings(cfg) -> DicomSettings | None:
 
 @dataclass
 class DicomImage:
-    frames: list[tuple[int, np.ndarray]]  # (frame index, H x W x C uint8/uint16)
+    frames: list[tuple[int, np.ndarray, tuple[int, int]]]  # (frame index, prepared pixels, (width, height))
     tags: dict[str, str | None]  # KEY_TAGS and the allow-listed ones
 
 
@@ -101,10 +102,12 @@ def is_dicom(data: bytes) -> bool:
     return len(data) >= 132 and data[128:132] == b"DICM"
 
 
-def read_dicom(data: bytes, settings: DicomSettings, max_pixels: int, force: bool = False) -> DicomImage:
-    """The selected frames, windowed, and the row's tags. Raises StageFailure with a value-free message.
+def read_dicom(data: bytes, settings: DicomSettings, max_pixels: int, force: bool = False,
+               prepare: Callable[[np.ndarray], np.ndarray] = lambda frame: frame) -> DicomImage:
+    """The selected frames, windowed and then `prepare`d (resized for the model), and the row's tags. Raises
+    DicomFailure with a value-free message.
 
-    Frames are decoded one at a time, so a long multi-frame file never holds all its frames as floats."""
+    Frames are decoded and prepared one at a time, so a long multi-frame file is never held at full size."""
     ds = None
     try:
         with warnings.catch_warnings():
@@ -121,8 +124,11 @@ def read_dicom(data: bytes, settings: DicomSettings, max_pixels: int, force: boo
                 raise StageFailure("too_many_pixels", f"frames are {columns}x{rows} = {rows * columns:,} pixels, "
                                                       f"over decode.max_image_pixels={max_pixels:,}")
             wanted = select_frames(settings.frames, int(ds.get("NumberOfFrames") or 1))
-            frames = zip(wanted, iter_pixels(ds, indices=wanted))
-            return DicomImage([(i, to_display(ds, i, stored, settings.window)) for i, stored in frames], tags)
+            frames = []
+            for i, stored in zip(wanted, iter_pixels(ds, indices=wanted)):
+                shown = to_display(ds, i, stored, settings.window)
+                frames.append((i, prepare(shown), (shown.shape[1], shown.shape[0])))
+            return DicomImage(frames, tags)
     except StageFailure as exc:
         raise DicomFailure(exc.kind, str(exc), _tags_of(ds, settings)) from None
     except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for one broken file
