@@ -125,6 +125,26 @@ def job_seconds(model: str, folder: str, count: int, work: str) -> float:
     return seconds
 
 
+def forward_ms(model: str) -> float:
+    """One thread, batch 16 of 1x224x224: the model's own CPU time per image."""
+    import torch
+    import torchvision
+
+    from pipeline.model import _fit_stem
+
+    torch.set_num_threads(1)
+    built = torchvision.models.get_model(model, num_classes=3)
+    _fit_stem(built, 1, None)
+    built = built.eval().to(memory_format=torch.channels_last)
+    x = torch.rand(16, 1, 224, 224).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        built(x)
+        start = time.perf_counter()
+        for _ in range(3):
+            built(x)
+    return (time.perf_counter() - start) / 48 * 1000
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--decode-files", type=int, default=100)
@@ -132,7 +152,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["resnet18", "densenet121"])
     args = parser.parse_args()
     print(f"cores: {os.cpu_count()}", flush=True)
-    decode_rates(args.decode_files)
+    rates = decode_rates(args.decode_files)
+    decode_ms = 1000 / rates["Explicit VR Little Endian"]
     from pydicom.uid import ExplicitVRLittleEndian
 
     with tempfile.TemporaryDirectory(prefix="bench-dicom-") as work:
@@ -145,8 +166,12 @@ def main() -> None:
                     f.write(write_dicom(ct_slice(i), ExplicitVRLittleEndian))
         for model in args.models:
             small, large = (job_seconds(model, folders[n], n, work) for n in (args.files, 2 * args.files))
+            model_ms = forward_ms(model)
+            bound = (os.cpu_count() or 1) * 1000 / (decode_ms + model_ms)
             print(f"job {model} (1-channel stem): {args.files} files {small:.1f}s, {2 * args.files} files "
-                  f"{large:.1f}s, steady {args.files / max(1e-9, large - small):.1f} images/s", flush=True)
+                  f"{large:.1f}s, steady {args.files / max(1e-9, large - small):.1f} images/s; bound "
+                  f"{bound:.1f} images/s (cores / ({decode_ms:.1f} ms decode + {model_ms:.1f} ms forward))",
+                  flush=True)
 
 
 if __name__ == "__main__":
