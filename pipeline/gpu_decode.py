@@ -5,7 +5,8 @@ encoded bytes and decodes its whole batch with one `torchvision.io.decode_jpeg` 
 each header (microseconds): that applies the pixel limit before anything is decoded, and routes whatever
 the GPU decoder does not handle (other formats, CMYK, broken files) to the CPU `Decoder`, one image at a
 time, which also writes their error rows. Resampling on the device matches Pillow's antialiased
-resize to within a few grey levels, not bit for bit.
+resize to within a few grey levels, not bit for bit. A 16-bit image widens the batch to uint16. A DICOM job's
+batches go to the CPU decoder whole (nvJPEG reads no DICOM syntax, and frames become rows).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from pipeline.decode import Decoder
-from pipeline.dicom import is_dicom
 from pipeline.rows import error_columns
 
 _INTERPOLATION = {"nearest": InterpolationMode.NEAREST, "bilinear": InterpolationMode.BILINEAR,
@@ -42,7 +42,7 @@ class DeviceDecoder:
         self.cpu = cpu
 
     def __call__(self, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], torch.Tensor]:
-        if any(is_dicom(d) for d in batch["bytes"]):  # frames become rows: the CPU decoder reshapes the batch
+        if self.cpu.dicom is not None:  # a DICOM job: frames become rows, which only the CPU decoder does
             batch = self.cpu(batch)
             pixels = batch.pop("pixels")
             if self.preprocess is None:
