@@ -114,7 +114,7 @@ def read_dicom(data: bytes, settings: DicomSettings, max_pixels: int, force: boo
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(io.BytesIO(data), force=force)
             assume_syntax(ds)
-            tags = {kw: tag_text(ds, kw) for kw in KEY_TAGS + settings.tags}
+            tags = _tags_of(ds, settings)
             if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
                 kind = tags.get("Modality") or "no modality"
                 raise StageFailure("no_pixel_data", f"DICOM object without pixel data ({kind})")
