@@ -1,4 +1,4 @@
-"""Command line: `pipeline run [JOB.yaml] [--flags]` and `pipeline demo`.
+"""Command line: `pipeline run [JOB.yaml] [--flags]`, `pipeline submit JOB.yaml --address URL` and `pipeline demo`.
 
 A problem the user can fix (UserError) is one line on stderr and exit code 2; a job that stopped itself
 on its error-rate threshold exits 1 after printing what it did.
@@ -18,6 +18,21 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run a job: images in, Parquet predictions out")
+    add_job_flags(run)
+    run.add_argument("--ray-address", help="join this Ray cluster (default RAY_ADDRESS, else a local Ray)")
+
+    submit = commands.add_parser("submit", help="run a job on an existing Ray cluster through its job API, "
+                                                "following its output; exits with the job's exit code")
+    add_job_flags(submit)
+    submit.add_argument("--address", help="the cluster's dashboard, http://HEAD:8265 (default RAY_ADDRESS)")
+    submit.add_argument("--no-wait", action="store_true", help="submit and return without following the job")
+
+    demo = commands.add_parser("demo", help="train a digits CNN, serve images from a local S3, run a job")
+    demo.add_argument("--keep", metavar="DIR", help="also copy the Parquet output to this local folder")
+    return parser
+
+
+def add_job_flags(run: argparse.ArgumentParser) -> None:
     run.add_argument("spec", nargs="?", help="job spec (YAML); flags below override its fields")
     run.add_argument("--input", help="s3://bucket/prefix, a local folder, or a .parquet/.csv manifest")
     run.add_argument("--output", help="output folder, local or s3://")
@@ -34,11 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--partitioning", metavar="none|run_date|COLUMN",
                      help="run_date: write each run under run_date=YYYY-MM-DD/; a string column such as modality: "
                           "Hive-style folders modality=CT/")
-    run.add_argument("--ray-address", help="join this Ray cluster (default RAY_ADDRESS, else a local Ray)")
-
-    demo = commands.add_parser("demo", help="train a digits CNN, serve images from a local S3, run a job")
-    demo.add_argument("--keep", metavar="DIR", help="also copy the Parquet output to this local folder")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "submit":
+            return _submit(args)
         from pipeline.demo import run_demo
         return run_demo(keep=args.keep)
     except UserError as exc:
@@ -62,13 +74,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipeline.config import OVERRIDES, load_job
+    from pipeline.config import load_job
     from pipeline.runner import run_job
 
-    overrides = {flag: getattr(args, flag) for flag in OVERRIDES}
-    cfg = load_job(args.spec, overrides)
-    run_job(cfg)
+    run_job(load_job(args.spec, _overrides(args)))
     return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from pipeline.submit import submit
+
+    return submit(args.spec, _overrides(args), args.address, sys.stdout, wait=not args.no_wait)
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    from pipeline.config import OVERRIDES
+
+    return {flag: getattr(args, flag, None) for flag in OVERRIDES}
 
 
 if __name__ == "__main__":

@@ -320,12 +320,21 @@ OVERRIDES = {
 
 def load_job(spec_path: str | None, overrides: dict[str, Any]) -> JobConfig:
     """Read the YAML spec (if any), apply the non-None overrides, and validate the result."""
+    return validate_spec(merged_spec(spec_path, overrides), spec_path)
+
+
+def merged_spec(spec_path: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The spec as a mapping, the command line's non-None overrides applied (what `pipeline submit` ships)."""
     raw: dict[str, Any] = {}
     if spec_path is not None:
         raw = _read_yaml(spec_path)
     for flag, value in overrides.items():
         if value is not None:
             _set_dotted(raw, OVERRIDES[flag], value)
+    return raw
+
+
+def validate_spec(raw: dict[str, Any], spec_path: str | None) -> JobConfig:
     try:
         return JobConfig.model_validate(raw)
     except ValidationError as exc:

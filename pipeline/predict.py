@@ -16,6 +16,7 @@ error.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable, Sequence
 
 import numpy as np
@@ -23,6 +24,7 @@ import torch
 
 from pipeline.decode import Decoder
 from pipeline.embedding import EmbeddingTap
+from pipeline.metrics import BatchLatency
 from pipeline.model import ModelSpec, build_model
 from pipeline.rows import error_columns
 from pipeline.storage import Storage
@@ -49,6 +51,7 @@ class ModelStage:
         self.tap = (EmbeddingTap(self.model, spec.task, spec.embedding.layer, spec.embedding.normalize)
                     if spec.wants_embedding else None)
         self.max_batch: int | None = None  # lowered after a CUDA out-of-memory error
+        self.latency = BatchLatency(type(self).__name__)
 
     def empty_columns(self, n: int) -> dict[str, np.ndarray]:
         """The stage's output columns for n rows, as they stay for a failed row."""
@@ -61,6 +64,12 @@ class ModelStage:
         raise NotImplementedError
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        started = time.perf_counter()
+        batch = self.run(batch)
+        self.latency.observe(time.perf_counter() - started)
+        return batch
+
+    def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         pixels = self.decode(batch)
         errors, error_types = error_columns(batch)
         columns = self.empty_columns(len(errors))

@@ -26,7 +26,8 @@ class Tally:
         self.images_with_detections = 0
         self._lock = threading.Lock()
 
-    def add(self, batch: pa.Table) -> None:
+    def add(self, batch: pa.Table) -> tuple[int, int]:
+        """Counts the batch; returns its (inputs, failed rows)."""
         types = batch["error_type"].drop_null().to_pylist()
         inputs = pc.count_distinct(batch["uri"]).as_py() if "rows_of_input" in batch.column_names else batch.num_rows
         with self._lock:
@@ -39,6 +40,7 @@ class Tally:
                 counts = pc.if_else(pc.is_nan(counts), 0, counts)  # numpy's NaN for a failed row
                 self.detections = (self.detections or 0) + int(pc.sum(counts).as_py() or 0)
                 self.images_with_detections += int(pc.sum(pc.greater(counts, 0)).as_py() or 0)
+        return inputs, len(types)
 
     @property
     def elapsed(self) -> float:

@@ -30,6 +30,7 @@ from pipeline.dicom import IDENTIFYING, KEY_TAGS, dicom_settings
 from pipeline.errors import JobFailed, JobStopped, UserError
 from pipeline.history import History
 from pipeline.lease import OutputLease
+from pipeline.metrics import RunMetrics
 from pipeline.model import ModelSpec
 from pipeline.detect import Detector
 from pipeline.predict import Classifier
@@ -159,9 +160,11 @@ def drain(dataset: ray.data.Dataset, sink: StagingSink, tally: Tally, cfg: JobCo
           lease: OutputLease) -> tuple[str, str | None]:
     """Every prediction row into the sink, once; (status, message) at the end or at the error-rate stop."""
     try:
+        metrics = RunMetrics(cfg.output.uri)
         for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
             lease.check()
-            tally.add(sink.add(batch))
+            inputs, failed = tally.add(sink.add(batch))
+            metrics.record(inputs, failed, tally.rate)
             tally.check_error_rate(cfg.errors.max_error_rate, cfg.errors.min_inputs)
     except JobStopped as exc:
         return "stopped", f"{exc} (rows so far stay staged; rerunning the job resumes after them)"

@@ -278,3 +278,45 @@ def _exited(proc: subprocess.Popen) -> bool:
         return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
     except ChildProcessError:
         return True
+
+
+class DashboardHead(TwoNodeCluster):
+    """One `ray start --head` node with the dashboard (the job-submission API) and the metrics export port,
+    as an existing cluster's head is: `dashboard_url` for `pipeline submit`, `metrics_url` for Prometheus."""
+
+    def __init__(self, cpus: float = 2, env: dict[str, str] | None = None, metrics_interval_ms: int = 1000):
+        super().__init__(head_cpus=cpus, env=env, system_config={"metrics_report_interval_ms": metrics_interval_ms})
+        self.dashboard_port: int | None = None
+        self.metrics_port: int | None = None
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def start(self) -> None:
+        import urllib.request
+
+        self.root = tempfile.mkdtemp(prefix="ray1h-", dir="/tmp")
+        atexit.register(self.shutdown)
+        self.port, self.dashboard_port, self.metrics_port = _free_port(), _free_port(), _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        args = ["--head", f"--port={self.port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dashboard_port}", f"--metrics-export-port={self.metrics_port}",
+                "--system-config=" + json.dumps(self.system_config)]
+        self._head = self._start_node("head", args, self.head_cpus, self.head_resources)
+        self.head_node_id = self._wait_for_node("head_node", self._head, "head")
+        deadline = time.monotonic() + self.startup_timeout
+        while True:  # the job API answers a little after the node is alive
+            try:
+                with urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2) as reply:
+                    if reply.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"dashboard not answering after {self.startup_timeout} s:\n{self.log('head')[-3000:]}")
+            time.sleep(0.3)

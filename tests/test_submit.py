@@ -1,0 +1,96 @@
+"""`pipeline submit` against a real Ray head started here (`ray start --head` on 127.0.0.1, dashboard and job
+API on), and the pipeline's Prometheus metrics read back from that node's metrics endpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pytest
+
+from conftest import photo_jpeg
+from pipeline.cli import main
+from ray_cluster import DashboardHead
+
+TESTS = Path(__file__).parent
+INPUTS = 48
+
+
+@pytest.fixture(scope="module")
+def head(s3_server):
+    # The head's processes inherit the S3 server's endpoint and credentials from this environment, as a
+    # cluster's pods get theirs from their service account; the counting model imports from tests/.
+    # `pipeline` is on the PATH of the cluster's image; here, that is this virtualenv's bin folder.
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    with DashboardHead(cpus=2, env={"PYTHONPATH": str(TESTS), "PIPELINE_TEST_DELAY_S": "0.2", "PATH": path}) as cluster:
+        yield cluster
+
+
+def job_spec(tmp_path: Path, bucket: str, input_prefix: str = "in") -> str:
+    path = tmp_path / "nightly.yaml"
+    path.write_text(json.dumps({
+        "input": {"uri": f"s3://{bucket}/{input_prefix}/"},
+        "output": {"uri": f"s3://{bucket}/predictions/"},
+        "model": {"name": "counting_model:build", "preprocess": {"resize_size": 64, "crop_size": 64}},
+        "compute": {"batch_size": 4, "max_actors": 2, "memory_per_actor_gb": 0.5}}))
+    return str(path)
+
+
+def metric(text: str, name: str, output: str) -> float | None:
+    """The value of `name` (any suffix Ray's exporter adds) for this output folder, from a /metrics page."""
+    for line in text.splitlines():
+        if line.startswith("ray_" + name) and f'output="{output}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_submit_runs_the_job_on_the_cluster_and_exports_metrics(head, storage, bucket, tmp_path):
+    for i in range(INPUTS):
+        storage.s3_client.put_object(Bucket=bucket, Key=f"in/img {i:03d}.jpg", Body=photo_jpeg(i))
+    output = f"s3://{bucket}/predictions/"
+    command = [sys.executable, "-m", "pipeline", "submit", job_spec(tmp_path, bucket), "--address", head.dashboard_url]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # While it runs, the driver's counters and the actors' batch latencies reach the node's metrics endpoint.
+    seen, latency, page, deadline = None, False, "", time.monotonic() + 240
+    while time.monotonic() < deadline and not (seen and latency):
+        if proc.poll() is not None:  # the last report can follow the driver's exit by a reporting interval
+            deadline = min(deadline, time.monotonic() + 10)
+        try:
+            with urllib.request.urlopen(head.metrics_url, timeout=5) as reply:
+                page = reply.read().decode()
+        except OSError:
+            pass
+        seen = metric(page, "pipeline_images_done", output) or seen
+        latency = latency or "ray_pipeline_batch_latency_seconds_bucket" in page
+        time.sleep(0.5)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    assert seen and 0 < seen <= INPUTS and latency, page[-3000:]
+    assert re.search(r"Submitted pipeline-\S+ to http://127\.0\.0\.1:\d+", out)
+    assert f"predicted   {INPUTS}" in out and "completed" in out  # the driver's own summary, streamed back
+    rows = pads.dataset(output, format="parquet").to_table()
+    assert sorted(rows["uri"].to_pylist()) == sorted(f"s3://{bucket}/in/img {i:03d}.jpg" for i in range(INPUTS))
+
+
+def test_submit_returns_the_jobs_exit_code_and_its_one_line(head, storage, bucket, tmp_path, capsys):
+    code = main(["submit", job_spec(tmp_path, bucket), "--input", "s3://no-such-archive/photos/",
+                 "--address", head.dashboard_url])
+    out = capsys.readouterr().out
+    assert code == 2
+    assert "error: input.uri: bucket 'no-such-archive' does not exist" in out
+    assert re.search(r"job pipeline-\S+ failed with exit code 2", out)
+
+
+def test_a_bad_spec_is_refused_before_anything_is_submitted(tmp_path, capsys):
+    spec = tmp_path / "job.yaml"
+    spec.write_text("input: {uri: s3://photos/in/}\noutput: {uri: s3://photos/out/}\nmodel: {name: resnet50, top_kk: 3}\n")
+    code = main(["submit", str(spec), "--address", "http://127.0.0.1:9"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "unknown key 'model.top_kk'; did you mean 'top_k'?" in err
