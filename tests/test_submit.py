@@ -73,6 +73,9 @@ def test_submit_runs_the_job_on_the_cluster_and_exports_metrics(head, storage, b
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:] + err[-3000:]
     assert seen and 0 < seen <= INPUTS and latency, page[-3000:]
+    names = {line.split("{")[0] for line in page.splitlines() if line.startswith("ray_pipeline")}
+    assert {"ray_pipeline_images_done_total", "ray_pipeline_images_per_second",
+            "ray_pipeline_batch_latency_seconds_bucket"} <= names  # the names infra/README.md's queries use
     assert re.search(r"Submitted pipeline-\S+ to http://127\.0\.0\.1:\d+", out)
     assert f"predicted   {INPUTS}" in out and "completed" in out  # the driver's own summary, streamed back
     rows = pads.dataset(output, format="parquet").to_table()
