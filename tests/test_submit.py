@@ -29,7 +29,7 @@ def head(s3_server):
     # cluster's pods get theirs from their service account; the counting model imports from tests/.
     # `pipeline` is on the PATH of the cluster's image; here, that is this virtualenv's bin folder.
     path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
-    with DashboardHead(cpus=2, env={"PYTHONPATH": str(TESTS), "PIPELINE_TEST_DELAY_S": "0.2", "PATH": path}) as cluster:
+    with DashboardHead(cpus=2, env={"PYTHONPATH": str(TESTS), "PIPELINE_TEST_DELAY_S": "0.5", "PATH": path}) as cluster:
         yield cluster
 
 
