@@ -34,7 +34,11 @@ SPEC_NAME = "job.yaml"
 def submit(spec_path: str | None, overrides: dict[str, Any], address: str | None, out: TextIO,
            wait: bool = True) -> int:
     raw = merged_spec(spec_path, overrides)
-    validate_spec(raw, spec_path)  # a spec that cannot run fails here, not on the cluster
+    cfg = validate_spec(raw, spec_path)  # a spec that cannot run fails here, not on the cluster
+    local = [value for value in (cfg.input.uri, cfg.output.uri, cfg.model.checkpoint, cfg.model.labels)
+             if value and not value.startswith("s3://")]
+    if local:
+        print(f"note: {', '.join(local)} will be read on the cluster's nodes, not on this machine", file=out)
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
         raise UserError("--address: give the Ray cluster's dashboard, e.g. --address http://HEAD:8265 (or set "
