@@ -29,6 +29,7 @@ from pipeline.errors import UserError
 
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION")
 SPEC_NAME = "job.yaml"
+AGENT_WAIT_S = 120.0
 
 
 def submit(spec_path: str | None, overrides: dict[str, Any], address: str | None, out: TextIO,
@@ -47,10 +48,10 @@ def submit(spec_path: str | None, overrides: dict[str, Any], address: str | None
     with tempfile.TemporaryDirectory(prefix="pipeline-submit-") as folder:
         Path(folder, SPEC_NAME).write_text(yaml.safe_dump(raw, sort_keys=False))
         env = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
-        job_id = client.submit_job(entrypoint=f"pipeline run {SPEC_NAME}",
-                                   runtime_env={"working_dir": folder, "env_vars": env},
-                                   submission_id=f"pipeline-{time.strftime('%Y%m%dT%H%M%S')}-{os.urandom(3).hex()}",
-                                   metadata={"spec": Path(spec_path).name if spec_path else "flags"})
+        job_id = _submit_job(client, address, entrypoint=f"pipeline run {SPEC_NAME}",
+                             runtime_env={"working_dir": folder, "env_vars": env},
+                             submission_id=f"pipeline-{time.strftime('%Y%m%dT%H%M%S')}-{os.urandom(3).hex()}",
+                             metadata={"spec": Path(spec_path).name if spec_path else "flags"})
     print(f"Submitted {job_id} to {address}", file=out, flush=True)
     if not wait:
         return 0
@@ -69,6 +70,21 @@ def _client(address: str):
         detail = " ".join(str(exc).split())[:200]
         raise UserError(f"--address: cannot reach Ray's job API at {address} ({type(exc).__name__}: {detail}); "
                         "give the head's dashboard address, http://HEAD:8265") from None
+
+
+def _submit_job(client, address: str, timeout_s: float = AGENT_WAIT_S, **job) -> str:
+    """Submits, waiting while a freshly started head's job agent is not registered yet (Ray answers 500,
+    'No available agent to submit job, please try again later')."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as exc:
+            detail = " ".join(str(exc).split())
+            if "try again later" in detail and time.monotonic() < deadline:
+                time.sleep(2)
+                continue
+            raise UserError(f"--address: the Ray cluster at {address} refused the job ({detail[:300]})") from None
 
 
 async def _follow(client, job_id: str, out: TextIO) -> None:
