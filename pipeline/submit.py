@@ -29,7 +29,7 @@ from pipeline.errors import UserError
 
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION")
 SPEC_NAME = "job.yaml"
-AGENT_WAIT_S = 120.0
+AGENT_WAIT_S = 60.0
 
 
 def submit(spec_path: str | None, overrides: dict[str, Any], address: str | None, out: TextIO,

@@ -304,9 +304,12 @@ class DashboardHead(TwoNodeCluster):
         atexit.register(self.shutdown)
         self.port, self.dashboard_port, self.metrics_port = _free_port(), _free_port(), _free_port()
         self.address = f"127.0.0.1:{self.port}"
+        # The agents' ports too: their defaults (52365, ...) are taken by any other Ray on this machine (the test
+        # session's own), and a head whose agent cannot bind accepts no job ("No available agent").
         args = ["--head", f"--port={self.port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                 f"--dashboard-port={self.dashboard_port}", f"--metrics-export-port={self.metrics_port}",
-                "--system-config=" + json.dumps(self.system_config)]
+                f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+                f"--runtime-env-agent-port={_free_port()}", "--system-config=" + json.dumps(self.system_config)]
         self._head = self._start_node("head", args, self.head_cpus, self.head_resources)
         self.head_node_id = self._wait_for_node("head_node", self._head, "head")
         deadline = time.monotonic() + self.startup_timeout
