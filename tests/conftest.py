@@ -47,6 +47,16 @@ def storage(s3_server) -> Storage:
     return Storage.from_env()
 
 
+def ensure_bucket(storage: Storage, name: str) -> None:
+    """A fixed-name bucket (a job spec's own), created once per server."""
+    from botocore.exceptions import ClientError
+
+    try:
+        storage.s3_client.create_bucket(Bucket=name)
+    except ClientError:  # already there: created by an earlier test
+        pass
+
+
 @pytest.fixture
 def bucket(storage) -> str:
     name = f"test-{uuid.uuid4().hex[:12]}"

@@ -17,8 +17,8 @@ import pytest
 import ray
 import torch
 import torchvision
-from botocore.exceptions import ClientError
 
+from conftest import ensure_bucket
 from dicom_files import PHI, SHIPPED, dicom_bytes, shipped
 from pipeline.cli import main
 from pipeline.dicom import DicomSettings, read_dicom
@@ -46,10 +46,7 @@ def written_files() -> dict[str, bytes]:
 
 @pytest.fixture
 def archive(storage, tmp_path):
-    try:
-        storage.s3_client.create_bucket(Bucket=BUCKET)
-    except ClientError:
-        pass
+    ensure_bucket(storage, BUCKET)
     files = {f"dicom/pydicom/{name}": shipped(name) for name in sorted(os.listdir(SHIPPED)) if name.endswith(".dcm")}
     files.update(written_files())
     for key, data in files.items():

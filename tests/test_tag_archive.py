@@ -11,10 +11,9 @@ import numpy as np
 import pyarrow.dataset as pads
 import pytest
 import torch
-from botocore.exceptions import ClientError
 
 from color_boxes import LABELS, ColorBoxes
-from conftest import encode
+from conftest import encode, ensure_bucket
 from pipeline.cli import main
 from test_detection import scene
 
@@ -40,10 +39,7 @@ def readme_queries() -> list[str]:
 
 @pytest.fixture
 def archive(storage, tmp_path):
-    try:
-        storage.s3_client.create_bucket(Bucket=BUCKET)
-    except ClientError:
-        pass
+    ensure_bucket(storage, BUCKET)
     for i, (key, patches) in enumerate(PHOTOS.items()):
         image = scene(320, 240, patches, seed=i)
         storage.write_bytes(f"s3://{BUCKET}/{key}", encode(image, "PNG" if key.endswith(".png") else "JPEG", quality=92))
