@@ -35,8 +35,10 @@ log = logging.getLogger(__name__)
 
 class ModelStage:
     def __init__(self, spec: ModelSpec, storage: Storage, precision: str = "fp32", channels_last: bool = True,
-                 num_threads: int | None = None, decode: Decoder | None = None, decode_on_device: bool = False):
+                 num_threads: int | None = None, decode: Decoder | None = None, decode_on_device: bool = False,
+                 count_rows: Callable[[int], None] | None = None):
         self.spec = spec
+        self.count_rows = count_rows  # told each batch's rows once it is done: the driver counts work redone
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu" and num_threads:
             torch.set_num_threads(num_threads)
@@ -67,6 +69,8 @@ class ModelStage:
         started = time.perf_counter()
         batch = self.run(batch)
         self.latency.observe(time.perf_counter() - started)
+        if self.count_rows is not None:
+            self.count_rows(len(batch["error"]))
         return batch
 
     def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

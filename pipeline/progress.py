@@ -63,9 +63,10 @@ class Tally:
 class ProgressPrinter:
     """Prints a line of counts every `interval` seconds from a background thread."""
 
-    def __init__(self, tally: Tally, listing, out: TextIO, interval: float):
+    def __init__(self, tally: Tally, listing, out: TextIO, interval: float, waiting=None):
         self.tally = tally
         self.listing = listing  # callable -> {"listed", "skipped", "done"} or None
+        self.waiting = waiting  # callable -> what the job waits for (nodes), or None while it is not waiting
         self.out = out
         self.interval = interval
         self._stop = threading.Event()
@@ -85,6 +86,9 @@ class ProgressPrinter:
 
     def line(self) -> str:
         t = self.tally
+        waiting = self.waiting() if self.waiting is not None else None
+        if waiting is not None:
+            return f"  [{t.elapsed:6.1f}s] {t.done:,} done, {waiting}"
         listing = self.listing()
         if listing is None:
             remaining = "remaining ?"

@@ -23,6 +23,7 @@ from typing import TextIO
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from pipeline.cluster import ActorRequest, ClusterWatch, PoolPlan, plan_pool, read_cluster
 from pipeline.commit import OutputFolder
 from pipeline.config import JobConfig
 from pipeline.decode import Decoder
@@ -76,6 +77,7 @@ class RunSummary:
     already_done: int  # inputs skipped: unchanged since an earlier committed run
     skipped_by_extension: int
     committed_rows: int  # rows the run's commit holds (resumed + this attempt); 0 until it commits
+    model_actors: str  # the pool as decided at the start, and why
     elapsed_s: float
     images_per_s: float
     started_at: str
@@ -85,6 +87,8 @@ class RunSummary:
     detections: int | None = None  # detection jobs: boxes written by this attempt
     images_with_detections: int | None = None
     dicom_tags_written: list[str] | None = None  # DICOM jobs: every tag the rows carry, keys included
+    nodes_left: dict[str, int] = field(default_factory=dict)  # Ray nodes that left mid-run, by why
+    redone: int = 0  # rows the model put through again because a node or actor was lost with them
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2)
@@ -105,15 +109,21 @@ def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float 
         check_existing_files(state, cfg)
         run = start_or_resume(folder, state, cfg, spec, lease.run_id, out)
         start_ray(cfg.compute.ray_address)
+        cluster = read_cluster()
+        pool, request = plan_pool(cfg.compute, cluster)
+        print(f"  {pool.describe(request)}", file=out, flush=True)
         listing_tally = ListingTally.options(scheduling_strategy=on_driver_node()).remote()
-        dataset = build_dataset(cfg, spec, storage, listing_tally, history_for(folder, state, run, cfg))
+        model_rows = ModelRowCount.options(scheduling_strategy=on_driver_node()).remote()
+        dataset = build_dataset(cfg, spec, storage, listing_tally, history_for(folder, state, run, cfg), pool,
+                                CountModelRows(model_rows))
         sink = StagingSink(folder, run.run_id, {"model": spec.name, "weights": spec.weights_id, "run_id": run.run_id},
                            first_chunk=run.next_chunk(),
                            checkpoint_rows=cfg.output.checkpoint_rows or CHECKPOINT_BATCHES * cfg.compute.batch_size,
                            checkpoint_seconds=cfg.output.checkpoint_seconds, schema=schema)
         tally = Tally()
         interval = progress_interval or (2.0 if out.isatty() else 5.0)
-        with ProgressPrinter(tally, lambda: ray.get(listing_tally.get.remote()), out, interval):
+        watch = ClusterWatch(request, cluster.node_types)
+        with ProgressPrinter(tally, lambda: ray.get(listing_tally.get.remote()), out, interval, watch.poll):
             status, message = drain(dataset, sink, tally, cfg, lease)
             leftover = sink.release_partial()
             if leftover is not None:
@@ -124,6 +134,8 @@ def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float 
             lease.check()
             record = publish(folder, state, run, sink, cfg, spec, out)
         listing = ray.get(listing_tally.get.remote())
+        watch.poll()
+        redone = max(0, ray.get(model_rows.get.remote()) - tally.rows) if status == "completed" else 0
         summary = RunSummary(
             run_id=run.run_id, status=status, input=cfg.input.uri, output=cfg.output.uri, model=spec.name,
             weights=spec.weights_id, inputs=tally.done, rows=tally.rows, predicted=tally.rows - tally.failed,
@@ -131,6 +143,7 @@ def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float 
             errors_by_type=dict(tally.errors_by_type.most_common()), resumed=run.info["resumed_inputs"],
             already_done=max(0, listing["already_done"] - run.info["resumed_inputs"]),
             skipped_by_extension=listing["skipped"], committed_rows=record["rows"] if record else 0,
+            model_actors=pool.describe(request), nodes_left=watch.nodes_left(), redone=redone,
             elapsed_s=round(tally.elapsed, 3), images_per_s=round(tally.rate, 2),
             started_at=run.info["attempts"][-1], finished_at=_now(),
             files=[{"uri": join(cfg.output.uri, f["path"]), "rows": f["rows"]} for f in record["files"]]
@@ -172,7 +185,8 @@ def drain(dataset: ray.data.Dataset, sink: StagingSink, tally: Tally, cfg: JobCo
 
 
 def build_dataset(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tally,
-                  history: History | None = None) -> ray.data.Dataset:
+                  history: History | None = None, pool: PoolPlan | None = None,
+                  count_rows=None) -> ray.data.Dataset:
     context = ray.data.DataContext.get_current()
     default_block_size = context.target_max_block_size
     context.enable_progress_bars = False
@@ -181,14 +195,15 @@ def build_dataset(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tal
     # the context when it is created, so the setting is restored for anything built after ours.
     context.target_max_block_size = BLOCK_BYTES
     try:
-        dataset = _build(cfg, spec, storage, listing_tally, history)
+        dataset = _build(cfg, spec, storage, listing_tally, history,
+                         pool or plan_pool(cfg.compute, read_cluster())[0], count_rows)
     finally:
         context.target_max_block_size = default_block_size
     return dataset
 
 
 def _build(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tally,
-           history: History | None) -> ray.data.Dataset:
+           history: History | None, pool: PoolPlan, count_rows) -> ray.data.Dataset:
     compute = cfg.compute
     listing = InputListing(cfg.input.uri, storage, cfg.input.extensions, listing_tally, history,
                            exclude=cfg.output.uri)
@@ -200,24 +215,24 @@ def _build(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tally,
                                   num_cpus=READ_CPUS, memory=READ_MEMORY,
                                   compute=ray.data.TaskPoolStrategy(size=read_tasks))
     decoder = Decoder(spec.preprocess, cfg.decode.max_image_pixels, spec.input_channels, dicom_settings(cfg.dicom))
-    num_gpus = gpus_per_actor(compute.num_gpus_per_actor)
+    num_gpus = pool.num_gpus
     decode_in_tasks = num_gpus > 0 and cfg.decode.device == "cpu"
     if cfg.decode.device == "gpu" and num_gpus == 0:
         raise UserError("decode.device: 'gpu' but the model actors get no GPU (the Ray cluster has none, or "
                         "compute.num_gpus_per_actor is 0); use 'auto' or 'cpu'")
     if decode_in_tasks:
         dataset = dataset.map_batches(decoder, batch_size=None, num_cpus=DECODE_CPUS)
-    min_actors, max_actors = pool_size(compute, num_gpus)
     stage_kwargs = {"spec": spec, "storage": storage, "precision": compute.precision,
                     "channels_last": compute.channels_last, "num_threads": max(1, int(compute.num_cpus_per_actor)),
-                    "decode": None if decode_in_tasks else decoder, "decode_on_device": num_gpus > 0}
+                    "decode": None if decode_in_tasks else decoder, "decode_on_device": num_gpus > 0,
+                    "count_rows": count_rows}
     if spec.task == "detection":
         stage_kwargs["max_batch_megapixels"] = compute.max_batch_megapixels
     return dataset.map_batches(
         Detector if spec.task == "detection" else Classifier,
         fn_constructor_kwargs=stage_kwargs,
         batch_size=compute.batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors,
+        compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors,
                                            max_tasks_in_flight_per_actor=tasks_in_flight(spec, num_gpus)),
         num_cpus=compute.num_cpus_per_actor,
         num_gpus=num_gpus,
@@ -234,30 +249,35 @@ def tasks_in_flight(spec: ModelSpec, num_gpus: float) -> int | None:
     return 1 if spec.task == "detection" and num_gpus == 0 else None
 
 
-def pool_size(compute, num_gpus: float) -> tuple[int, int]:
-    """(min, max) model actors; 'auto' fills the cluster's GPUs, or without GPUs its CPUs, as it is now."""
-    if compute.max_actors == "auto":
-        resources = ray.cluster_resources()
-        if num_gpus > 0:
-            fit = resources.get("GPU", 0) / num_gpus
-        else:
-            fit = resources.get("CPU", 1) / compute.num_cpus_per_actor
-        max_actors = max(1, int(fit), compute.min_actors if isinstance(compute.min_actors, int) else 1)
-    else:
-        max_actors = compute.max_actors
-    return (max_actors if compute.min_actors == "auto" else compute.min_actors), max_actors
+@ray.remote(num_cpus=0)
+class ModelRowCount:
+    """Rows the model actors have finished, lost ones included: more than the driver receives when a node or an
+    actor died with finished batches that Ray then ran again."""
+
+    def __init__(self):
+        self.rows = 0
+
+    def add(self, rows: int) -> None:
+        self.rows += rows
+
+    def get(self) -> int:
+        return self.rows
+
+
+class CountModelRows:
+    """What a model actor calls after each batch (stages know nothing of Ray). Waits for the count to land, so
+    that the driver's final reading has every batch that finished."""
+
+    def __init__(self, counter):
+        self.counter = counter
+
+    def __call__(self, rows: int) -> None:
+        ray.get(self.counter.add.remote(rows))
 
 
 def on_driver_node() -> NodeAffinitySchedulingStrategy:
     """The listing's tally lives and dies with the driver's node (see InputListing.supports_distributed_reads)."""
     return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-
-
-def gpus_per_actor(setting: float | str) -> float:
-    """'auto' asks the cluster, not this process: the driver may sit on a node without GPUs."""
-    if setting != "auto":
-        return float(setting)
-    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
 def start_ray(address: str | None) -> None:
@@ -269,8 +289,10 @@ def start_ray(address: str | None) -> None:
         logging.getLogger(chatty).setLevel(logging.ERROR)
     # Ray Data warns when a small job has fewer blocks than the pool has tasks or actors: expected, not a fault.
     warnings.filterwarnings("ignore", message=r"The (maximum|minimum) number of concurrent", category=UserWarning)
-    address = address or os.environ.get("RAY_ADDRESS")
-    if not address:
+    # Joining a cluster is only ever on purpose: Ray's own default (address None) would join whatever cluster a
+    # `ray start` left on this machine, or wait minutes for one that has died.
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    if address == "local":
         # A local Ray's workers inherit this environment: let them import what the driver can from here
         # (a custom `module:build_fn` next to the job spec). A cluster needs it installed in its image.
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
@@ -278,7 +300,8 @@ def start_ray(address: str | None) -> None:
         ray.init(address=address, include_dashboard=False, logging_level="WARNING", log_to_driver=True,
                  configure_logging=True)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise UserError(f"compute.ray_address: cannot start or join Ray at {address or 'a new local cluster'} "
+        where = "a new local Ray" if address == "local" else address
+        raise UserError(f"compute.ray_address: cannot start or join Ray at {where} "
                         f"({type(exc).__name__}: {exc}); check RAY_ADDRESS / compute.ray_address") from None
 
 
@@ -311,6 +334,9 @@ def print_summary(s: RunSummary, out: TextIO) -> None:
           else []),
         *([f"  DICOM tags  {', '.join(s.dicom_tags_written)}" + identifying_note(s.dicom_tags_written)]
           if s.dicom_tags_written is not None else []),
+        *([f"  nodes left  {', '.join(f'{n} {why}' for why, n in s.nodes_left.items())}; "
+           f"{s.redone:,} {'inputs' if s.rows == s.inputs else 'rows'} redone (output complete, once)"]
+          if s.nodes_left or s.redone else []),
         f"  images/s    {s.images_per_s:,.1f}",
         f"  output      {s.output}  ({len(s.files)} Parquet file(s), {s.committed_rows:,} rows committed; "
         f"record in _commits/{s.run_id}.json)" if s.status == "completed" else

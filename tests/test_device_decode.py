@@ -170,15 +170,6 @@ def test_out_of_memory_on_one_image_is_an_error_row_not_a_failed_job(spec):
     assert out["label"][0] is None
 
 
-def test_auto_pool_fills_the_cluster(ray_session):
-    from pipeline.runner import pool_size
-
-    assert pool_size(ComputeConfig(), 0) == (2, 2)  # the test session's Ray has 2 CPUs, no GPU
-    assert pool_size(ComputeConfig(num_cpus_per_actor=0.5), 0) == (4, 4)
-    assert pool_size(ComputeConfig(min_actors=1), 0) == (1, 2)
-    assert pool_size(ComputeConfig(min_actors=1, max_actors=3), 0) == (1, 3)
-
-
 @needs_gpu
 @gpu_only
 def test_device_decoder_on_gpu_agrees_with_the_pillow_decoder():
