@@ -123,14 +123,13 @@ def plan_pool(compute, view: ClusterView) -> tuple[PoolPlan, ActorRequest]:
 
 
 def infeasible_message(request: ActorRequest, view: ClusterView) -> str:
-    offers = [("node " + _offer(n)) for n in view.nodes]
-    offers += [f"{t.name} {_offer(t.resources)}" for t in view.node_types if t.max_workers]
-    where = "; ".join(offers) or "no nodes"
+    offers = [f"node up: {_offer(n)}" for n in view.nodes]
+    offers += [f"node type {t.name}: {_offer(t.resources)}" for t in view.node_types if t.max_workers]
     fix = ("set compute.num_gpus_per_actor: 0 for CPU inference, or add a GPU node type" if request.gpus and
            not view.has_gpus else "lower compute.num_cpus_per_actor / memory_per_actor_gb, or add a larger "
            "node type")
-    scope = "no node type of its autoscaler" if view.autoscaler else "no node"
-    return (f"compute: a model actor needs {request.describe()} and {scope} offers that ({where}); {fix}")
+    scope = "no node up and no node type of its autoscaler offers" if view.autoscaler else "no node offers"
+    return f"compute: a model actor needs {request.describe()} and {scope} that ({'; '.join(offers)}); {fix}"
 
 
 def waiting_for(request: ActorRequest, view: ClusterView) -> str | None:

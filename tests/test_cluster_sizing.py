@@ -69,9 +69,9 @@ def test_an_actor_no_node_type_can_hold_is_one_line():
         plan_pool(ComputeConfig(memory_per_actor_gb=64), shipped_cluster())
     message = str(info.value)
     assert "\n" not in message
-    assert message.startswith("compute: a model actor needs 1 GPU, 1 CPU, 64 GiB memory and no node type of its "
-                              "autoscaler offers that")
-    assert "gpu 1 GPU, 8 CPU, 48 GiB" in message and "memory_per_actor_gb" in message
+    assert message.startswith("compute: a model actor needs 1 GPU, 1 CPU, 64 GiB memory and no node up and no node "
+                              "type of its autoscaler offers that (node up: 0 GPU, 0 CPU, 6 GiB; ")
+    assert "node type gpu: 1 GPU, 8 CPU, 48 GiB" in message and "memory_per_actor_gb" in message
 
 
 def test_a_gpu_asked_of_a_cluster_without_any_is_one_line():
@@ -80,7 +80,7 @@ def test_a_gpu_asked_of_a_cluster_without_any_is_one_line():
                                         r"set compute.num_gpus_per_actor: 0"):
         plan_pool(ComputeConfig(num_gpus_per_actor=1), view)
     cpu_only = ClusterView([HEAD], [NodeType("cpu", {"CPU": 4.0, "memory": 8 * GIB}, 0, 3)], "autoscaler config")
-    with pytest.raises(UserError, match="no node type of its autoscaler offers that"):
+    with pytest.raises(UserError, match="no node type of its autoscaler offers that .*node type cpu: 0 GPU, 4 CPU, 8 GiB"):
         plan_pool(ComputeConfig(num_gpus_per_actor=1), cpu_only)
     assert shape(plan_pool(ComputeConfig(), cpu_only)[0]) == (0.0, 12, 12)  # auto: CPU inference, 3 nodes x 4
 

@@ -1,0 +1,210 @@
+"""Jobs on a real Ray autoscaler (Ray's fake multi-node provider, see ray_cluster.AutoscalingHead): a head with no
+CPUs and a GPU worker group that scales from 0 to 2, as infra/kuberay deploys it. The shipped nightly spec scales
+to a GPU actor on each of two nodes; a request no node type can hold is one line; a node drained and killed
+mid-job (a spot reclaim) loses nothing; and a run without an address never joins a cluster it finds."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pytest
+import torch
+import torchvision
+
+from conftest import TORCH_HOME, ensure_bucket, photo_jpeg
+from counting_model import images_seen, nodes_seen
+from ray_cluster import AutoscalingHead, TwoNodeCluster
+from test_crash import staged_rows
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = os.path.dirname(__file__)
+NIGHTLY = str(ROOT / "jobs" / "nightly_labeling.yaml")
+BUCKET = "photo-archive"  # the nightly spec's own bucket, so the spec runs unchanged
+GPU_GROUP = {"resources": {"CPU": 2, "GPU": 1, "memory": 4 * 2**30}, "min_workers": 0, "max_workers": 2}
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_server, tmp_path_factory):
+    # The nodes the autoscaler starts inherit the head's environment, not a driver's: the counting model's
+    # record of forward passes (tests/counting_model.py) is set up here.
+    calls = tmp_path_factory.mktemp("autoscaling") / "calls.txt"
+    env = {"PYTHONPATH": TESTS, "TORCH_HOME": TORCH_HOME, "PIPELINE_TEST_CALLS": str(calls),
+           "PIPELINE_TEST_DELAY_S": "0.4"}
+    with AutoscalingHead(node_types={"gpu-group": GPU_GROUP}, head_cpus=0, env=env) as head:
+        head.calls = calls
+        yield head
+
+
+@pytest.fixture(scope="module")
+def resnet50_weights():
+    """TORCH_HOME holds a file where torchvision keeps ResNet50_Weights.IMAGENET1K_V2 (seeded random weights: no
+    hub is reachable here); the weights name, the cache lookup and the metadata are the real path."""
+    weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V2
+    folder = os.path.join(TORCH_HOME, "hub", "checkpoints")
+    os.makedirs(folder, exist_ok=True)
+    torch.manual_seed(2)
+    torch.save(torchvision.models.resnet50().state_dict(), os.path.join(folder, os.path.basename(weights.url)))
+    return weights
+
+
+def run_pipeline(args: list[str], cluster: TwoNodeCluster, extra_env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pipeline", "run", *args, "--ray-address", cluster.address],
+                            env={**cluster.env, **(extra_env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def model_actors(cluster: AutoscalingHead) -> list[dict]:
+    """The model actors Ray has placed, alive or not: their node and the resources they asked for."""
+    from ray.core.generated import gcs_pb2
+
+    gcs = cluster._gcs_client()
+
+    async def actor_table():
+        return await gcs.async_get_all_actor_info(timeout=10)
+
+    table = asyncio.run(actor_table())
+    return [{"node": a.address.node_id.hex(), "resources": dict(a.required_resources),
+             "alive": a.state == gcs_pb2.ActorTableData.ALIVE}
+            for a in table.values() if "MapWorker" in a.class_name]
+
+
+def read_output(storage, uri: str):
+    fs, path = storage.fs(uri)
+    fs.invalidate_cache()
+    return pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive").to_table()
+
+
+def test_shipped_nightly_spec_scales_to_a_gpu_actor_per_node(cluster, storage, resnet50_weights):
+    ensure_bucket(storage, BUCKET)
+    storage.remove_folder(f"s3://{BUCKET}/labels/")
+    inputs = 200
+    for i in range(inputs):
+        storage.s3_client.put_object(Bucket=BUCKET, Key=f"incoming/{i:04d}.jpg", Body=photo_jpeg(i))
+    started = time.monotonic()
+    # Ray Data asks the autoscaler for more nodes at most every 10 s, doubling each time; a short test job asks
+    # every 2 s so that it reaches its second node well before it ends.
+    # Batches of 8 (a flag, the spec unchanged): a GPU's 64 would leave a CPU-run test job a handful of batches.
+    driver = run_pipeline([NIGHTLY, "--batch-size", "8"], cluster,
+                          {"RAY_DATA_MIN_GAP_BETWEEN_AUTOSCALING_REQUESTS": "2"})
+    first_gpu_actor = None
+    nodes_used: set[str] = set()
+    while driver.poll() is None:
+        actors = [a for a in model_actors(cluster) if a["alive"] and a["resources"].get("GPU")]
+        if actors and first_gpu_actor is None:
+            first_gpu_actor = time.monotonic() - started
+        nodes_used |= {a["node"] for a in actors}
+        assert time.monotonic() - started < 400, "nightly job did not finish"
+        time.sleep(0.5)
+    out, err = driver.communicate()
+    assert driver.returncode == 0, err[-4000:] + out[-2000:]
+    elapsed = time.monotonic() - started
+    print(f"\nautoscaling: first GPU actor after {first_gpu_actor:.1f}s, {len(nodes_used)} nodes, "
+          f"job {elapsed:.1f}s\n{out}", file=sys.stderr)
+
+    assert "model actors: 1..2, 1 GPU each (autoscaler: gpu-group 0..2 x 1 GPU)" in out
+    actors = model_actors(cluster)
+    assert all(a["resources"].get("GPU") == 1.0 for a in actors), actors
+    assert len(nodes_used) == 2 and cluster.head_node_id not in nodes_used
+    table = read_output(storage, f"s3://{BUCKET}/labels/")
+    assert table.num_rows == inputs and len(set(table["uri"].to_pylist())) == inputs
+    assert table["error"].null_count == inputs
+
+
+def test_an_actor_no_node_type_can_hold_is_one_line_exit_2(cluster, storage):
+    ensure_bucket(storage, BUCKET)
+    storage.s3_client.put_object(Bucket=BUCKET, Key="incoming/one.jpg", Body=photo_jpeg(0))
+    # 64 GiB per actor: the GPU group's nodes have 4.
+    job = {"input": {"uri": f"s3://{BUCKET}/incoming/"}, "output": {"uri": f"s3://{BUCKET}/infeasible/"},
+           "model": {"name": "counting_model:build", "preprocess": {"resize_size": 64, "crop_size": 64}},
+           "compute": {"memory_per_actor_gb": 64}}
+    path = Path(cluster.root) / "infeasible.json"
+    path.write_text(json.dumps(job))
+    started = time.monotonic()
+    driver = run_pipeline([str(path)], cluster)
+    out, err = driver.communicate(timeout=120)
+    assert driver.returncode == 2, err[-3000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert re.match(r"error: compute: a model actor needs 1 GPU, 1 CPU, 64 GiB memory and no node up and no node "
+                    r"type of its autoscaler offers that \(node up: 0 GPU, 0 CPU, [\d.]+ GiB; node type gpu-group: "
+                    r"1 GPU, 2 CPU, 4 GiB\); lower compute.num_cpus_per_actor / memory_per_actor_gb", lines[0]), lines[0]
+    assert time.monotonic() - started < 120
+
+
+def test_a_node_drained_and_reclaimed_mid_job_loses_nothing(cluster, storage, bucket, tmp_path):
+    inputs = 300
+    for i in range(inputs):
+        storage.s3_client.put_object(Bucket=bucket, Key=f"in/{i:04d}.jpg", Body=photo_jpeg(i))
+    spec = tmp_path / "job.yaml"
+    spec.write_text(json.dumps({
+        "input": {"uri": f"s3://{bucket}/in/"}, "output": {"uri": f"s3://{bucket}/out", "checkpoint_rows": 16},
+        "model": {"name": "counting_model:build", "preprocess": {"resize_size": 128, "crop_size": 128}},
+        "compute": {"batch_size": 8, "min_actors": 2, "memory_per_actor_gb": 1}}))
+    calls = cluster.calls
+    calls.unlink(missing_ok=True)
+    driver = run_pipeline([str(spec)], cluster)
+    deadline = time.monotonic() + 300
+    while len(nodes_seen(calls)) < 2 or staged_rows(f"s3://{bucket}/out", storage) < inputs // 5:
+        assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()
+        time.sleep(0.2)
+    assert staged_rows(f"s3://{bucket}/out", storage) < inputs  # the reclaim lands mid-job
+    victim = sorted(nodes_seen(calls) - {cluster.head_node_id})[0]
+    cluster.drain(victim, deadline_s=3)
+    time.sleep(4)
+    assert cluster.kill_node(victim), "no process of the drained node found"
+    out, err = driver.communicate(timeout=300)
+    assert driver.returncode == 0, err[-4000:] + out[-2000:]
+
+    table = read_output(storage, f"s3://{bucket}/out")
+    assert table.num_rows == inputs and len(set(table["uri"].to_pylist())) == inputs
+    assert table["error"].null_count == inputs
+    summary = json.loads(storage.read_bytes(f"s3://{bucket}/out/_summary.json"))
+    assert summary["nodes_left"].get("preempted (drained)") == 1, summary["nodes_left"]
+    redone = images_seen(calls) - inputs
+    assert summary["redone"] == redone, (summary["redone"], redone)
+    print(f"\ndrain: {redone} inputs redone; summary line: "
+          f"{next(l for l in out.splitlines() if 'nodes left' in l).strip()}", file=sys.stderr)
+
+
+def test_a_run_without_an_address_never_joins_a_cluster_it_finds(tmp_path, s3_server, classifier_files):
+    """A `ray start` left on the machine (its address in Ray's ray_current_cluster file), then the same file
+    pointing at a cluster that has died: `pipeline run` without an address starts its own Ray both times."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        (images / f"{i}.jpg").write_bytes(photo_jpeg(i))
+    args = ["--input", str(images), "--model", classifier_files["model"], "--weights", classifier_files["weights"],
+            "--labels", classifier_files["labels"]]
+    # Ray looks for ray_current_cluster under $TMPDIR/ray/ (short: Ray's socket paths live below it).
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
+    (ray_tmp / "ray").mkdir()
+    with TwoNodeCluster(head_cpus=1) as foreign:
+        (ray_tmp / "ray" / "ray_current_cluster").write_text(foreign.address)
+        env = {**foreign.env, "TMPDIR": str(ray_tmp)}
+        jobs_before = len(foreign._gcs_client().get_all_job_info(timeout=10))
+        run = subprocess.run([sys.executable, "-m", "pipeline", "run", *args, "--output", str(tmp_path / "a")],
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert len(foreign._gcs_client().get_all_job_info(timeout=10)) == jobs_before  # no driver joined it
+        dead_address = foreign.address
+    (ray_tmp / "ray" / "ray_current_cluster").write_text(dead_address)  # stale: nothing listens there now
+    started = time.monotonic()
+    run = subprocess.run([sys.executable, "-m", "pipeline", "run", *args, "--output", str(tmp_path / "b")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert time.monotonic() - started < 120
+    for out in ("a", "b"):
+        assert pads.dataset(str(tmp_path / out), format="parquet").count_rows() == 3
+    shutil.rmtree(ray_tmp, ignore_errors=True)
