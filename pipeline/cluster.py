@@ -155,7 +155,10 @@ class ClusterWatch:
         """Updates the node record; returns a waiting line while no node up can hold a model actor."""
         import ray
 
-        nodes = ray.nodes()
+        try:
+            nodes = ray.nodes()
+        except Exception:  # noqa: BLE001 - a GCS hiccup costs one progress line, never the job
+            return None
         alive = [n for n in nodes if n.get("Alive")]
         with self._lock:
             self.seen.update(n["NodeID"] for n in alive)

@@ -36,9 +36,9 @@ log = logging.getLogger(__name__)
 class ModelStage:
     def __init__(self, spec: ModelSpec, storage: Storage, precision: str = "fp32", channels_last: bool = True,
                  num_threads: int | None = None, decode: Decoder | None = None, decode_on_device: bool = False,
-                 count_rows: Callable[[int], None] | None = None):
+                 count_inputs: Callable[[int], None] | None = None):
         self.spec = spec
-        self.count_rows = count_rows  # told each batch's rows once it is done: the driver counts work redone
+        self.count_inputs = count_inputs  # told each batch's inputs as it starts: the driver counts the work redone
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu" and num_threads:
             torch.set_num_threads(num_threads)
@@ -66,11 +66,11 @@ class ModelStage:
         raise NotImplementedError
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.count_inputs is not None:
+            self.count_inputs(len(set(batch["uri"])))  # inputs: a DICOM file's frames are one
         started = time.perf_counter()
         batch = self.run(batch)
         self.latency.observe(time.perf_counter() - started)
-        if self.count_rows is not None:
-            self.count_rows(len(batch["error"]))
         return batch
 
     def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -88,7 +88,7 @@ class RunSummary:
     images_with_detections: int | None = None
     dicom_tags_written: list[str] | None = None  # DICOM jobs: every tag the rows carry, keys included
     nodes_left: dict[str, int] = field(default_factory=dict)  # Ray nodes that left mid-run, by why
-    redone: int = 0  # rows the model put through again because a node or actor was lost with them
+    redone: int = 0  # inputs the model took again because a node or an actor was lost with them
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2)
@@ -113,9 +113,9 @@ def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float 
         pool, request = plan_pool(cfg.compute, cluster)
         print(f"  {pool.describe(request)}", file=out, flush=True)
         listing_tally = ListingTally.options(scheduling_strategy=on_driver_node()).remote()
-        model_rows = ModelRowCount.options(scheduling_strategy=on_driver_node()).remote()
+        model_inputs = ModelInputCount.options(scheduling_strategy=on_driver_node()).remote()
         dataset = build_dataset(cfg, spec, storage, listing_tally, history_for(folder, state, run, cfg), pool,
-                                CountModelRows(model_rows))
+                                CountModelInputs(model_inputs))
         sink = StagingSink(folder, run.run_id, {"model": spec.name, "weights": spec.weights_id, "run_id": run.run_id},
                            first_chunk=run.next_chunk(),
                            checkpoint_rows=cfg.output.checkpoint_rows or CHECKPOINT_BATCHES * cfg.compute.batch_size,
@@ -135,7 +135,7 @@ def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float 
             record = publish(folder, state, run, sink, cfg, spec, out)
         listing = ray.get(listing_tally.get.remote())
         watch.poll()
-        redone = max(0, ray.get(model_rows.get.remote()) - tally.rows) if status == "completed" else 0
+        redone = max(0, ray.get(model_inputs.get.remote()) - tally.done) if status == "completed" else 0
         summary = RunSummary(
             run_id=run.run_id, status=status, input=cfg.input.uri, output=cfg.output.uri, model=spec.name,
             weights=spec.weights_id, inputs=tally.done, rows=tally.rows, predicted=tally.rows - tally.failed,
@@ -186,7 +186,7 @@ def drain(dataset: ray.data.Dataset, sink: StagingSink, tally: Tally, cfg: JobCo
 
 def build_dataset(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tally,
                   history: History | None = None, pool: PoolPlan | None = None,
-                  count_rows=None) -> ray.data.Dataset:
+                  count_inputs=None) -> ray.data.Dataset:
     context = ray.data.DataContext.get_current()
     default_block_size = context.target_max_block_size
     context.enable_progress_bars = False
@@ -196,14 +196,14 @@ def build_dataset(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tal
     context.target_max_block_size = BLOCK_BYTES
     try:
         dataset = _build(cfg, spec, storage, listing_tally, history,
-                         pool or plan_pool(cfg.compute, read_cluster())[0], count_rows)
+                         pool or plan_pool(cfg.compute, read_cluster())[0], count_inputs)
     finally:
         context.target_max_block_size = default_block_size
     return dataset
 
 
 def _build(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tally,
-           history: History | None, pool: PoolPlan, count_rows) -> ray.data.Dataset:
+           history: History | None, pool: PoolPlan, count_inputs) -> ray.data.Dataset:
     compute = cfg.compute
     listing = InputListing(cfg.input.uri, storage, cfg.input.extensions, listing_tally, history,
                            exclude=cfg.output.uri)
@@ -225,7 +225,7 @@ def _build(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tally,
     stage_kwargs = {"spec": spec, "storage": storage, "precision": compute.precision,
                     "channels_last": compute.channels_last, "num_threads": max(1, int(compute.num_cpus_per_actor)),
                     "decode": None if decode_in_tasks else decoder, "decode_on_device": num_gpus > 0,
-                    "count_rows": count_rows}
+                    "count_inputs": count_inputs}
     if spec.task == "detection":
         stage_kwargs["max_batch_megapixels"] = compute.max_batch_megapixels
     return dataset.map_batches(
@@ -250,29 +250,29 @@ def tasks_in_flight(spec: ModelSpec, num_gpus: float) -> int | None:
 
 
 @ray.remote(num_cpus=0)
-class ModelRowCount:
-    """Rows the model actors have finished, lost ones included: more than the driver receives when a node or an
-    actor died with finished batches that Ray then ran again."""
+class ModelInputCount:
+    """Inputs the model actors have started on, lost ones included: more than the driver receives when a node or an
+    actor died with batches (running, or finished but not yet handed on) that Ray then ran again."""
 
     def __init__(self):
-        self.rows = 0
+        self.inputs = 0
 
-    def add(self, rows: int) -> None:
-        self.rows += rows
+    def add(self, inputs: int) -> None:
+        self.inputs += inputs
 
     def get(self) -> int:
-        return self.rows
+        return self.inputs
 
 
-class CountModelRows:
-    """What a model actor calls after each batch (stages know nothing of Ray). Waits for the count to land, so
-    that the driver's final reading has every batch that finished."""
+class CountModelInputs:
+    """What a model actor calls as it starts a batch (stages know nothing of Ray). Waits for the count to land, so
+    that the driver's final reading has every batch started."""
 
     def __init__(self, counter):
         self.counter = counter
 
-    def __call__(self, rows: int) -> None:
-        ray.get(self.counter.add.remote(rows))
+    def __call__(self, inputs: int) -> None:
+        ray.get(self.counter.add.remote(inputs))
 
 
 def on_driver_node() -> NodeAffinitySchedulingStrategy:
@@ -335,7 +335,7 @@ def print_summary(s: RunSummary, out: TextIO) -> None:
         *([f"  DICOM tags  {', '.join(s.dicom_tags_written)}" + identifying_note(s.dicom_tags_written)]
           if s.dicom_tags_written is not None else []),
         *([f"  nodes left  {', '.join(f'{n} {why}' for why, n in s.nodes_left.items())}; "
-           f"{s.redone:,} {'inputs' if s.rows == s.inputs else 'rows'} redone (output complete, once)"]
+           f"{s.redone:,} inputs redone (output complete, once)"]
           if s.nodes_left or s.redone else []),
         f"  images/s    {s.images_per_s:,.1f}",
         f"  output      {s.output}  ({len(s.files)} Parquet file(s), {s.committed_rows:,} rows committed; "

@@ -54,5 +54,10 @@ def test_job_survives_losing_a_node_mid_run(tmp_path, s3_server, storage, bucket
     table = pads.dataset(path, filesystem=fs, format="parquet").to_table()
     assert table.num_rows == INPUTS and len(set(table["uri"].to_pylist())) == INPUTS
     assert table["error"].null_count == INPUTS
-    # Batches the dead node had taken were redone elsewhere; none was written twice (checked above).
+    # Batches the dead node had taken were redone elsewhere; none was written twice (checked above). The summary
+    # says how many, and which node left.
     assert images_seen(calls) >= INPUTS
+    summary = json.loads(storage.read_bytes(f"s3://{bucket}/out/_summary.json"))
+    assert summary["redone"] == images_seen(calls) - INPUTS
+    assert summary["nodes_left"] == {"died": 1}
+    assert f"nodes left  1 died; {summary['redone']:,} inputs redone" in out
