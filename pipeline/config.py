@@ -197,10 +197,11 @@ class ComputeConfig(_Section):
     min_actors: Annotated[int, Field(ge=1)] | Literal["auto"] = Field("auto", description="'auto': the same as max_actors")
     max_actors: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto", description="the pool autoscales between min and max; 'auto': as many actors as the "
-        "cluster's GPUs (or, without GPUs, its CPUs) hold at the start")
+        "cluster's GPUs (or, without GPUs, its CPUs) hold, counting the nodes its autoscaler can add")
     num_cpus_per_actor: float = Field(1.0, gt=0)
     num_gpus_per_actor: float | Literal["auto"] = Field(
-        "auto", description="'auto': 1 when the Ray cluster has GPUs, else 0 (CPU inference)")
+        "auto", description="'auto': 1 when the Ray cluster has GPUs or its autoscaler can add GPU nodes, "
+        "else 0 (CPU inference)")
     memory_per_actor_gb: float = Field(2.0, gt=0, description="memory Ray reserves for each model actor")
     precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="autocast dtype on GPU")
     channels_last: bool = Field(True, description="NHWC memory layout for the model (faster on CPU and GPU)")
