@@ -75,6 +75,12 @@ class ClusterView:
     autoscaler: str | None = None  # where the node types came from; None: no autoscaler known
 
     @property
+    def max_cpus(self) -> float:
+        now = sum(n.get("CPU", 0) for n in self.nodes)
+        head = sum(n.get("CPU", 0) for n in self.nodes if n.get("node:__internal_head__"))
+        return max(now, head + sum(t.resources.get("CPU", 0) * t.max_workers for t in self.node_types))
+
+    @property
     def has_gpus(self) -> bool:
         return any(n.get("GPU", 0) > 0 for n in self.nodes) or \
             any(t.resources.get("GPU", 0) > 0 and t.max_workers > 0 for t in self.node_types)
@@ -86,6 +92,7 @@ class PoolPlan:
     min_actors: int
     max_actors: int
     why: str
+    cluster_cpus: float = 0  # the CPUs the cluster has, or can have once its autoscaler has added every node
 
     def describe(self, request: ActorRequest) -> str:
         each = f"{_num(self.num_gpus)} GPU each" if self.num_gpus else f"{_num(request.cpus)} CPU each, no GPU"
@@ -119,7 +126,7 @@ def plan_pool(compute, view: ClusterView) -> tuple[PoolPlan, ActorRequest]:
     if min_actors > capacity:
         raise UserError(f"compute.min_actors: {min_actors} model actors of {request.describe()} each never fit "
                         f"this cluster (at most {capacity}: {why}); lower compute.min_actors or leave it 'auto'")
-    return PoolPlan(num_gpus, min_actors, max_actors, why), request
+    return PoolPlan(num_gpus, min_actors, max_actors, why, view.max_cpus), request
 
 
 def infeasible_message(request: ActorRequest, view: ClusterView) -> str:

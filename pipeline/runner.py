@@ -210,7 +210,8 @@ def _build(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tally,
     dataset = ray.data.read_datasource(listing, override_num_blocks=1, num_cpus=LIST_CPUS)
     # A read task walks its block of the listing 64 inputs at a time, fetching each 64 concurrently.
     # Holding no CPU, read tasks are bounded by count instead: each already has 64 fetches in flight.
-    read_tasks = max(2, int(ray.cluster_resources().get("CPU", 2)) // 2)
+    # Sized for the cluster as its autoscaler can make it: a head with no CPUs would otherwise get 2 for the night.
+    read_tasks = max(2, int(pool.cluster_cpus) // 2)
     dataset = dataset.map_batches(Reader(storage, cfg.input.max_file_bytes), batch_size=BLOCK_ROWS,
                                   num_cpus=READ_CPUS, memory=READ_MEMORY,
                                   compute=ray.data.TaskPoolStrategy(size=read_tasks))

@@ -59,6 +59,23 @@ def resnet50_weights():
     return weights
 
 
+@pytest.fixture
+def nightly_bucket(storage):
+    """The nightly spec's own bucket, its input and output prefixes empty before and after (other tests run other
+    shipped specs over the same bucket)."""
+    def empty() -> None:
+        for prefix in ("incoming/", "labels/"):
+            for page in storage.s3_client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
+                keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+                if keys:
+                    storage.s3_client.delete_objects(Bucket=BUCKET, Delete={"Objects": keys})
+
+    ensure_bucket(storage, BUCKET)
+    empty()
+    yield BUCKET
+    empty()
+
+
 def run_pipeline(args: list[str], cluster: TwoNodeCluster, extra_env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "pipeline", "run", *args, "--ray-address", cluster.address],
                             env={**cluster.env, **(extra_env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -86,9 +103,7 @@ def read_output(storage, uri: str):
     return pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive").to_table()
 
 
-def test_shipped_nightly_spec_scales_to_a_gpu_actor_per_node(cluster, storage, resnet50_weights):
-    ensure_bucket(storage, BUCKET)
-    storage.remove_folder(f"s3://{BUCKET}/labels/")
+def test_shipped_nightly_spec_scales_to_a_gpu_actor_per_node(cluster, storage, nightly_bucket, resnet50_weights):
     inputs = 200
     for i in range(inputs):
         storage.s3_client.put_object(Bucket=BUCKET, Key=f"incoming/{i:04d}.jpg", Body=photo_jpeg(i))
@@ -122,11 +137,10 @@ def test_shipped_nightly_spec_scales_to_a_gpu_actor_per_node(cluster, storage, r
     assert table["error"].null_count == inputs
 
 
-def test_an_actor_no_node_type_can_hold_is_one_line_exit_2(cluster, storage):
-    ensure_bucket(storage, BUCKET)
-    storage.s3_client.put_object(Bucket=BUCKET, Key="incoming/one.jpg", Body=photo_jpeg(0))
+def test_an_actor_no_node_type_can_hold_is_one_line_exit_2(cluster, storage, bucket):
+    storage.s3_client.put_object(Bucket=bucket, Key="incoming/one.jpg", Body=photo_jpeg(0))
     # 64 GiB per actor: the GPU group's nodes have 4.
-    job = {"input": {"uri": f"s3://{BUCKET}/incoming/"}, "output": {"uri": f"s3://{BUCKET}/infeasible/"},
+    job = {"input": {"uri": f"s3://{bucket}/incoming/"}, "output": {"uri": f"s3://{bucket}/infeasible/"},
            "model": {"name": "counting_model:build", "preprocess": {"resize_size": 64, "crop_size": 64}},
            "compute": {"memory_per_actor_gb": 64}}
     path = Path(cluster.root) / "infeasible.json"

@@ -37,7 +37,7 @@ def job_compute(name: str) -> ComputeConfig:
 
 def test_local_ray_without_autoscaler_keeps_todays_pool(ray_session):
     view = read_cluster()  # the test session's Ray: 2 CPUs, no GPU, no autoscaler
-    assert view.autoscaler is None and not view.has_gpus
+    assert view.autoscaler is None and not view.has_gpus and view.max_cpus == 2
     assert shape(plan_pool(ComputeConfig(), view)[0]) == (0.0, 2, 2)
     assert shape(plan_pool(ComputeConfig(num_cpus_per_actor=0.5), view)[0]) == (0.0, 4, 4)
     assert shape(plan_pool(ComputeConfig(min_actors=1), view)[0]) == (0.0, 1, 2)
@@ -51,6 +51,7 @@ def test_shipped_nightly_spec_on_the_shipped_cluster_gets_one_gpu_actor_per_gpu_
     pool, request = plan_pool(job_compute("nightly_labeling.yaml"), view)
     assert (pool.num_gpus, pool.min_actors, pool.max_actors) == (1.0, 1, 8)
     assert pool.describe(request) == "model actors: 1..8, 1 GPU each (autoscaler: gpu 0..8 x 1 GPU)"
+    assert pool.cluster_cpus == 4 * 8 + 8 * 8  # read tasks are sized for the cluster it can become
     for other in ("tag_archive.yaml", "backfill_medical.yaml"):
         pool, _ = plan_pool(job_compute(other), view)
         assert (pool.num_gpus, pool.max_actors) == (1.0, 8), other
