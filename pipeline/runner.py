@@ -23,7 +23,7 @@ from typing import TextIO
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from pipeline.cluster import ActorRequest, ClusterWatch, PoolPlan, plan_pool, read_cluster
+from pipeline.cluster import ClusterWatch, PoolPlan, plan_pool, read_cluster
 from pipeline.commit import OutputFolder
 from pipeline.config import JobConfig
 from pipeline.decode import Decoder
