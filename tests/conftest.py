@@ -103,9 +103,14 @@ def cached_imagenet_resnet18():
     No model hub is reachable here, so the file holds seeded random weights; everything else, from the
     weights name to torchvision's own cache lookup and metadata, is the real loading path.
     """
-    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    return cache_torchvision_weights(torchvision.models.ResNet18_Weights.IMAGENET1K_V1, torchvision.models.resnet18,
+                                     seed=1)
+
+
+def cache_torchvision_weights(weights, build, seed: int):
+    """Put seeded random weights for `build()` where torchvision's cache looks for `weights` (see above)."""
     folder = os.path.join(TORCH_HOME, "hub", "checkpoints")
     os.makedirs(folder, exist_ok=True)
-    torch.manual_seed(1)
-    torch.save(torchvision.models.resnet18().state_dict(), os.path.join(folder, os.path.basename(weights.url)))
+    torch.manual_seed(seed)
+    torch.save(build().state_dict(), os.path.join(folder, os.path.basename(weights.url)))
     return weights

@@ -18,10 +18,9 @@ from pathlib import Path
 
 import pyarrow.dataset as pads
 import pytest
-import torch
 import torchvision
 
-from conftest import TORCH_HOME, ensure_bucket, photo_jpeg
+from conftest import TORCH_HOME, cache_torchvision_weights, ensure_bucket, photo_jpeg
 from counting_model import images_seen, nodes_seen
 from ray_cluster import AutoscalingHead, TwoNodeCluster
 from test_crash import staged_rows
@@ -51,12 +50,8 @@ def cluster(s3_server, tmp_path_factory):
 def resnet50_weights():
     """TORCH_HOME holds a file where torchvision keeps ResNet50_Weights.IMAGENET1K_V2 (seeded random weights: no
     hub is reachable here); the weights name, the cache lookup and the metadata are the real path."""
-    weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V2
-    folder = os.path.join(TORCH_HOME, "hub", "checkpoints")
-    os.makedirs(folder, exist_ok=True)
-    torch.manual_seed(2)
-    torch.save(torchvision.models.resnet50().state_dict(), os.path.join(folder, os.path.basename(weights.url)))
-    return weights
+    return cache_torchvision_weights(torchvision.models.ResNet50_Weights.IMAGENET1K_V2, torchvision.models.resnet50,
+                                     seed=2)
 
 
 @pytest.fixture
