@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import io
 import re
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from pipeline.rows import StageFailure, error_columns, fail
 
@@ -62,10 +64,7 @@ class Decoder:
         self.dicom = dicom  # dicom.DicomSettings, or None: DICOM files are reported, not read
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        # Pillow reads these globals at decode time, so set them in the worker that decodes. Its own bomb
-        # check is off because `decode` checks the header against our limit, with a clearer message.
-        Image.MAX_IMAGE_PIXELS = None
-        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        ImageFile.LOAD_TRUNCATED_IMAGES = False  # a global Pillow reads at decode time, in this worker
         errors, error_types = error_columns(batch)
         rows: list[list[tuple[int | None, np.ndarray | None, tuple[int, int]]]] = []  # per input: its frames
         tags: list[dict] = []
@@ -121,18 +120,22 @@ class Decoder:
         return [(None, self.prepare(image), size_of(image))], {}
 
     def open(self, data: bytes) -> "Image.Image | np.ndarray":
-        """An 8-bit Pillow image in RGB or L, or a uint16 (H, W, C) array for 16-bit and float images."""
-        image = Image.open(io.BytesIO(data))
-        width, height = image.size
-        if width * height > self.max_image_pixels:
-            raise StageFailure("too_many_pixels", f"image is {width}x{height} = {width * height:,} pixels, over "
-                                                  f"decode.max_image_pixels={self.max_image_pixels:,}")
-        deep = deep_colour(data, image)
-        if deep is not None:
-            return deep
-        if getattr(image, "n_frames", 1) > 1:
-            image.seek(0)
-        image.load()
+        """An 8-bit Pillow image in RGB or L, or a uint16 (H, W, C) array for 16-bit and float images.
+
+        Image.open has already placed a file at its first frame (for a layered Photoshop file: the flattened
+        image), so nothing is sought here.
+        """
+        with pixel_limit(self.max_image_pixels):
+            image = Image.open(io.BytesIO(data))
+            deep = deep_colour(data, image)
+            if deep is not None:
+                return orient(deep, image)
+            try:
+                image.load()
+            except OSError as exc:
+                if image.format != "TIFF":
+                    raise
+                image = tiff_fallback(data, exc)
         image = ImageOps.exif_transpose(image)
         if image.mode.startswith("I;16"):
             return np.asarray(image).astype(np.uint16)[..., np.newaxis]
@@ -172,8 +175,37 @@ class Decoder:
         return pixels
 
 
+@contextmanager
+def pixel_limit(max_pixels: int):
+    """Pillow's own bomb check, at our limit and raised rather than warned. It is the check that also sees the
+    images a container embeds (ICO, ICNS), whose headers can claim far more than the outer one, and that Image.open
+    itself may already load. Pillow reads the limit from a global, so it is set in the worker that decodes."""
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            yield
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            claimed = re.search(r"\((\d+) pixels\)", str(exc))
+            size = f"{int(claimed[1]):,} pixels" if claimed else "too many pixels"
+            raise StageFailure("too_many_pixels", f"image claims {size} (in its header or that of an image inside "
+                                                  f"it), over decode.max_image_pixels={max_pixels:,}") from None
+
+
 def size_of(image: "Image.Image | np.ndarray") -> tuple[int, int]:
     return image.size if isinstance(image, Image.Image) else (image.shape[1], image.shape[0])
+
+
+# EXIF orientation (1-8) -> the numpy steps that show the image upright, as ImageOps.exif_transpose does.
+_ORIENT = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+           5: lambda a: a.transpose(1, 0, 2), 6: lambda a: a.transpose(1, 0, 2)[:, ::-1],
+           7: lambda a: a.transpose(1, 0, 2)[::-1, ::-1], 8: lambda a: a.transpose(1, 0, 2)[::-1]}
+
+
+def orient(array: np.ndarray, image: Image.Image) -> np.ndarray:
+    """A (H, W, C) array decoded outside Pillow, turned upright by the file's EXIF orientation."""
+    step = _ORIENT.get(image.getexif().get(ExifTags.Base.Orientation, 1))
+    return np.ascontiguousarray(step(array)) if step else array
 
 
 def as_dtype(image: np.ndarray, dtype) -> np.ndarray:
@@ -210,9 +242,7 @@ def deep_colour(data: bytes, image: Image.Image) -> np.ndarray | None:
         array = decoded.permute(1, 2, 0).numpy()
     elif image.format == "TIFF" and image.mode in ("RGB", "RGBA", "RGBX") and max(
             image.tag_v2.get(258, (8,))) > 8:
-        import tifffile
-
-        array = tifffile.imread(io.BytesIO(data), key=0)
+        array = read_tiff(data)
         if array.ndim != 3 or array.shape[2] not in (3, 4):
             raise StageFailure("unsupported", f"16-bit TIFF laid out as {array.shape}, not height x width x colour")
     else:
@@ -222,6 +252,30 @@ def deep_colour(data: bytes, image: Image.Image) -> np.ndarray | None:
         alpha = array[..., 3:].astype(np.float64) / 65535.0
         array = np.round(array[..., :3] * alpha + 65535.0 * (1 - alpha)).astype(np.uint16)
     return array
+
+
+def read_tiff(data: bytes) -> np.ndarray:
+    """A TIFF's first image through tifffile and imagecodecs (every compression they know, which is more than the
+    libtiff Pillow was built with): (H, W) or (H, W, samples), planar files turned pixel-interleaved."""
+    import tifffile
+
+    with tifffile.TiffFile(io.BytesIO(data)) as tiff:
+        page = tiff.pages.first
+        array = page.asarray()
+        if array.ndim == 3 and page.planarconfig == tifffile.PLANARCONFIG.SEPARATE:
+            array = np.moveaxis(array, 0, -1)
+    return np.ascontiguousarray(array)
+
+
+def tiff_fallback(data: bytes, error: Exception) -> Image.Image:
+    """An 8-bit TIFF whose compression Pillow's libtiff lacks (WebP, JPEG XL, ZStandard...), read by tifffile."""
+    try:
+        array = read_tiff(data)
+    except Exception:  # noqa: BLE001 - neither decoder can: report Pillow's error, the usual one
+        raise error from None
+    if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+        raise error
+    return Image.fromarray(array)
 
 
 def dicom_columns(settings, frames: list[int | None], tags: list[dict], rows_of_input: np.ndarray) -> dict:
@@ -299,9 +353,10 @@ def describe_decode_error(exc: Exception) -> tuple[str, str]:
     """(kind, message): stable, path-free words for the failures Pillow reports in many ways."""
     if isinstance(exc, UnidentifiedImageError):
         return "not_an_image", "not a recognised image format"
-    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
-        return "too_many_pixels", f"decompression bomb guard: {exc}"
     text = str(exc)
+    stub = re.match(r"cannot find loader for this (\w+) file", text)
+    if stub:  # a format Pillow recognises but leaves to an application-installed handler (GRIB, BUFR, HDF5, WMF)
+        return "unsupported", f"a {stub[1]} file: no decoder for it here"
     if "truncated" in text.lower():
         return "truncated", "image file is truncated"
     return "corrupt", f"{type(exc).__name__}: {text}" if text else type(exc).__name__

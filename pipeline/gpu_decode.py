@@ -21,7 +21,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from pipeline.decode import Decoder
+from pipeline.decode import Decoder, pixel_limit
 from pipeline.rows import error_columns
 
 _INTERPOLATION = {"nearest": InterpolationMode.NEAREST, "bilinear": InterpolationMode.BILINEAR,
@@ -73,7 +73,7 @@ class DeviceDecoder:
         """A JPEG in a mode the device decoder handles and within the pixel limit; anything else, or a header
         Pillow cannot read, goes to the CPU decoder, which says what is wrong with it."""
         try:
-            with Image.open(io.BytesIO(data)) as image:
+            with pixel_limit(self.cpu.max_image_pixels), Image.open(io.BytesIO(data)) as image:
                 return (image.format == "JPEG" and image.mode in _DEVICE_MODES
                         and image.width * image.height <= self.cpu.max_image_pixels)
         except Exception:  # noqa: BLE001 - the CPU decoder reports it
