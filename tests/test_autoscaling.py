@@ -209,11 +209,10 @@ def test_a_run_without_an_address_never_joins_a_cluster_it_finds(tmp_path, s3_se
         assert len(foreign._gcs_client().get_all_job_info(timeout=10)) == jobs_before  # no driver joined it
         dead_address = foreign.address
     (ray_tmp / "ray" / "ray_current_cluster").write_text(dead_address)  # stale: nothing listens there now
-    started = time.monotonic()
     run = subprocess.run([sys.executable, "-m", "pipeline", "run", *args, "--output", str(tmp_path / "b")],
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert time.monotonic() - started < 120
+    assert "Connecting to existing Ray cluster" not in run.stderr and dead_address not in run.stderr + run.stdout
     for out in ("a", "b"):
         assert pads.dataset(str(tmp_path / out), format="parquet").count_rows() == 3
     shutil.rmtree(ray_tmp, ignore_errors=True)
