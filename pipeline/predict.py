@@ -24,6 +24,7 @@ import torch
 
 from pipeline.decode import Decoder
 from pipeline.embedding import EmbeddingTap
+from pipeline.isolation import Isolated, Ledger
 from pipeline.metrics import BatchLatency
 from pipeline.model import ModelSpec, build_model
 from pipeline.rows import error_columns
@@ -36,9 +37,8 @@ log = logging.getLogger(__name__)
 class ModelStage:
     def __init__(self, spec: ModelSpec, storage: Storage, precision: str = "fp32", channels_last: bool = True,
                  num_threads: int | None = None, decode: Decoder | None = None, decode_on_device: bool = False,
-                 count_inputs: Callable[[int], None] | None = None):
+                 ledger: Ledger | None = None):
         self.spec = spec
-        self.count_inputs = count_inputs  # told each batch's inputs as it starts: the driver counts the work redone
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu" and num_threads:
             torch.set_num_threads(num_threads)
@@ -54,6 +54,9 @@ class ModelStage:
                     if spec.wants_embedding else None)
         self.max_batch: int | None = None  # lowered after a CUDA out-of-memory error
         self.latency = BatchLatency(type(self).__name__)
+        # Told as each batch starts and ends: an input that kills this process becomes an error row
+        # (isolation.py), and the driver counts the inputs redone after a loss.
+        self.isolated = Isolated(self.timed_run, ledger, "model") if ledger is not None else None
 
     def empty_columns(self, n: int) -> dict[str, np.ndarray]:
         """The stage's output columns for n rows, as they stay for a failed row."""
@@ -66,8 +69,9 @@ class ModelStage:
         raise NotImplementedError
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.count_inputs is not None:
-            self.count_inputs(len(set(batch["uri"])))  # inputs: a DICOM file's frames are one
+        return self.isolated(batch) if self.isolated is not None else self.timed_run(batch)
+
+    def timed_run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         started = time.perf_counter()
         batch = self.run(batch)
         self.latency.observe(time.perf_counter() - started)

@@ -30,6 +30,7 @@ from pipeline.decode import Decoder
 from pipeline.dicom import IDENTIFYING, KEY_TAGS, dicom_settings
 from pipeline.errors import JobFailed, JobStopped, UserError
 from pipeline.history import History
+from pipeline.isolation import Isolated, Ledger, LedgerBook
 from pipeline.lease import OutputLease
 from pipeline.metrics import RunMetrics
 from pipeline.model import ModelSpec
@@ -113,9 +114,9 @@ def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float 
         pool, request = plan_pool(cfg.compute, cluster)
         print(f"  {pool.describe(request)}", file=out, flush=True)
         listing_tally = ListingTally.options(scheduling_strategy=on_driver_node()).remote()
-        model_inputs = ModelInputCount.options(scheduling_strategy=on_driver_node()).remote()
+        ledger = BatchLedger.options(scheduling_strategy=on_driver_node()).remote()
         dataset = build_dataset(cfg, spec, storage, listing_tally, history_for(folder, state, run, cfg), pool,
-                                CountModelInputs(model_inputs))
+                                RayLedger(ledger))
         sink = StagingSink(folder, run.run_id, {"model": spec.name, "weights": spec.weights_id, "run_id": run.run_id},
                            first_chunk=run.next_chunk(),
                            checkpoint_rows=cfg.output.checkpoint_rows or CHECKPOINT_BATCHES * cfg.compute.batch_size,
@@ -135,7 +136,7 @@ def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float 
             record = publish(folder, state, run, sink, cfg, spec, out)
         listing = ray.get(listing_tally.get.remote())
         watch.poll()
-        redone = max(0, ray.get(model_inputs.get.remote()) - tally.done) if status == "completed" else 0
+        redone = max(0, ray.get(ledger.model_inputs_started.remote()) - tally.done) if status == "completed" else 0
         summary = RunSummary(
             run_id=run.run_id, status=status, input=cfg.input.uri, output=cfg.output.uri, model=spec.name,
             weights=spec.weights_id, inputs=tally.done, rows=tally.rows, predicted=tally.rows - tally.failed,
@@ -186,7 +187,7 @@ def drain(dataset: ray.data.Dataset, sink: StagingSink, tally: Tally, cfg: JobCo
 
 def build_dataset(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tally,
                   history: History | None = None, pool: PoolPlan | None = None,
-                  count_inputs=None) -> ray.data.Dataset:
+                  ledger: Ledger | None = None) -> ray.data.Dataset:
     context = ray.data.DataContext.get_current()
     default_block_size = context.target_max_block_size
     context.enable_progress_bars = False
@@ -196,14 +197,14 @@ def build_dataset(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tal
     context.target_max_block_size = BLOCK_BYTES
     try:
         dataset = _build(cfg, spec, storage, listing_tally, history,
-                         pool or plan_pool(cfg.compute, read_cluster())[0], count_inputs)
+                         pool or plan_pool(cfg.compute, read_cluster())[0], ledger)
     finally:
         context.target_max_block_size = default_block_size
     return dataset
 
 
 def _build(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tally,
-           history: History | None, pool: PoolPlan, count_inputs) -> ray.data.Dataset:
+           history: History | None, pool: PoolPlan, ledger: Ledger | None) -> ray.data.Dataset:
     compute = cfg.compute
     listing = InputListing(cfg.input.uri, storage, cfg.input.extensions, listing_tally, history,
                            exclude=cfg.output.uri)
@@ -222,11 +223,13 @@ def _build(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tally,
         raise UserError("decode.device: 'gpu' but the model actors get no GPU (the Ray cluster has none, or "
                         "compute.num_gpus_per_actor is 0); use 'auto' or 'cpu'")
     if decode_in_tasks:
-        dataset = dataset.map_batches(decoder, batch_size=None, num_cpus=DECODE_CPUS)
+        # Ray retries a task whose process died 3 times, then fails the job; the ledger bounds it instead.
+        dataset = dataset.map_batches(decoder if ledger is None else Isolated(decoder, ledger.for_stage("decode"), "decode"),
+                                      batch_size=None, num_cpus=DECODE_CPUS, max_retries=-1)
     stage_kwargs = {"spec": spec, "storage": storage, "precision": compute.precision,
                     "channels_last": compute.channels_last, "num_threads": max(1, int(compute.num_cpus_per_actor)),
                     "decode": None if decode_in_tasks else decoder, "decode_on_device": num_gpus > 0,
-                    "count_inputs": count_inputs}
+                    "ledger": ledger}
     if spec.task == "detection":
         stage_kwargs["max_batch_megapixels"] = compute.max_batch_megapixels
     return dataset.map_batches(
@@ -251,29 +254,52 @@ def tasks_in_flight(spec: ModelSpec, num_gpus: float) -> int | None:
 
 
 @ray.remote(num_cpus=0)
-class ModelInputCount:
-    """Inputs the model actors have started on, lost ones included: more than the driver receives when a node or an
-    actor died with batches (running, or finished but not yet handed on) that Ray then ran again."""
+class BatchLedger:
+    """Inputs the model actors (and decode tasks) start and end, kept on the driver's node: which inputs kill their
+    process (isolation.py), and how many inputs the model actors started, lost ones included. That is more than the
+    driver receives when a node or an actor died with batches (running, or done but not yet handed on) that Ray
+    then ran again."""
 
     def __init__(self):
-        self.inputs = 0
+        self.books = {"model": LedgerBook(), "decode": LedgerBook()}
 
-    def add(self, inputs: int) -> None:
-        self.inputs += inputs
+    def start(self, stage: str, worker: str, uris: list[str]) -> bool:
+        return self.books[stage].start(worker, uris)
 
-    def get(self) -> int:
-        return self.inputs
+    def begin_input(self, stage: str, worker: str, uri: str) -> int:
+        return self.books[stage].begin_input(worker, uri)
+
+    def finish(self, stage: str, worker: str, uris: list[str]) -> None:
+        self.books[stage].finish(worker, uris)
+
+    def model_inputs_started(self) -> int:
+        return self.books["model"].inputs_started
 
 
-class CountModelInputs:
-    """What a model actor calls as it starts a batch (stages know nothing of Ray). Waits for the count to land, so
-    that the driver's final reading has every batch started."""
+class RayLedger:
+    """The ledger as the stages see it (they know nothing of Ray), calling from the worker process it runs in.
+    `start` waits for its answer, so the driver's final count has every batch started; `finish` need not wait
+    (Ray keeps one caller's calls in order)."""
 
-    def __init__(self, counter):
-        self.counter = counter
+    def __init__(self, actor, stage: str = "model"):
+        self.actor = actor
+        self.stage = stage
 
-    def __call__(self, inputs: int) -> None:
-        ray.get(self.counter.add.remote(inputs))
+    def for_stage(self, stage: str) -> "RayLedger":
+        return RayLedger(self.actor, stage)
+
+    @staticmethod
+    def worker() -> str:
+        return ray.get_runtime_context().get_worker_id()
+
+    def start(self, uris: list[str]) -> bool:
+        return ray.get(self.actor.start.remote(self.stage, self.worker(), uris))
+
+    def begin_input(self, uri: str) -> int:
+        return ray.get(self.actor.begin_input.remote(self.stage, self.worker(), uri))
+
+    def finish(self, uris: list[str]) -> None:
+        self.actor.finish.remote(self.stage, self.worker(), uris)
 
 
 def on_driver_node() -> NodeAffinitySchedulingStrategy:
@@ -335,9 +361,9 @@ def print_summary(s: RunSummary, out: TextIO) -> None:
           else []),
         *([f"  DICOM tags  {', '.join(s.dicom_tags_written)}" + identifying_note(s.dicom_tags_written)]
           if s.dicom_tags_written is not None else []),
-        *([f"  nodes left  {', '.join(f'{n} {why}' for why, n in s.nodes_left.items())}; "
-           f"{s.redone:,} inputs redone (output complete, once)"]
-          if s.nodes_left or s.redone else []),
+        *([f"  nodes left  {', '.join(f'{n} {why}' for why, n in s.nodes_left.items())}"] if s.nodes_left else []),
+        *([f"  redone      {s.redone:,} inputs, lost with a node or a crashed worker process (output complete, "
+           "once)"] if s.redone else []),
         f"  images/s    {s.images_per_s:,.1f}",
         f"  output      {s.output}  ({len(s.files)} Parquet file(s), {s.committed_rows:,} rows committed; "
         f"record in _commits/{s.run_id}.json)" if s.status == "completed" else

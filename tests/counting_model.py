@@ -1,9 +1,13 @@
 """A tiny classifier for crash tests that records every forward pass, so a test can tell work redone.
 
+It is also a model that crashes on one kind of input, as a native library can: a batch holding a solid magenta
+image (an impossible photo) kills its process with a segmentation fault, in a model actor.
+
 Each call appends "<batch size> <Ray node id>" to the file named by PIPELINE_TEST_CALLS (O_APPEND: whole
 lines even with several actors). Built as the custom model `counting_model:build`.
 """
 
+import ctypes
 import os
 import time
 
@@ -19,6 +23,8 @@ class CountingNet(nn.Module):
         self.head = nn.Linear(8, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if ray.is_initialized() and bool(is_magenta(x).any()):
+            ctypes.string_at(0)  # a real segmentation fault, in this thread, as a native decoder's would be
         calls = os.environ.get("PIPELINE_TEST_CALLS")
         if calls and ray.is_initialized():  # in a model actor, not the driver's up-front probe
             fd = os.open(calls, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -27,6 +33,12 @@ class CountingNet(nn.Module):
             time.sleep(float(os.environ.get("PIPELINE_TEST_DELAY_S", "0")))  # a slower model, to kill mid-job
             _maybe_die()
         return self.head(self.features(x))
+
+
+def is_magenta(x: torch.Tensor) -> torch.Tensor:
+    """Per image of a normalised batch: red and blue far above green everywhere (ImageNet statistics)."""
+    means = x.float().mean(dim=(2, 3))
+    return (means[:, 0] - means[:, 1] > 3) & (means[:, 2] - means[:, 1] > 3)
 
 
 def _maybe_die() -> None:

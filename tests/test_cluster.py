@@ -60,4 +60,5 @@ def test_job_survives_losing_a_node_mid_run(tmp_path, s3_server, storage, bucket
     summary = json.loads(storage.read_bytes(f"s3://{bucket}/out/_summary.json"))
     assert summary["redone"] == images_seen(calls) - INPUTS
     assert summary["nodes_left"] == {"died": 1}
-    assert f"nodes left  1 died; {summary['redone']:,} inputs redone" in out
+    assert "nodes left  1 died" in out
+    assert not summary["redone"] or f"redone      {summary['redone']:,} inputs" in out

@@ -15,10 +15,15 @@ import time
 from pathlib import Path
 
 import duckdb
+import io
 import pyarrow.dataset as pads
 import pytest
+from PIL import Image
 
-from conftest import photo_jpeg
+from conftest import encode, photo, photo_jpeg
+from pipeline.config import load_job
+from pipeline.isolation import LedgerBook
+from pipeline.runner import run_job
 from counting_model import images_seen
 
 TESTS = Path(__file__).parent
@@ -151,3 +156,41 @@ def test_a_model_actor_that_dies_mid_batch_is_replaced_and_its_batch_redone_once
     table = committed_rows(output, storage)
     assert sorted(table["uri"].to_pylist()) == sorted(uris) and table["error"].null_count == INPUTS
     assert images_seen(calls) > INPUTS  # the dead actor's batch was run again, by its replacement
+
+
+# --- inputs that kill their process (pipeline/isolation.py) ----------------------------------------------------
+
+MAGENTA = Image.new("RGB", (64, 48), (255, 0, 255))
+
+
+def test_an_input_that_kills_its_model_actor_becomes_an_error_row(tmp_path, ray_session):
+    """counting_model segfaults its process on a magenta image: the job still ends, with one row per input."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(30):
+        (folder / f"photo{i:02d}.jpg").write_bytes(encode(photo(seed=i), "JPEG"))
+    (folder / "photo07_poison.png").write_bytes(encode(MAGENTA, "PNG"))
+    (folder / "photo21_poison.png").write_bytes(encode(MAGENTA, "PNG"))
+    cfg = load_job(None, {"input": str(folder), "output": str(tmp_path / "out"), "model": "counting_model:build",
+                          "batch_size": 8})
+    summary = run_job(cfg, out=io.StringIO())
+
+    rows = {r["uri"].rsplit("/", 1)[1]: r for r in pads.dataset(str(tmp_path / "out")).to_table().to_pylist()}
+    assert len(rows) == 32 and summary.inputs == 32
+    poisoned = {name for name, r in rows.items() if r["error_type"] == "model.worker_crashed"}
+    assert poisoned == {"photo07_poison.png", "photo21_poison.png"}
+    assert "died 2 times while handling this input" in rows["photo07_poison.png"]["error"]
+    assert all(r["error"] is None and r["label"] is not None for n, r in rows.items() if n not in poisoned)
+    assert summary.redone > 0  # the batches lost with the crashed processes were taken again
+
+
+def test_the_ledger_blames_only_the_input_handled_alone_when_its_process_died():
+    book = LedgerBook()
+    assert book.start("w1", ["a", "b", "c"]) is False  # first attempt: the batch at once; its process dies
+    assert book.start("w2", ["a", "b", "c"]) is True  # a rerun: one input at a time
+    assert book.begin_input("w2", "a") == 0 and book.begin_input("w2", "b") == 0  # w2 dies during b
+    assert book.start("w3", ["c", "a", "b"]) is True  # Ray may regroup the rows
+    assert book.begin_input("w3", "c") == 0 and book.begin_input("w3", "a") == 0
+    assert book.begin_input("w3", "b") == 2  # b is written as an error row, not tried a third time
+    book.finish("w3", ["c", "a", "b"])
+    assert book.start("w3", ["d"]) is False and book.crashed == {"b": 1} and book.inputs_started == 10

@@ -1,0 +1,122 @@
+"""Poison inputs: an input that kills the process handling it (a native decoder crash, memory blown past what
+the node has, a model that aborts) becomes an error row instead of stalling the job.
+
+Ray reruns a model actor's batch on a restarted actor without end when its process dies, so one such input would
+hold the job forever. `Isolated` wraps a stage's batch function and reports to a ledger, a small record kept
+outside the worker (a Ray actor in runner.py; any object with the three methods here), as each batch starts and
+ends:
+
+- A batch that started before and never ended is a rerun after its process died. It is taken one input at a time
+  (every row of a DICOM file together), each input announced to the ledger before it is touched.
+- An input that was being handled alone when its process died is not tried again: it becomes a row with error type
+  `<stage>.worker_crashed`, and the batch goes on with the rest.
+
+So a poison input costs two process deaths, and a batch that was only unlucky (its node was preempted) is merely
+taken slowly once.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import numpy as np
+
+from pipeline.rows import error_columns
+
+CRASH_MESSAGE = ("the worker process died {deaths} times while handling this input (the last with it alone), so it "
+                 "was not tried again: a native crash (SIGSEGV, abort) in a decoder or the model, or memory beyond "
+                 "what the node has")
+
+
+class Ledger(Protocol):
+    def start(self, uris: list[str]) -> bool:
+        """Count a batch's inputs as started; True when any of them started before and never ended (a rerun)."""
+
+    def begin_input(self, uri: str) -> int:
+        """About to handle one input of a rerun alone; returns the process deaths it caused (0: go ahead)."""
+
+    def finish(self, uris: list[str]) -> None:
+        """The batch ended (its rows are returned)."""
+
+
+class Isolated:
+    """A batch function, run so that an input that kills its process is written as an error row."""
+
+    def __init__(self, run: Callable[[dict], dict], ledger: Ledger, stage: str):
+        self.run = run
+        self.ledger = ledger
+        self.stage = stage
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        uris = list(dict.fromkeys(map(str, batch["uri"])))  # inputs: a DICOM file's frames are one
+        rerun = self.ledger.start(uris)
+        result = self.one_input_at_a_time(batch) if rerun else self.run(batch)
+        self.ledger.finish(uris)
+        return result
+
+    def one_input_at_a_time(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        parts = []
+        for rows in rows_by_input(batch["uri"]):
+            part = {name: column[rows] for name, column in batch.items()}
+            deaths = self.ledger.begin_input(str(part["uri"][0]))
+            if deaths:  # the stage passes a row that already failed through untouched
+                errors, error_types = error_columns(part)
+                errors[:] = f"{self.stage}: {CRASH_MESSAGE.format(deaths=deaths)}"
+                error_types[:] = f"{self.stage}.worker_crashed"
+                part.update(error=errors, error_type=error_types)
+            parts.append(self.run(part))
+        return {name: concat([p[name] for p in parts]) for name in parts[0]}
+
+
+def rows_by_input(uris: np.ndarray) -> list[np.ndarray]:
+    """Row indexes of each input, in first-seen order (a DICOM file's frames are rows of one input)."""
+    order: dict[str, list[int]] = {}
+    for i, uri in enumerate(uris):
+        order.setdefault(str(uri), []).append(i)
+    return [np.array(rows) for rows in order.values()]
+
+
+def concat(columns: list[np.ndarray]) -> np.ndarray:
+    if columns[0].dtype == object:  # ragged items (whole images, lists) must stay items, not be broadcast
+        joined = np.empty(sum(len(c) for c in columns), dtype=object)
+        for i, item in enumerate(item for column in columns for item in column):
+            joined[i] = item
+        return joined
+    return np.concatenate(columns)
+
+
+class LedgerBook:
+    """The ledger's state, apart from Ray (runner.BatchLedger serves it from an actor, one book per stage).
+
+    Keyed by input, not by batch: Ray may regroup a lost batch's rows when it hands them out again. `worker` is
+    the process calling, so an input is blamed only if its process died while handling it alone.
+    """
+
+    def __init__(self):
+        self.inputs_started = 0  # every start, reruns included: the driver's count of inputs redone
+        self.open: dict[str, int] = {}  # input -> starts that have not ended
+        self.alone: dict[str, str] = {}  # worker -> the input it is handling alone
+        self.crashed: dict[str, int] = {}  # input -> process deaths while it was handled alone
+
+    def start(self, worker: str, uris: list[str]) -> bool:
+        self.inputs_started += len(uris)
+        lost_alone = {uri: w for w, uri in self.alone.items()}
+        rerun = False
+        for uri in uris:
+            if uri in lost_alone:  # its worker never ended that batch: the process died with it
+                self.crashed[uri] = self.crashed.get(uri, 0) + 1
+                del self.alone[lost_alone[uri]]
+            rerun = rerun or uri in self.open
+            self.open[uri] = self.open.get(uri, 0) + 1
+        return rerun
+
+    def begin_input(self, worker: str, uri: str) -> int:
+        if uri in self.crashed:
+            return self.crashed[uri] + 1  # and the death of its whole batch before
+        self.alone[worker] = uri
+        return 0
+
+    def finish(self, worker: str, uris: list[str]) -> None:
+        for uri in uris:
+            self.open.pop(uri, None)
+        self.alone.pop(worker, None)
