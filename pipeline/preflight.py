@@ -77,10 +77,12 @@ def check_writable(uri: str, storage: Storage) -> None:
 def check_bucket(field: str, uri: str, storage: Storage) -> None:
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-    bucket, _ = split_s3(uri)
+    bucket, key = split_s3(uri)
     where = storage.endpoint_url or "AWS S3"
     try:
-        storage.s3_probe_client.head_bucket(Bucket=bucket)
+        # A listing of the job's own prefix, not HeadBucket: HeadBucket needs s3:ListBucket on the whole bucket,
+        # which a policy scoped to the job's prefixes (infra/README.md) does not grant.
+        storage.s3_probe_client.list_objects_v2(Bucket=bucket, Prefix=probe_prefix(uri, key), MaxKeys=1)
     except NoCredentialsError:
         raise UserError(f"{field}: no AWS credentials found for s3://{bucket}; set AWS_ACCESS_KEY_ID and "
                         "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)") from None
@@ -99,3 +101,10 @@ def check_bucket(field: str, uri: str, storage: Storage) -> None:
     except ValueError as exc:  # boto3 refuses a malformed endpoint when it builds the client
         raise UserError(f"{field}: endpoint {where!r} is not usable ({exc}); fix storage.endpoint_url / "
                         "AWS_ENDPOINT_URL") from None
+
+
+def probe_prefix(uri: str, key: str) -> str:
+    """The prefix the job lists under: a manifest's own key, or a folder's key with its trailing slash."""
+    if is_manifest(uri) or not key:
+        return key
+    return key.rstrip("/") + "/"
