@@ -163,6 +163,13 @@ def _cast_size(column: pa.Array) -> tuple[pa.Array, list[int]]:
             return column.cast(pa.int64()), []
         except pa.ArrowInvalid:  # a uint64 beyond int64: reported per value below
             pass
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        try:  # a CSV's digits, the common case, in one cast; anything else value by value
+            sizes = _blank_to_null(pc.utf8_trim_whitespace(column.cast(pa.string()))).cast(pa.int64())
+            if not pc.any(pc.less(sizes, 0)).as_py():
+                return sizes, []
+        except pa.ArrowInvalid:
+            pass
     return _each(column, _size, pa.int64())
 
 
