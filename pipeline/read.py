@@ -49,12 +49,8 @@ class Reader:
 
 
 def _missing(value) -> bool:
-    """None, or what a null becomes in a numpy batch: NaN, NaT."""
-    if value is None:
-        return True
-    if isinstance(value, np.datetime64):
-        return bool(np.isnat(value))
-    return isinstance(value, float) and value != value
+    """None, or what a null becomes in a numpy batch: NaN or NaT, the values unequal to themselves."""
+    return value is None or bool(value != value)
 
 
 def describe_read_error(exc: Exception) -> tuple[str, str]:

@@ -17,7 +17,8 @@ import pytest
 
 from conftest import encode, photo
 from pipeline.cli import main
-from pipeline.manifest import read_manifest
+from pipeline.manifest import cast_batch, read_manifest
+from pipeline.rows import SOURCE_SCHEMA
 from pipeline.storage import Storage, join
 from test_cli_errors import assert_one_line
 
@@ -106,16 +107,18 @@ def test_csv_manifest_as_tools_write_it(where, storage, classifier_files):
 
 
 def test_manifest_with_etag_and_mtime_but_no_size_is_not_reprocessed(tmp_path, storage, classifier_files):
-    """The read stage must not fill in a size the listing did not give: the version key would differ."""
+    """The read stage must not fill in a size the listing did not give with an etag or mtime: the version key
+    would differ. An entry with neither keys on its uri alone, so its size is filled from the bytes read."""
     for i, name in enumerate(NAMES):
         (tmp_path / name).write_bytes(encode(photo(seed=i), "PNG"))
     (tmp_path / "list.csv").write_text("uri,etag,last_modified\n"
                                        "a.png,e1,\n"                          # etag only
                                        "b c.png,,2024-05-01T10:00:00Z\n"      # last_modified only
-                                       "d.png,e3,2024-05-01T10:00:00Z\n")
+                                       "d.png,,\n")                           # neither
     manifest, output = str(tmp_path / "list.csv"), str(tmp_path / "out")
     assert run(storage, manifest, output, classifier_files)["inputs"] == 3
-    assert {r["size"] for r in rows(output).values()} == {None}
+    sizes = {name: r["size"] for name, r in rows(output).items()}
+    assert sizes == {"a.png": None, "b c.png": None, "d.png": (tmp_path / "d.png").stat().st_size}
     again = run(storage, manifest, output, classifier_files)
     assert (again["inputs"], again["already_done"]) == (0, 3)
 
@@ -156,3 +159,16 @@ def test_an_unreadable_value_past_the_first_batch_is_null_and_logged(tmp_path, c
         entries = [o for page in read_manifest(str(tmp_path / "list.parquet"), Storage()) for o in page]
     assert len(entries) == 1500 and entries[1200].size is None and entries[1201].size == 1201
     assert "column 'size', row 1201: 'twelve'" in caplog.text
+
+
+def test_what_pandas_makes_of_a_column_with_gaps_is_read_as_meant():
+    """A missing value turns pandas' int columns into float64 with NaN, and strings into large_string."""
+    frame = pd.DataFrame({"uri": pd.array(["a.png", "b.png"], dtype="string[pyarrow]"),
+                          "size": [1234, None], "etag": [5678, None],
+                          "last_modified": pd.to_datetime(["2024-05-01 10:00", None]).tz_localize("US/Pacific")})
+    assert str(frame["size"].dtype) == "float64"
+    batch, bad = cast_batch(pa.RecordBatch.from_pandas(frame, preserve_index=False))
+    assert bad == [] and batch.schema == SOURCE_SCHEMA
+    assert batch.to_pylist() == [
+        {"uri": "a.png", "size": 1234, "etag": "5678", "last_modified": datetime(2024, 5, 1, 17, tzinfo=UTC)},
+        {"uri": "b.png", "size": None, "etag": None, "last_modified": None}]
