@@ -86,7 +86,7 @@ def test_csv_manifest_as_tools_write_it(where, storage, classifier_files):
     lines = ["uri,size,etag,last_modified",
              f"{join(where, 'imgs/a.png')},1234.0,,2024-05-01 10:00:00",          # pandas' float size; no etag
              f'"{join(where, "imgs/b c.png")}", ,e-b,2024-05-01T12:00:00+02:00',  # blank size, with an offset
-             f"imgs/d.png,,,2024-05-01 10:00:00.123456789"]                       # pandas' ns, relative uri
+             "imgs/d.png,,,2024-05-01 10:00:00.123456789"]                       # pandas' ns, relative uri
     manifest = join(where, "list.csv")
     storage.write_bytes(manifest, b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
 
