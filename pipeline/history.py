@@ -5,7 +5,8 @@ copy, in the single listing task rather than in every read task):
 
 - a *version* key, from uri + ETag + last-modified + size: an object that changed gets a new key. Earlier
   committed runs of the same model and weights contribute these, so an incremental run skips unchanged
-  inputs. Manifest entries carry no metadata, so their key is the uri alone.
+  inputs. A manifest entry with neither ETag nor last-modified keys on the uri alone; one with either keeps
+  the size it was listed with, none included (read.Reader fills in only what the key ignores).
 - a *uri* key: the rows an interrupted attempt of this same run already staged, skipped on resume whatever
   happened to the object since, so the run ends with exactly one row per input.
 """

@@ -18,15 +18,18 @@ CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing
 
 
 class LocalS3Server:
-    def __init__(self, port: int | None = None):
+    def __init__(self, port: int | None = None, environ: dict[str, str] | None = None):
+        """`environ`: extra variables for the server process, e.g. moto's INITIAL_NO_AUTH_ACTION_COUNT, after which
+        it enforces IAM users and policies."""
         self.port = port or _free_port()
         self.endpoint_url = f"http://127.0.0.1:{self.port}"
+        self.server_environ = dict(environ or {})
         self._process: subprocess.Popen | None = None
 
     def start(self) -> "LocalS3Server":
         self._process = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            env={**os.environ, **self.server_environ}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self._process.poll() is not None:

@@ -10,7 +10,7 @@ import uuid
 from pipeline.config import JobConfig
 from pipeline.errors import UserError
 from pipeline.model import ModelSpec, resolve_model
-from pipeline.source import is_manifest, manifest_columns
+from pipeline.manifest import BadManifest, check_first_batch, is_manifest, manifest_columns
 from pipeline.storage import Storage, is_s3, join, split_s3
 
 
@@ -27,20 +27,32 @@ def check_input(uri: str, storage: Storage) -> None:
     if is_s3(uri):
         check_bucket("input.uri", uri, storage)
     if is_manifest(uri):
-        if not storage.exists(uri):
-            raise UserError(f"input.uri: manifest {uri} does not exist; check the path")
-        try:
-            columns = manifest_columns(uri, storage)
-        except Exception as exc:  # noqa: BLE001 - any parse failure means "not a manifest we can read"
-            raise UserError(f"input.uri: cannot read manifest {uri} ({type(exc).__name__}); give a Parquet or "
-                            "CSV file with a 'uri' column") from None
-        if "uri" not in columns:
-            raise UserError(f"input.uri: manifest {uri} has no 'uri' column (it has: {', '.join(columns)}); "
-                            "name the column of image URIs 'uri'")
+        check_manifest(uri, storage)
     elif not is_s3(uri) and not os.path.isdir(uri):
         what = "is a file, not a folder" if os.path.exists(uri) else "does not exist"
         raise UserError(f"input.uri: {uri} {what}; give a folder of images, s3://bucket/prefix, or a "
                         ".parquet/.csv manifest")
+
+
+def check_manifest(uri: str, storage: Storage) -> None:
+    """The manifest exists, has a 'uri' column, and its first batch of rows can be read."""
+    if not storage.exists(uri):
+        raise UserError(f"input.uri: manifest {uri} does not exist; check the path")
+    try:
+        columns = manifest_columns(uri, storage)
+    except Exception as exc:  # noqa: BLE001 - any parse failure means "not a manifest we can read"
+        raise UserError(f"input.uri: cannot read manifest {uri} ({type(exc).__name__}); give a Parquet or "
+                        "CSV file with a 'uri' column") from None
+    if "uri" not in columns:
+        raise UserError(f"input.uri: manifest {uri} has no 'uri' column (it has: {', '.join(columns)}); "
+                        "name the column of image URIs 'uri'")
+    try:
+        check_first_batch(uri, storage)
+    except BadManifest as exc:
+        raise UserError(f"input.uri: manifest {uri}, {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - e.g. a CSV that is not UTF-8 text
+        raise UserError(f"input.uri: cannot read the rows of manifest {uri} ({type(exc).__name__}); give a "
+                        "Parquet file, or a CSV file in UTF-8") from None
 
 
 def check_output(uri: str, storage: Storage) -> None:
@@ -65,10 +77,12 @@ def check_writable(uri: str, storage: Storage) -> None:
 def check_bucket(field: str, uri: str, storage: Storage) -> None:
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-    bucket, _ = split_s3(uri)
+    bucket, key = split_s3(uri)
     where = storage.endpoint_url or "AWS S3"
     try:
-        storage.s3_probe_client.head_bucket(Bucket=bucket)
+        # A listing of the job's own prefix, not HeadBucket: HeadBucket needs s3:ListBucket on the whole bucket,
+        # which a policy scoped to the job's prefixes (infra/README.md) does not grant.
+        storage.s3_probe_client.list_objects_v2(Bucket=bucket, Prefix=probe_prefix(uri, key), MaxKeys=1)
     except NoCredentialsError:
         raise UserError(f"{field}: no AWS credentials found for s3://{bucket}; set AWS_ACCESS_KEY_ID and "
                         "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)") from None
@@ -87,3 +101,10 @@ def check_bucket(field: str, uri: str, storage: Storage) -> None:
     except ValueError as exc:  # boto3 refuses a malformed endpoint when it builds the client
         raise UserError(f"{field}: endpoint {where!r} is not usable ({exc}); fix storage.endpoint_url / "
                         "AWS_ENDPOINT_URL") from None
+
+
+def probe_prefix(uri: str, key: str) -> str:
+    """The prefix the job lists under: a manifest's own key, or a folder's key with its trailing slash."""
+    if is_manifest(uri) or not key:
+        return key
+    return key.rstrip("/") + "/"

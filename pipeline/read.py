@@ -21,7 +21,8 @@ class Reader:
         error_types = np.full(n, None, dtype=object)
         data = np.full(n, b"", dtype=object)
         # Listed sizes; unknown (NaN or None) for manifest entries until the bytes are read.
-        sizes = np.array([None if s is None or s != s else int(s) for s in batch["size"]], dtype=object)
+        sizes = np.array([None if _missing(s) else int(s) for s in batch["size"]], dtype=object)
+        versioned = [not (_missing(e) and _missing(m)) for e, m in zip(batch["etag"], batch["last_modified"])]
         wanted = []
         for i in range(n):
             if sizes[i] is not None and sizes[i] > self.max_file_bytes:
@@ -36,13 +37,20 @@ class Reader:
                 errors[i], error_types[i] = fail("read", self._too_large(len(result)), describe_read_error)
             else:
                 data[i] = result
-                if sizes[i] is None:  # keep a listed size: it belongs with the listed ETag and mtime
+                # An entry listed with an ETag or mtime keeps its listed size, even none: the incremental
+                # version key (history.version_key) of its output row must equal the listing's.
+                if sizes[i] is None and not versioned[i]:
                     sizes[i] = len(result)
         batch.update(bytes=data, size=sizes, error=errors, error_type=error_types)
         return batch
 
     def _too_large(self, size: int) -> StageFailure:
         return StageFailure("too_large", f"object is {size:,} bytes, over input.max_file_bytes={self.max_file_bytes:,}")
+
+
+def _missing(value) -> bool:
+    """None, or what a null becomes in a numpy batch: NaN or NaT, the values unequal to themselves."""
+    return value is None or bool(value != value)
 
 
 def describe_read_error(exc: Exception) -> tuple[str, str]:

@@ -9,22 +9,18 @@ the driver can show progress and, once listing ends, what remains.
 
 from __future__ import annotations
 
-import logging
-import posixpath
 from typing import Iterator
 
 import pyarrow as pa
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.history import History
+from pipeline.manifest import is_manifest, read_manifest
 from pipeline.rows import SOURCE_SCHEMA
-from pipeline.storage import ObjectInfo, Storage, extension, is_s3
+from pipeline.storage import ObjectInfo, Storage, extension
 
-logger = logging.getLogger(__name__)
 
 @ray.remote(num_cpus=0)
 class ListingTally:
@@ -83,10 +79,12 @@ class InputListing(Datasource):
     def _blocks(self) -> Iterator[pa.Table]:
         done = self.history.load(self.storage)
         for page in self.pages():
-            wanted = [o for o in page if self._wanted(o)]
+            # The job's own output is not an input at all: neither listed nor counted as skipped.
+            candidates = [o for o in page if not self._own_output(o)]
+            wanted = [o for o in candidates if self._has_wanted_extension(o)]
             todo = done.todo(wanted)
             if self.tally is not None:
-                self.tally.add.remote(len(todo), len(page) - len(wanted), len(wanted) - len(todo))
+                self.tally.add.remote(len(todo), len(candidates) - len(wanted), len(wanted) - len(todo))
             if todo:
                 yield to_block(todo)
         if self.tally is not None:
@@ -97,14 +95,11 @@ class InputListing(Datasource):
             return read_manifest(self.uri, self.storage)
         return self.storage.list_pages(self.uri)
 
-    def _wanted(self, info: ObjectInfo) -> bool:
-        if self.exclude and info.uri.startswith(self.exclude):
-            return False
+    def _own_output(self, info: ObjectInfo) -> bool:
+        return self.exclude is not None and info.uri.startswith(self.exclude)
+
+    def _has_wanted_extension(self, info: ObjectInfo) -> bool:
         return self.extensions is None or is_manifest(self.uri) or extension(info.uri) in self.extensions
-
-
-def is_manifest(uri: str) -> bool:
-    return uri.lower().endswith((".parquet", ".csv"))
 
 
 def to_block(objects: list[ObjectInfo]) -> pa.Table:
@@ -114,60 +109,3 @@ def to_block(objects: list[ObjectInfo]) -> pa.Table:
         "etag": [o.etag for o in objects],
         "last_modified": [o.last_modified for o in objects],
     }, schema=SOURCE_SCHEMA)
-
-
-def read_manifest(uri: str, storage: Storage) -> Iterator[list[ObjectInfo]]:
-    """Rows of a Parquet or CSV manifest, a record batch at a time.
-
-    The `uri` column is required; optional `etag`, `size` and `last_modified` columns are carried into the
-    output and let incremental runs notice changed objects. Relative entries are taken relative to the
-    manifest's own folder.
-    """
-    fs, path = storage.fs(uri)
-    base = posixpath.dirname(uri)
-    with fs.open(path, "rb") as f:
-        for batch in manifest_batches(f, uri):
-            columns = {name: batch.column(name).to_pylist() if name in batch.schema.names else [None] * batch.num_rows
-                       for name in SOURCE_SCHEMA.names}
-            yield [ObjectInfo(uri=_resolve(str(u).strip(), base), size=size, etag=etag, last_modified=mtime)
-                   for u, size, etag, mtime in zip(*(columns[n] for n in ("uri", "size", "etag", "last_modified")))
-                   if u is not None and str(u).strip()]
-
-
-def manifest_batches(f, uri: str) -> Iterator[pa.RecordBatch]:
-    if uri.lower().endswith(".parquet"):
-        parquet = pq.ParquetFile(f)
-        columns = [name for name in SOURCE_SCHEMA.names if name in parquet.schema_arrow.names]
-        for batch in parquet.iter_batches(batch_size=1000, columns=columns):
-            yield pa.RecordBatch.from_arrays(
-                [batch.column(n).cast(SOURCE_SCHEMA.field(n).type) for n in columns], names=columns)
-    else:
-        convert = pacsv.ConvertOptions(include_columns=SOURCE_SCHEMA.names, include_missing_columns=True,
-                                       column_types={f.name: f.type for f in SOURCE_SCHEMA})
-        # A row with the wrong number of fields is skipped, not fatal; its line is logged.
-        parse = pacsv.ParseOptions(invalid_row_handler=_skip_bad_row)
-        yield from pacsv.open_csv(f, convert_options=convert, parse_options=parse)
-
-
-def _skip_bad_row(row) -> str:
-    logger.warning("manifest line %s skipped: %s (quote values that contain commas)", row.number, row.text)
-    return "skip"
-
-
-def manifest_columns(uri: str, storage: Storage) -> list[str]:
-    """Column names of a manifest, read from its header only (for up-front validation)."""
-    fs, path = storage.fs(uri)
-    with fs.open(path, "rb") as f:
-        if uri.lower().endswith(".parquet"):
-            return pq.ParquetFile(f).schema_arrow.names
-        return pacsv.open_csv(f).schema.names
-
-
-def _resolve(entry: str, base: str) -> str:
-    if is_s3(entry) or entry.startswith("/"):
-        return entry
-    if entry.startswith("file://"):
-        return entry.removeprefix("file://")
-    if is_s3(base):
-        return f"{base}/{posixpath.normpath(entry)}"
-    return posixpath.normpath(posixpath.join(base, entry))

@@ -296,7 +296,7 @@ def test_empty_input_finishes_with_a_hint(tmp_path, classifier_files):
 
 
 def test_manifest_entries_are_normalised_and_bad_csv_rows_skipped(tmp_path):
-    from pipeline.source import _resolve, read_manifest
+    from pipeline.manifest import _resolve, read_manifest
 
     assert _resolve("./cat/1.jpg", "s3://b/dir") == "s3://b/dir/cat/1.jpg"
     assert _resolve("/abs/2.jpg", "s3://b/dir") == "/abs/2.jpg"
