@@ -94,8 +94,13 @@ class InputListing(Datasource):
 
     def pages(self) -> Iterator[list[ObjectInfo]]:
         if is_manifest(self.uri):
-            return read_manifest(self.uri, self.storage)
-        return self.storage.list_pages(self.uri)
+            return read_manifest(self.uri, self.storage, quote=self.quotes_paths)
+        return self.storage.list_pages(self.uri, quote_paths=self.quotes_paths)
+
+    @property
+    def quotes_paths(self) -> bool:
+        """Whether a log line may quote an input's path: not when the job pseudonymises them."""
+        return self.history.pseudonymizer is None
 
     def _wanted(self, info: ObjectInfo) -> bool:
         if self.exclude and info.uri.startswith(self.exclude):
@@ -116,7 +121,7 @@ def to_block(objects: list[ObjectInfo]) -> pa.Table:
     }, schema=SOURCE_SCHEMA)
 
 
-def read_manifest(uri: str, storage: Storage) -> Iterator[list[ObjectInfo]]:
+def read_manifest(uri: str, storage: Storage, quote: bool = True) -> Iterator[list[ObjectInfo]]:
     """Rows of a Parquet or CSV manifest, a record batch at a time.
 
     The `uri` column is required; optional `etag`, `size` and `last_modified` columns are carried into the
@@ -126,7 +131,7 @@ def read_manifest(uri: str, storage: Storage) -> Iterator[list[ObjectInfo]]:
     fs, path = storage.fs(uri)
     base = posixpath.dirname(uri)
     with fs.open(path, "rb") as f:
-        for batch in manifest_batches(f, uri):
+        for batch in manifest_batches(f, uri, quote):
             columns = {name: batch.column(name).to_pylist() if name in batch.schema.names else [None] * batch.num_rows
                        for name in SOURCE_SCHEMA.names}
             yield [ObjectInfo(uri=_resolve(str(u).strip(), base), size=size, etag=etag, last_modified=mtime)
@@ -134,7 +139,7 @@ def read_manifest(uri: str, storage: Storage) -> Iterator[list[ObjectInfo]]:
                    if u is not None and str(u).strip()]
 
 
-def manifest_batches(f, uri: str) -> Iterator[pa.RecordBatch]:
+def manifest_batches(f, uri: str, quote: bool = True) -> Iterator[pa.RecordBatch]:
     if uri.lower().endswith(".parquet"):
         parquet = pq.ParquetFile(f)
         columns = [name for name in SOURCE_SCHEMA.names if name in parquet.schema_arrow.names]
@@ -145,12 +150,17 @@ def manifest_batches(f, uri: str) -> Iterator[pa.RecordBatch]:
         convert = pacsv.ConvertOptions(include_columns=SOURCE_SCHEMA.names, include_missing_columns=True,
                                        column_types={f.name: f.type for f in SOURCE_SCHEMA})
         # A row with the wrong number of fields is skipped, not fatal; its line is logged.
-        parse = pacsv.ParseOptions(invalid_row_handler=_skip_bad_row)
+        parse = pacsv.ParseOptions(invalid_row_handler=_skip_bad_row if quote else _skip_bad_row_unquoted)
         yield from pacsv.open_csv(f, convert_options=convert, parse_options=parse)
 
 
 def _skip_bad_row(row) -> str:
     logger.warning("manifest line %s skipped: %s (quote values that contain commas)", row.number, row.text)
+    return "skip"
+
+
+def _skip_bad_row_unquoted(row) -> str:
+    logger.warning("manifest line %s skipped (quote values that contain commas)", row.number)
     return "skip"
 
 

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
+import ray
 from pydicom import dcmread
 
 from dicom_files import PHI, dicom_bytes
@@ -122,7 +123,9 @@ def test_pseudonymised_dicom_folder_named_after_the_patient(tmp_path, ray_sessio
     folder = " ".join(p.read_text() for p in output.rglob("*.json"))
     names = " ".join(str(p.relative_to(tmp_path)) for p in [*output.rglob("*"), *mapping.rglob("*")])
     assert json.loads((output / "_summary.json").read_text())["pseudonyms"]
-    assert_nowhere(secrets, rows=written, records=folder, stdout=out, stderr=err, file_names=names)
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    ray_logs = " ".join(p.read_text(errors="ignore") for p in logs.glob("*") if p.is_file())
+    assert_nowhere(secrets, rows=written, records=folder, stdout=out, stderr=err, file_names=names, ray_logs=ray_logs)
 
     # The mapping re-identifies every row, and only the mapping holds the raw paths.
     pairs = pads.dataset(mapping, format="parquet").to_table()
@@ -224,3 +227,16 @@ def test_mapping_beside_the_predictions_is_refused(tmp_path, monkeypatch, capsys
     assert main(["run", spec]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "privacy.mapping_uri" in lines[0] and "inside output.uri" in lines[0]
+
+
+def test_listing_logs_never_quote_a_manifest_line_when_pseudonymised(tmp_path, caplog):
+    from pipeline.history import History
+    from pipeline.source import InputListing
+    from pipeline.storage import Storage
+
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"uri,size\n/pacs/{PATIENT_FOLDER}/CT/a.dcm,1\n/pacs/{PATIENT_FOLDER}/CT/b,c.dcm,2,x\n")
+    listing = InputListing(str(manifest), Storage(), None, history=History(pseudonymizer=Pseudonymizer(KEY.encode())))
+    listed = [o.uri for page in listing.pages() for o in page]
+    assert listed == [f"/pacs/{PATIENT_FOLDER}/CT/a.dcm"]  # the listing itself is raw: tokens are made at the sink
+    assert "skipped" in caplog.text and "DOE^JOHN" not in caplog.text
