@@ -202,7 +202,7 @@ def test_error_messages_never_quote_the_input_path():
     ({"pseudonymize": True, "key_env": KEY_ENV}, "", ["privacy.key_env", "is empty"]),
     ({"pseudonymize": True, "key_env": KEY_ENV}, KEY[:12], ["privacy.key_env", "too short (12 bytes)"]),
     ({"pseudonymize": True, "key_file": "/no/such/key"}, None, ["privacy.key_file", "cannot read /no/such/key"]),
-])
+], ids=["no key", "key in spec", "key as key_env", "variable unset", "variable empty", "key too short", "no key file"])
 def test_key_problems_are_one_line_without_the_key(tmp_path, monkeypatch, capsys, privacy, env, words):
     monkeypatch.delenv(KEY_ENV, raising=False)
     if env is not None:
