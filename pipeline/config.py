@@ -281,6 +281,52 @@ class ErrorPolicy(_Section):
     min_inputs: int = Field(200, ge=1, description="inputs seen before the rate is checked")
 
 
+class PrivacyConfig(_Section):
+    """Keyed pseudonymisation: see pipeline/privacy.py. The key itself never appears in a spec."""
+    pseudonymize: bool = Field(
+        False, description="write the input uri, the DICOM study/series/SOP instance UIDs and allow-listed UID tags "
+        "as keyed HMAC-SHA256 tokens (hmac:<hex>); error messages never quote the input's path")
+    key_env: str | None = Field(None, description="name of the environment variable holding the key")
+    key_file: str | None = Field(None, description="path of a file holding the key (a mounted secret)")
+    mapping_uri: str | None = Field(
+        None, description="folder (local or s3://) that receives token -> uri Parquet files for re-identification; "
+        "default: no mapping is written")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_key_in_spec(cls, data: Any) -> Any:
+        if isinstance(data, dict) and set(data) & SECRET_KEYS:
+            raise ValueError("a key is never written in the job spec: put it in an environment variable named by "
+                             "privacy.key_env, or a file named by privacy.key_file")
+        return data
+
+    @field_validator("key_env")
+    @classmethod
+    def _names_a_variable(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+            raise ValueError("must name an environment variable (such as PIPELINE_PSEUDONYM_KEY), not hold the key")
+        return value
+
+    @field_validator("mapping_uri")
+    @classmethod
+    def _valid_uri(cls, value: str | None) -> str | None:
+        return None if value is None else check_uri(value)
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> "PrivacyConfig":
+        if self.key_env and self.key_file:
+            raise ValueError("set key_env or key_file, not both")
+        if self.pseudonymize and not (self.key_env or self.key_file):
+            raise ValueError("pseudonymize needs a key: set key_env to an environment variable's name (such as "
+                             "PIPELINE_PSEUDONYM_KEY) or key_file to a secret file's path")
+        if self.mapping_uri and not self.pseudonymize:
+            raise ValueError("mapping_uri is set but pseudonymize is off; set pseudonymize: true or remove it")
+        return self
+
+
+# Keys of `privacy` that would put the secret itself in the spec.
+SECRET_KEYS = {"key", "secret", "hmac_key", "pseudonym_key", "password", "key_value"}
+
 DICOM_EXTENSIONS = ("dcm", "dicom")
 
 
@@ -294,12 +340,27 @@ class JobConfig(_Section):
     errors: ErrorPolicy = ErrorPolicy()
     dicom: DicomConfig | None = Field(None, description="read DICOM files (see DicomConfig); absent: a DICOM file "
                                                         "is an error row saying so")
+    privacy: PrivacyConfig = PrivacyConfig()
 
     @model_validator(mode="after")
     def _dicom_extensions(self) -> "JobConfig":
         """A DICOM job lists .dcm/.dicom files unless the spec names its own extensions."""
         if self.dicom is not None and "extensions" not in self.input.model_fields_set:
             self.input.extensions = sorted({*DEFAULT_EXTENSIONS, *DICOM_EXTENSIONS})
+        return self
+
+    @model_validator(mode="after")
+    def _pseudonymized_tags(self) -> "JobConfig":
+        """Pseudonymised output promises no identifying value: an allow-listed one would break that promise."""
+        tags = self.dicom.include_tags if self.dicom is not None and self.privacy.pseudonymize else []
+        if not tags:
+            return self
+        from pipeline.dicom import IDENTIFYING
+
+        flagged = [t for t in tags if t in IDENTIFYING]
+        if flagged:
+            raise ValueError(f"dicom.include_tags: '{flagged[0]}' identifies the patient, and privacy.pseudonymize "
+                             "promises output without identifying values; remove it from include_tags")
         return self
 
 
@@ -390,8 +451,12 @@ def _describe(exc: ValidationError, spec_path: str | None) -> str:
         fix = f"set it in the spec or pass --{flag.replace('_', '-')}" if flag else "set it in the spec"
         return f"{where}: '{field}' is required; {fix}"
     message = err["msg"].removeprefix("Value error, ")
+    if not field:  # a check across sections names its own field
+        return f"{where}: {message}"
     got = err.get("input")
-    shown = "" if isinstance(got, str) and got in message else f" (got {got!r})"
+    # What was given under privacy may be a key put in the wrong place: never echoed.
+    secret = field.split(".")[0] == "privacy"
+    shown = "" if secret or (isinstance(got, str) and got in message) else f" (got {got!r})"
     return f"{where}: '{field}' {message}{shown}"
 
 

@@ -97,6 +97,15 @@ class DicomImage:
     tags: dict[str, str | None]  # KEY_TAGS and the allow-listed ones
 
 
+def instance_uid_tags(keywords) -> list[str]:
+    """The UID-valued keywords among `keywords` that a pseudonymised job writes as tokens: every UI attribute but
+    the standard's own constants (SOP class, transfer syntax, coding scheme), which identify no one."""
+    from pydicom.datadict import dictionary_VR, keyword_dict
+
+    return [k for k in keywords if dictionary_VR(keyword_dict[k]) == "UI"
+            and not k.endswith(("ClassUID", "TransferSyntaxUID", "CodingSchemeUID"))]
+
+
 def is_dicom(data: bytes) -> bool:
     """A Part 10 file: 128-byte preamble, then 'DICM'."""
     return len(data) >= 132 and data[128:132] == b"DICM"

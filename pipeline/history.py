@@ -9,6 +9,8 @@ copy, in the single listing task rather than in every read task):
   the size it was listed with, none included (read.Reader fills in only what the key ignores).
 - a *uri* key: the rows an interrupted attempt of this same run already staged, skipped on resume whatever
   happened to the object since, so the run ends with exactly one row per input.
+
+A pseudonymised job's rows hold tokens, not URIs: the listing then keys each listed object by its token.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.privacy import Pseudonymizer
 from pipeline.storage import ObjectInfo, Storage
 
 logger = logging.getLogger(__name__)
@@ -56,9 +59,10 @@ def micros(value: datetime | None) -> int | None:
 _MICROSECOND = datetime(1970, 1, 1, 0, 0, 0, 1, tzinfo=timezone.utc) - _EPOCH
 
 
-def object_keys(info: ObjectInfo) -> tuple[bytes, bytes]:
-    """(uri key, version key) of a listed input."""
-    return uri_key(info.uri), version_key(info.uri, info.etag, micros(info.last_modified), info.size)
+def object_keys(info: ObjectInfo, written_uri: str | None = None) -> tuple[bytes, bytes]:
+    """(uri key, version key) of a listed input; `written_uri`: what its row holds instead, if not the uri."""
+    uri = written_uri or info.uri
+    return uri_key(uri), version_key(uri, info.etag, micros(info.last_modified), info.size)
 
 
 def table_keys(table: pa.Table, kind: str) -> np.ndarray:
@@ -92,12 +96,13 @@ class History:
     committed_files: list[str] = field(default_factory=list)  # earlier runs, same model and weights
     staged_files: list[str] = field(default_factory=list)  # the interrupted attempt being resumed
     reprocess_errors: bool = False
+    pseudonymizer: Pseudonymizer | None = None  # the rows' uri is the listed uri's token
 
     def load(self, storage: Storage) -> "DoneFilter":
         versions = [table_keys(t, "version") for t in _read_parts(storage, self.committed_files,
                                                                   with_errors=not self.reprocess_errors)]
         uris = [table_keys(t, "uri") for t in _read_chunks(storage, self.staged_files)]
-        return DoneFilter(KeySet(_concat(versions)), KeySet(_concat(uris)))
+        return DoneFilter(KeySet(_concat(versions)), KeySet(_concat(uris)), self.pseudonymizer)
 
 
 KEY_COLUMNS = ["uri", "etag", "last_modified", "size", "error"]
@@ -130,9 +135,10 @@ def _concat(parts: list[np.ndarray]) -> np.ndarray:
 
 
 class DoneFilter:
-    def __init__(self, done_versions: KeySet, done_uris: KeySet):
+    def __init__(self, done_versions: KeySet, done_uris: KeySet, pseudonymizer: Pseudonymizer | None = None):
         self.done_versions = done_versions
         self.done_uris = done_uris
+        self.pseudonymizer = pseudonymizer
 
     def __len__(self) -> int:
         return len(self.done_versions) + len(self.done_uris)
@@ -140,6 +146,7 @@ class DoneFilter:
     def todo(self, objects: list[ObjectInfo]) -> list[ObjectInfo]:
         if not len(self) or not objects:
             return objects
-        uri_keys, version_keys = (np.array(k, dtype=KEY_DTYPE) for k in zip(*map(object_keys, objects)))
+        keys = [object_keys(o, self.pseudonymizer.token(o.uri) if self.pseudonymizer else None) for o in objects]
+        uri_keys, version_keys = (np.array(k, dtype=KEY_DTYPE) for k in zip(*keys))
         done = self.done_versions.contains(version_keys) | self.done_uris.contains(uri_keys)
         return [o for o, d in zip(objects, done) if not d]

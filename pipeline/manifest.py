@@ -63,11 +63,12 @@ class BadManifest(Exception):
         self.bad = bad
 
 
-def read_manifest(uri: str, storage: Storage) -> Iterator[list[ObjectInfo]]:
-    """The manifest's entries, a record batch at a time. Relative entries are relative to the manifest's folder."""
+def read_manifest(uri: str, storage: Storage, quote: bool = True) -> Iterator[list[ObjectInfo]]:
+    """The manifest's entries, a record batch at a time. Relative entries are relative to the manifest's folder.
+    `quote=False`: a log line never quotes a manifest line (it may hold a path the job pseudonymises)."""
     base = posixpath.dirname(uri)
     row = 1
-    for raw in raw_batches(uri, storage):
+    for raw in raw_batches(uri, storage, quote):
         batch, bad = cast_batch(raw)
         if bad:
             logger.warning("manifest %s: %d value(s) unreadable, kept as null; the first: %s", uri, len(bad),
@@ -94,14 +95,14 @@ def manifest_columns(uri: str, storage: Storage) -> list[str]:
         return pacsv.open_csv(f).schema.names
 
 
-def raw_batches(uri: str, storage: Storage) -> Iterator[pa.RecordBatch]:
+def raw_batches(uri: str, storage: Storage, quote: bool = True) -> Iterator[pa.RecordBatch]:
     """The manifest's own columns of interest as stored (CSV: all text), before any cast."""
     fs, path = storage.fs(uri)
     with fs.open(path, "rb") as f:
         if uri.lower().endswith(".parquet"):
             yield from _parquet_batches(f)
         else:
-            yield from _csv_batches(f)
+            yield from _csv_batches(f, quote)
 
 
 def _parquet_batches(f) -> Iterator[pa.RecordBatch]:
@@ -111,18 +112,23 @@ def _parquet_batches(f) -> Iterator[pa.RecordBatch]:
     yield from parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns)
 
 
-def _csv_batches(f) -> Iterator[pa.RecordBatch]:
+def _csv_batches(f, quote: bool = True) -> Iterator[pa.RecordBatch]:
     # Every column as text: type inference from the first block would fail on a later block that differs.
     convert = pacsv.ConvertOptions(include_columns=SOURCE_SCHEMA.names, include_missing_columns=True,
                                    column_types={name: pa.string() for name in SOURCE_SCHEMA.names},
                                    strings_can_be_null=True)
     # A row with the wrong number of fields is skipped, not fatal; its line is logged.
-    parse = pacsv.ParseOptions(invalid_row_handler=_skip_bad_row)
+    parse = pacsv.ParseOptions(invalid_row_handler=_skip_bad_row if quote else _skip_bad_row_unquoted)
     yield from pacsv.open_csv(f, convert_options=convert, parse_options=parse)
 
 
 def _skip_bad_row(row) -> str:
     logger.warning("manifest line %s skipped: %s (quote values that contain commas)", row.number, row.text)
+    return "skip"
+
+
+def _skip_bad_row_unquoted(row) -> str:
+    logger.warning("manifest line %s skipped (quote values that contain commas)", row.number)
     return "skip"
 
 

@@ -20,6 +20,8 @@ def preflight(cfg: JobConfig, storage: Storage) -> ModelSpec:
         raise UserError(f"output.uri: {cfg.output.uri} is the input folder itself; write the predictions to "
                         "another folder (a subfolder of the input is fine: it is never listed as input)")
     check_output(cfg.output.uri, storage)
+    if cfg.privacy.mapping_uri:
+        check_mapping(cfg.privacy.mapping_uri, cfg.output.uri, storage)
     return resolve_model(cfg.model, storage)
 
 
@@ -63,14 +65,25 @@ def check_output(uri: str, storage: Storage) -> None:
     check_writable(uri, storage)
 
 
-def check_writable(uri: str, storage: Storage) -> None:
+def check_mapping(uri: str, output_uri: str, storage: Storage) -> None:
+    """The token -> uri mapping re-identifies every row: never beside the predictions."""
+    inside = (uri.rstrip("/") + "/").startswith(output_uri.rstrip("/") + "/")
+    if inside:
+        raise UserError(f"privacy.mapping_uri: {uri} is inside output.uri, beside the pseudonymised predictions; "
+                        "keep the mapping apart, where only those who may re-identify can read it")
+    if is_s3(uri):
+        check_bucket("privacy.mapping_uri", uri, storage)
+    check_writable(uri, storage, "privacy.mapping_uri")
+
+
+def check_writable(uri: str, storage: Storage, field: str = "output.uri") -> None:
     """Write and delete a hidden probe, so a read-only folder or bucket fails now, not at the first flush."""
     probe = join(uri, f".write-probe-{uuid.uuid4().hex}")
     try:
         storage.write_bytes(probe, b"")
         storage.delete([probe])
     except Exception as exc:  # noqa: BLE001 - PermissionError, ClientError, NotADirectoryError, ...
-        raise UserError(f"output.uri: cannot write to {uri} ({type(exc).__name__}: {exc}); check the folder's "
+        raise UserError(f"{field}: cannot write to {uri} ({type(exc).__name__}: {exc}); check the folder's "
                         "permissions or the credentials' write access") from None
 
 

@@ -26,8 +26,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from pipeline.cluster import ClusterWatch, PoolPlan, plan_pool, read_cluster
 from pipeline.commit import OutputFolder
 from pipeline.config import JobConfig
-from pipeline.decode import Decoder
-from pipeline.dicom import IDENTIFYING, KEY_TAGS, dicom_settings
+from pipeline.decode import Decoder, column_name
+from pipeline.dicom import IDENTIFYING, KEY_TAGS, dicom_settings, instance_uid_tags
 from pipeline.errors import JobFailed, JobStopped, UserError
 from pipeline.history import History
 from pipeline.isolation import Isolated, Ledger, LedgerBook
@@ -37,6 +37,8 @@ from pipeline.model import ModelSpec
 from pipeline.detect import Detector
 from pipeline.predict import Classifier
 from pipeline.preflight import preflight
+from pipeline.privacy import (PseudonymMap, Pseudonymizer, RowPseudonymizer, load_pseudonymizer,
+                              pseudonymized_columns)
 from pipeline.progress import ProgressPrinter, Tally
 from pipeline.read import Reader
 from pipeline.runs import check_existing_files, history_for, job_schema, new_run_id, publish, start_or_resume
@@ -90,6 +92,7 @@ class RunSummary:
     dicom_tags_written: list[str] | None = None  # DICOM jobs: every tag the rows carry, keys included
     nodes_left: dict[str, int] = field(default_factory=dict)  # Ray nodes that left mid-run, by why
     redone: int = 0  # inputs the model took again because a node or an actor was lost with them
+    pseudonyms: str | None = None  # privacy.pseudonymize: the key's id (the key itself is never written)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2)
@@ -102,30 +105,35 @@ def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float 
     s = cfg.storage
     storage = Storage.from_env(s.endpoint_url, s.region, max_attempts=s.max_attempts,
                                connect_timeout_s=s.connect_timeout_s, read_timeout_s=s.read_timeout_s)
+    pseudonymizer = load_pseudonymizer(cfg.privacy)
+    key_id = pseudonymizer.key_id if pseudonymizer else None
     spec = preflight(cfg, storage)
     schema = job_schema(cfg, spec)
     folder = OutputFolder(storage, cfg.output.uri)
     with OutputLease(storage, cfg.output.uri, new_run_id()) as lease, output_failures(cfg.output.uri):
         state = folder.recover(folder.scan())
-        check_existing_files(state, cfg)
-        run = start_or_resume(folder, state, cfg, spec, lease.run_id, out)
+        check_existing_files(state, cfg, key_id)
+        run = start_or_resume(folder, state, cfg, spec, lease.run_id, out, key_id)
         start_ray(cfg.compute.ray_address)
         cluster = read_cluster()
         pool, request = plan_pool(cfg.compute, cluster)
         print(f"  {pool.describe(request)}", file=out, flush=True)
         listing_tally = ListingTally.options(scheduling_strategy=on_driver_node()).remote()
         ledger = BatchLedger.options(scheduling_strategy=on_driver_node()).remote()
-        dataset = build_dataset(cfg, spec, storage, listing_tally, history_for(folder, state, run, cfg), pool,
-                                RayLedger(ledger))
+        dataset = build_dataset(cfg, spec, storage, listing_tally, history_for(folder, state, run, cfg, pseudonymizer),
+                                pool, RayLedger(ledger))
+        mapping = PseudonymMap(storage, cfg.privacy.mapping_uri, run.run_id) if cfg.privacy.mapping_uri else None
         sink = StagingSink(folder, run.run_id, {"model": spec.name, "weights": spec.weights_id, "run_id": run.run_id},
                            first_chunk=run.next_chunk(),
                            checkpoint_rows=cfg.output.checkpoint_rows or CHECKPOINT_BATCHES * cfg.compute.batch_size,
-                           checkpoint_seconds=cfg.output.checkpoint_seconds, schema=schema)
+                           checkpoint_seconds=cfg.output.checkpoint_seconds, schema=schema,
+                           before_chunk=mapping.flush if mapping else None)
+        rows = row_pseudonymizer(cfg, schema, pseudonymizer, mapping)
         tally = Tally()
         interval = progress_interval or (2.0 if out.isatty() else 5.0)
         watch = ClusterWatch(request, cluster.node_types)
         with ProgressPrinter(tally, lambda: ray.get(listing_tally.get.remote()), out, interval, watch.poll):
-            status, message = drain(dataset, sink, tally, cfg, lease)
+            status, message = drain(dataset, sink, tally, cfg, lease, rows)
             leftover = sink.release_partial()
             if leftover is not None:
                 tally.add(leftover)
@@ -150,7 +158,7 @@ def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float 
             files=[{"uri": join(cfg.output.uri, f["path"]), "rows": f["rows"]} for f in record["files"]]
             if record else [], message=message, detections=tally.detections,
             images_with_detections=tally.images_with_detections if tally.detections is not None else None,
-            dicom_tags_written=written_tags(cfg))
+            dicom_tags_written=written_tags(cfg), pseudonyms=key_id)
         storage.write_bytes(join(cfg.output.uri, "_summary.json"), summary.to_json().encode())
     print_summary(summary, out)
     if status == "stopped":
@@ -171,18 +179,29 @@ def output_failures(output_uri: str):
 
 
 def drain(dataset: ray.data.Dataset, sink: StagingSink, tally: Tally, cfg: JobConfig,
-          lease: OutputLease) -> tuple[str, str | None]:
-    """Every prediction row into the sink, once; (status, message) at the end or at the error-rate stop."""
+          lease: OutputLease, prepare: RowPseudonymizer | None = None) -> tuple[str, str | None]:
+    """Every prediction row into the sink, once; (status, message) at the end or at the error-rate stop.
+    `prepare` turns each batch into what is written (pseudonymised) before anything stages or counts it."""
     try:
         metrics = RunMetrics(cfg.output.uri)
         for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
             lease.check()
+            if prepare is not None:
+                batch = prepare(batch)
             inputs, failed = tally.add(sink.add(batch))
             metrics.record(inputs, failed, tally.rate)
             tally.check_error_rate(cfg.errors.max_error_rate, cfg.errors.min_inputs)
     except JobStopped as exc:
         return "stopped", f"{exc} (rows so far stay staged; rerunning the job resumes after them)"
     return "completed", None
+
+
+def row_pseudonymizer(cfg: JobConfig, schema, pseudonymizer: Pseudonymizer | None,
+                      mapping: PseudonymMap | None) -> RowPseudonymizer | None:
+    if pseudonymizer is None:
+        return None
+    uid_tags = [column_name(k) for k in instance_uid_tags(cfg.dicom.include_tags)] if cfg.dicom is not None else []
+    return RowPseudonymizer(pseudonymizer, pseudonymized_columns(schema, uid_tags), mapping)
 
 
 def build_dataset(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tally,
@@ -337,6 +356,8 @@ def with_absolute_paths(cfg: JobConfig) -> JobConfig:
     cfg = cfg.model_copy(deep=True)
     cfg.input.uri = absolute(cfg.input.uri)
     cfg.output.uri = absolute(cfg.output.uri)
+    if cfg.privacy.mapping_uri:
+        cfg.privacy.mapping_uri = absolute(cfg.privacy.mapping_uri)
     for attr in ("weights", "labels"):
         value = getattr(cfg.model, attr)
         if value and (attr == "labels" or cfg.model.checkpoint):
@@ -361,6 +382,8 @@ def print_summary(s: RunSummary, out: TextIO) -> None:
           else []),
         *([f"  DICOM tags  {', '.join(s.dicom_tags_written)}" + identifying_note(s.dicom_tags_written)]
           if s.dicom_tags_written is not None else []),
+        *([f"  privacy     uri and DICOM UIDs written as keyed tokens (hmac:…; key id {s.pseudonyms})"]
+          if s.pseudonyms else []),
         *([f"  nodes left  {', '.join(f'{n} {why}' for why, n in s.nodes_left.items())}"] if s.nodes_left else []),
         *([f"  redone      {s.redone:,} inputs, lost with a node or a crashed worker process (output complete, "
            "once)"] if s.redone else []),

@@ -18,6 +18,7 @@ from pipeline.errors import UserError
 from pipeline.history import History
 from pipeline.decode import column_name
 from pipeline.model import ModelSpec
+from pipeline.privacy import Pseudonymizer
 from pipeline.rows import output_schema
 from pipeline.sink import StagingSink
 
@@ -27,7 +28,8 @@ def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
 
 
-def check_existing_files(state: FolderState, cfg: JobConfig) -> None:
+def check_existing_files(state: FolderState, cfg: JobConfig, key_id: str | None = None) -> None:
+    check_pseudonyms(state, cfg, key_id)
     foreign = state.foreign()
     if foreign:
         raise UserError(f"output.uri: {cfg.output.uri} holds {len(foreign)} Parquet file(s) this pipeline did not "
@@ -38,6 +40,26 @@ def check_existing_files(state: FolderState, cfg: JobConfig) -> None:
         raise UserError(f"output.uri: {cfg.output.uri} already holds {len(unrecorded)} Parquet file(s) without a "
                         f"commit record (e.g. {unrecorded[0]}); choose a new output folder or pass --overwrite "
                         "to replace them")
+
+
+def check_pseudonyms(state: FolderState, cfg: JobConfig, key_id: str | None) -> None:
+    """Raw and pseudonymised rows, or tokens under two keys, never share a folder (an overwrite replaces them all).
+
+    `key_id` names this job's pseudonymisation key (None: off); a commit record holds its run's as `pseudonyms`."""
+    if cfg.output.overwrite:
+        return
+    other = next((c.get("pseudonyms") for c in state.live if c.get("pseudonyms") != key_id), False)
+    if other is False:
+        return
+    where = f"output.uri: {cfg.output.uri}"
+    if key_id is None:
+        raise UserError(f"{where} holds pseudonymised runs; turn privacy.pseudonymize on with their key, or write "
+                        "to another folder")
+    if other is None:
+        raise UserError(f"{where} holds runs written without privacy.pseudonymize (raw input paths); write "
+                        "pseudonymised output to a new folder, or pass --overwrite to replace it")
+    raise UserError(f"{where} holds runs pseudonymised under another key (key id {other}; this job's is {key_id}); "
+                    "use their key (privacy.key_env / key_file), a new folder, or --overwrite")
 
 
 def model_key(cfg: JobConfig, spec: ModelSpec) -> str:
@@ -53,11 +75,13 @@ def model_key(cfg: JobConfig, spec: ModelSpec) -> str:
     return _digest(identity)
 
 
-def job_key(cfg: JobConfig, spec: ModelSpec) -> str:
-    """An interrupted attempt is resumed only by the same job: same inputs, model key and mode."""
+def job_key(cfg: JobConfig, spec: ModelSpec, key_id: str | None = None) -> str:
+    """An interrupted attempt is resumed only by the same job: same inputs, model key, mode and pseudonym key."""
     identity = {"input": cfg.input.uri.rstrip("/"), "extensions": cfg.input.extensions,
                 "max_file_bytes": cfg.input.max_file_bytes, "model": model_key(cfg, spec),
                 "overwrite": cfg.output.overwrite}
+    if key_id is not None:  # absent when off, so jobs' keys stay as they were
+        identity["pseudonyms"] = key_id
     return _digest(identity)
 
 
@@ -66,8 +90,8 @@ def _digest(identity: dict) -> str:
 
 
 def start_or_resume(folder: OutputFolder, state: FolderState, cfg: JobConfig, spec: ModelSpec, new_id: str,
-                    out: TextIO) -> StagedRun:
-    key = job_key(cfg, spec)
+                    out: TextIO, key_id: str | None = None) -> StagedRun:
+    key = job_key(cfg, spec, key_id)
     run, stale = state.interrupted(key)
     for old in stale:
         print(f"note: dropping interrupted run {old.run_id}: runs have committed since, so its staged rows are "
@@ -77,7 +101,7 @@ def start_or_resume(folder: OutputFolder, state: FolderState, cfg: JobConfig, sp
     if run is None:
         run = StagedRun(new_id, {"run_id": new_id, "job_key": key, "model_key": model_key(cfg, spec),
                                  "started_at": now, "attempts": [], "input": cfg.input.uri, "model": spec.name,
-                                 "weights": spec.weights_id})
+                                 "weights": spec.weights_id, "pseudonyms": key_id})
     run.info["attempts"].append(now)
     resumed, run.info["resumed_inputs"] = folder.staged_counts(run)
     run.info["resumed_rows"] = resumed
@@ -92,13 +116,15 @@ def start_or_resume(folder: OutputFolder, state: FolderState, cfg: JobConfig, sp
     return run
 
 
-def history_for(folder: OutputFolder, state: FolderState, run: StagedRun, cfg: JobConfig) -> History:
+def history_for(folder: OutputFolder, state: FolderState, run: StagedRun, cfg: JobConfig,
+                pseudonymizer: Pseudonymizer | None = None) -> History:
     """Inputs to skip: this run's staged rows, and unless told otherwise, earlier runs' unchanged inputs."""
     committed = []
     if cfg.input.incremental and not cfg.output.overwrite:
         committed = [uri for c in state.live if c.get("model_key") == run.info["model_key"]
                      for uri in folder.files(c)]
-    return History(committed_files=committed, staged_files=run.chunks, reprocess_errors=cfg.input.reprocess_errors)
+    return History(committed_files=committed, staged_files=run.chunks, reprocess_errors=cfg.input.reprocess_errors,
+                   pseudonymizer=pseudonymizer)
 
 
 def job_schema(cfg: JobConfig, spec: ModelSpec) -> pa.Schema:
@@ -135,7 +161,8 @@ def publish(folder: OutputFolder, state: FolderState, run: StagedRun, sink: Stag
         rows_per_file=cfg.output.rows_per_file, partition=partition_for(cfg, run),
         partition_column=partition_column(cfg), replaces=replaces,
         summary={"input": cfg.input.uri, "model": spec.name, "weights": spec.weights_id,
-                 "model_key": run.info["model_key"], "job_key": run.info["job_key"]})
+                 "model_key": run.info["model_key"], "job_key": run.info["job_key"],
+                 "pseudonyms": run.info.get("pseudonyms")})
 
 
 def _now_precise() -> str:

@@ -8,6 +8,7 @@ only when the run is published (commit.py).
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -21,7 +22,8 @@ from pipeline.rows import OUTPUT_SCHEMA
 
 class StagingSink:
     def __init__(self, folder: OutputFolder, run_id: str, provenance: dict[str, str], first_chunk: int,
-                 checkpoint_rows: int, checkpoint_seconds: float, schema: pa.Schema = OUTPUT_SCHEMA):
+                 checkpoint_rows: int, checkpoint_seconds: float, schema: pa.Schema = OUTPUT_SCHEMA,
+                 before_chunk: Callable[[int], None] | None = None):
         self.folder = folder
         self.run_id = run_id
         self.provenance = provenance  # constant columns: model, weights, run_id
@@ -29,6 +31,7 @@ class StagingSink:
         self.next_chunk = first_chunk
         self.checkpoint_rows = checkpoint_rows
         self.checkpoint_seconds = checkpoint_seconds
+        self.before_chunk = before_chunk  # called with a chunk's number before it is written (pseudonym map)
         self.written: list[str] = []  # chunk URIs, in order
         self.rows_written = 0
         self._pending: list[pa.Table] = []
@@ -87,6 +90,8 @@ class StagingSink:
             return
         table = pa.concat_tables(self._pending)
         uri = self.folder.chunk_uri(self.run_id, self.next_chunk)
+        if self.before_chunk is not None:
+            self.before_chunk(self.next_chunk)
         self.folder.storage.write_atomic(uri, lambda f: pq.write_table(table, f, compression="zstd"))
         self._pending, self._pending_rows = [], 0
         self.next_chunk += 1

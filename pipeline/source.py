@@ -92,8 +92,13 @@ class InputListing(Datasource):
 
     def pages(self) -> Iterator[list[ObjectInfo]]:
         if is_manifest(self.uri):
-            return read_manifest(self.uri, self.storage)
-        return self.storage.list_pages(self.uri)
+            return read_manifest(self.uri, self.storage, quote=self.quotes_paths)
+        return self.storage.list_pages(self.uri, quote_paths=self.quotes_paths)
+
+    @property
+    def quotes_paths(self) -> bool:
+        """Whether a log line may quote an input's path: not when the job pseudonymises them."""
+        return self.history.pseudonymizer is None
 
     def _own_output(self, info: ObjectInfo) -> bool:
         return self.exclude is not None and info.uri.startswith(self.exclude)

@@ -211,16 +211,16 @@ class Storage:
             shutil.rmtree(absolute(uri), ignore_errors=True)
 
     # --- listing --------------------------------------------------------------------------------------
-    def list_pages(self, folder: str) -> Iterator[list[ObjectInfo]]:
+    def list_pages(self, folder: str, quote_paths: bool = True) -> Iterator[list[ObjectInfo]]:
         """Every object under `folder` (recursively), a page at a time, in key order for S3.
 
         s3://b/images and s3://b/images/ both mean the folder, as a local path would: s3://b/images2/x is not
-        in it.
+        in it. `quote_paths=False`: a warning never names a folder (a pseudonymised job's folders may name people).
         """
         if is_s3(folder):
             yield from self._list_s3(folder)
         else:
-            yield from self._list_local(absolute(folder))
+            yield from self._list_local(absolute(folder), quote_paths)
 
     def _list_s3(self, folder: str) -> Iterator[list[ObjectInfo]]:
         bucket, key_prefix = split_s3(folder)
@@ -232,9 +232,9 @@ class Storage:
                               etag=obj.get("ETag", "").strip('"') or None, last_modified=obj.get("LastModified"))
                    for obj in page.get("Contents", []) if not obj["Key"].endswith("/")]
 
-    def _list_local(self, root: str) -> Iterator[list[ObjectInfo]]:
+    def _list_local(self, root: str, quote_paths: bool = True) -> Iterator[list[ObjectInfo]]:
         page: list[ObjectInfo] = []
-        for entry in _walk_files(root):
+        for entry in _walk_files(root, quote_paths=quote_paths):
             try:
                 stat = entry.stat()
                 size, mtime = stat.st_size, datetime.fromtimestamp(stat.st_mtime, tz=timezone.utc)
@@ -253,7 +253,7 @@ def printable(path: str) -> str:
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
-def _walk_files(root: str, seen: set[str] | None = None) -> Iterator[os.DirEntry]:
+def _walk_files(root: str, seen: set[str] | None = None, quote_paths: bool = True) -> Iterator[os.DirEntry]:
     """Files under root in sorted order, streamed folder by folder; hidden names skipped.
 
     Symlinked folders are followed once each, so a link loop cannot make the walk endless.
@@ -267,13 +267,14 @@ def _walk_files(root: str, seen: set[str] | None = None) -> Iterator[os.DirEntry
         with os.scandir(root) as it:
             entries = sorted(it, key=lambda e: e.name)
     except OSError as exc:
-        logger.warning("skipping unreadable folder %s (%s)", printable(root), exc.strerror)
+        logger.warning("skipping unreadable folder %s (%s)", printable(root) if quote_paths else "<input folder>",
+                       exc.strerror)
         return
     for entry in entries:
         if entry.name.startswith("."):
             continue
         if entry.is_dir(follow_symlinks=True):
-            yield from _walk_files(entry.path, seen)
+            yield from _walk_files(entry.path, seen, quote_paths)
         elif entry.is_file(follow_symlinks=True):
             yield entry
 
