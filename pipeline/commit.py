@@ -31,6 +31,7 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import failpoints
@@ -243,6 +244,20 @@ class OutputFolder:
                     raise OSError(f"cannot read staged chunk {uri}: {data}")
                 yield pq.read_table(pa.BufferReader(data))
 
+    def unstage_failed_inputs(self, run: StagedRun) -> int:
+        """Drop from the run's chunks the inputs whose rows are all errors, so that resuming retries them: the
+        inputs of a run stopped at errors.max_error_rate, and reads that failed for a while. Each chunk is
+        rewritten whole under its own name (an atomic replace), so a kill midway leaves every chunk valid and
+        the next resume finishes the job. Returns how many inputs were dropped."""
+        dropped = 0
+        for uri, table in zip(run.chunks, self.read_chunks(run.chunks)):
+            failed = failed_inputs(table)
+            if failed:
+                kept = table.filter(pc.invert(pc.is_in(table["uri"], pa.array(sorted(failed), pa.string()))))
+                self.storage.write_atomic(uri, lambda f: pq.write_table(kept, f, compression="zstd"))
+                dropped += len(failed)
+        return dropped
+
     def staged_rows(self, run: StagedRun) -> int:
         return self.staged_counts(run)[0]
 
@@ -257,6 +272,12 @@ class OutputFolder:
     def drop_staging(self, run: StagedRun) -> None:
         self.storage.delete(run.chunks + [join(self.staging(run.run_id), RUN_FILE)])
         self.storage.remove_folder(self.staging(run.run_id))
+
+
+def failed_inputs(table: pa.Table) -> set[str]:
+    """Inputs of a chunk with no row but errors (a DICOM file whose other frames decoded is not one of them)."""
+    failed = set(table.filter(table["error"].is_valid())["uri"].to_pylist())
+    return failed - set(table.filter(table["error"].is_null())["uri"].to_pylist()) if failed else failed
 
 
 class _Stats:

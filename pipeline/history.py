@@ -23,6 +23,7 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.privacy import Pseudonymizer
@@ -105,7 +106,9 @@ class History:
         return DoneFilter(KeySet(_concat(versions)), KeySet(_concat(uris)), self.pseudonymizer)
 
 
-KEY_COLUMNS = ["uri", "etag", "last_modified", "size", "error"]
+KEY_COLUMNS = ["uri", "etag", "last_modified", "size", "error", "error_type"]
+# Failures that say nothing about the input itself: the next run tries such inputs again by default.
+TRANSIENT_ERRORS = ["read.io_error"]
 
 
 def _read_parts(storage: Storage, uris: list[str], with_errors: bool) -> Iterator[pa.Table]:
@@ -118,7 +121,10 @@ def _read_parts(storage: Storage, uris: list[str], with_errors: bool) -> Iterato
         except FileNotFoundError:
             logger.warning("%s is listed in a commit record but gone; its inputs count as not done", uri)
             continue
-        yield table if with_errors else table.filter(table["error"].is_null())
+        if not with_errors:
+            yield table.filter(table["error"].is_null())
+        else:
+            yield table.filter(pc.invert(pc.is_in(table["error_type"], pa.array(TRANSIENT_ERRORS))))
 
 
 def _read_chunks(storage: Storage, uris: list[str], fetch: int = 32) -> Iterator[pa.Table]:

@@ -73,8 +73,8 @@ class RunSummary:
     weights: str
     inputs: int  # processed by this attempt
     rows: int  # written by this attempt: one per input, or per frame of a multi-frame DICOM
-    predicted: int  # rows
-    errors: int
+    predicted: int  # rows without an error; for a committed run, all of its rows (resumed ones too)
+    errors: int  # rows with one; likewise
     errors_by_type: dict[str, int]
     resumed: int  # inputs an interrupted earlier attempt of this run had staged
     already_done: int  # inputs skipped: unchanged since an earlier committed run
@@ -147,9 +147,12 @@ def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float 
         redone = max(0, ray.get(ledger.model_inputs_started.remote()) - tally.done) if status == "completed" else 0
         summary = RunSummary(
             run_id=run.run_id, status=status, input=cfg.input.uri, output=cfg.output.uri, model=spec.name,
-            weights=spec.weights_id, inputs=tally.done, rows=tally.rows, predicted=tally.rows - tally.failed,
-            errors=tally.failed,
-            errors_by_type=dict(tally.errors_by_type.most_common()), resumed=run.info["resumed_inputs"],
+            weights=spec.weights_id, inputs=tally.done, rows=tally.rows,
+            # A committed run counts every row it holds, the ones an interrupted attempt staged included.
+            predicted=record["predicted"] if record else tally.rows - tally.failed,
+            errors=record["errors"] if record else tally.failed,
+            errors_by_type=record["errors_by_type"] if record else dict(tally.errors_by_type.most_common()),
+            resumed=run.info["resumed_inputs"],
             already_done=max(0, listing["already_done"] - run.info["resumed_inputs"]),
             skipped_by_extension=listing["skipped"], committed_rows=record["rows"] if record else 0,
             model_actors=pool.describe(request), nodes_left=watch.nodes_left(), redone=redone,

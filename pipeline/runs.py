@@ -103,11 +103,13 @@ def start_or_resume(folder: OutputFolder, state: FolderState, cfg: JobConfig, sp
                                  "started_at": now, "attempts": [], "input": cfg.input.uri, "model": spec.name,
                                  "weights": spec.weights_id, "pseudonyms": key_id})
     run.info["attempts"].append(now)
+    retried = folder.unstage_failed_inputs(run) if run.chunks else 0
     resumed, run.info["resumed_inputs"] = folder.staged_counts(run)
     run.info["resumed_rows"] = resumed
     folder.begin(run.run_id, run.info)
-    if resumed:
-        print(f"Resuming run {run.run_id}: {resumed:,} rows were staged before it was interrupted", file=out)
+    if resumed or retried:
+        print(f"Resuming run {run.run_id}: {resumed:,} rows were staged before it was interrupted"
+              + (f"; {retried:,} inputs that failed are tried again" if retried else ""), file=out)
     others = [r.run_id for r in state.staged.values()
               if r.run_id != run.run_id and r.run_id not in state.commits and r not in stale]
     if others:

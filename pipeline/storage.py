@@ -12,7 +12,9 @@ import io
 import logging
 import os
 import posixpath
+import random
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -24,6 +26,7 @@ import fsspec
 logger = logging.getLogger(__name__)
 
 PAGE_SIZE = 1000
+BODY_READ_ATTEMPTS = 4
 
 
 @dataclass(frozen=True)
@@ -129,8 +132,24 @@ class Storage:
     def read_many(self, uris: list[str]) -> list[bytes | Exception]:
         """Fetch many objects concurrently (s3fs runs the GETs together); a failure is returned, not raised.
 
+        botocore retries a request that fails with a status, but not a body cut short (a reset or a short read
+        mid-transfer), and s3fs's own retries are off (see `s3fs`): such reads are tried again here, with
+        backoff, `BODY_READ_ATTEMPTS` times in all. A missing object or a refusal is not retried.
         cat_ranges, unlike cat, never expands glob characters: a key may contain '*', '?' or '['.
         """
+        results: list[bytes | Exception] = [b""] * len(uris)
+        pending = list(range(len(uris)))
+        for attempt in range(BODY_READ_ATTEMPTS):
+            if attempt:
+                time.sleep(min(2.0, 0.1 * 2 ** attempt) * (0.5 + random.random()))
+            for i, result in zip(pending, self._cat_many([uris[i] for i in pending])):
+                results[i] = result
+            pending = [i for i in pending if is_transient(results[i])]
+            if not pending:
+                break
+        return results
+
+    def _cat_many(self, uris: list[str]) -> list[bytes | Exception]:
         results: list[bytes | Exception] = [b""] * len(uris)
         groups: dict[int, tuple[fsspec.AbstractFileSystem, list[int], list[str]]] = {}
         for i, uri in enumerate(uris):
@@ -246,6 +265,12 @@ class Storage:
                 page = []
         if page:
             yield page
+
+
+def is_transient(result: bytes | Exception) -> bool:
+    """A read that may succeed if tried again: any failure but a missing object, a refusal or a folder."""
+    return isinstance(result, Exception) and not isinstance(
+        result, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError))
 
 
 def printable(path: str) -> str:

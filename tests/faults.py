@@ -11,6 +11,8 @@ or hit by exactly one fault, chosen with a seeded RNG:
   reset  close the client's connection with an RST (SO_LINGER 0) and no response; not forwarded
   stall  wait `stall_seconds`, then forward the request whole (like a slow server: the request still takes
          effect upstream even when the client has given up on it and retried)
+  cut    forward the request, relay the response's head and the first half of its body, then RST: a
+         connection reset mid-body, which no HTTP status shows (a response without a body is relayed whole)
 
 A fault never touches a response that came from upstream, so whatever the client receives is either
 upstream's complete answer or an unmistakable failure. The rates are plain attributes: set them to 0 to
@@ -40,7 +42,7 @@ import threading
 import uuid
 from urllib.parse import urlsplit
 
-FAULTS = ("fail", "reset", "stall")
+FAULTS = ("fail", "reset", "stall", "cut")
 MAX_LINE = 65536
 MAX_HEADERS = 200
 UPSTREAM_TIMEOUT = 60.0
@@ -58,20 +60,21 @@ class FaultyProxy:
 
     def __init__(self, upstream_url: str, fail_rate: float = 0.2, stall_rate: float = 0.05,
                  stall_seconds: float = 5.0, reset_rate: float = 0.05, seed: int = 0,
-                 methods: set[str] | list[str] | tuple[str, ...] | None = None):
+                 methods: set[str] | list[str] | tuple[str, ...] | None = None, cut_rate: float = 0.0):
         upstream = urlsplit(upstream_url)
         if upstream.scheme != "http" or not upstream.hostname:
             raise ValueError(f"upstream must be an http:// URL, not {upstream_url!r}")
         self.upstream = (upstream.hostname, upstream.port or 80)
-        if min(fail_rate, reset_rate, stall_rate) < 0 or fail_rate + reset_rate + stall_rate > 1:
+        if min(fail_rate, reset_rate, stall_rate, cut_rate) < 0 or fail_rate + reset_rate + stall_rate + cut_rate > 1:
             raise ValueError("fault rates must be >= 0 and add up to at most 1")
         self.fail_rate, self.reset_rate, self.stall_rate = fail_rate, reset_rate, stall_rate
+        self.cut_rate = cut_rate
         self.stall_seconds = stall_seconds
         self.methods = {m.upper() for m in methods} if methods is not None else None
         self.only = None  # optional predicate (method, target) -> bool: fault only the requests it accepts
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
-        self._stats = {"requests": 0, "forwarded": 0, "fail": 0, "reset": 0, "stall": 0,
+        self._stats = {"requests": 0, "forwarded": 0, "fail": 0, "reset": 0, "stall": 0, "cut": 0,
                        "client_gone": 0, "errors": 0}
         self.history: list[tuple[str, str, str | None]] = []
         self._connections: set[socket.socket] = set()
@@ -277,6 +280,10 @@ def _response_has_body(method: str, status: int) -> bool:
     return method != "HEAD" and not (100 <= status < 200 or status in (204, 304))
 
 
+class _Cut(Exception):
+    """Half the response body is relayed: the connection is to be reset now."""
+
+
 class _Handler(socketserver.BaseRequestHandler):
     server: _Server
 
@@ -320,7 +327,10 @@ class _Handler(socketserver.BaseRequestHandler):
         if fault == "stall" and self.proxy._stopping.wait(self.proxy.stall_seconds):
             return False
         try:
-            keep = self._forward(request, method, expects_continue)
+            keep = self._forward(request, method, expects_continue, cut=fault == "cut")
+        except _Cut:
+            self._reset()
+            return False
         except _ClientGone:  # typically a client that gave up on a stalled request before its answer came
             self.proxy._count("client_gone")
             self._reset()
@@ -331,7 +341,7 @@ class _Handler(socketserver.BaseRequestHandler):
             return False
         return keep and not request.wants_close()
 
-    def _forward(self, request: _Message, method: str, expects_continue: bool) -> bool:
+    def _forward(self, request: _Message, method: str, expects_continue: bool, cut: bool = False) -> bool:
         with socket.create_connection(self.proxy.upstream, timeout=UPSTREAM_TIMEOUT) as upstream:
             upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with upstream.makefile("rb") as upstream_rfile:
@@ -368,6 +378,9 @@ class _Handler(socketserver.BaseRequestHandler):
                     self._to_client(response.raw)  # interim (1xx) responses are relayed too
                 if not _response_has_body(method, status):
                     return not response.wants_close()
+                if cut and response.content_length:
+                    _copy_exact(upstream_rfile, response.content_length // 2, self._to_client)
+                    raise _Cut
                 delimited = response.chunked or response.content_length is not None
                 _copy_body(response, upstream_rfile, self._to_client, until_close=True)
                 return delimited and not response.wants_close()

@@ -4,6 +4,7 @@ lease) goes through a proxy that fails, resets or stalls a share of them still c
 from __future__ import annotations
 
 import io
+import os
 import json
 
 import pyarrow.dataset as pads
@@ -42,16 +43,38 @@ def test_a_job_through_a_faulty_s3_loses_and_duplicates_nothing(s3_server, stora
 
 def test_reads_that_keep_failing_become_error_rows_and_are_retried_later(s3_server, storage, bucket,
                                                                          classifier_files, tmp_path):
-    """A storage that fails every GET for a while: rows say so, the run commits, --reprocess-errors heals."""
+    """A storage that cuts every object's body short for a while: rows say so, the run commits, and the next
+    run tries exactly those inputs again by itself (an I/O error says nothing about the input)."""
     put_objects(storage, bucket, "p/", {f"{i}.jpg": encode(photo(seed=i), "JPEG") for i in range(4)})
-    with FaultyProxy(s3_server.endpoint_url, fail_rate=0.0, seed=1) as proxy:
+    with FaultyProxy(s3_server.endpoint_url, fail_rate=0.0, reset_rate=0.0, stall_rate=0.0, seed=1) as proxy:
         cfg = job(classifier_files, f"s3://{bucket}/p/", str(tmp_path / "out"),
                   storage={"endpoint_url": proxy.url, "max_attempts": 2})
-        proxy.fail_rate = 1.0  # every object GET fails; the listing (a GET with list-type) still works
+        proxy.cut_rate = 1.0  # every object GET is reset mid-body; the listing (a GET with list-type) still works
         proxy.only = lambda method, target: method == "GET" and "list-type" not in target
         first = run_job(cfg, out=io.StringIO())
-        proxy.fail_rate = 0.0
-        cfg.input.reprocess_errors = True
+        proxy.cut_rate = 0.0
         second = run_job(cfg, out=io.StringIO())
+        third = run_job(cfg, out=io.StringIO())
     assert first.errors == 4 and set(first.errors_by_type) == {"read.io_error"}
     assert second.inputs == 4 and second.errors == 0
+    assert third.inputs == 0 and third.already_done == 4
+
+
+def test_a_body_cut_short_is_read_again(s3_server, storage, bucket):
+    """A connection reset mid-body carries no status for botocore to retry: the storage layer reads it again."""
+    objects = {f"c/{i}.bin": os.urandom(200_000 + i) for i in range(6)}
+    put_objects(storage, bucket, "", objects)
+    with FaultyProxy(s3_server.endpoint_url, fail_rate=0.0, reset_rate=0.0, stall_rate=0.0, cut_rate=1.0,
+                     seed=3) as proxy:
+        first_get: set[str] = set()
+
+        def once_per_key(method, target):  # cut each object's first GET only
+            if method != "GET" or target in first_get:
+                return False
+            first_get.add(target)
+            return True
+
+        proxy.only = once_per_key
+        read = Storage.from_env(proxy.url).read_many([f"s3://{bucket}/{key}" for key in objects])
+        assert proxy.stats["cut"] == 6
+    assert read == list(objects.values())

@@ -196,13 +196,19 @@ def test_error_rate_threshold_stops_the_job(tmp_path, classifier_files):
     summary = json.loads((tmp_path / "out" / "_summary.json").read_text())
     assert summary["status"] == "stopped" and summary["committed_rows"] == 0
     assert not list((tmp_path / "out").glob("**/*.parquet"))  # a stopped run publishes nothing
-    # Its rows stay staged: rerunning with a looser threshold resumes after them and commits every input once.
+    # The user fixes the inputs and reruns: the run resumes, and the inputs that failed are read again, not
+    # committed from the stopped attempt's staged rows.
+    write_files(tmp_path / "in", {name: encode(photo(seed=i), "PNG") for i, name in enumerate(bad)})
     cfg.errors.max_error_rate = 1.0
-    resumed = run_job(cfg, out=io.StringIO())
-    assert resumed.run_id == summary["run_id"] and resumed.resumed == summary["inputs"]
-    assert resumed.inputs == 31 - summary["inputs"]
+    printed = io.StringIO()
+    resumed = run_job(cfg, out=printed)
+    assert resumed.run_id == summary["run_id"] and resumed.resumed == summary["inputs"] - summary["errors"]
+    assert resumed.inputs == 31 - resumed.resumed and "inputs that failed are tried again" in printed.getvalue()
     written = read_back(str(tmp_path / "out"))
     assert written.num_rows == 31 and len(set(written["uri"].to_pylist())) == 31
+    assert written["error"].null_count == 31
+    # The summary of a resumed run counts every row it committed, the resumed ones too.
+    assert (resumed.predicted, resumed.errors, resumed.committed_rows) == (31, 0, 31)
 
 
 def test_overwrite_replaces_earlier_output(tmp_path, classifier_files):
