@@ -92,11 +92,13 @@ def test_a_job_runs_with_credentials_scoped_to_its_prefixes(iam_s3, tmp_path, cl
         with pytest.raises(ClientError, match="403|AccessDenied"):
             refused()
 
+    spec = tmp_path / "job.yaml"  # one model actor: the storage requests are what is tested, not the pool
+    spec.write_text(json.dumps({"compute": {"min_actors": 1, "max_actors": 1}}))
     with FaultyProxy(server.endpoint_url, fail_rate=0, reset_rate=0, stall_rate=0) as proxy:
         env = {**os.environ, **keys, "AWS_ENDPOINT_URL": proxy.url}
         env.pop("RAY_ADDRESS", None)  # its own local Ray, whose workers inherit these credentials
         result = subprocess.run(
-            [sys.executable, "-m", "pipeline", "run", "--input", f"s3://{BUCKET}/in", "--output",
+            [sys.executable, "-m", "pipeline", "run", str(spec), "--input", f"s3://{BUCKET}/in", "--output",
              f"s3://{BUCKET}/out", "--model", classifier_files["model"], "--weights", classifier_files["weights"],
              "--labels", classifier_files["labels"]], env=env, capture_output=True, text=True, timeout=600)
         requests = list(proxy.history)

@@ -1,6 +1,9 @@
 """privacy.pseudonymize end to end through the CLI: a PACS export whose folders name the patient, written with keyed
 HMAC-SHA256 tokens for the uri and the DICOM UIDs; nothing identifying in the rows, records, summary or output; the
-mapping re-identifies; incremental runs and a killed run's resume still skip what is done; key problems are one line."""
+mapping re-identifies; incremental runs and a killed run's resume still skip what is done; key problems are one line.
+
+Runs are in this process on the session's Ray, with one model actor; only the run that is SIGKILLed has a process of
+its own (it joins the session's Ray)."""
 
 from __future__ import annotations
 
@@ -22,7 +25,9 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 from pydicom import dcmread
+from torch import nn
 
+import counting_model
 from dicom_files import PHI, dicom_bytes
 from pipeline.cli import main
 from pipeline.privacy import Pseudonymizer, RowPseudonymizer
@@ -54,15 +59,16 @@ def pacs_export(write, root: str) -> dict[str, bytes]:
     return files
 
 
-def job_spec(path: Path, input_uri: str, output_uri: str, mapping_uri: str | None, **output) -> str:
+def job_spec(path: Path, input_uri: str, output_uri: str, mapping_uri: str | None, model: str = "counting_model:build",
+             **output) -> str:
     privacy = {"pseudonymize": True, "key_env": KEY_ENV}
     if mapping_uri:
         privacy["mapping_uri"] = mapping_uri
     path.write_text(json.dumps({
         "input": {"uri": input_uri},
         "output": {"uri": output_uri, "partitioning": "modality", **output},
-        "model": {"name": "counting_model:build", "preprocess": {"resize_size": 32, "crop_size": 32}},
-        "compute": {"batch_size": 4},
+        "model": {"name": model, "preprocess": {"resize_size": 32, "crop_size": 32}},
+        "compute": {"batch_size": 4, "min_actors": 1, "max_actors": 1},
         "dicom": {"window": "minmax", "include_tags": ["FrameOfReferenceUID", "BodyPartExamined"]},
         "privacy": privacy}))
     return str(path)
@@ -146,8 +152,48 @@ def test_pseudonymised_dicom_folder_named_after_the_patient(tmp_path, ray_sessio
     assert "output.uri" in err and "holds pseudonymised runs" in err
 
 
-def test_killed_pseudonymised_run_resumes_without_redoing_or_losing_the_mapping(tmp_path, storage, bucket):
-    from counting_model import images_seen
+SEEN = "test-privacy-images-seen"
+
+
+@ray.remote(num_cpus=0)
+class Seen:
+    """Images the model actors of this test process's Ray job were given (a named actor of the job)."""
+
+    def __init__(self):
+        self.images = 0
+
+    def add(self, images: int) -> None:
+        self.images += images
+
+    def get(self) -> int:
+        return self.images
+
+
+class CountedNet(nn.Module):
+    """counting_model's net, telling `Seen` of each model call's images: as counting_model's PIPELINE_TEST_CALLS
+    file does, but for model actors of a Ray started before the test (they do not see the test's environment)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:  # not the driver's probe
+            try:
+                seen = ray.get_actor(SEEN)
+            except ValueError:  # another Ray job's actor (the killed driver's): not counted
+                seen = None
+            if seen is not None:
+                ray.get(seen.add.remote(x.shape[0]))
+        return self.net(x)
+
+
+def counted_build(num_classes: int | None = None) -> nn.Module:
+    return CountedNet(counting_model.build(num_classes))
+
+
+def test_killed_pseudonymised_run_resumes_without_redoing_or_losing_the_mapping(tmp_path, ray_session, storage,
+                                                                                 bucket, monkeypatch, capfd):
     from test_crash import env_for
 
     files = pacs_export(storage.write_bytes, f"s3://{bucket}/pacs")
@@ -155,11 +201,12 @@ def test_killed_pseudonymised_run_resumes_without_redoing_or_losing_the_mapping(
         storage.write_bytes(f"s3://{bucket}/pacs/{PATIENT_FOLDER}/CT/1.2.840.5.{i}.dcm",
                             dicom_bytes(np.random.default_rng(i).integers(0, 3000, (200, 200))))
     spec = job_spec(tmp_path / "job.json", f"s3://{bucket}/pacs/", f"s3://{bucket}/out/",
-                    f"s3://{bucket}/secure/map/", checkpoint_rows=4)
-    calls = tmp_path / "calls.txt"
-    command = [sys.executable, "-m", "pipeline", "run", spec]
-    env = {**env_for(calls, "chunk_written:1"), KEY_ENV: KEY}
-    killed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+                    f"s3://{bucket}/secure/map/", model="test_privacy:counted_build", checkpoint_rows=4)
+    # The killed driver needs a process of its own, not a Ray of its own: it joins the session's.
+    env = {**env_for(tmp_path / "unused-calls.txt", "chunk_written:1"), KEY_ENV: KEY,
+           "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    killed = subprocess.run([sys.executable, "-m", "pipeline", "run", spec], env=env, capture_output=True, text=True,
+                            timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     fs, _ = storage.fs(f"s3://{bucket}/")
     fs.invalidate_cache()
@@ -167,22 +214,24 @@ def test_killed_pseudonymised_run_resumes_without_redoing_or_losing_the_mapping(
     durable = sum(t.num_rows for t in staged)
     durable_predicted = sum(t["error"].null_count for t in staged)
     assert durable > 0
-    calls.unlink(missing_ok=True)
 
-    rerun = subprocess.run(command, env={**env_for(calls), KEY_ENV: KEY}, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "Resuming run" in rerun.stdout
+    seen = Seen.options(name=SEEN).remote()
+    monkeypatch.setenv(KEY_ENV, KEY)
+    capfd.readouterr()
+    assert main(["run", spec]) == 0  # the rerun, in this process
+    out, err = capfd.readouterr()
+    assert "Resuming run" in out
     fs.invalidate_cache()
     rows = pads.dataset(f"{bucket}/out", filesystem=fs, format="parquet", partitioning="hive").to_table()
     total = 12 + 3 + 3 + 1  # the extra scans, 3 CT, 3 MR frames, the truncated file
     assert rows.num_rows == total and len(set(zip(rows["uri"].to_pylist(), rows["frame"].to_pylist()))) == total
-    assert images_seen(calls) == total - 1 - durable_predicted  # durable rows are not redone
+    assert ray.get(seen.get.remote()) == total - 1 - durable_predicted  # durable rows are not redone
+    ray.kill(seen)
     pairs = pads.dataset(f"{bucket}/secure/map", filesystem=fs, format="parquet").to_table()
     mapping = dict(zip(pairs["token"].to_pylist(), pairs["uri"].to_pylist()))
     listed = [f"s3://{k}" for k in fs.find(f"{bucket}/pacs")]
     assert {token(u): u for u in listed} == mapping  # every row re-identifiable, the killed attempt's too
-    assert_nowhere(identifying_strings(files), stdout=killed.stdout + rerun.stdout,
-                   stderr=killed.stderr + rerun.stderr)
+    assert_nowhere(identifying_strings(files), stdout=killed.stdout + out, stderr=killed.stderr + err)
 
 
 def test_error_messages_never_quote_the_input_path():
