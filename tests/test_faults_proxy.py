@@ -40,7 +40,7 @@ def test_without_faults_requests_and_answers_pass_through_whole(s3_server, bucke
         assert s3.head_object(Bucket=bucket, Key="file")["ContentLength"] == len(body)
         assert [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]] == ["bytes", "file"]
         s3.delete_object(Bucket=bucket, Key="bytes")
-        assert proxy.stats == {"requests": 7, "forwarded": 7, "fail": 0, "reset": 0, "stall": 0,
+        assert proxy.stats == {"requests": 7, "forwarded": 7, "fail": 0, "reset": 0, "stall": 0, "cut": 0,
                                "client_gone": 0, "errors": 0}
 
 
