@@ -175,7 +175,7 @@ def test_killed_dicom_backfill_resumes_with_every_frame_once(tmp_path, storage, 
     import sys
 
     from counting_model import images_seen
-    from test_crash import env_for
+    from test_crash import env_for, wait_until_quiet
 
     for i in range(20):
         # Large enough (~400 KB a multi-frame file) that the files reach the model, and their rows the driver,
@@ -194,6 +194,7 @@ def test_killed_dicom_backfill_resumes_with_every_frame_once(tmp_path, storage, 
     command = [sys.executable, "-m", "pipeline", "run", str(spec)]
     killed = subprocess.run(command, env=env_for(calls, "chunk_written:1"), capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    wait_until_quiet(calls)  # the killed driver's actors can finish a batch before Ray reaps them
     fs, path = storage.fs(f"s3://{bucket}/out/")
     fs.invalidate_cache()
     import pyarrow.parquet as pq

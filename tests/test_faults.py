@@ -54,10 +54,8 @@ def test_reads_that_keep_failing_become_error_rows_and_are_retried_later(s3_serv
         first = run_job(cfg, out=io.StringIO())
         proxy.cut_rate = 0.0
         second = run_job(cfg, out=io.StringIO())
-        third = run_job(cfg, out=io.StringIO())
     assert first.errors == 4 and set(first.errors_by_type) == {"read.io_error"}
-    assert second.inputs == 4 and second.errors == 0
-    assert third.inputs == 0 and third.already_done == 4
+    assert second.inputs == 4 and second.errors == 0 and second.already_done == 0
 
 
 def test_a_body_cut_short_is_read_again(s3_server, storage, bucket):

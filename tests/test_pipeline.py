@@ -242,8 +242,8 @@ def test_listing_streams_page_by_page(storage, bucket):
     class CountingStorage(Storage):
         pages = 0
 
-        def list_pages(self, prefix):
-            for page in super().list_pages(prefix):
+        def list_pages(self, prefix, **options):
+            for page in super().list_pages(prefix, **options):
                 CountingStorage.pages += 1
                 yield page
 
