@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import io
 import pyarrow.dataset as pads
 import pytest
@@ -191,3 +192,39 @@ def test_the_ledger_blames_only_the_input_handled_alone_when_its_process_died():
     assert book.begin_input("w3", "b") == 2  # b is written as an error row, not tried a third time
     book.finish("w3", ["c", "a", "b"])
     assert book.start("w3", ["d"]) is False and book.crashed == {"b": 1} and book.inputs_started == 10
+
+
+def test_a_rerun_batch_goes_one_input_at_a_time_and_skips_the_input_that_killed_its_process():
+    """Isolated over the decode stage (as CPU decode tasks run it for GPU actors), with the ledger's state in
+    this process: after two deaths the poison input is an error row, the others decode, the order is kept."""
+    from pipeline.decode import Decoder
+    from pipeline.isolation import Isolated
+
+    class LocalLedger:  # what runner.RayLedger does over an actor, for one worker
+        def __init__(self, book, worker):
+            self.book, self.worker = book, worker
+
+        def start(self, uris):
+            return self.book.start(self.worker, uris)
+
+        def begin_input(self, uri):
+            return self.book.begin_input(self.worker, uri)
+
+        def finish(self, uris):
+            self.book.finish(self.worker, uris)
+
+    names = ["a.png", "poison.png", "c.png"]
+    batch = lambda: {"uri": np.array(names, dtype=object),  # noqa: E731
+                     "bytes": np.array([encode(photo(seed=i), "PNG") for i in range(3)], dtype=object),
+                     "error": np.full(3, None, dtype=object), "error_type": np.full(3, None, dtype=object)}
+    book = LedgerBook()
+    book.start("w1", names)  # the whole batch; w1 dies
+    book.start("w2", names)
+    book.begin_input("w2", "a.png")
+    book.begin_input("w2", "poison.png")  # w2 dies with it alone
+    out = Isolated(Decoder(None, 10**8), LocalLedger(book, "w3"), "decode")(batch())
+    assert list(out["uri"]) == names
+    assert list(out["error_type"]) == [None, "decode.worker_crashed", None]
+    assert "died 2 times while handling this input" in out["error"][1]
+    assert out["pixels"][0].shape == (72, 96, 3) and out["pixels"][1].shape == (0, 0, 3)
+    assert not book.open and not book.alone  # the batch ended
