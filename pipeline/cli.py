@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
 def add_job_flags(run: argparse.ArgumentParser) -> None:
     run.add_argument("spec", nargs="?", help="job spec (YAML); flags below override its fields")
     run.add_argument("--input", help="s3://bucket/prefix, a local folder, or a .parquet/.csv manifest")
-    run.add_argument("--output", help="output folder, local or s3://")
+    run.add_argument("--output", help="output folder, local or s3:// (a table's location for delta and iceberg)")
+    run.add_argument("--format", choices=["parquet", "delta", "iceberg"],
+                     help="parquet: a folder of Parquet files; delta or iceberg: a table, each run one version")
     run.add_argument("--model", help="torchvision architecture (resnet50) or module.path:build_fn")
     run.add_argument("--weights", help="torchvision weights name (IMAGENET1K_V2) or a checkpoint path/URI")
     run.add_argument("--labels", help="labels file, one class name per line")

@@ -90,7 +90,19 @@ class InputConfig(_Section):
 
 
 class OutputConfig(_Section):
-    uri: str = Field(..., description="folder (local or s3://) that receives the Parquet files")
+    uri: str = Field(..., description="folder (local or s3://) that receives the Parquet files, or the table's "
+                                      "location for delta and iceberg")
+    format: Literal["parquet", "delta", "iceberg"] = Field(
+        "parquet", description="parquet: a folder of Parquet files (readers see a run's files appear over its "
+        "publish window); delta or iceberg: a table, each run one atomic version (docs/commit-protocol.md)")
+    catalog: dict[str, str] | None = Field(
+        None, description="iceberg: pyiceberg catalog properties, e.g. {type: sql, uri: postgresql+psycopg://...} "
+        "or {type: rest, uri: https://..., warehouse: ...} or {type: glue}; default: a SQLite catalog in "
+        "<output>/_catalog/ (local outputs only). Secrets belong in PYICEBERG_CATALOG__* variables, not here")
+    table: str = Field("default.predictions", description="iceberg: the table's identifier, namespace.name")
+    conditional_writes: bool = Field(
+        True, description="false only for an S3-compatible store that ignores or refuses If-None-Match: nothing "
+        "then stops two runs on one output at once, so you must (docs/commit-protocol.md)")
     overwrite: bool = Field(False, description="backfill: process every input and atomically replace the "
                                                 "folder's earlier output when this run commits")
     partitioning: str = Field(
@@ -376,6 +388,7 @@ OVERRIDES = {
     "full": "input.incremental",
     "reprocess_errors": "input.reprocess_errors",
     "partitioning": "output.partitioning",
+    "format": "output.format",
     "ray_address": "compute.ray_address",
 }
 

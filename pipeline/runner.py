@@ -15,7 +15,6 @@ import logging
 import os
 import sys
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TextIO
@@ -24,14 +23,16 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.cluster import ClusterWatch, PoolPlan, plan_pool, read_cluster
-from pipeline.commit import OutputFolder
 from pipeline.config import JobConfig
 from pipeline.decode import Decoder, column_name
 from pipeline.dicom import IDENTIFYING, KEY_TAGS, dicom_settings, instance_uid_tags
-from pipeline.errors import JobFailed, JobStopped, UserError
-from pipeline.history import History
+from pipeline.errors import JobStopped, UserError
+from pipeline.output import RunIdentity, open_output
+from pipeline.output.history import History
+from pipeline.output.lease import OutputLease
+from pipeline.output.runs import job_key, job_schema, model_key
+from pipeline.output.sink import StagingSink
 from pipeline.isolation import Isolated, Ledger, LedgerBook
-from pipeline.lease import OutputLease
 from pipeline.metrics import RunMetrics
 from pipeline.model import ModelSpec
 from pipeline.detect import Detector
@@ -41,8 +42,6 @@ from pipeline.privacy import (PseudonymMap, Pseudonymizer, RowPseudonymizer, loa
                               pseudonymized_columns)
 from pipeline.progress import ProgressPrinter, Tally
 from pipeline.read import Reader
-from pipeline.runs import check_existing_files, history_for, job_schema, new_run_id, publish, start_or_resume
-from pipeline.sink import StagingSink
 from pipeline.source import InputListing, ListingTally
 from pipeline.storage import Storage, absolute, join
 
@@ -93,6 +92,8 @@ class RunSummary:
     nodes_left: dict[str, int] = field(default_factory=dict)  # Ray nodes that left mid-run, by why
     redone: int = 0  # inputs the model took again because a node or an actor was lost with them
     pseudonyms: str | None = None  # privacy.pseudonymize: the key's id (the key itself is never written)
+    output_format: str = "parquet"
+    committed: str | None = None  # what the commit wrote, in the format's words ("3 Parquet file(s)", "version 4")
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2)
@@ -104,47 +105,42 @@ def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float 
     cfg = with_absolute_paths(cfg)
     s = cfg.storage
     storage = Storage.from_env(s.endpoint_url, s.region, max_attempts=s.max_attempts,
-                               connect_timeout_s=s.connect_timeout_s, read_timeout_s=s.read_timeout_s)
+                               connect_timeout_s=s.connect_timeout_s, read_timeout_s=s.read_timeout_s,
+                               conditional_writes=cfg.output.conditional_writes)
     pseudonymizer = load_pseudonymizer(cfg.privacy)
     key_id = pseudonymizer.key_id if pseudonymizer else None
     spec = preflight(cfg, storage)
     schema = job_schema(cfg, spec)
-    folder = OutputFolder(storage, cfg.output.uri)
-    with OutputLease(storage, cfg.output.uri, new_run_id()) as lease, output_failures(cfg.output.uri):
-        state = folder.recover(folder.scan())
-        check_existing_files(state, cfg, key_id)
-        run = start_or_resume(folder, state, cfg, spec, lease.run_id, out, key_id)
+    identity = RunIdentity(job_key=job_key(cfg, spec, key_id), model_key=model_key(cfg, spec), model=spec.name,
+                           weights=spec.weights_id, pseudonyms=key_id)
+    with open_output(cfg, storage, identity, schema, out) as output:
         start_ray(cfg.compute.ray_address)
         cluster = read_cluster()
         pool, request = plan_pool(cfg.compute, cluster)
         print(f"  {pool.describe(request)}", file=out, flush=True)
         listing_tally = ListingTally.options(scheduling_strategy=on_driver_node()).remote()
         ledger = BatchLedger.options(scheduling_strategy=on_driver_node()).remote()
-        dataset = build_dataset(cfg, spec, storage, listing_tally, history_for(folder, state, run, cfg, pseudonymizer),
-                                pool, RayLedger(ledger))
-        mapping = PseudonymMap(storage, cfg.privacy.mapping_uri, run.run_id) if cfg.privacy.mapping_uri else None
-        sink = StagingSink(folder, run.run_id, {"model": spec.name, "weights": spec.weights_id, "run_id": run.run_id},
-                           first_chunk=run.next_chunk(),
+        dataset = build_dataset(cfg, spec, storage, listing_tally, output.history(pseudonymizer), pool,
+                                RayLedger(ledger))
+        mapping = PseudonymMap(storage, cfg.privacy.mapping_uri, output.run_id) if cfg.privacy.mapping_uri else None
+        sink = output.sink({"model": spec.name, "weights": spec.weights_id, "run_id": output.run_id},
                            checkpoint_rows=cfg.output.checkpoint_rows or CHECKPOINT_BATCHES * cfg.compute.batch_size,
-                           checkpoint_seconds=cfg.output.checkpoint_seconds, schema=schema,
                            before_chunk=mapping.flush if mapping else None)
         rows = row_pseudonymizer(cfg, schema, pseudonymizer, mapping)
         tally = Tally()
         interval = progress_interval or (2.0 if out.isatty() else 5.0)
         watch = ClusterWatch(request, cluster.node_types)
         with ProgressPrinter(tally, lambda: ray.get(listing_tally.get.remote()), out, interval, watch.poll):
-            status, message = drain(dataset, sink, tally, cfg, lease, rows)
+            status, message = drain(dataset, sink, tally, cfg, output.lease, rows)
             leftover = sink.release_partial()
             if leftover is not None:
                 tally.add(leftover)
             sink.flush()
-        record = None
-        if status == "completed":
-            lease.check()
-            record = publish(folder, state, run, sink, cfg, spec, out)
+        record = output.commit(sink) if status == "completed" else None
         listing = ray.get(listing_tally.get.remote())
         watch.poll()
         redone = max(0, ray.get(ledger.model_inputs_started.remote()) - tally.done) if status == "completed" else 0
+        run = output.run
         summary = RunSummary(
             run_id=run.run_id, status=status, input=cfg.input.uri, output=cfg.output.uri, model=spec.name,
             weights=spec.weights_id, inputs=tally.done, rows=tally.rows,
@@ -152,33 +148,22 @@ def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float 
             predicted=record["predicted"] if record else tally.rows - tally.failed,
             errors=record["errors"] if record else tally.failed,
             errors_by_type=record["errors_by_type"] if record else dict(tally.errors_by_type.most_common()),
-            resumed=run.info["resumed_inputs"],
-            already_done=max(0, listing["already_done"] - run.info["resumed_inputs"]),
+            resumed=run.resumed_inputs,
+            already_done=max(0, listing["already_done"] - run.resumed_inputs),
             skipped_by_extension=listing["skipped"], committed_rows=record["rows"] if record else 0,
             model_actors=pool.describe(request), nodes_left=watch.nodes_left(), redone=redone,
             elapsed_s=round(tally.elapsed, 3), images_per_s=round(tally.rate, 2),
-            started_at=run.info["attempts"][-1], finished_at=_now(),
-            files=[{"uri": join(cfg.output.uri, f["path"]), "rows": f["rows"]} for f in record["files"]]
+            started_at=run.info.attempts[-1], finished_at=_now(),
+            files=[{"uri": join(cfg.output.uri, f["path"]), "rows": f["rows"]} for f in record.get("files", [])]
             if record else [], message=message, detections=tally.detections,
             images_with_detections=tally.images_with_detections if tally.detections is not None else None,
-            dicom_tags_written=written_tags(cfg), pseudonyms=key_id)
-        storage.write_bytes(join(cfg.output.uri, "_summary.json"), summary.to_json().encode())
+            dicom_tags_written=written_tags(cfg), pseudonyms=key_id, output_format=cfg.output.format,
+            committed=output.table.describe(record) if record else None)
+        output.write_summary(summary.to_json())
     print_summary(summary, out)
     if status == "stopped":
         raise JobStopped(message)
     return summary
-
-
-@contextmanager
-def output_failures(output_uri: str):
-    """Storage that still fails after every retry ends the run in one line; what is staged stays staged."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    try:
-        yield
-    except (OSError, BotoCoreError, ClientError) as exc:
-        raise JobFailed(f"output {output_uri}: storage failed after retries ({type(exc).__name__}: {exc}); rows "
-                        "staged so far are kept: rerun the job to resume") from None
 
 
 def drain(dataset: ray.data.Dataset, sink: StagingSink, tally: Tally, cfg: JobConfig,
@@ -391,8 +376,9 @@ def print_summary(s: RunSummary, out: TextIO) -> None:
         *([f"  redone      {s.redone:,} inputs, lost with a node or a crashed worker process (output complete, "
            "once)"] if s.redone else []),
         f"  images/s    {s.images_per_s:,.1f}",
-        f"  output      {s.output}  ({len(s.files)} Parquet file(s), {s.committed_rows:,} rows committed; "
-        f"record in _commits/{s.run_id}.json)" if s.status == "completed" else
+        f"  output      {s.output}  ({s.committed}, {s.committed_rows:,} rows committed"
+        + (f"; record in _commits/{s.run_id}.json)" if s.output_format == "parquet" else ")")
+        if s.status == "completed" else
         f"  output      {s.output}  (nothing committed; rows so far are staged for the rerun)",
     ]
     if s.inputs == 0 and not s.resumed and not s.already_done:

@@ -16,7 +16,7 @@ import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from pipeline.history import History
+from pipeline.output.history import History
 from pipeline.manifest import is_manifest, read_manifest
 from pipeline.rows import SOURCE_SCHEMA
 from pipeline.storage import ObjectInfo, Storage, extension

@@ -70,6 +70,9 @@ class Storage:
     max_attempts: int = 10
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 60.0
+    # Create-only-if-absent writes (If-None-Match: *) for chunks, commit records and the lease; off only for a
+    # store that cannot do them, by the user's choice (output.conditional_writes: off).
+    conditional_writes: bool = True
 
     @classmethod
     def from_env(cls, endpoint_url: str | None = None, region: str | None = None, **retry) -> "Storage":
@@ -78,7 +81,7 @@ class Storage:
         return cls(endpoint_url=endpoint, region=region, **retry)
 
     # --- clients, built lazily once per process and never pickled -------------------------------------
-    _SETTINGS = ("endpoint_url", "region", "max_attempts", "connect_timeout_s", "read_timeout_s")
+    _SETTINGS = ("endpoint_url", "region", "max_attempts", "connect_timeout_s", "read_timeout_s", "conditional_writes")
 
     def __getstate__(self) -> dict:
         return {name: getattr(self, name) for name in self._SETTINGS}
@@ -171,11 +174,13 @@ class Storage:
         return fs.exists(path)
 
     # --- writing --------------------------------------------------------------------------------------
-    def write_atomic(self, uri: str, write) -> None:
+    def write_atomic(self, uri: str, write, if_absent: bool = False) -> None:
         """Call write(file) so that readers see the whole file at `uri` or nothing.
 
         On S3 an object only appears when its upload completes, so we write in place. Locally we write a
         dot-prefixed temporary name, which dataset readers and `*.parquet` globs skip, then rename it.
+        `if_absent`: create it only if nothing is there yet (S3's If-None-Match: *, a local hard link), else
+        raise FileExistsError.
         """
         fs, path = self.fs(uri)
         if is_s3(uri):
@@ -184,7 +189,13 @@ class Storage:
             buffer = io.BytesIO()
             write(buffer)
             bucket, key = split_s3(uri)
-            self.s3_client.put_object(Bucket=bucket, Key=key, Body=buffer.getvalue())
+            condition = {"IfNoneMatch": "*"} if if_absent and self.conditional_writes else {}
+            try:
+                self.s3_client.put_object(Bucket=bucket, Key=key, Body=buffer.getvalue(), **condition)
+            except Exception as exc:
+                if condition and precondition_failed(exc):
+                    raise FileExistsError(f"{uri} already exists") from None
+                raise
             fs.invalidate_cache(path)
             return
         folder, name = posixpath.split(path)
@@ -193,7 +204,10 @@ class Storage:
         try:
             with fs.open(tmp, "wb") as f:
                 write(f)
-            os.replace(tmp, path)
+            if if_absent:
+                os.link(tmp, path)  # fails if `path` exists, as a rename would not
+            else:
+                os.replace(tmp, path)
         finally:
             if fs.exists(tmp):
                 fs.rm(tmp)
@@ -265,6 +279,16 @@ class Storage:
                 page = []
         if page:
             yield page
+
+
+def error_code(exc: BaseException) -> str:
+    response = getattr(exc, "response", None)
+    return str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
+
+
+def precondition_failed(exc: BaseException) -> bool:
+    """S3's answer to a conditional write whose condition does not hold (or that lost a race to another)."""
+    return error_code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
 
 
 def is_transient(result: bytes | Exception) -> bool:

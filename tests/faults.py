@@ -14,6 +14,10 @@ or hit by exactly one fault, chosen with a seeded RNG:
   cut    forward the request, relay the response's head and the first half of its body, then RST: a
          connection reset mid-body, which no HTTP status shows (a response without a body is relayed whole)
 
+`ignore_conditions = True` makes the store behind the proxy act like one that ignores conditional writes
+(s3rver answers 200 to an If-None-Match PUT of an existing key): it renames the request's If-None-Match and
+If-Match headers before forwarding, keeping their length (moto does not check signatures unless told to).
+
 A fault never touches a response that came from upstream, so whatever the client receives is either
 upstream's complete answer or an unmistakable failure. The rates are plain attributes: set them to 0 to
 pause faults (to create a bucket, say) and back again.
@@ -71,6 +75,7 @@ class FaultyProxy:
         self.cut_rate = cut_rate
         self.stall_seconds = stall_seconds
         self.methods = {m.upper() for m in methods} if methods is not None else None
+        self.ignore_conditions = False  # hide If-None-Match / If-Match from upstream (see the module's doc)
         self.only = None  # optional predicate (method, target) -> bool: fault only the requests it accepts
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
@@ -232,6 +237,16 @@ def _read_head(rfile) -> _Message | None:
     return _Message(b"".join(lines), text[0].split(" ", 2), headers)
 
 
+def _unconditional(head: bytes) -> bytes:
+    """The request head with its conditional-write headers renamed (same length), so upstream ignores them."""
+    lines = head.split(b"\r\n")
+    for i, line in enumerate(lines):
+        name = line.split(b":", 1)[0].lower()
+        if name in (b"if-none-match", b"if-match"):
+            lines[i] = b"No" + line[2:]  # If-None-Match -> No-None-Match: a header nobody reads
+    return b"\r\n".join(lines)
+
+
 def _copy_exact(rfile, n: int, send) -> None:
     while n > 0:
         data = rfile.read(min(n, COPY_SIZE))
@@ -345,7 +360,7 @@ class _Handler(socketserver.BaseRequestHandler):
         with socket.create_connection(self.proxy.upstream, timeout=UPSTREAM_TIMEOUT) as upstream:
             upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with upstream.makefile("rb") as upstream_rfile:
-                upstream.sendall(request.raw)
+                upstream.sendall(_unconditional(request.raw) if self.proxy.ignore_conditions else request.raw)
                 has_body = request.chunked or bool(request.content_length)
                 if expects_continue and has_body:
                     # Relay upstream's verdict: "100 Continue" (then the body follows) or an early final

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import encode, photo
 from pipeline.errors import JobStopped, UserError
-from pipeline.lease import Holder, OutputLease, _machine
+from pipeline.output.lease import Holder, OutputLease, _machine
 from pipeline.runner import run_job
 from pipeline.storage import Storage
 from test_pipeline import job, put_objects
@@ -128,7 +128,7 @@ def test_s3_lease_refuses_a_live_holder_and_takes_over_a_dead_one(storage, bucke
     with pytest.raises(UserError, match="in use by run run-far \\(host another-host"):
         OutputLease(storage, output, "run-d").__enter__()
     # Not rewritten for longer than the TTL by the server's clock: expired, taken over.
-    monkeypatch.setattr("pipeline.lease.LEASE_TTL_S", 1.0)
+    monkeypatch.setattr("pipeline.output.lease.LEASE_TTL_S", 1.0)
     time.sleep(2.1)
     with OutputLease(storage, output, "run-e") as lease:
         # Someone rewrites the lease behind our back: our next renewal notices, and we must not publish.
@@ -139,7 +139,7 @@ def test_s3_lease_refuses_a_live_holder_and_takes_over_a_dead_one(storage, bucke
 
 
 def test_a_lease_that_cannot_be_renewed_is_given_up(storage, bucket, monkeypatch):
-    monkeypatch.setattr("pipeline.lease.LEASE_TTL_S", 1.0)
+    monkeypatch.setattr("pipeline.output.lease.LEASE_TTL_S", 1.0)
     with OutputLease(storage, f"s3://{bucket}/out", "run-a") as lease:
         lease.check()
         time.sleep(0.6)  # no renewal for over TTL/2 (the renewer runs every 10 s)

@@ -279,7 +279,7 @@ def test_mapping_beside_the_predictions_is_refused(tmp_path, monkeypatch, capsys
 
 
 def test_listing_logs_never_quote_a_manifest_line_when_pseudonymised(tmp_path, caplog):
-    from pipeline.history import History
+    from pipeline.output.history import History
     from pipeline.source import InputListing
     from pipeline.storage import Storage
 

@@ -4,9 +4,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.commit import OutputFolder
+from pipeline.output.sink import StagingSink, to_output_table
+from pipeline.output.staging import Staging
 from pipeline.rows import OUTPUT_SCHEMA
-from pipeline.sink import StagingSink, to_output_table
 from pipeline.storage import Storage
 
 PROVENANCE = {"model": "resnet18", "weights": "sha256:abc", "run_id": "r1"}
@@ -32,8 +32,7 @@ RUN = "20261124T000000Z-0000abcd"
 
 
 def staging_sink(tmp_path, rows: int) -> StagingSink:
-    folder = OutputFolder(Storage(), str(tmp_path))
-    return StagingSink(folder, RUN, PROVENANCE, first_chunk=0, checkpoint_rows=rows, checkpoint_seconds=3600)
+    return StagingSink(Staging(Storage(), str(tmp_path)), RUN, PROVENANCE, first_chunk=0, checkpoint_rows=rows, checkpoint_seconds=3600)
 
 
 def test_chunks_are_cut_by_row_count(tmp_path):

@@ -1,8 +1,8 @@
 """Sink: prediction rows -> staged chunks of the run, each durable as a whole (the resume checkpoint).
 
 The driver adds every batch it drains; a chunk is written every `checkpoint_rows` rows or
-`checkpoint_seconds`, whichever comes first, with the job's explicit schema (rows.output_schema). Chunks become visible Parquet
-only when the run is published (commit.py).
+`checkpoint_seconds`, whichever comes first, with the job's explicit schema (rows.output_schema). Chunks
+become visible only when the run commits (output/__init__.py).
 """
 
 from __future__ import annotations
@@ -13,18 +13,19 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline import failpoints
-from pipeline.commit import OutputFolder
+from pipeline.errors import JobFailed
+from pipeline.output.staging import RunStats, Staging
 from pipeline.rows import OUTPUT_SCHEMA
 
 
 class StagingSink:
-    def __init__(self, folder: OutputFolder, run_id: str, provenance: dict[str, str], first_chunk: int,
+    def __init__(self, staging: Staging, run_id: str, provenance: dict[str, str], first_chunk: int,
                  checkpoint_rows: int, checkpoint_seconds: float, schema: pa.Schema = OUTPUT_SCHEMA,
-                 before_chunk: Callable[[int], None] | None = None):
-        self.folder = folder
+                 before_chunk: Callable[[int], None] | None = None, stats: RunStats | None = None):
+        self.staging = staging
+        self.stats = stats or RunStats()  # of every row staged for the run, an interrupted attempt's included
         self.run_id = run_id
         self.provenance = provenance  # constant columns: model, weights, run_id
         self.schema = schema
@@ -89,10 +90,15 @@ class StagingSink:
         if not self._pending_rows:
             return
         table = pa.concat_tables(self._pending)
-        uri = self.folder.chunk_uri(self.run_id, self.next_chunk)
         if self.before_chunk is not None:
             self.before_chunk(self.next_chunk)
-        self.folder.storage.write_atomic(uri, lambda f: pq.write_table(table, f, compression="zstd"))
+        try:
+            uri = self.staging.write_chunk(self.run_id, self.next_chunk, table)
+        except FileExistsError:
+            raise JobFailed(f"run {self.run_id}: chunk {self.next_chunk} was staged by another driver running this "
+                            "same run; this one stops without committing (check that one run at a time runs the "
+                            "job)") from None
+        self.stats.add(table)
         self._pending, self._pending_rows = [], 0
         self.next_chunk += 1
         self.written.append(uri)

@@ -16,12 +16,13 @@ import os
 import socket
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 from pipeline.errors import UserError
-from pipeline.storage import Storage, is_s3, join, split_s3
+from pipeline.storage import Storage, error_code, is_s3, join, precondition_failed, split_s3
 
 LEASE_TTL_S = 60.0
 RENEW_EVERY_S = 10.0
@@ -86,6 +87,38 @@ def busy_message(output_uri: str, holder: Holder | None) -> str:
     who = holder.describe() if holder else "another run"
     return (f"output.uri: {output_uri} is in use by {who}; wait for it to finish, or if it died on another "
             f"host, retry after its lease expires ({LEASE_TTL_S:.0f}s without a heartbeat)")
+
+
+def check_conditional_writes(storage: Storage, output_uri: str) -> None:
+    """Refuse a store that ignores create-if-absent writes, unless the user chose to run without them.
+
+    The lease, the commit records and the chunks rely on `If-None-Match: *` being refused when the key exists.
+    An S3-compatible store that ignores the header (answering 200) would let two drivers both take the lease
+    and both commit; so before anything else, create a probe key twice and expect the second to be refused."""
+    from botocore.exceptions import ClientError
+
+    if not storage.conditional_writes:
+        return
+    bucket, key = split_s3(join(output_uri, f"_probe/{uuid.uuid4().hex}"))
+    client = storage.s3_probe_client
+    fix = ("use a store that honours them (AWS S3, MinIO, Ceph RGW and R2 do), or, if you make sure yourself that "
+           "one run at a time writes this output, set output.conditional_writes: false")
+    try:
+        for attempt in range(2):
+            try:
+                client.put_object(Bucket=bucket, Key=key, Body=b"probe", IfNoneMatch="*")
+            except ClientError as exc:
+                if attempt == 1 and precondition_failed(exc):
+                    return
+                raise UserError(f"output.uri: the S3 endpoint refused a conditional write to {output_uri} "
+                                f"({error_code(exc)}: {exc}); the lease and commits need If-None-Match; {fix}") from None
+        raise UserError(f"output.uri: the S3 endpoint ignores conditional writes (a create-if-absent PUT of an "
+                        f"existing key under {output_uri} succeeded), so two runs could both commit; {fix}")
+    finally:
+        try:
+            client.delete_object(Bucket=bucket, Key=key)
+        except ClientError:
+            pass
 
 
 class OutputLease:
@@ -160,11 +193,13 @@ class OutputLease:
     def _acquire_s3(self) -> None:
         from botocore.exceptions import ClientError
 
+        if not self.storage.conditional_writes:
+            return self._acquire_unconditionally()
         try:
             self._etag = self._put(IfNoneMatch="*")
             return
         except ClientError as exc:
-            if not _precondition_failed(exc):
+            if not precondition_failed(exc):
                 raise UserError(self._unsupported(exc)) from None
         current = self._read()
         if current is None:  # released between our two requests: try once more from the top
@@ -179,9 +214,20 @@ class OutputLease:
         try:
             self._etag = self._put(IfMatch=etag)  # of several claimants of an expired lease, exactly one wins
         except ClientError as exc:
-            if _precondition_failed(exc):
+            if precondition_failed(exc):
                 raise UserError(busy_message(self.output_uri, None)) from None
             raise
+
+    def _acquire_unconditionally(self) -> None:
+        """output.conditional_writes: false. Look, then write: two drivers starting within one round trip of each
+        other can both take it, which is the weaker promise the user chose."""
+        current = self._read()
+        if current is not None:
+            holder, _, age = current
+            if not (holder is not None and holder.is_me(self.run_id)) and age <= LEASE_TTL_S \
+                    and not (holder is not None and holder.died_here()):
+                raise UserError(busy_message(self.output_uri, holder))
+        self._etag = self._put()
 
     def _read(self) -> tuple[Holder | None, str, float] | None:
         """(holder, ETag, seconds since its last write by the server's clock), or None if there is no lease."""
@@ -191,7 +237,7 @@ class OutputLease:
         try:
             reply = self.storage.s3_probe_client.get_object(Bucket=bucket, Key=key)
         except ClientError as exc:
-            if _code(exc) in ("NoSuchKey", "404"):
+            if error_code(exc) in ("NoSuchKey", "404"):
                 return None
             raise
         holder = Holder.from_bytes(reply["Body"].read())
@@ -200,7 +246,7 @@ class OutputLease:
         return holder, reply["ETag"], now - reply["LastModified"].timestamp()
 
     def _unsupported(self, exc) -> str:
-        return (f"output.uri: cannot take the lease {self.output_uri}/_lock.json ({_code(exc)}: {exc}); the S3 "
+        return (f"output.uri: cannot take the lease {self.output_uri}/_lock.json ({error_code(exc)}: {exc}); the S3 "
                 "endpoint must support conditional writes (If-None-Match / If-Match), as AWS S3 and MinIO do")
 
     def _renew_loop(self) -> None:
@@ -211,9 +257,9 @@ class OutputLease:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            self._etag = self._put(IfMatch=self._etag)
+            self._etag = self._put(**({"IfMatch": self._etag} if self.storage.conditional_writes else {}))
         except ClientError as exc:
-            if _precondition_failed(exc) or _code(exc) in ("NoSuchKey", "404"):
+            if precondition_failed(exc) or error_code(exc) in ("NoSuchKey", "404"):
                 self._check_still_mine()
         except BotoCoreError:
             pass  # transient: the next renewal retries; check() gives up once renewals fail for TTL/2
@@ -242,11 +288,3 @@ class OutputLease:
             self.storage.s3_probe_client.delete_object(Bucket=bucket, Key=key, IfMatch=self._etag)
         except (ClientError, BotoCoreError):
             pass  # someone else holds it now, or it expires on its own
-
-
-def _code(exc) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
-
-
-def _precondition_failed(exc) -> bool:
-    return _code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")

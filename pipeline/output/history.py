@@ -94,13 +94,14 @@ class KeySet:
 @dataclass
 class History:
     """Which output files to learn from; picklable, built into KeySets where the listing runs."""
-    committed_files: list[str] = field(default_factory=list)  # earlier runs, same model and weights
+    committed_files: list[str] = field(default_factory=list)  # holding earlier runs' rows, same model and weights
+    committed_runs: list[str] = field(default_factory=list)  # those runs: a table's files may hold others' rows too
     staged_files: list[str] = field(default_factory=list)  # the interrupted attempt being resumed
     reprocess_errors: bool = False
     pseudonymizer: Pseudonymizer | None = None  # the rows' uri is the listed uri's token
 
     def load(self, storage: Storage) -> "DoneFilter":
-        versions = [table_keys(t, "version") for t in _read_parts(storage, self.committed_files,
+        versions = [table_keys(t, "version") for t in _read_parts(storage, self.committed_files, self.committed_runs,
                                                                   with_errors=not self.reprocess_errors)]
         uris = [table_keys(t, "uri") for t in _read_chunks(storage, self.staged_files)]
         return DoneFilter(KeySet(_concat(versions)), KeySet(_concat(uris)), self.pseudonymizer)
@@ -111,16 +112,20 @@ KEY_COLUMNS = ["uri", "etag", "last_modified", "size", "error", "error_type"]
 TRANSIENT_ERRORS = ["read.io_error"]
 
 
-def _read_parts(storage: Storage, uris: list[str], with_errors: bool) -> Iterator[pa.Table]:
+def _read_parts(storage: Storage, uris: list[str], runs: list[str], with_errors: bool) -> Iterator[pa.Table]:
     """Committed parts are large (rows_per_file): read only the key columns, one file at a time."""
     for uri in uris:
         fs, path = storage.fs(uri)
         try:
             with fs.open(path, "rb") as f:
-                table = pq.read_table(f, columns=KEY_COLUMNS)
+                file = pq.ParquetFile(f)
+                has_run_id = "run_id" in file.schema_arrow.names  # parts of early versions lack it
+                table = file.read(columns=KEY_COLUMNS + (["run_id"] if has_run_id else []))
         except FileNotFoundError:
-            logger.warning("%s is listed in a commit record but gone; its inputs count as not done", uri)
+            logger.warning("%s is listed in the output's log but gone; its inputs count as not done", uri)
             continue
+        if runs and has_run_id:
+            table = table.filter(pc.is_in(table["run_id"], pa.array(runs, pa.string())))
         if not with_errors:
             yield table.filter(table["error"].is_null())
         else:

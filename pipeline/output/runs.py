@@ -1,0 +1,104 @@
+"""Who a run is: its id, the keys that say which job it belongs to and which earlier rows count as done,
+and whether an interrupted attempt is resumed. Nothing here writes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
+
+from pipeline.config import JobConfig
+from pipeline.decode import column_name
+from pipeline.errors import UserError
+from pipeline.output.staging import StagedRun
+from pipeline.rows import output_schema
+
+if TYPE_CHECKING:  # the output side never loads torch
+    from pipeline.model import ModelSpec
+
+
+def new_run_id() -> str:
+    """Sortable by start time, unique across hosts."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
+
+
+def model_key(cfg: JobConfig, spec: "ModelSpec") -> str:
+    """What decides an input's row: rows of an earlier run count as done only under the same model key."""
+    # Where decoding runs changes pixels by resampling noise only: moving a job to GPUs does not redo it.
+    decode = cfg.decode.model_dump(exclude={"device"})
+    # Settings added since outputs were first written join the key only when set, so upgrading the pipeline
+    # does not make an incremental job redo its whole archive.
+    model = cfg.model.model_dump(exclude={"input_channels"} if cfg.model.input_channels == "auto" else None)
+    identity = {"model": model, "weights": spec.weights_id, "decode": decode}
+    if cfg.dicom is not None:  # windowing and frame choice change the pixels; absent, keys stay as they were
+        identity["dicom"] = cfg.dicom.model_dump()
+    return _digest(identity)
+
+
+def job_key(cfg: JobConfig, spec: "ModelSpec", key_id: str | None = None) -> str:
+    """An interrupted attempt is resumed only by the same job: same inputs, model key, mode and pseudonym key."""
+    identity = {"input": cfg.input.uri.rstrip("/"), "extensions": cfg.input.extensions,
+                "max_file_bytes": cfg.input.max_file_bytes, "model": model_key(cfg, spec),
+                "overwrite": cfg.output.overwrite}
+    if key_id is not None:  # absent when off, so jobs' keys stay as they were
+        identity["pseudonyms"] = key_id
+    return _digest(identity)
+
+
+def _digest(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def interrupted(staged: dict[str, StagedRun], committed: list[dict], job: str) -> tuple[StagedRun | None, list[StagedRun]]:
+    """(the attempt of this job to resume, stale attempts of it to drop).
+
+    An interrupted attempt is resumed only while nothing has committed since it last ran: otherwise its
+    staged rows may already be in a later commit, and committing them would duplicate them.
+    """
+    done = {c["run_id"] for c in committed}
+    runs = sorted((r for r in staged.values() if r.run_id not in done and r.info is not None
+                   and r.info.job_key == job), key=lambda r: r.run_id)
+    last_commit = max((c["committed_at"] for c in committed), default="")
+    fresh = [r for r in runs if (r.info.attempts or [""])[-1] > last_commit]
+    resume = fresh[-1] if fresh else None
+    return resume, [r for r in runs if r is not resume]
+
+
+def check_pseudonyms(live: list[dict], cfg: JobConfig, key_id: str | None) -> None:
+    """Raw and pseudonymised rows, or tokens under two keys, never share an output (an overwrite replaces them all).
+
+    `key_id` names this job's pseudonymisation key (None: off); a commit record holds its run's as `pseudonyms`."""
+    if cfg.output.overwrite:
+        return
+    other = next((c.get("pseudonyms") for c in live if c.get("pseudonyms") != key_id), False)
+    if other is False:
+        return
+    where = f"output.uri: {cfg.output.uri}"
+    if key_id is None:
+        raise UserError(f"{where} holds pseudonymised runs; turn privacy.pseudonymize on with their key, or write "
+                        "to another folder")
+    if other is None:
+        raise UserError(f"{where} holds runs written without privacy.pseudonymize (raw input paths); write "
+                        "pseudonymised output to a new folder, or pass --overwrite to replace it")
+    raise UserError(f"{where} holds runs pseudonymised under another key (key id {other}; this job's is {key_id}); "
+                    "use their key (privacy.key_env / key_file), a new folder, or --overwrite")
+
+
+def job_schema(cfg: JobConfig, spec: "ModelSpec") -> pa.Schema:
+    """The job's output schema; a partitioning column must be one of its string columns."""
+    tags = [column_name(keyword) for keyword in cfg.dicom.include_tags] if cfg.dicom is not None else None
+    schema = output_schema(spec.task, spec.wants_predictions, spec.embedding_dim, tags)
+    column = partition_column(cfg)
+    if column is not None and (column not in schema.names or schema.field(column).type != pa.string()):
+        strings = [f.name for f in schema if f.type == pa.string() and f.name not in ("uri", "error", "run_id")]
+        raise UserError(f"output.partitioning: '{column}' is not a string column of this job's output; use none, "
+                        f"run_date or one of {', '.join(strings)}")
+    return schema
+
+
+def partition_column(cfg: JobConfig) -> str | None:
+    return None if cfg.output.partitioning in ("none", "run_date") else cfg.output.partitioning
