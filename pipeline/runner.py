@@ -94,6 +94,8 @@ class RunSummary:
     pseudonyms: str | None = None  # privacy.pseudonymize: the key's id (the key itself is never written)
     output_format: str = "parquet"
     committed: str | None = None  # what the commit wrote, in the format's words ("3 Parquet file(s)", "version 4")
+    table_version: int | None = None  # delta: the table version of this run; iceberg: its snapshot id
+    metadata_location: str | None = None  # iceberg: the metadata file of that snapshot (DuckDB's iceberg_scan)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2)
@@ -158,7 +160,9 @@ def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float 
             if record else [], message=message, detections=tally.detections,
             images_with_detections=tally.images_with_detections if tally.detections is not None else None,
             dicom_tags_written=written_tags(cfg), pseudonyms=key_id, output_format=cfg.output.format,
-            committed=output.table.describe(record) if record else None)
+            committed=output.table.describe(record) if record else None,
+            table_version=(record.get("version", record.get("snapshot_id")) if record else None),
+            metadata_location=record.get("metadata_location") if record else None)
         output.write_summary(summary.to_json())
     print_summary(summary, out)
     if status == "stopped":

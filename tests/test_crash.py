@@ -85,10 +85,9 @@ def staged_rows(output: Path | str, storage) -> int:
     return sum(pq.ParquetFile(fs.open(c, "rb")).metadata.num_rows for c in chunks)
 
 
+# Kills mid-commit and after the commit, for every output format, are tests/test_output.py's (no Ray needed there).
 @pytest.mark.parametrize("failpoint, on_s3", [
     ("chunk_written:3", True),      # mid-run, right after a checkpoint; rows past it in the driver's hands
-    ("part_written:1", True),       # mid-publish: one part visible, the rest not written
-    ("committed:1", False),         # after the commit record, before staging is cleaned up
 ])
 def test_killed_driver_resumes_with_exactly_one_row_per_input(failpoint, on_s3, tmp_path, storage, bucket):
     uris = put_inputs(storage, bucket)

@@ -42,13 +42,15 @@ def output_format(output: str, fmt: str, storage: Storage, catalog_db: str | Non
 def current_rows(output: str, fmt: str, storage: Storage, catalog_db: str | None = None) -> list[tuple]:
     """(uri, run_id) of every row a reader sees now, read by DuckDB the way the docs tell users to."""
     s3 = storage if output.startswith("s3://") else None
+    if not output_format(output, fmt, storage, catalog_db).committed():
+        return []  # no table yet
     if fmt == "delta":
         source = f"delta_scan('{output}')"
     elif fmt == "iceberg":
         table = output_format(output, fmt, storage, catalog_db)
-        if table.metadata_location() is None:
+        if table.metadata_location is None:
             return []
-        source = f"iceberg_scan('{table.metadata_location()}')"
+        source = f"iceberg_scan('{table.metadata_location}')"
     else:  # the strict reader: the live commit records' file lists
         files = output_format(output, fmt, storage).data_files()
         if not files:

@@ -33,9 +33,11 @@ class Partitioning:
 class Commit:
     """One run, ready to commit."""
     run_id: str
-    rows: Callable[[], Iterator[pa.Table]]  # the staged rows, in order; each call reads them again
+    # The staged rows, in order; each call reads them again. The iterator raises before its end unless they are
+    # exactly the rows the record counts, so a format that commits only after the last one commits nothing.
+    rows: Callable[[], Iterator[pa.Table]]
     schema: pa.Schema  # every table `rows` yields has it
-    record: dict  # the run's facts (run_id, model, weights, model_key, job_key, counts, fingerprint, ...)
+    record: dict  # the run's facts (run_id, mode, model, weights, model_key, job_key, counts, fingerprint, ...)
     overwrite: bool  # replace every earlier run's rows, atomically
     partitioning: Partitioning
     rows_per_file: int
@@ -61,8 +63,9 @@ class OutputFormat(ABC):
         return runs[start:]
 
     @abstractmethod
-    def data_files(self) -> list[str]:
-        """URIs of the Parquet files holding the live runs' rows (each row carries its run_id)."""
+    def data_files(self, run_ids: set[str] | None = None) -> list[str]:
+        """URIs of the Parquet files holding the live runs' rows, or those of `run_ids` only where the format
+        can tell (a table's files may hold other runs' rows too: each row carries its run_id)."""
 
     def check_existing(self, overwrite: bool) -> None:
         """Refuse, with a UserError, an output this format must not write to (files it did not write...)."""

@@ -56,8 +56,8 @@ data-file compaction. Users should schedule, e.g. weekly, with Spark/Trino/Athen
   - expire_snapshots (keep at least the snapshots since the last overwrite: `live()` and `committed()` read
     the run records from the snapshot summaries, and time travel needs the snapshot);
   - remove_orphan_files (files of expired snapshots and of killed attempts);
-  - rewrite_data_files when many small runs made many small files (after a compaction, `data_files(run_ids)`
-    no longer knows which file holds which run, so incremental runs redo those inputs instead of skipping them);
+  - rewrite_data_files when many small runs made many small files (incremental runs read the rows' run_id,
+    so a compacted file still tells them which inputs are done);
   - rewrite_manifests if manifest merging was turned off.
 """
 
@@ -229,15 +229,12 @@ class IcebergFormat(OutputFormat):
         return [r for s in self._ancestry(table) if (r := self._record(s, table)) is not None]
 
     def data_files(self, run_ids: set[str] | None = None) -> list[str]:
-        """Absolute URIs of the current snapshot's data files; with run_ids, only files written by those runs
-        (a file rewritten by a compaction holds no run id in its name and is left out: its inputs are redone)."""
+        """Absolute URIs of the current snapshot's data files, all of them: a file compacted by another engine
+        holds rows of several runs, so readers of the skip set filter rows by run_id instead."""
         table = self.load()
         if table is None or table.current_snapshot() is None:
             return []
-        files = sorted(task.file.file_path for task in table.scan().plan_files())
-        if run_ids is None:
-            return files
-        return [f for f in files if (m := _FILE_RE.search(f)) and m["run_id"] in run_ids]
+        return sorted(task.file.file_path for task in table.scan().plan_files())
 
     def check_existing(self, overwrite: bool) -> None:
         table = self.load()

@@ -11,6 +11,7 @@ set of chunks *is* the resume checkpoint: there is no window between "written" a
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 from collections import Counter
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import UserError
 from pipeline.output.history import KEY_DTYPE, table_keys
-from pipeline.storage import Storage, join
+from pipeline.storage import Storage, is_s3, join
 
 FORMAT = 1  # of _run.json and commit records; a newer one is refused rather than misread
 STAGING = "_staging"
@@ -82,6 +83,8 @@ class Staging:
 
     def scan(self) -> dict[str, StagedRun]:
         runs: dict[str, StagedRun] = {}
+        if not is_s3(self.uri) and not os.path.isdir(self.uri):
+            return runs
         prefix = self.uri.rstrip("/") + "/"
         for page in self.storage.list_pages(self.uri):
             for obj in page:
