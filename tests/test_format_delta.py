@@ -4,16 +4,12 @@
 from __future__ import annotations
 
 import datetime
-import glob
-import importlib.util
 import json
-import os
 import subprocess
 import sys
 import uuid
 from typing import Callable
 
-import duckdb
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -24,6 +20,7 @@ from pipeline.errors import UserError
 from pipeline.output.delta import DeltaFormat, storage_options
 from pipeline.output.formats import Commit, Partitioning
 from pipeline.storage import Storage
+from readers import duckdb_connection
 
 SCHEMA = pa.schema([
     pa.field("uri", pa.string(), nullable=False),
@@ -86,31 +83,8 @@ def read_parquet(storage: Storage, uri: str) -> pa.Table:
     return pq.read_table(uri)
 
 
-# --- DuckDB ----------------------------------------------------------------------------------------------------
-_DUCKDB: list[duckdb.DuckDBPyConnection] = []
-
-
-def duckdb_with_delta(s3_endpoint: str | None = None) -> duckdb.DuckDBPyConnection:
-    """A connection with DuckDB's delta extension (and httpfs, for S3) loaded from their PyPI packages' files
-    (DuckDB cannot download extensions here), made once: loading them takes seconds. With `s3_endpoint`
-    (http://host:port), its S3 secret points at that server, with the AWS_* credentials."""
-    if not _DUCKDB:
-        con = duckdb.connect()
-        for name in ("httpfs", "delta"):
-            folder = importlib.util.find_spec(f"duckdb_extension_{name}").submodule_search_locations[0]
-            path, = glob.glob(os.path.join(folder, "extensions", "*", f"{name}.duckdb_extension"))
-            con.execute(f"LOAD '{path}'")
-        _DUCKDB.append(con)
-    con = _DUCKDB[0]
-    if s3_endpoint:
-        con.execute(f"CREATE OR REPLACE SECRET s3_test (TYPE s3, KEY_ID '{os.environ['AWS_ACCESS_KEY_ID']}', "
-                    f"SECRET '{os.environ['AWS_SECRET_ACCESS_KEY']}', ENDPOINT '{s3_endpoint.split('://')[1]}', "
-                    "URL_STYLE 'path', USE_SSL false, REGION 'us-east-1')")
-    return con
-
-
 def duckdb_uris(storage: Storage, uri: str, version: int | None = None) -> list[str]:
-    con = duckdb_with_delta(storage.endpoint_url if uri.startswith("s3://") else None)
+    con = duckdb_connection(storage if uri.startswith("s3://") else None, "delta")
     at = f", version => {version}" if version is not None else ""
     return [u for (u,) in con.execute(f"SELECT uri FROM delta_scan('{uri}'{at}) ORDER BY uri").fetchall()]
 
@@ -212,7 +186,7 @@ def test_partitioned_by_run_date_and_by_a_column(target):
         ("s3://in/a.jpg", "CT"), ("s3://in/b.jpg", "MR"), ("s3://in/c.jpg", None), ("s3://in/d.jpg", "C T/x")]
     polars = pl.read_delta(uri + "_by_modality", storage_options=options).sort("uri")
     assert polars["modality"].to_list() == ["CT", "MR", None, "C T/x"]
-    con = duckdb_with_delta(storage.endpoint_url if uri.startswith("s3://") else None)
+    con = duckdb_connection(storage if uri.startswith("s3://") else None, "delta")
     assert con.execute(f"SELECT uri FROM delta_scan('{uri}_by_modality') WHERE modality = 'MR'").fetchall() == [
         ("s3://in/b.jpg",)]
 

@@ -3,9 +3,7 @@ on a local folder (embedded SQLite catalog) and on the moto S3 server (a SQLite 
 
 from __future__ import annotations
 
-import glob
 import os
-import sysconfig
 from datetime import datetime, timezone
 
 import pyarrow as pa
@@ -15,6 +13,7 @@ from pipeline.errors import UserError
 from pipeline.output.formats import RECORD_KEY, RUN_ID_KEY, Commit, Partitioning
 from pipeline.output.iceberg import IcebergFormat
 from pipeline.storage import Storage
+from readers import duckdb_connection
 
 SCHEMA = pa.schema([
     pa.field("uri", pa.string(), nullable=False),
@@ -69,22 +68,6 @@ def output(request, tmp_path) -> IcebergFormat:
                          {"type": "sql", "uri": f"sqlite:///{tmp_path}/catalog.db"}, TABLE, schema=SCHEMA)
 
 
-def duckdb_with_iceberg(s3_endpoint: str | None = None):
-    """A DuckDB connection with the iceberg extension loaded from its PyPI wheel (avro first; httpfs for S3)."""
-    import duckdb
-
-    con = duckdb.connect()
-    site = sysconfig.get_paths()["purelib"]
-    for ext in ["avro", "iceberg"] + (["httpfs"] if s3_endpoint else []):
-        path, = glob.glob(os.path.join(site, f"duckdb_extension_{ext}", "extensions", "*", f"{ext}.duckdb_extension"))
-        con.execute(f"LOAD '{path}'")
-    if s3_endpoint:
-        con.execute(f"""CREATE SECRET (TYPE s3, KEY_ID '{os.environ["AWS_ACCESS_KEY_ID"]}',
-                        SECRET '{os.environ["AWS_SECRET_ACCESS_KEY"]}', ENDPOINT '{s3_endpoint.split("://")[1]}',
-                        URL_STYLE 'path', USE_SSL false, REGION 'us-east-1')""")
-    return con
-
-
 def s3_storage_options(fmt: IcebergFormat) -> dict | None:
     """Polars' scan_iceberg takes pyiceberg FileIO properties."""
     if not fmt.uri.startswith("s3://"):
@@ -134,7 +117,7 @@ def test_appends_then_overwrite_each_one_snapshot_read_by_pyiceberg_polars_duckd
     frame = pl.scan_iceberg(output.metadata_location, storage_options=s3_storage_options(output)).collect()
     assert frame.height == 1 and frame["label"].to_list() == ["dog"]
 
-    con = duckdb_with_iceberg(output.storage.endpoint_url if output.uri.startswith("s3://") else None)
+    con = duckdb_connection(output.storage if output.uri.startswith("s3://") else None, "iceberg")
     path = output.metadata_location
     assert con.execute(f"SELECT run_id, uri FROM iceberg_scan('{path}')").fetchall() == [(RUN3, "s3://in/20.jpg")]
     old = con.execute(f"SELECT count(*), min(run_id) FROM iceberg_scan('{path}', "
