@@ -7,7 +7,7 @@ no service).
       _delta_log/<version>.checkpoint.parquet   every 100 versions, written by delta-rs itself (see below)
       [run_date=YYYY-MM-DD/ or <column>=<value>/]part-*.parquet   data files; only those the log names are live
 
-A run commits as ONE Delta commit (`write_deltalake`, appending or, for output.mode overwrite, replacing every
+A run commits as ONE Delta commit (`write_deltalake`, appending or, for output.overwrite, replacing every
 row and the schema in one atomic commit). The staged rows stream into it (a RecordBatchReader): nothing is
 materialised. The commit carries
   - commitInfo custom metadata `pipeline.record` (the run's record as JSON) and `pipeline.run_id`: `committed()`
@@ -221,12 +221,12 @@ class DeltaFormat(OutputFormat):
             if want != have:
                 raise UserError(f"output.uri: the Delta table at {self.uri} is partitioned by {have or 'nothing'}, "
                                 f"this job by {want or 'nothing'}; set output.partitioning to match, use "
-                                "output.mode: overwrite to replace the table, or choose another output.uri")
+                                "--overwrite (output.overwrite: true) to replace the table, or choose another output.uri")
         if self.schema is not None:
             problem = self._schema_problem(table)
             if problem:
                 raise UserError(f"output.uri: the Delta table at {self.uri} cannot take this job's rows ({problem}); "
-                                "use output.mode: overwrite to replace it, or choose another output.uri")
+                                "pass --overwrite (output.overwrite: true) to replace it, or choose another output.uri")
 
     def _holds_parquet(self) -> bool:
         """Whether any Parquet file is under uri (hidden and `_` folders, such as our staging, aside)."""
@@ -279,7 +279,7 @@ class DeltaFormat(OutputFormat):
             if want != have:
                 raise UserError(f"output.uri: the Delta table at {self.uri} is partitioned by {have or 'nothing'}, "
                                 f"this job by {want or 'nothing'}; set output.partitioning to match, use "
-                                "output.mode: overwrite to replace the table, or choose another output.uri")
+                                "--overwrite (output.overwrite: true) to replace the table, or choose another output.uri")
         record = {"committed_at": _now_precise(), **commit.record, "run_id": commit.run_id, "mode": mode}
         schema = delta_schema(commit.schema)
         schema = _with_run_date_field(schema) if commit.partitioning.run_date else schema
