@@ -12,6 +12,7 @@ import argparse
 import io
 import json
 import sys
+from dataclasses import replace
 from datetime import datetime, timezone
 
 import pyarrow as pa
@@ -52,11 +53,14 @@ def rows_for(objects: list[ObjectInfo]) -> pa.Table:
 
 
 def run_once(output: str, fmt: str, n: int, changed: int = 0, overwrite: bool = False,
-             catalog_db: str | None = None, storage: Storage | None = None, out=None, **output_fields) -> dict:
+             catalog_db: str | None = None, storage: Storage | None = None, out=None, job_key: str = "job-1",
+             **output_fields) -> dict:
+    """One run of the job over `n` listed inputs; `job_key`: which job it is (another job never resumes it)."""
     cfg = job(output, fmt, overwrite, catalog_db, **output_fields)
     storage = storage or Storage.from_env()
     out = out or io.StringIO()
-    with open_output(cfg, storage, IDENTITY, OUTPUT_SCHEMA, out) as output_side:
+    identity = replace(IDENTITY, job_key=job_key + ("-overwrite" if overwrite else ""))
+    with open_output(cfg, storage, identity, OUTPUT_SCHEMA, out) as output_side:
         done = output_side.history().load(storage)
         todo = done.todo(inputs(n, changed))
         sink: StagingSink = output_side.sink({"model": "counting", "weights": "sha256:0", "run_id": output_side.run_id},

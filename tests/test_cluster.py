@@ -58,7 +58,10 @@ def test_job_survives_losing_a_node_mid_run(tmp_path, s3_server, storage, bucket
     # says how many, and which node left.
     assert images_seen(calls) >= INPUTS
     summary = json.loads(storage.read_bytes(f"s3://{bucket}/out/_summary.json"))
-    assert summary["redone"] == images_seen(calls) - INPUTS
+    # `redone` counts inputs the model stage started again; the model saw fewer when the kill landed between
+    # a batch's start and its forward pass (up to the dead actor's queue of 4 batches of 8).
+    seen_again = images_seen(calls) - INPUTS
+    assert seen_again <= summary["redone"] <= seen_again + 4 * 8
     assert summary["nodes_left"] == {"died": 1}
     assert "nodes left  1 died" in out
     assert not summary["redone"] or f"redone      {summary['redone']:,} inputs" in out

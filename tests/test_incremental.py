@@ -1,5 +1,6 @@
 """Nightly runs over a growing prefix: only new or changed inputs, errors retried on request, --full,
-date partitions, atomic overwrite, and one run at a time per output."""
+date partitions, and one run at a time per output. (Overwrite, a moved output and a stale interrupted run are
+tests/test_output.py's, for every output format.)"""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pyarrow.dataset as pads
 import pytest
 
 from conftest import encode, photo
-from pipeline.errors import JobStopped, UserError
+from pipeline.errors import UserError
 from pipeline.output.lease import Holder, OutputLease, _machine
 from pipeline.runner import run_job
 from pipeline.storage import Storage
@@ -75,29 +76,6 @@ def test_nightly_runs_process_only_new_changed_and_failed_inputs(tmp_path, stora
     latest = duckdb.sql(f"""SELECT uri, label FROM read_parquet('{output}/**/*.parquet')
                             QUALIFY row_number() OVER (PARTITION BY uri ORDER BY run_id DESC) = 1""").fetchall()
     assert len(latest) == 9  # 8 listed now + img02 deleted after the first night
-
-
-def test_overwrite_atomically_replaces_every_earlier_run(tmp_path, classifier_files):
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for name, data in images(0, 1, 2).items():
-        (folder / name).write_bytes(data)
-    output = str(tmp_path / "out")
-    cfg = job(classifier_files, str(folder), output)
-    run_job(cfg, out=io.StringIO())
-    (folder / "img09.jpg").write_bytes(images(9)["img09.jpg"])
-    run_job(cfg, out=io.StringIO())
-    assert sum(map(len, rows_by_run(output).values())) == 4
-
-    cfg.output.overwrite = True
-    backfill = run_job(cfg, out=io.StringIO())
-    assert backfill.inputs == 4  # a backfill processes everything
-    assert rows_by_run(output) == {backfill.run_id: ["img00.jpg", "img01.jpg", "img02.jpg", "img09.jpg"]}
-    record = json.loads((tmp_path / "out" / "_commits" / f"{backfill.run_id}.json").read_text())
-    assert record["mode"] == "overwrite" and len(record["supersedes"]) == 2
-    # Later incremental runs learn only from the backfill, not from the runs it replaced.
-    cfg.output.overwrite = False
-    assert run_job(cfg, out=io.StringIO()).already_done == 4
 
 
 def test_a_second_run_on_a_locked_local_output_refuses(tmp_path, classifier_files):
@@ -165,30 +143,6 @@ def test_concurrent_runs_on_one_s3_output(tmp_path, storage, bucket):
     assert table.num_rows == 12 and len(set(table["uri"].to_pylist())) == 12
 
 
-def test_an_interrupted_run_is_not_resumed_after_a_later_commit(tmp_path, classifier_files):
-    """Its staged rows may be in the later commit already: resuming would publish them twice."""
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for i in range(12):
-        (folder / f"bad{i:02d}.jpg").write_bytes(b"garbage")
-    (folder / "good.jpg").write_bytes(images(1)["img01.jpg"])
-    output = str(tmp_path / "out")
-    stopped = job(classifier_files, str(folder), output, errors={"max_error_rate": 0.5, "min_inputs": 4})
-    with pytest.raises(JobStopped):
-        run_job(stopped, out=io.StringIO())
-    assert list((tmp_path / "out" / "_staging").glob("*/chunk-*"))
-
-    other = job(classifier_files, str(folder) + "/", output, errors={"max_error_rate": 1.0},
-                input={"max_file_bytes": 10_000_000})  # another job (its key differs) commits every input
-    run_job(other, out=io.StringIO())
-    stopped.errors.max_error_rate = 1.0
-    printed = io.StringIO()
-    third = run_job(stopped, out=printed)
-    assert "dropping interrupted run" in printed.getvalue() and third.resumed == 0 and third.inputs == 0
-    rows = duckdb.sql(f"SELECT uri, count(*) FROM read_parquet('{output}/**/*.parquet') GROUP BY 1").fetchall()
-    assert len(rows) == 13 and {n for _, n in rows} == {1}
-
-
 def test_an_output_inside_the_input_folder_is_never_an_input(tmp_path, classifier_files):
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -200,19 +154,3 @@ def test_an_output_inside_the_input_folder_is_never_an_input(tmp_path, classifie
     assert again.inputs == 0 and again.already_done == 2
 
 
-def test_a_moved_output_folder_keeps_its_history(tmp_path, classifier_files):
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for name, data in images(0, 1).items():
-        (folder / name).write_bytes(data)
-    run_job(job(classifier_files, str(folder), str(tmp_path / "out")), out=io.StringIO())
-    (tmp_path / "out").rename(tmp_path / "moved")
-    (folder / "img02.jpg").write_bytes(images(2)["img02.jpg"])
-    moved = run_job(job(classifier_files, str(folder), str(tmp_path / "moved")), out=io.StringIO())
-    assert moved.inputs == 1 and moved.already_done == 2
-
-    for path in folder.iterdir():  # a backfill over an empty input replaces nothing
-        path.unlink()
-    cfg = job(classifier_files, str(folder), str(tmp_path / "moved"), output={"overwrite": True})
-    run_job(cfg, out=io.StringIO())
-    assert sum(map(len, rows_by_run(str(tmp_path / "moved")).values())) == 3

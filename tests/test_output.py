@@ -5,6 +5,7 @@ driver, a driver that lost its lease, and a store that ignores conditional write
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -89,6 +90,33 @@ def test_incremental_runs_then_an_overwrite(fmt, place, storage):
     table = output_format(output, fmt, storage, catalog_db)
     assert [r["run_id"] for r in table.live()] == [backfill["run_id"]]
     assert len(table.committed()) == 4  # each run committed once, the empty one included
+    # Later incremental runs learn only from the backfill, not from the runs it replaced.
+    assert run_once(output, fmt, 30, catalog_db=catalog_db, storage=storage)["processed"] == 18
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_an_interrupted_run_is_not_resumed_after_another_job_committed(fmt, tmp_path, storage):
+    """Its staged rows may be in the later commit already: resuming would commit them twice."""
+    output = str(tmp_path / "out")
+    killed = driver(output, fmt, 30, None, "chunk_written:2")
+    killed.wait(timeout=120)
+    assert killed.returncode == -9
+    assert run_once(output, fmt, 30, storage=storage, job_key="job-2")["processed"] == 30  # another job, all inputs
+    printed = io.StringIO()
+    again = run_once(output, fmt, 30, storage=storage, out=printed)
+    assert "dropping interrupted run" in printed.getvalue() and again["processed"] == 0
+    rows = current_rows(output, fmt, storage)
+    assert len(rows) == 30 and len({uri for uri, _ in rows}) == 30
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "delta"])  # an Iceberg table's metadata holds absolute paths
+def test_a_moved_output_keeps_its_history(fmt, tmp_path, storage):
+    run_once(str(tmp_path / "out"), fmt, 20, storage=storage)
+    (tmp_path / "out").rename(tmp_path / "moved")
+    moved = str(tmp_path / "moved")
+    assert run_once(moved, fmt, 25, storage=storage)["processed"] == 5
+    assert run_once(moved, fmt, 0, overwrite=True, storage=storage)["processed"] == 0  # an empty backfill...
+    assert len(current_rows(moved, fmt, storage)) == 25  # ...replaces nothing
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -134,7 +162,6 @@ def test_a_second_driver_is_refused_while_a_run_holds_the_output(fmt, place, sto
     output, catalog_db = place
     from pipeline.output import open_output
     from output_driver import IDENTITY
-    import io
 
     with open_output(job(output, fmt, catalog_db=catalog_db), storage, IDENTITY, OUTPUT_SCHEMA, io.StringIO()):
         with pytest.raises(UserError, match="is in use by run"):
@@ -146,8 +173,6 @@ def test_a_second_driver_is_refused_while_a_run_holds_the_output(fmt, place, sto
 def test_a_driver_whose_lease_was_taken_over_commits_nothing(fmt, bucket, tmp_path, storage):
     """A driver paused past its lease (a long GC, a frozen VM) finds on waking that another took the output
     over: the fence before every visible write stops it."""
-    import io
-
     from output_driver import IDENTITY, inputs, rows_for
     from pipeline.output import open_output
 
