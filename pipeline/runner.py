@@ -156,7 +156,7 @@ def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float 
             model_actors=pool.describe(request), nodes_left=watch.nodes_left(), redone=redone,
             elapsed_s=round(tally.elapsed, 3), images_per_s=round(tally.rate, 2),
             started_at=run.info.attempts[-1], finished_at=_now(),
-            files=[{"uri": join(cfg.output.uri, f["path"]), "rows": f["rows"]} for f in record.get("files", [])]
+            files=[{"uri": file_uri(cfg.output.uri, f["path"]), "rows": f["rows"]} for f in record.get("files", [])]
             if record else [], message=message, detections=tally.detections,
             images_with_detections=tally.images_with_detections if tally.detections is not None else None,
             dicom_tags_written=written_tags(cfg), pseudonyms=key_id, output_format=cfg.output.format,
@@ -388,6 +388,11 @@ def print_summary(s: RunSummary, out: TextIO) -> None:
     if s.inputs == 0 and not s.resumed and not s.already_done:
         lines.append(f"  note: nothing to do under {s.input}; check the URI and input.extensions")
     print("\n".join(lines), file=out, flush=True)
+
+
+def file_uri(output_uri: str, path: str) -> str:
+    """A committed file's URI: formats record paths relative to the output (folder, Delta) or absolute (Iceberg)."""
+    return path if "://" in path or path.startswith("/") else join(output_uri, path)
 
 
 def written_tags(cfg: JobConfig) -> list[str] | None:
