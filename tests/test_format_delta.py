@@ -290,7 +290,7 @@ def test_check_existing_refuses_what_it_cannot_append_to(tmp_path):
     DeltaFormat(Storage(), uri, schema=SCHEMA).check_existing(False)
     other = SCHEMA.remove(SCHEMA.get_field_index("label")).set(1, pa.field("score", pa.string()))
     with pytest.raises(UserError, match=r"column\(s\) score \(the table has float, the job writes string\) differ "
-                                        r"in type.*output.mode: overwrite"):
+                                        r"in type.*--overwrite"):
         DeltaFormat(Storage(), uri, schema=SCHEMA.set(SCHEMA.get_field_index("score"), pa.field("score", pa.string()))
                     ).check_existing(False)
     with pytest.raises(UserError, match="lacks column"):
