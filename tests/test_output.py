@@ -121,10 +121,10 @@ def test_a_moved_output_keeps_its_history(fmt, tmp_path, storage):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("failpoint, redone", [("chunk_written:1", 10), ("chunk_published:1", 0), ("committed:1", 0)])
-def test_a_killed_run_is_finished_by_the_rerun_exactly_once(fmt, failpoint, redone, bucket, tmp_path, storage):
+def test_a_killed_run_is_finished_by_the_rerun_exactly_once(fmt, failpoint, redone, place, storage):
     """Killed while staging, mid-commit, or after its commit: readers see the night before until the rerun
     commits, and then every input exactly once, in one commit of the run."""
-    output, catalog_db = f"s3://{bucket}/preds", str(tmp_path / "catalog.db")
+    output, catalog_db = place
     night_before = run_once(output, fmt, 10, catalog_db=catalog_db, storage=storage)
     killed = driver(output, fmt, 30, catalog_db, failpoint)
     killed.wait(timeout=120)
