@@ -94,6 +94,7 @@ class LedgerBook:
 
     def __init__(self):
         self.inputs_started = 0  # every start, reruns included: the driver's count of inputs redone
+        self.inputs_finished = 0  # every end, as batches finish: the progress line's count before rows reach the driver
         self.open: dict[str, int] = {}  # input -> starts that have not ended
         self.alone: dict[str, str] = {}  # worker -> the input it is handling alone
         self.crashed: dict[str, int] = {}  # input -> process deaths while it was handled alone
@@ -117,6 +118,7 @@ class LedgerBook:
         return 0
 
     def finish(self, worker: str, uris: list[str]) -> None:
+        self.inputs_finished += len(uris)
         for uri in uris:
             self.open.pop(uri, None)
         self.alone.pop(worker, None)

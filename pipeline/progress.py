@@ -63,10 +63,11 @@ class Tally:
 class ProgressPrinter:
     """Prints a line of counts every `interval` seconds from a background thread."""
 
-    def __init__(self, tally: Tally, listing, out: TextIO, interval: float, waiting=None):
+    def __init__(self, tally: Tally, listing, out: TextIO, interval: float, waiting=None, finished=None):
         self.tally = tally
         self.listing = listing  # callable -> {"listed", "skipped", "done"} or None
         self.waiting = waiting  # callable -> what the job waits for (nodes), or None while it is not waiting
+        self.finished = finished  # callable -> inputs the model has finished, ahead of the rows the driver has
         self.out = out
         self.interval = interval
         self._stop = threading.Event()
@@ -86,16 +87,26 @@ class ProgressPrinter:
 
     def line(self) -> str:
         t = self.tally
+        listing = self.listing()
+        done = self.done(listing)
         waiting = self.waiting() if self.waiting is not None else None
         if waiting is not None:
-            return f"  [{t.elapsed:6.1f}s] {t.done:,} done, {waiting}"
-        listing = self.listing()
+            return f"  [{t.elapsed:6.1f}s] {done:,} done, {waiting}"
         if listing is None:
             remaining = "remaining ?"
         elif listing["done"]:
-            remaining = f"{listing['listed'] - t.done:,} remaining"
+            remaining = f"{max(listing['listed'] - done, 0):,} remaining"
         else:
-            remaining = f"{max(listing['listed'] - t.done, 0):,}+ remaining (still listing)"
-        return (f"  [{t.elapsed:6.1f}s] {t.done:,} done, {t.failed:,} failed, {remaining}, "
-                f"{t.rate:.1f} images/s")
+            remaining = f"{max(listing['listed'] - done, 0):,}+ remaining (still listing)"
+        rate = done / t.elapsed if t.elapsed > 0 else 0.0
+        return f"  [{t.elapsed:6.1f}s] {done:,} done, {t.failed:,} failed, {remaining}, {rate:.1f} images/s"
+
+    def done(self, listing: dict | None) -> int:
+        """Inputs done so far: the model's count when it is ahead of the driver's, never more than were listed
+        (a batch Ray ran again after a lost node ends twice)."""
+        done = self.tally.done
+        if self.finished is not None:
+            ahead = self.finished()
+            done = max(done, min(ahead, listing["listed"]) if listing is not None else ahead)
+        return done
 

@@ -132,7 +132,10 @@ def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float 
         tally = Tally()
         interval = progress_interval or (2.0 if out.isatty() else 5.0)
         watch = ClusterWatch(request, cluster.node_types)
-        with ProgressPrinter(tally, lambda: ray.get(listing_tally.get.remote()), out, interval, watch.poll):
+        # The model actors report each batch as it ends, so the line moves even while a small job's one block is
+        # still on its actor; the driver's rows (the exact counts) arrive a block at a time.
+        with ProgressPrinter(tally, lambda: ray.get(listing_tally.get.remote()), out, interval, watch.poll,
+                             finished=lambda: ray.get(ledger.model_inputs_finished.remote())):
             status, message = drain(dataset, sink, tally, cfg, output.lease, rows)
             leftover = sink.release_partial()
             if leftover is not None:
@@ -285,6 +288,9 @@ class BatchLedger:
 
     def model_inputs_started(self) -> int:
         return self.books["model"].inputs_started
+
+    def model_inputs_finished(self) -> int:
+        return self.books["model"].inputs_finished
 
 
 class RayLedger:
