@@ -1,12 +1,17 @@
 """Decode on the model's device: batched JPEG decode (nvJPEG on a GPU), resize and crop there too.
 
 A CPU cannot keep a fast GPU fed with Pillow (about 3 CPU-ms per 500x375 JPEG), so a GPU actor takes the
-encoded bytes and decodes its whole batch with one `torchvision.io.decode_jpeg` call. Pillow still reads
-each header (microseconds): that applies the pixel limit before anything is decoded, and routes whatever
-the GPU decoder does not handle (other formats, CMYK, broken files) to the CPU `Decoder`, one image at a
-time, which also writes their error rows. Resampling on the device matches Pillow's antialiased
-resize to within a few grey levels, not bit for bit. A 16-bit image widens the batch to uint16. A DICOM job's
-batches go to the CPU decoder whole (nvJPEG reads no DICOM syntax, and frames become rows).
+encoded bytes and decodes its whole batch with one TorchCodec `decode_jpeg` call (nvJPEG, EXIF orientation
+applied as Pillow's `exif_transpose` does). Pillow still reads each header (microseconds): that applies the
+pixel limit before anything is decoded, and routes whatever the device decoder is not trusted with (other
+formats; CMYK, whose inverted Adobe samples nvJPEG is not known to convert as Pillow does; broken files) to the
+CPU `Decoder`, one image at a time, which also writes their error rows. A batch the device decoder refuses
+is retried image by image, so a bad file costs only itself. Resampling on the device matches Pillow's
+antialiased resize to within a few grey levels, not bit for bit. A 16-bit image widens the batch to uint16.
+A DICOM job's batches go to the CPU decoder whole (nvJPEG reads no DICOM syntax, and frames become rows).
+
+If TorchCodec does not load (not installed, or its CUDA 13 libraries do not match the torch build), the
+process warns once and uses torchvision's decoder, deprecated since torchvision 0.29 but still shipped.
 """
 
 from __future__ import annotations
@@ -17,12 +22,22 @@ import warnings
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from pipeline.decode import Decoder, pixel_limit
 from pipeline.rows import error_columns
+
+try:  # imported once per process (in the model actor), so this warns once
+    from torchcodec.decoders import decode_jpeg
+
+    BACKEND = "torchcodec"
+except Exception as exc:  # noqa: BLE001 - ImportError, or OSError from its native libraries
+    from torchvision.io import decode_jpeg
+
+    BACKEND = "torchvision"
+    warnings.warn(f"torchcodec did not load ({type(exc).__name__}: {exc}); JPEGs are decoded on the device by "
+                  "torchvision's deprecated decode_jpeg instead", RuntimeWarning, stacklevel=2)
 
 _INTERPOLATION = {"nearest": InterpolationMode.NEAREST, "bilinear": InterpolationMode.BILINEAR,
                   "bicubic": InterpolationMode.BICUBIC}
@@ -80,25 +95,29 @@ class DeviceDecoder:
             return False
 
     def decode_jpegs(self, data: list[bytes]) -> list[torch.Tensor | None]:
-        """One batched call; if the batch fails, each image alone, so one bad file costs only itself."""
+        """One batched call; if it fails (one bad image fails the whole call), each image alone, so one bad
+        file costs only itself: None, and Pillow says what is wrong with it."""
         if not data:
             return []
         tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
         try:
             return list(self._decode(tensors))
-        except RuntimeError:
+        except Exception:  # noqa: BLE001 - RuntimeError from TorchCodec; whatever it is, Pillow retries
             results: list[torch.Tensor | None] = []
             for tensor in tensors:
                 try:
                     results.append(self._decode([tensor])[0])
-                except RuntimeError:
+                except Exception:  # noqa: BLE001
                     results.append(None)
             return results
 
     def _decode(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """(3, H, W) uint8 images on the device, upright: both decoders apply EXIF orientation here."""
+        if BACKEND == "torchcodec":
+            return decode_jpeg(tensors, mode="RGB", device=self.device)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # torchvision 0.29 marks its decoders deprecated
-            return decode_jpeg(tensors, mode=ImageReadMode.RGB, device=self.device, apply_exif_orientation=True)
+            warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 deprecates its decoders
+            return decode_jpeg(tensors, mode="RGB", device=self.device, apply_exif_orientation=True)
 
     def resize_and_crop(self, image: torch.Tensor) -> torch.Tensor:
         p = self.preprocess

@@ -1,12 +1,18 @@
-"""The GPU code paths, run on the CPU: batched JPEG decode with per-image fallback, decoding inside the
-model actor, and halving the batch on CUDA out-of-memory. Tests marked `gpu` run the same on a GPU."""
+"""The GPU code paths, run on the CPU: batched JPEG decode (TorchCodec; torchvision's if it cannot load) with
+per-image fallback, decoding inside the model actor, and halving the batch on CUDA out-of-memory. Tests
+marked `gpu` run the same on a GPU."""
+
+import importlib
+import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import pipeline
 from conftest import encode, photo
+from pipeline import gpu_decode
 from pipeline.config import ComputeConfig, ModelConfig
 from pipeline.decode import Decoder, Preprocess
 from pipeline.gpu_decode import DeviceDecoder
@@ -27,9 +33,9 @@ def as_batch(payloads: list[bytes]) -> dict:
             "error": np.full(n, None, dtype=object), "error_type": np.full(n, None, dtype=object)}
 
 
-def rotated_jpeg() -> bytes:
+def rotated_jpeg(orientation: int = 6) -> bytes:
     exif = Image.Exif()
-    exif[0x0112] = 6  # displayed rotated 90 degrees clockwise
+    exif[0x0112] = orientation  # 6: displayed rotated 90 degrees clockwise
     return encode(photo(80, 40, seed=4), "JPEG", exif=exif.tobytes(), quality=95)
 
 
@@ -47,15 +53,16 @@ def mixed_inputs() -> dict[str, bytes]:
     }
 
 
-def decode_both(device: str, max_image_pixels: int = 10**8):
+def decode_both(device: str, max_image_pixels: int = 10**8, device_decoder=DeviceDecoder):
     inputs = mixed_inputs()
-    on_device, pixels = DeviceDecoder(Decoder(PREPROCESS, max_image_pixels), torch.device(device))(as_batch(list(inputs.values())))
+    decoder = device_decoder(Decoder(PREPROCESS, max_image_pixels), torch.device(device))
+    on_device, pixels = decoder(as_batch(list(inputs.values())))
     on_cpu = Decoder(PREPROCESS, max_image_pixels)(as_batch(list(inputs.values())))
     return list(inputs), on_device, pixels.cpu().numpy(), on_cpu
 
 
-def check_agrees_with_cpu_decoder(device: str) -> None:
-    names, on_device, pixels, on_cpu = decode_both(device)
+def check_agrees_with_cpu_decoder(device: str, device_decoder=DeviceDecoder) -> None:
+    names, on_device, pixels, on_cpu = decode_both(device, device_decoder=device_decoder)
     assert pixels.shape == (len(names), 56, 56, 3) and pixels.dtype == np.uint8
     assert list(on_device["error_type"]) == list(on_cpu["error_type"])
     assert list(on_device["error"]) == list(on_cpu["error"])
@@ -69,8 +76,34 @@ def check_agrees_with_cpu_decoder(device: str) -> None:
 
 
 def test_device_decoder_on_cpu_agrees_with_the_pillow_decoder():
-    """Every row accounted for: JPEGs decoded in one batch, the rest (CMYK, PNG, broken) through Pillow."""
+    """Every row accounted for: JPEGs decoded by TorchCodec in one batch, the rest (CMYK, PNG, broken) through
+    Pillow."""
+    assert gpu_decode.BACKEND == "torchcodec", "torchcodec did not load: the device path runs on torchvision's"
     check_agrees_with_cpu_decoder("cpu")
+
+
+def test_without_torchcodec_the_device_decoder_falls_back_to_torchvision(monkeypatch):
+    """A process where torchcodec cannot load warns once and decodes with torchvision, to the same rows."""
+    monkeypatch.setitem(sys.modules, "torchcodec", None)  # None in sys.modules: the import fails
+    monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)
+    monkeypatch.delitem(sys.modules, "pipeline.gpu_decode")  # restored, with the package attribute, afterwards
+    monkeypatch.setattr(pipeline, "gpu_decode", gpu_decode)
+    with pytest.warns(RuntimeWarning, match="torchcodec did not load") as warned:
+        fallback = importlib.import_module("pipeline.gpu_decode")
+    assert fallback.BACKEND == "torchvision" and len(warned) == 1
+    check_agrees_with_cpu_decoder("cpu", device_decoder=fallback.DeviceDecoder)
+
+
+def test_every_exif_orientation_matches_pillow_on_the_device_path():
+    """TorchCodec applies EXIF orientation itself; each of the eight must show the image as Pillow's
+    exif_transpose does (compared at full size, where a wrong flip or turn cannot hide)."""
+    inputs = [rotated_jpeg(orientation) for orientation in range(1, 9)]
+    _, pixels = DeviceDecoder(Decoder(None, 10**8), torch.device("cpu"))(as_batch(inputs))
+    pillow = Decoder(None, 10**8)(as_batch(inputs))
+    for orientation, image, expected in zip(range(1, 9), pixels, pillow["pixels"]):
+        assert image.shape == expected.shape, f"orientation {orientation}"
+        difference = np.abs(image.numpy().astype(int) - expected.astype(int)).mean()
+        assert difference < 1, f"orientation {orientation}: mean difference {difference:.1f} grey levels"
 
 
 def test_exif_rotation_applies_on_the_device_path():
@@ -82,6 +115,8 @@ def test_exif_rotation_applies_on_the_device_path():
 def test_one_broken_jpeg_does_not_fail_the_batched_decode():
     good = [encode(photo(96, 72, seed=s), "JPEG") for s in range(3)]
     broken = good[0][:200] + b"\xff\xd9"  # a header that opens, then no image data
+    with pytest.raises(RuntimeError, match="incomplete or truncated"):  # TorchCodec fails the whole call
+        gpu_decode.decode_jpeg([good[0], broken], device="cpu")
     batch, pixels = DeviceDecoder(Decoder(PREPROCESS, 10**8), torch.device("cpu"))(as_batch([good[0], broken, good[1], good[2]]))
     assert [e is None for e in batch["error"]] == [True, False, True, True]
     assert batch["error_type"][1].startswith("decode.")
