@@ -24,6 +24,7 @@ import torch
 
 from pipeline.decode import Decoder
 from pipeline.embedding import EmbeddingTap
+from pipeline.folding import fold_batch_norms
 from pipeline.isolation import Isolated, Ledger
 from pipeline.metrics import BatchLatency
 from pipeline.model import ModelSpec, build_model
@@ -49,7 +50,10 @@ class ModelStage:
             self.decoder = DeviceDecoder(decode, self.device)
         self.autocast_dtype = _AUTOCAST.get(precision) if self.device.type == "cuda" else None
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.model = build_model(spec, storage).to(self.device, memory_format=self.memory_format)
+        self.model = build_model(spec, storage)
+        if spec.task == "classification":  # detectors cannot be traced, and their norms are frozen already
+            fold_batch_norms(self.model, keep=frozenset({spec.embedding.layer}) - {None})
+        self.model = self.model.to(self.device, memory_format=self.memory_format)
         self.tap = (EmbeddingTap(self.model, spec.task, spec.embedding.layer, spec.embedding.normalize)
                     if spec.wants_embedding else None)
         self.max_batch: int | None = None  # lowered after a CUDA out-of-memory error

@@ -1,20 +1,30 @@
-"""Checks that need the outside world, run on the driver before Ray starts: buckets, paths, credentials,
-model and checkpoint. Each failure is one UserError line naming the field and the fix.
+"""Checks that need the outside world, run on the driver: buckets, paths and credentials before Ray starts,
+then the model and checkpoint while it starts. Each failure is one UserError line naming the field and the fix.
 """
 
 from __future__ import annotations
 
 import os
 import uuid
+from typing import TYPE_CHECKING
 
 from pipeline.config import JobConfig
 from pipeline.errors import UserError
-from pipeline.model import ModelSpec, resolve_model
 from pipeline.manifest import BadManifest, check_first_batch, is_manifest, manifest_columns
 from pipeline.storage import Storage, is_s3, join, split_s3
 
 
+if TYPE_CHECKING:
+    from pipeline.model import ModelSpec
+
+
 def preflight(cfg: JobConfig, storage: Storage) -> ModelSpec:
+    check_storage(cfg, storage)
+    return check_model(cfg, storage)
+
+
+def check_storage(cfg: JobConfig, storage: Storage) -> None:
+    """Input, output and mapping locations: quick, so a wrong bucket is refused before anything starts."""
     check_input(cfg.input.uri, storage)
     if cfg.output.uri.rstrip("/") == cfg.input.uri.rstrip("/"):
         raise UserError(f"output.uri: {cfg.output.uri} is the input folder itself; write the predictions to "
@@ -22,6 +32,13 @@ def preflight(cfg: JobConfig, storage: Storage) -> ModelSpec:
     check_output(cfg.output.uri, storage)
     if cfg.privacy.mapping_uri:
         check_mapping(cfg.privacy.mapping_uri, cfg.output.uri, storage)
+
+
+def check_model(cfg: JobConfig, storage: Storage) -> ModelSpec:
+    """The model built once on the CPU: architecture, weights, labels. Imports torch (seconds), so the runner
+    does it while Ray starts."""
+    from pipeline.model import resolve_model
+
     return resolve_model(cfg.model, storage)
 
 

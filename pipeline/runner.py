@@ -15,9 +15,10 @@ import logging
 import os
 import sys
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -34,10 +35,7 @@ from pipeline.output.runs import job_key, job_schema, model_key
 from pipeline.output.sink import StagingSink
 from pipeline.isolation import Isolated, Ledger, LedgerBook
 from pipeline.metrics import RunMetrics
-from pipeline.model import ModelSpec
-from pipeline.detect import Detector
-from pipeline.predict import Classifier
-from pipeline.preflight import preflight
+from pipeline.preflight import check_model, check_storage
 from pipeline.privacy import (PseudonymMap, Pseudonymizer, RowPseudonymizer, load_pseudonymizer,
                               pseudonymized_columns)
 from pipeline.progress import ProgressPrinter, Tally
@@ -45,6 +43,8 @@ from pipeline.read import Reader
 from pipeline.source import InputListing, ListingTally
 from pipeline.storage import Storage, absolute, join
 
+if TYPE_CHECKING:  # the model modules import torch (seconds): the driver does so while Ray starts
+    from pipeline.model import ModelSpec
 
 # Ray merges what a task yields into blocks of up to this many bytes, and an actor takes whole blocks: ~10k
 # listed keys or ~14 photos per block. Ray's default (128 MiB) would hold the listing back until ~1M keys;
@@ -111,12 +111,17 @@ def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float 
                                conditional_writes=cfg.output.conditional_writes)
     pseudonymizer = load_pseudonymizer(cfg.privacy)
     key_id = pseudonymizer.key_id if pseudonymizer else None
-    spec = preflight(cfg, storage)
+    check_storage(cfg, storage)
+    # The model check imports torch and builds the model (seconds) while Ray starts its daemons (seconds).
+    # Ray starts in this thread: the processes it launches are tied to the thread that launched them.
+    with ThreadPoolExecutor(1, thread_name_prefix="model-check") as pool:
+        model_check = pool.submit(check_model, cfg, storage)
+        start_ray(cfg.compute.ray_address)
+        spec = model_check.result()
     schema = job_schema(cfg, spec)
     identity = RunIdentity(job_key=job_key(cfg, spec, key_id), model_key=model_key(cfg, spec), model=spec.name,
                            weights=spec.weights_id, pseudonyms=key_id)
     with open_output(cfg, storage, identity, schema, out) as output:
-        start_ray(cfg.compute.ray_address)
         cluster = read_cluster()
         pool, request = plan_pool(cfg.compute, cluster)
         print(f"  {pool.describe(request)}", file=out, flush=True)
@@ -240,6 +245,9 @@ def _build(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tally,
         # Ray retries a task whose process died 3 times, then fails the job; the ledger bounds it instead.
         dataset = dataset.map_batches(decoder if ledger is None else Isolated(decoder, ledger.for_stage("decode"), "decode"),
                                       batch_size=None, num_cpus=DECODE_CPUS, max_retries=-1)
+    from pipeline.detect import Detector
+    from pipeline.predict import Classifier
+
     stage_kwargs = {"spec": spec, "storage": storage, "precision": compute.precision,
                     "channels_last": compute.channels_last, "num_threads": max(1, int(compute.num_cpus_per_actor)),
                     "decode": None if decode_in_tasks else decoder, "decode_on_device": num_gpus > 0,
