@@ -116,3 +116,22 @@ def test_resize_and_crop_match_torchvision(size):
     expected = transforms.Compose([transforms.Resize(64), transforms.CenterCrop(56), transforms.PILToTensor()])(image)
     got = decode_batch([encode(image, "PNG")])["pixels"][0]
     assert torch.equal(torch.from_numpy(got), expected.permute(1, 2, 0))
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_a_large_jpeg_decodes_at_a_reduced_scale_with_nearly_the_same_pixels(orientation, monkeypatch):
+    """A photo 7.5x the resize target (64) is decoded at 1/2 scale in the DCT: the model's pixels stay within a
+    grey level or so of a full decode, and the row still reports the photo's own (upright) size."""
+    import pipeline.decode as decode
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(photo(640, 480, seed=5), "JPEG", quality=92, exif=exif.tobytes())
+    drafted = decode_batch([data])
+    monkeypatch.setattr(decode, "DRAFT_GAP", 1000)  # never reduced: the full decode
+    full = decode_batch([data])
+    upright = (640, 480) if orientation == 1 else (480, 640)
+    for batch in (drafted, full):
+        assert (batch["image_width"][0], batch["image_height"][0]) == upright
+    difference = np.abs(drafted["pixels"].astype(int) - full["pixels"].astype(int))
+    assert 0 < difference.mean() < 1.5 and difference.max() <= 16
