@@ -17,6 +17,7 @@ taken slowly once.
 
 from __future__ import annotations
 
+import time
 from typing import Callable, Protocol
 
 import numpy as np
@@ -95,6 +96,7 @@ class LedgerBook:
     def __init__(self):
         self.inputs_started = 0  # every start, reruns included: the driver's count of inputs redone
         self.inputs_finished = 0  # every end, as batches finish: the progress line's count before rows reach the driver
+        self.first_finished_at: float | None = None  # wall-clock time the first batch ended (the run's timeline)
         self.open: dict[str, int] = {}  # input -> starts that have not ended
         self.alone: dict[str, str] = {}  # worker -> the input it is handling alone
         self.crashed: dict[str, int] = {}  # input -> process deaths while it was handled alone
@@ -118,6 +120,8 @@ class LedgerBook:
         return 0
 
     def finish(self, worker: str, uris: list[str]) -> None:
+        if self.first_finished_at is None:
+            self.first_finished_at = time.time()
         self.inputs_finished += len(uris)
         for uri in uris:
             self.open.pop(uri, None)

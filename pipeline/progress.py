@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import Counter
@@ -109,4 +110,29 @@ class ProgressPrinter:
             ahead = self.finished()
             done = max(done, min(ahead, listing["listed"]) if listing is not None else ahead)
         return done
+
+
+class Timeline:
+    """When each step of a run was reached, in seconds since its process started: where a short job's time goes
+    (imports, Ray's start, the model check, the first batch, the commit). Written to the run's _summary.json."""
+
+    def __init__(self):
+        self.origin = process_started_at()
+        self.marks: dict[str, float] = {}
+
+    def mark(self, step: str, at: float | None = None) -> None:
+        """`at`: a wall-clock time (time.time()) taken elsewhere, such as in a model actor."""
+        self.marks.setdefault(step, round((at if at is not None else time.time()) - self.origin, 3))
+
+
+def process_started_at() -> float:
+    """This process's start as a wall-clock time (Linux /proc); elsewhere, now."""
+    try:
+        with open(f"/proc/{os.getpid()}/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
 

@@ -38,7 +38,7 @@ from pipeline.metrics import RunMetrics
 from pipeline.preflight import check_model, check_storage
 from pipeline.privacy import (PseudonymMap, Pseudonymizer, RowPseudonymizer, load_pseudonymizer,
                               pseudonymized_columns)
-from pipeline.progress import ProgressPrinter, Tally
+from pipeline.progress import ProgressPrinter, Tally, Timeline
 from pipeline.read import Reader
 from pipeline.source import InputListing, ListingTally
 from pipeline.storage import Storage, absolute, join
@@ -96,6 +96,7 @@ class RunSummary:
     committed: str | None = None  # what the commit wrote, in the format's words ("3 Parquet file(s)", "version 4")
     table_version: int | None = None  # delta: the table version of this run; iceberg: its snapshot id
     metadata_location: str | None = None  # iceberg: the metadata file of that snapshot (DuckDB's iceberg_scan)
+    timeline_s: dict[str, float] = field(default_factory=dict)  # seconds from the process's start to each step
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2)
@@ -104,6 +105,8 @@ class RunSummary:
 def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float | None = None) -> RunSummary:
     """Validate, run (or resume) and commit one job. Raises UserError before any work if it cannot run."""
     out = out or sys.stdout
+    timeline = Timeline()
+    timeline.mark("run_job")
     cfg = with_absolute_paths(cfg)
     s = cfg.storage
     storage = Storage.from_env(s.endpoint_url, s.region, max_attempts=s.max_attempts,
@@ -112,16 +115,20 @@ def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float 
     pseudonymizer = load_pseudonymizer(cfg.privacy)
     key_id = pseudonymizer.key_id if pseudonymizer else None
     check_storage(cfg, storage)
+    timeline.mark("storage_checked")
     # The model check imports torch and builds the model (seconds) while Ray starts its daemons (seconds).
     # Ray starts in this thread: the processes it launches are tied to the thread that launched them.
     with ThreadPoolExecutor(1, thread_name_prefix="model-check") as pool:
         model_check = pool.submit(check_model, cfg, storage)
         start_ray(cfg.compute.ray_address)
+        timeline.mark("ray_ready")
         spec = model_check.result()
+        timeline.mark("model_checked")
     schema = job_schema(cfg, spec)
     identity = RunIdentity(job_key=job_key(cfg, spec, key_id), model_key=model_key(cfg, spec), model=spec.name,
                            weights=spec.weights_id, pseudonyms=key_id)
     with open_output(cfg, storage, identity, schema, out) as output:
+        timeline.mark("output_opened")
         cluster = read_cluster()
         pool, request = plan_pool(cfg.compute, cluster)
         print(f"  {pool.describe(request)}", file=out, flush=True)
@@ -141,12 +148,17 @@ def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float 
         # still on its actor; the driver's rows (the exact counts) arrive a block at a time.
         with ProgressPrinter(tally, lambda: ray.get(listing_tally.get.remote()), out, interval, watch.poll,
                              finished=lambda: ray.get(ledger.model_inputs_finished.remote())):
-            status, message = drain(dataset, sink, tally, cfg, output.lease, rows)
+            status, message = drain(dataset, sink, tally, cfg, output.lease, rows, timeline)
             leftover = sink.release_partial()
             if leftover is not None:
                 tally.add(leftover)
             sink.flush()
+        timeline.mark("last_row")
         record = output.commit(sink) if status == "completed" else None
+        timeline.mark("committed")
+        first_batch_at = ray.get(ledger.model_first_finished_at.remote())
+        if first_batch_at is not None:
+            timeline.mark("first_model_batch", at=first_batch_at)
         listing = ray.get(listing_tally.get.remote())
         watch.poll()
         redone = max(0, ray.get(ledger.model_inputs_started.remote()) - tally.done) if status == "completed" else 0
@@ -170,7 +182,8 @@ def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float 
             dicom_tags_written=written_tags(cfg), pseudonyms=key_id, output_format=cfg.output.format,
             committed=output.table.describe(record) if record else None,
             table_version=(record.get("version", record.get("snapshot_id")) if record else None),
-            metadata_location=record.get("metadata_location") if record else None)
+            metadata_location=record.get("metadata_location") if record else None,
+            timeline_s=dict(sorted(timeline.marks.items(), key=lambda item: item[1])))
         output.write_summary(summary.to_json())
     print_summary(summary, out)
     if status == "stopped":
@@ -179,13 +192,16 @@ def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float 
 
 
 def drain(dataset: ray.data.Dataset, sink: StagingSink, tally: Tally, cfg: JobConfig,
-          lease: OutputLease, prepare: RowPseudonymizer | None = None) -> tuple[str, str | None]:
+          lease: OutputLease, prepare: RowPseudonymizer | None = None,
+          timeline: Timeline | None = None) -> tuple[str, str | None]:
     """Every prediction row into the sink, once; (status, message) at the end or at the error-rate stop.
     `prepare` turns each batch into what is written (pseudonymised) before anything stages or counts it."""
     try:
         metrics = RunMetrics(cfg.output.uri)
         for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
             lease.check()
+            if timeline is not None:
+                timeline.mark("first_row")
             if prepare is not None:
                 batch = prepare(batch)
             inputs, failed = tally.add(sink.add(batch))
@@ -299,6 +315,9 @@ class BatchLedger:
 
     def model_inputs_finished(self) -> int:
         return self.books["model"].inputs_finished
+
+    def model_first_finished_at(self) -> float | None:
+        return self.books["model"].first_finished_at
 
 
 class RayLedger:
