@@ -93,15 +93,24 @@ class LedgerBook:
     the process calling, so an input is blamed only if its process died while handling it alone.
     """
 
-    def __init__(self):
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
         self.inputs_started = 0  # every start, reruns included: the driver's count of inputs redone
         self.inputs_finished = 0  # every end, as batches finish: the progress line's count before rows reach the driver
         self.first_finished_at: float | None = None  # wall-clock time the first batch ended (the run's timeline)
+        self.busy_s = 0.0  # worker-seconds spent inside batches: with the span, how busy the stage's workers were
+        self.batch_started: dict[str, float] = {}  # worker -> when its current batch started
+        self.workers: set[str] = set()
+        self.span: tuple[float, float] | None = None  # first batch start, last batch end
         self.open: dict[str, int] = {}  # input -> starts that have not ended
         self.alone: dict[str, str] = {}  # worker -> the input it is handling alone
         self.crashed: dict[str, int] = {}  # input -> process deaths while it was handled alone
 
     def start(self, worker: str, uris: list[str]) -> bool:
+        now = self.clock()
+        self.batch_started[worker] = now
+        self.workers.add(worker)
+        self.span = (self.span or (now, now))[0], now
         self.inputs_started += len(uris)
         lost_alone = {uri: w for w, uri in self.alone.items()}
         rerun = False
@@ -113,6 +122,13 @@ class LedgerBook:
             self.open[uri] = self.open.get(uri, 0) + 1
         return rerun
 
+    def busy_fraction(self) -> float | None:
+        """Of the time between the first batch's start and the last one's end, the share the workers spent in
+        batches; well below 1, they waited for input (or for their own start)."""
+        if self.span is None or self.span[1] <= self.span[0]:
+            return None
+        return round(self.busy_s / (len(self.workers) * (self.span[1] - self.span[0])), 3)
+
     def begin_input(self, worker: str, uri: str) -> int:
         if uri in self.crashed:
             return self.crashed[uri] + 1  # and the death of its whole batch before
@@ -122,6 +138,10 @@ class LedgerBook:
     def finish(self, worker: str, uris: list[str]) -> None:
         if self.first_finished_at is None:
             self.first_finished_at = time.time()
+        now = self.clock()
+        if worker in self.batch_started:
+            self.busy_s += now - self.batch_started.pop(worker)
+            self.span = (self.span or (now, now))[0], now
         self.inputs_finished += len(uris)
         for uri in uris:
             self.open.pop(uri, None)

@@ -97,6 +97,7 @@ class RunSummary:
     table_version: int | None = None  # delta: the table version of this run; iceberg: its snapshot id
     metadata_location: str | None = None  # iceberg: the metadata file of that snapshot (DuckDB's iceberg_scan)
     timeline_s: dict[str, float] = field(default_factory=dict)  # seconds from the process's start to each step
+    model_busy: float | None = None  # share of their time the model actors spent in batches (below 1: waiting)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2)
@@ -183,7 +184,8 @@ def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float 
             committed=output.table.describe(record) if record else None,
             table_version=(record.get("version", record.get("snapshot_id")) if record else None),
             metadata_location=record.get("metadata_location") if record else None,
-            timeline_s=dict(sorted(timeline.marks.items(), key=lambda item: item[1])))
+            timeline_s=dict(sorted(timeline.marks.items(), key=lambda item: item[1])),
+            model_busy=ray.get(ledger.model_busy_fraction.remote()))
         output.write_summary(summary.to_json())
     print_summary(summary, out)
     if status == "stopped":
@@ -318,6 +320,9 @@ class BatchLedger:
 
     def model_first_finished_at(self) -> float | None:
         return self.books["model"].first_finished_at
+
+    def model_busy_fraction(self) -> float | None:
+        return self.books["model"].busy_fraction()
 
 
 class RayLedger:

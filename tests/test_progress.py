@@ -41,3 +41,15 @@ def test_without_the_model_count_the_line_is_the_driver_count():
     tally = Tally()
     tally.add(rows(5, failed=1))
     assert " 5 done, 1 failed, remaining ?" in printer(tally, None).line()
+
+
+def test_the_ledger_says_how_busy_the_workers_were():
+    now = [0.0]
+    book = LedgerBook(clock=lambda: now[0])
+    assert book.busy_fraction() is None
+    for t, call in ((0, "start w1"), (0, "start w2"), (4, "finish w1"), (6, "start w1"), (10, "finish w1"),
+                    (10, "finish w2")):
+        now[0] = float(t)
+        action, worker = call.split()
+        getattr(book, action)(worker, [f"{worker}-{t}"])
+    assert book.busy_fraction() == round((4 + 4 + 10) / (2 * 10), 3)  # w1 waited 2 s of the 10 between batches
