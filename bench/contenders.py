@@ -13,7 +13,6 @@ import json
 import os
 import re
 import sys
-import threading
 import time
 
 import numpy as np
@@ -27,6 +26,8 @@ sys.path.insert(0, ROOT)
 
 from pipeline.decode import Decoder, Preprocess  # noqa: E402
 from pipeline.storage import Storage  # noqa: E402
+
+from first_file import FirstFile  # noqa: E402
 
 IMAGENET = Preprocess(256, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
@@ -245,31 +246,6 @@ def detector_bound(spec: dict) -> dict:
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
-
-class FirstFile:
-    """Notes when the first output row reaches storage, polling in a thread."""
-
-    def __init__(self, exists):
-        self.exists = exists
-        self.seconds = None
-        self.done = threading.Event()
-
-    def start(self, started: float) -> None:
-        def poll() -> None:
-            while not self.done.is_set() and self.seconds is None:
-                try:
-                    if self.exists():
-                        self.seconds = time.monotonic() - started
-                except (OSError, FileNotFoundError):
-                    pass
-                self.done.wait(0.1)
-
-        threading.Thread(target=poll, daemon=True).start()
-
-    def stop(self) -> float | None:
-        self.done.set()
-        return self.seconds
-
 
 def spilled_mib() -> float:
     """Object-store spilling over the whole Ray session, from the raylet's own log (0 when nothing spilled)."""

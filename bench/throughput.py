@@ -9,6 +9,10 @@ For each model, on the same generated JPEGs (bench/images.py), checkpoint, batch
   ray_recipe  peer 1, Ray Data's documented recipe: read_images -> map (torchvision transforms) ->
               map_batches (predictor class) -> write_parquet;
   torch_loop  peer 2, DataLoader(num_workers=cores) -> model -> pyarrow ParquetWriter;
+  daft        peer 3, Daft 0.7 on its native runner (bench/daft_contender.py), under its own venv
+              (bench/daft-venv.sh, --daft-python): from_glob_path -> download -> decode_image -> the same
+              torchvision preprocessing -> a model class UDF, one instance and one torch thread per core;
+              daft_ray, the same on Daft's Ray runner, runs only when named in --only;
   pipeline    this pipeline, `run_job` from local files to committed Parquet (and, with --s3, from the local
               S3 server to S3).
 Each contender runs in its own process, on N and then on 2N images; its clock starts once its runtime is
@@ -42,11 +46,14 @@ from images import ensure_images  # noqa: E402
 
 
 class MemoryWatch:
-    """Peak RSS (anon + file, MiB) of a process tree, split into the driver, workers and Ray's own daemons."""
+    """Peak RSS (anon + file, MiB) of a process tree, split into the driver, workers and Ray's own daemons;
+    with `pss`, also the peak of the tree's summed PSS (shared pages split between their sharers, so the
+    sum counts each page once: what the tree costs the machine)."""
 
-    def __init__(self, pid: int, interval: float = 0.2):
-        self.pid, self.interval = pid, interval
+    def __init__(self, pid: int, interval: float = 0.2, pss: bool = False):
+        self.pid, self.interval, self.pss = pid, interval, pss
         self.peaks: dict[int, tuple[str, float]] = {}
+        self.pss_peak_mib = 0.0
         self.cpu: dict[int, tuple[str, float]] = {}  # pid -> (process title, CPU-seconds so far)
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -61,12 +68,15 @@ class MemoryWatch:
 
     def _run(self) -> None:
         while not self.done.is_set():
-            for pid in self._tree():
+            tree = self._tree()
+            for pid in tree:
                 sample = _rss_mib(pid)
                 if sample is not None:
                     role = self._role(pid)
                     self.peaks[pid] = (role, max(sample, self.peaks.get(pid, (role, 0.0))[1]))
                     self.cpu[pid] = _cpu_seconds(pid) or self.cpu.get(pid, ("", 0.0))
+            if self.pss:
+                self.pss_peak_mib = max(self.pss_peak_mib, sum(_pss_mib(pid) for pid in tree))
             self.done.wait(self.interval)
 
     def _tree(self) -> list[int]:
@@ -131,6 +141,14 @@ def _rss_mib(pid: int) -> float | None:
         return None
 
 
+def _pss_mib(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("Pss:")) / 1024
+    except (OSError, StopIteration, ValueError):
+        return 0.0  # gone, or a kernel thread
+
+
 class GpuWatch:
     """Mean GPU utilisation while a contender runs (nvidia-smi sampled every 200 ms); None without a GPU."""
 
@@ -169,7 +187,13 @@ def make_model(model: str, folder: str) -> tuple[str, str]:
     return checkpoint, labels
 
 
-def run_contender(name: str, spec: dict, work: str, env: dict | None = None) -> dict:
+def contender_argv(name: str, spec_path: str, result_path: str, python: str = sys.executable) -> list[str]:
+    """The command that runs one contender: Daft's under its own venv's python (bench/daft_contender.py)."""
+    script = "daft_contender.py" if name.startswith("daft") else "contenders.py"
+    return [python, os.path.join(BENCH, script), name, spec_path, result_path]
+
+
+def run_contender(name: str, spec: dict, work: str, env: dict | None = None, python: str = sys.executable) -> dict:
     spec_path, result_path = os.path.join(work, f"{name}.spec.json"), os.path.join(work, f"{name}.result.json")
     with open(spec_path, "w") as f:
         json.dump(spec, f)
@@ -177,7 +201,7 @@ def run_contender(name: str, spec: dict, work: str, env: dict | None = None) -> 
         os.remove(result_path)
     gpu = GpuWatch(spec["device"] == "cuda")
     time.sleep(2)  # let the previous contender's Ray processes wind down
-    proc = subprocess.Popen([sys.executable, os.path.join(BENCH, "contenders.py"), name, spec_path, result_path],
+    proc = subprocess.Popen(contender_argv(name, spec_path, result_path, python),
                             env={**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})}, cwd=ROOT)
     with MemoryWatch(proc.pid) as memory:
         code = proc.wait()
@@ -235,6 +259,7 @@ def table(model: str, spec: dict, results: dict[str, dict]) -> str:
              + ("" if cpu else " | GPU util %") + " |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("" if cpu else "---:|")]
     names = {"ray_recipe": "peer 1: Ray Data recipe", "torch_loop": "peer 2: DataLoader loop",
+             "daft": "peer 3: Daft 0.7 (native)", "daft_ray": "peer 3: Daft 0.7 (Ray runner)",
              "pipeline": "this pipeline (local files)", "pipeline_s3": "this pipeline (S3 server -> S3)"}
     for name, label in names.items():
         if name not in results:
@@ -263,6 +288,22 @@ def versions() -> str:
             f"{torchvision.__version__}, pyarrow {pyarrow.__version__}, Pillow {PIL.__version__}")
 
 
+def daft_python(path: str) -> str | None:
+    """The Daft venv's python (relative paths from the repo root), or None with a note when it is missing."""
+    path = os.path.join(ROOT, path)
+    if os.access(path, os.X_OK):
+        return path
+    print(f"note: no Daft venv at {path} (make it with bench/daft-venv.sh); skipping peer 3, Daft", flush=True)
+    return None
+
+
+def daft_versions(python: str) -> str:
+    probe = ("import daft, pyarrow, ray, torch, torchvision, PIL; print(f'Daft {daft.__version__}, Ray "
+             "{ray.__version__}, pyarrow {pyarrow.__version__}, torch {torch.__version__}, torchvision "
+             "{torchvision.__version__}, Pillow {PIL.__version__}')")
+    return "Daft's venv: " + subprocess.run([python, "-c", probe], capture_output=True, text=True).stdout.strip()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["mobilenet_v3_small", "resnet18"])
@@ -272,12 +313,16 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--s3", action=argparse.BooleanOptionalAction, default=None,
                         help="also run this pipeline from the local S3 server to S3 (default: on CPU machines)")
-    parser.add_argument("--only", nargs="+", help="run only these contenders (bounds always runs)")
+    parser.add_argument("--only", nargs="+", help="run only these contenders (bounds always runs): ray_recipe, "
+                        "torch_loop, daft, pipeline, pipeline_s3, and daft_ray (Daft's Ray runner: only when named)")
+    parser.add_argument("--daft-python", default=os.path.join(".venv-daft", "bin", "python"),
+                        help="the python of Daft's own venv (bench/daft-venv.sh); Daft is skipped without it")
     parser.add_argument("--data", default=os.path.join(tempfile.gettempdir(), "pipeline-bench"),
                         help="where generated images and checkpoints are kept between runs")
     args = parser.parse_args()
     if args.s3 is None:
         args.s3 = args.device == "cpu"
+    daft_py = daft_python(args.daft_python) if not args.only or {"daft", "daft_ray"} & set(args.only) else None
 
     sizes = (args.images, 2 * args.images)
     folders = {n: os.path.join(args.data, f"images-{n}") for n in sizes}
@@ -299,11 +344,13 @@ def main() -> None:
                     "device": args.device, "precision": args.precision, "cores": os.cpu_count(),
                     "channels_last": True}
             sized = {n: {**spec, "images": paths[n], "images_count": n, "input": folders[n]} for n in sizes}
-            wanted = ["ray_recipe", "torch_loop", "pipeline"] + (["pipeline_s3"] if args.s3 else [])
+            wanted = (["ray_recipe", "torch_loop"] + (["daft", "daft_ray"] if daft_py else []) + ["pipeline"]
+                      + (["pipeline_s3"] if args.s3 else []))
             results = {"bounds": run_contender("bounds", sized[sizes[0]], work)}
             for name in wanted:
-                if not args.only or name in args.only:
-                    results[name] = measure(name, model, sized, work)
+                if name in (args.only or set(wanted) - {"daft_ray"}):
+                    python = daft_py if name.startswith("daft") else sys.executable
+                    results[name] = measure(name, model, sized, work, python=python)
             # The machine is shared and noisy: the bounds are measured again at the end and the best kept.
             results["bounds"] = best_bounds(results["bounds"], run_contender("bounds", sized[sizes[0]], work))
             tables.append(table(model, sized[sizes[0]], results))
@@ -312,11 +359,11 @@ def main() -> None:
             server.__exit__(None, None, None)
         shutil.rmtree(work, ignore_errors=True)
     print(f"\n{date.today().isoformat()}, {os.cpu_count()} cores, {platform.processor() or platform.machine()}; "
-          f"{versions()}\n")
+          f"{versions()}" + (f"; {daft_versions(daft_py)}" if daft_py else "") + "\n")
     print("\n\n".join(tables))
 
 
-def measure(name: str, model: str, sized: dict[int, dict], work: str) -> dict:
+def measure(name: str, model: str, sized: dict[int, dict], work: str, python: str = sys.executable) -> dict:
     """Runs on N and on 2N images: end to end on N, and steady state from the difference, which cancels
     every fixed cost (workers starting, models loading) the same way for every contender."""
     runs = {}
@@ -324,7 +371,7 @@ def measure(name: str, model: str, sized: dict[int, dict], work: str) -> dict:
         run_spec = {**spec, "output": os.path.join(work, f"out-{model}-{name}-{n}")}
         if name == "pipeline_s3":
             run_spec.update(input=f"s3://bench/images-{n}/", output=f"s3://bench-out/{model}-{n}/")
-        runs[n] = run_contender("pipeline" if name == "pipeline_s3" else name, run_spec, work)
+        runs[n] = run_contender("pipeline" if name == "pipeline_s3" else name, run_spec, work, python=python)
         if runs[n]["images"] != n:
             raise SystemExit(f"{name} wrote {runs[n]['images']} rows for {n} images")
         print(f"{model} {name}: {n} images in {runs[n]['seconds']:.1f}s; CPU-seconds by process: "
