@@ -71,7 +71,7 @@ def main() -> None:
         for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
             if first is None:
                 first = time.monotonic() - started
-                at_first = ray.get(tally.get.remote())
+                at_first = ray.get(tally.listing_get.remote())
             rows += batch.num_rows
         total = time.monotonic() - started
         if os.environ.get("BENCH_STATS"):

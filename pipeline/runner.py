@@ -40,7 +40,7 @@ from pipeline.privacy import (PseudonymMap, Pseudonymizer, RowPseudonymizer, loa
                               pseudonymized_columns)
 from pipeline.progress import ProgressPrinter, Tally, Timeline
 from pipeline.read import Reader
-from pipeline.source import InputListing, ListingTally
+from pipeline.source import InputListing, ListingCounts
 from pipeline.storage import Storage, absolute, join
 
 if TYPE_CHECKING:  # the model modules import torch (seconds): the driver does so while Ray starts
@@ -133,9 +133,8 @@ def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float 
         cluster = read_cluster()
         pool, request = plan_pool(cfg.compute, cluster)
         print(f"  {pool.describe(request)}", file=out, flush=True)
-        listing_tally = ListingTally.options(scheduling_strategy=on_driver_node()).remote()
         ledger = BatchLedger.options(scheduling_strategy=on_driver_node()).remote()
-        dataset = build_dataset(cfg, spec, storage, listing_tally, output.history(pseudonymizer), pool,
+        dataset = build_dataset(cfg, spec, storage, ledger, output.history(pseudonymizer), pool,
                                 RayLedger(ledger))
         mapping = PseudonymMap(storage, cfg.privacy.mapping_uri, output.run_id) if cfg.privacy.mapping_uri else None
         sink = output.sink({"model": spec.name, "weights": spec.weights_id, "run_id": output.run_id},
@@ -147,7 +146,7 @@ def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float 
         watch = ClusterWatch(request, cluster.node_types)
         # The model actors report each batch as it ends, so the line moves even while a small job's one block is
         # still on its actor; the driver's rows (the exact counts) arrive a block at a time.
-        with ProgressPrinter(tally, lambda: ray.get(listing_tally.get.remote()), out, interval, watch.poll,
+        with ProgressPrinter(tally, lambda: ray.get(ledger.listing_get.remote()), out, interval, watch.poll,
                              finished=lambda: ray.get(ledger.model_inputs_finished.remote())):
             status, message = drain(dataset, sink, tally, cfg, output.lease, rows, timeline)
             leftover = sink.release_partial()
@@ -160,7 +159,7 @@ def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float 
         first_batch_at = ray.get(ledger.model_first_finished_at.remote())
         if first_batch_at is not None:
             timeline.mark("first_model_batch", at=first_batch_at)
-        listing = ray.get(listing_tally.get.remote())
+        listing = ray.get(ledger.listing_get.remote())
         watch.poll()
         redone = max(0, ray.get(ledger.model_inputs_started.remote()) - tally.done) if status == "completed" else 0
         run = output.run
@@ -294,13 +293,14 @@ def tasks_in_flight(spec: ModelSpec, num_gpus: float) -> int | None:
 
 
 @ray.remote(num_cpus=0)
-class BatchLedger:
+class BatchLedger(ListingCounts):
     """Inputs the model actors (and decode tasks) start and end, kept on the driver's node: which inputs kill their
     process (isolation.py), and how many inputs the model actors started, lost ones included. That is more than the
     driver receives when a node or an actor died with batches (running, or done but not yet handed on) that Ray
-    then ran again."""
+    then ran again. It also keeps the listing's counts: one actor, not two (each is a process that imports Ray)."""
 
     def __init__(self):
+        super().__init__()
         self.books = {"model": LedgerBook(), "decode": LedgerBook()}
 
     def start(self, stage: str, worker: str, uris: list[str]) -> bool:

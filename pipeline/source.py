@@ -22,27 +22,30 @@ from pipeline.rows import SOURCE_SCHEMA
 from pipeline.storage import ObjectInfo, Storage, extension
 
 
-@ray.remote(num_cpus=0)
-class ListingTally:
-    """How many inputs the listing has produced, skipped and found already done, and whether it has finished."""
+class ListingCounts:
+    """How many inputs the listing has produced, skipped and found already done, and whether it has finished.
+    Kept in a small actor on the driver's node (runner.BatchLedger, which keeps the model's counts too)."""
 
     def __init__(self):
         self.listed = 0
         self.skipped = 0
         self.already_done = 0
-        self.done = False
+        self.listing_done = False
 
-    def add(self, listed: int, skipped: int, already_done: int = 0) -> None:
+    def listing_add(self, listed: int, skipped: int, already_done: int = 0) -> None:
         self.listed += listed
         self.skipped += skipped
         self.already_done += already_done
 
-    def finish(self) -> None:
-        self.done = True
+    def listing_finished(self) -> None:
+        self.listing_done = True
 
-    def get(self) -> dict:
+    def listing_get(self) -> dict:
         return {"listed": self.listed, "skipped": self.skipped, "already_done": self.already_done,
-                "done": self.done}
+                "done": self.listing_done}
+
+
+ListingTally = ray.remote(num_cpus=0)(ListingCounts)  # on its own, for a dataset built without the runner
 
 
 class InputListing(Datasource):
@@ -84,11 +87,11 @@ class InputListing(Datasource):
             wanted = [o for o in candidates if self._has_wanted_extension(o)]
             todo = done.todo(wanted)
             if self.tally is not None:
-                self.tally.add.remote(len(todo), len(candidates) - len(wanted), len(wanted) - len(todo))
+                self.tally.listing_add.remote(len(todo), len(candidates) - len(wanted), len(wanted) - len(todo))
             if todo:
                 yield to_block(todo)
         if self.tally is not None:
-            ray.get(self.tally.finish.remote())
+            ray.get(self.tally.listing_finished.remote())
 
     def pages(self) -> Iterator[list[ObjectInfo]]:
         if is_manifest(self.uri):
