@@ -315,6 +315,8 @@ def _walk_files(root: str, seen: set[str] | None = None, quote_paths: bool = Tru
     try:
         with os.scandir(root) as it:
             entries = sorted(it, key=lambda e: e.name)
+    except FileNotFoundError:  # not there (an output's _staging/ before its first run), or gone since its parent
+        return
     except OSError as exc:
         logger.warning("skipping unreadable folder %s (%s)", printable(root) if quote_paths else "<input folder>",
                        exc.strerror)
