@@ -61,6 +61,29 @@ class Tally:
                          f"common: {common}. Fix the inputs, or raise errors.max_error_rate in the job spec")
 
 
+class ListingCounts:
+    """How many inputs the listing has produced, skipped and found already done, and whether it has finished.
+    Kept in a small actor on the driver's node (runner.BatchLedger, which keeps the model's counts too)."""
+
+    def __init__(self):
+        self.listed = 0
+        self.skipped = 0
+        self.already_done = 0
+        self.listing_done = False
+
+    def listing_add(self, listed: int, skipped: int, already_done: int = 0) -> None:
+        self.listed += listed
+        self.skipped += skipped
+        self.already_done += already_done
+
+    def listing_finished(self) -> None:
+        self.listing_done = True
+
+    def listing_get(self) -> dict:
+        return {"listed": self.listed, "skipped": self.skipped, "already_done": self.already_done,
+                "done": self.listing_done}
+
+
 class ProgressPrinter:
     """Prints a line of counts every `interval` seconds from a background thread."""
 

@@ -33,14 +33,15 @@ from pipeline.output.history import History
 from pipeline.output.lease import OutputLease
 from pipeline.output.runs import job_key, job_schema, model_key
 from pipeline.output.sink import StagingSink
-from pipeline.isolation import Isolated, Ledger, LedgerBook
+from pipeline.isolation import Isolated, Ledger
+from pipeline.ledger import BatchLedger, RayLedger
 from pipeline.metrics import RunMetrics
 from pipeline.preflight import check_model, check_storage
 from pipeline.privacy import (PseudonymMap, Pseudonymizer, RowPseudonymizer, load_pseudonymizer,
                               pseudonymized_columns)
 from pipeline.progress import ProgressPrinter, Tally, Timeline
 from pipeline.read import Reader
-from pipeline.source import InputListing, ListingCounts
+from pipeline.source import InputListing
 from pipeline.storage import Storage, absolute, join
 
 if TYPE_CHECKING:  # the model modules import torch (seconds): the driver does so while Ray starts
@@ -294,65 +295,6 @@ def tasks_in_flight(spec: ModelSpec, num_gpus: float) -> int | None:
     a queue only piles a small job's few blocks onto one actor while the others idle: one at a time there.
     Elsewhere Ray's default queue hides the hand-off between blocks."""
     return 1 if spec.task == "detection" and num_gpus == 0 else None
-
-
-@ray.remote(num_cpus=0)
-class BatchLedger(ListingCounts):
-    """Inputs the model actors (and decode tasks) start and end, kept on the driver's node: which inputs kill their
-    process (isolation.py), and how many inputs the model actors started, lost ones included. That is more than the
-    driver receives when a node or an actor died with batches (running, or done but not yet handed on) that Ray
-    then ran again. It also keeps the listing's counts: one actor, not two (each is a process that imports Ray)."""
-
-    def __init__(self):
-        super().__init__()
-        self.books = {"model": LedgerBook(), "decode": LedgerBook()}
-
-    def start(self, stage: str, worker: str, uris: list[str]) -> bool:
-        return self.books[stage].start(worker, uris)
-
-    def begin_input(self, stage: str, worker: str, uri: str) -> int:
-        return self.books[stage].begin_input(worker, uri)
-
-    def finish(self, stage: str, worker: str, uris: list[str]) -> None:
-        self.books[stage].finish(worker, uris)
-
-    def model_inputs_started(self) -> int:
-        return self.books["model"].inputs_started
-
-    def model_inputs_finished(self) -> int:
-        return self.books["model"].inputs_finished
-
-    def model_first_finished_at(self) -> float | None:
-        return self.books["model"].first_finished_at
-
-    def model_busy_fraction(self) -> float | None:
-        return self.books["model"].busy_fraction()
-
-
-class RayLedger:
-    """The ledger as the stages see it (they know nothing of Ray), calling from the worker process it runs in.
-    `start` waits for its answer, so the driver's final count has every batch started; `finish` need not wait
-    (Ray keeps one caller's calls in order)."""
-
-    def __init__(self, actor, stage: str = "model"):
-        self.actor = actor
-        self.stage = stage
-
-    def for_stage(self, stage: str) -> "RayLedger":
-        return RayLedger(self.actor, stage)
-
-    @staticmethod
-    def worker() -> str:
-        return ray.get_runtime_context().get_worker_id()
-
-    def start(self, uris: list[str]) -> bool:
-        return ray.get(self.actor.start.remote(self.stage, self.worker(), uris))
-
-    def begin_input(self, uri: str) -> int:
-        return ray.get(self.actor.begin_input.remote(self.stage, self.worker(), uri))
-
-    def finish(self, uris: list[str]) -> None:
-        self.actor.finish.remote(self.stage, self.worker(), uris)
 
 
 def on_driver_node() -> NodeAffinitySchedulingStrategy:

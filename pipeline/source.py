@@ -17,32 +17,10 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.output.history import History
+from pipeline.progress import ListingCounts
 from pipeline.manifest import is_manifest, read_manifest
 from pipeline.rows import SOURCE_SCHEMA
 from pipeline.storage import ObjectInfo, Storage, extension
-
-
-class ListingCounts:
-    """How many inputs the listing has produced, skipped and found already done, and whether it has finished.
-    Kept in a small actor on the driver's node (runner.BatchLedger, which keeps the model's counts too)."""
-
-    def __init__(self):
-        self.listed = 0
-        self.skipped = 0
-        self.already_done = 0
-        self.listing_done = False
-
-    def listing_add(self, listed: int, skipped: int, already_done: int = 0) -> None:
-        self.listed += listed
-        self.skipped += skipped
-        self.already_done += already_done
-
-    def listing_finished(self) -> None:
-        self.listing_done = True
-
-    def listing_get(self) -> dict:
-        return {"listed": self.listed, "skipped": self.skipped, "already_done": self.already_done,
-                "done": self.listing_done}
 
 
 ListingTally = ray.remote(num_cpus=0)(ListingCounts)  # on its own, for a dataset built without the runner
