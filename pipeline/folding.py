@@ -6,7 +6,8 @@ ResNet's or a MobileNet's forward time (docs/performance.md). Results agree to f
 The pairs are found by tracing the model with torch.fx, so a block that calls `self.bn1(self.conv1(x))` is
 found as surely as one built from nn.Sequential; the model itself keeps its modules and their names (the
 folded batch norm becomes nn.Identity), so forward hooks (embedding.py) and state dicts still line up. A model
-fx cannot trace (detectors, with their data-dependent control flow) is left as it is.
+fx cannot trace (detectors, with their data-dependent control flow) is left as it is. Tracing runs forward()'s
+Python once, so the model stage folds torchvision's own classifiers only, never a custom `module:build_fn`.
 """
 
 from __future__ import annotations

@@ -51,7 +51,9 @@ class ModelStage:
         self.autocast_dtype = _AUTOCAST.get(precision) if self.device.type == "cuda" else None
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = build_model(spec, storage)
-        if spec.task == "classification":  # detectors cannot be traced, and their norms are frozen already
+        # Folding traces forward(), running its Python: torchvision's own classifiers only, whose forward has no
+        # side effects (a custom model's may count or log calls). Detectors trace no better, their norms frozen.
+        if spec.task == "classification" and ":" not in spec.name:
             fold_batch_norms(self.model, keep=frozenset({spec.embedding.layer}) - {None})
         self.model = self.model.to(self.device, memory_format=self.memory_format)
         self.tap = (EmbeddingTap(self.model, spec.task, spec.embedding.layer, spec.embedding.normalize)

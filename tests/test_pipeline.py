@@ -131,6 +131,15 @@ def test_local_round_trip_readers_see_exactly_the_rows(tmp_path, classifier_file
     schema = pq.read_schema(summary.files[0]["uri"])
     assert schema.field("topk_scores").type == pa.list_(pa.float32())
     assert pq.ParquetFile(summary.files[0]["uri"]).metadata.row_group(0).column(0).compression == "ZSTD"
+    # Where the run's time went, as the README promises: each step once; the driver's own in the order it
+    # reaches them (the first model batch is timed by the ledger actor, in its own process).
+    timeline = json.loads((out / "_summary.json").read_text())["timeline_s"]
+    driver_steps = ["run_job", "storage_checked", "ray_ready", "model_checked", "output_opened", "first_row",
+                    "last_row", "committed"]
+    assert set(timeline) == {*driver_steps, "first_model_batch"}
+    assert [timeline[step] for step in driver_steps] == sorted(timeline[step] for step in driver_steps)
+    assert timeline["output_opened"] <= timeline["first_model_batch"] <= timeline["last_row"] + 5
+    assert 0 < summary.model_busy <= 1
 
 
 def test_predictions_equal_a_direct_model_call(tmp_path, classifier_files):
