@@ -1,4 +1,5 @@
-"""Command line: `pipeline run [JOB.yaml] [--flags]`, `pipeline submit JOB.yaml --address URL` and `pipeline demo`.
+"""Command line: `pipeline run [JOB.yaml] [--flags]`, `pipeline submit JOB.yaml --address URL`, `pipeline report
+OUTPUT`, `pipeline runs OUTPUT` and `pipeline demo`.
 
 A problem the user can fix (UserError) is one line on stderr and exit code 2; a job that stopped itself
 on its error-rate threshold exits 1 after printing what it did.
@@ -28,6 +29,20 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--address", help="the cluster's dashboard, http://HEAD:8265 (default RAY_ADDRESS)")
     submit.add_argument("--no-wait", action="store_true", help="submit and return without following the job")
 
+    report = commands.add_parser("report", help="an HTML page about a committed run: labels, scores, errors, "
+                                                "thumbnails, throughput; --against: what changed since another run")
+    add_output_flags(report)
+    report.add_argument("--run", metavar="RUN_ID", help="the run to report (default: the latest committed run)")
+    report.add_argument("--against", metavar="RUN_ID", help="compare with this earlier run: inputs whose label changed")
+    report.add_argument("-o", "--out", metavar="FILE.html", help="where to write the page (default: "
+                                                                  "report-<run id>.html here)")
+
+    runs = commands.add_parser("runs", help="an output's history: committed runs, a run in progress or "
+                                            "interrupted, and what the next run would do (no Ray)")
+    add_output_flags(runs)
+    runs.add_argument("--no-listing", action="store_true",
+                      help="skip listing the input to say how many inputs the next run would predict")
+
     demo = commands.add_parser("demo", help="train a digits CNN, serve images from a local S3, run a job")
     demo.add_argument("--keep", metavar="DIR", help="also copy the Parquet output to this local folder")
     return parser
@@ -54,6 +69,14 @@ def add_job_flags(run: argparse.ArgumentParser) -> None:
                           "Hive-style folders modality=CT/")
 
 
+def add_output_flags(command: argparse.ArgumentParser) -> None:
+    command.add_argument("output", help="a job's output.uri: a folder or table location, local or s3://")
+    command.add_argument("--catalog", metavar="KEY=VALUE", action="append",
+                         help="iceberg with its catalog elsewhere: the job's output.catalog, one property per flag "
+                              "(--catalog type=sql --catalog uri=sqlite:////path/catalog.db)")
+    command.add_argument("--table", default="default.predictions", help="iceberg: the table's namespace.name")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if "" not in sys.path and os.getcwd() not in sys.path:
@@ -63,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         if args.command == "submit":
             return _submit(args)
+        if args.command in ("report", "runs"):
+            return _report(args) if args.command == "report" else _runs(args)
         from pipeline.demo import run_demo
         return run_demo(keep=args.keep)
     except UserError as exc:
@@ -88,6 +113,43 @@ def _submit(args: argparse.Namespace) -> int:
     from pipeline.submit import submit
 
     return submit(args.spec, _overrides(args), args.address, sys.stdout, wait=not args.no_wait)
+
+
+def _open_output(args: argparse.Namespace):
+    from pipeline.report.outputs import open_output_for_reading
+    from pipeline.storage import Storage
+
+    catalog = None
+    if args.catalog:
+        pairs = [item.partition("=") for item in args.catalog]
+        if any(not key or not sep for key, sep, _ in pairs):
+            raise UserError("--catalog: give each catalog property as KEY=VALUE, e.g. --catalog type=sql")
+        catalog = {key: value for key, _, value in pairs}
+    return open_output_for_reading(Storage.from_env(), args.output, catalog, args.table)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pipeline.report import build_report
+    from pipeline.report.outputs import find_run
+
+    table = _open_output(args)
+    run_id = find_run(table, args.run)["run_id"]
+    html = build_report(table, run_id, args.against)
+    path = args.out or f"report-{run_id}.html"
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(html)
+    except OSError as exc:
+        raise UserError(f"-o {path}: cannot write the report ({exc.strerror}); choose a writable path") from None
+    print(f"Report on run {run_id} written to {path} ({len(html.encode()) / 1e6:.1f} MB)")
+    return 0
+
+
+def _runs(args: argparse.Namespace) -> int:
+    from pipeline.report.runs import print_runs
+
+    print_runs(_open_output(args), sys.stdout, next_run=not args.no_listing)
+    return 0
 
 
 def _overrides(args: argparse.Namespace) -> dict:

@@ -39,7 +39,7 @@ from pipeline.metrics import RunMetrics
 from pipeline.preflight import check_model, check_storage
 from pipeline.privacy import (PseudonymMap, Pseudonymizer, RowPseudonymizer, load_pseudonymizer,
                               pseudonymized_columns)
-from pipeline.progress import ProgressPrinter, Tally, Timeline
+from pipeline.progress import ProgressPrinter, ProgressSamples, Tally, Timeline
 from pipeline.read import Reader
 from pipeline.source import InputListing
 from pipeline.storage import Storage, absolute, join
@@ -147,19 +147,21 @@ def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float 
                            before_chunk=mapping.flush if mapping else None)
         rows = row_pseudonymizer(cfg, schema, pseudonymizer, mapping)
         tally = Tally()
-        interval = progress_interval or (2.0 if out.isatty() else 5.0)
+        samples = ProgressSamples()
+        interval = progress_interval or (0.5 if out.isatty() else 5.0)
         watch = ClusterWatch(request, cluster.node_types)
         # The model actors report each batch as it ends, so the line moves even while a small job's one block is
         # still on its actor; the driver's rows (the exact counts) arrive a block at a time.
         with ProgressPrinter(tally, lambda: ray.get(ledger.listing_get.remote()), out, interval, watch.poll,
                              finished=lambda: ray.get(ledger.model_inputs_finished.remote())):
-            status, message = drain(dataset, sink, tally, cfg, output.lease, rows, timeline)
+            status, message = drain(dataset, sink, tally, cfg, output.lease, rows, timeline, samples)
             leftover = sink.release_partial()
             if leftover is not None:
                 tally.add(leftover)
             sink.flush()
         timeline.mark("last_row")
-        record = output.commit(sink) if status == "completed" else None
+        progress = samples.record(tally.elapsed, tally.rows)
+        record = output.commit(sink, progress) if status == "completed" else None
         timeline.mark("committed")
         first_batch_at = ray.get(ledger.model_first_finished_at.remote())
         if first_batch_at is not None:
@@ -199,7 +201,7 @@ def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float 
 
 def drain(dataset: ray.data.Dataset, sink: StagingSink, tally: Tally, cfg: JobConfig,
           lease: OutputLease, prepare: RowPseudonymizer | None = None,
-          timeline: Timeline | None = None) -> tuple[str, str | None]:
+          timeline: Timeline | None = None, samples: ProgressSamples | None = None) -> tuple[str, str | None]:
     """Every prediction row into the sink, once; (status, message) at the end or at the error-rate stop.
     `prepare` turns each batch into what is written (pseudonymised) before anything stages or counts it."""
     try:
@@ -211,6 +213,8 @@ def drain(dataset: ray.data.Dataset, sink: StagingSink, tally: Tally, cfg: JobCo
             if prepare is not None:
                 batch = prepare(batch)
             inputs, failed = tally.add(sink.add(batch))
+            if samples is not None:
+                samples.observe(tally.elapsed, tally.rows)
             metrics.record(inputs, failed, tally.rate)
             tally.check_error_rate(cfg.errors.max_error_rate, cfg.errors.min_inputs)
     except JobStopped as exc:

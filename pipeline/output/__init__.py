@@ -157,8 +157,9 @@ class Output:
                            schema=self.schema, before_chunk=before_chunk, stats=self.stats)
 
     # --- commit ----------------------------------------------------------------------------------------
-    def commit(self, sink: StagingSink) -> dict:
-        """The staged rows become visible as one version of the output; the staging is dropped after."""
+    def commit(self, sink: StagingSink, progress: dict | None = None) -> dict:
+        """The staged rows become visible as one version of the output; the staging is dropped after.
+        `progress`: how this attempt went (elapsed_s, images_per_s, progress samples), kept in the run's record."""
         self.lease.check()
         run, info = self.run, self.run.info
         chunks = run.chunks + sink.written
@@ -167,10 +168,11 @@ class Output:
             print("note: the backfill found no inputs, so it replaces nothing; the earlier output stays", file=self.out)
             overwrite = False
         record = {"format": FORMAT, "run_id": run.run_id, "mode": "overwrite" if overwrite else "append",
-                  "output_format": self.table.name, "input": info.input, "model": info.model, "weights": info.weights,
+                  "output_format": self.table.name, "input": info.input, "extensions": self.cfg.input.extensions,
+                  "model": info.model, "weights": info.weights,
                   "model_key": info.model_key, "job_key": info.job_key, "pseudonyms": info.pseudonyms,
                   **self.stats.as_record(), "started_at": info.started_at, "attempts": info.attempts,
-                  "committed_at": now_precise()}
+                  "committed_at": now_precise(), **(progress or {})}
         layout = Partitioning(run_date=info.started_at[:10] if self.cfg.output.partitioning == "run_date" else None,
                               column=partition_column(self.cfg))
         committed = self.table.commit(Commit(

@@ -288,3 +288,28 @@ class OutputLease:
             self.storage.s3_probe_client.delete_object(Bucket=bucket, Key=key, IfMatch=self._etag)
         except (ClientError, BotoCoreError):
             pass  # someone else holds it now, or it expires on its own
+
+
+def lease_status(storage: Storage, output_uri: str) -> str:
+    """Who holds the output now, in words, without taking anything (`pipeline runs`)."""
+    if not is_s3(output_uri):
+        import fcntl
+
+        path = join(output_uri, "_lock")
+        if not os.path.exists(path):
+            return "free"
+        with open(path, "rb") as lock:
+            try:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = Holder.from_bytes(lock.read(4096))
+                return f"held by {holder.describe() if holder else 'a running job'}"
+        return "free"
+    current = OutputLease(storage, output_uri, run_id="")._read()
+    if current is None:
+        return "free"
+    holder, _, age = current
+    who = holder.describe() if holder else "an unreadable holder"
+    if age > LEASE_TTL_S or (holder is not None and holder.died_here()):
+        return f"expired: last held by {who}; the next run takes it over"
+    return f"held by {who}"

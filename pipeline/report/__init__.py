@@ -1,0 +1,126 @@
+"""`pipeline report OUTPUT`: one self-contained HTML page about a committed run (its facts and provenance,
+labels and scores, errors with examples, a contact sheet of thumbnails, its throughput, and with `--against`
+the inputs whose label changed since another run). Reads the output as any reader would, without Ray.
+
+    outputs.py     which format an output is, its runs, a run's rows a batch at a time
+    facts.py       one streaming pass over a run's rows: counts, score bins, samples (bounded memory)
+    thumbnails.py  samples fetched from the input storage, upright, small, boxes drawn, DICOM windowed
+    charts.py      matplotlib charts as inline SVG
+    report.html.j2 the page (jinja2, autoescaped: URIs, labels and messages are data, never markup)
+    runs.py        `pipeline runs OUTPUT`: the output's history as text
+
+Why these libraries: matplotlib draws static charts to SVG that embed in the page with no script and no
+network (plotly would add ~3.5 MB of JavaScript to every report); jinja2 keeps the page's markup in one
+template with escaping on by default.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from datetime import datetime, timezone
+
+from pipeline.output.formats import OutputFormat
+from pipeline.report import charts
+from pipeline.report.facts import COLUMNS, Changes, RunFacts, Sample, compare, gather
+from pipeline.report.outputs import find_run, run_rows
+from pipeline.report.thumbnails import thumbnails
+
+SHEET_LABELS = 12  # labels on the contact sheet and in the score chart; the bar chart shows LABEL_BARS
+LABEL_BARS = 25
+CHANGE_PAIRS = 20
+
+
+def build_report(table: OutputFormat, run_id: str | None = None, against: str | None = None) -> str:
+    """The HTML of the report on `run_id` (the latest committed run by default)."""
+    from jinja2 import Environment, PackageLoader, select_autoescape
+
+    record = find_run(table, run_id)
+    facts = gather(run_rows(table, record["run_id"], COLUMNS))
+    changes = None
+    if against is not None:
+        earlier = find_run(table, against, flag="--against")
+        columns = ["uri", "frame", "error_type", "label", "topk_labels", "detections", "image_width", "image_height"]
+        changes = (earlier["run_id"], compare(run_rows(table, earlier["run_id"], columns),
+                                              run_rows(table, record["run_id"], columns)))
+    env = Environment(loader=PackageLoader("pipeline", "report"), autoescape=select_autoescape(["j2", "html"]))
+    return env.get_template("report.html.j2").render(**page(table, record, facts, changes))
+
+
+def page(table: OutputFormat, record: dict, facts: RunFacts, changes: tuple[str, Changes] | None) -> dict:
+    withheld = bool(record.get("pseudonyms"))
+    sheet_labels = facts.top_labels(SHEET_LABELS)
+    samples = [s for label in sheet_labels for s in facts.samples.items(label)]
+    if changes is not None:
+        samples += [s for (old, new), _ in changes[1].top_pairs(6) for s in changes[1].samples.items(f"{old} → {new}")]
+    shown = {} if withheld else thumbnails(table.storage, samples)
+    missing = "withheld: the output is pseudonymised" if withheld else "input unavailable or unreadable"
+
+    def thumbs(items: list[Sample]) -> list[dict]:
+        return [{"src": shown.get(s), "caption": s.caption, "name": _name(s), "missing": missing} for s in items]
+
+    other = len(facts.labels) - LABEL_BARS
+    return {
+        "run": record, "task": facts.task + (" (DICOM)" if facts.dicom else ""), "output": table.uri,
+        "output_format": table.name, "facts": run_facts(record, facts), "provenance": provenance(table, record),
+        "labels_chart": charts.bars(facts.labels.most_common(LABEL_BARS),
+                                    "boxes per label" if facts.task == "detection" else "rows per label")
+        if facts.labels else None,
+        "other_labels": f"and {other:,} more labels, {sum(n for _, n in facts.labels.most_common()[LABEL_BARS:]):,} "
+                        "rows" if other > 0 else None,
+        "scores_chart": charts.score_distributions(facts.scores, [l for l in sheet_labels if l in facts.scores])
+        if facts.scores else None,
+        "errors": [{"type": kind, "count": f"{n:,}", "examples": facts.error_examples.items(kind)}
+                   for kind, n in facts.errors_by_type.most_common()],
+        "errors_chart": charts.bars(facts.errors_by_type.most_common(15), "rows per error type", charts.ERROR_COLOUR)
+        if facts.errors_by_type else None,
+        "sheet": [{"label": label, "count": f"{facts.labels[label]:,}" if label in facts.labels else "",
+                   "thumbs": thumbs(facts.samples.items(label))} for label in sheet_labels],
+        "sheet_note": "Thumbnails are withheld: this output is pseudonymised, so its rows name no input to fetch."
+        if withheld else f"Up to {facts.samples.k} inputs per label, for the {len(sheet_labels)} most frequent "
+                         "labels, chosen by a hash of their URI (the same ones on every report of this run).",
+        "throughput_chart": charts.throughput(record.get("progress") or []),
+        "throughput_note": "This run recorded no progress samples (runs before this version, or too short).",
+        "against": against_section(changes, thumbs) if changes else None,
+        "generated_at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def run_facts(record: dict, facts: RunFacts) -> list[tuple[str, str]]:
+    shown = [("inputs", f"{facts.inputs:,}"), ("predicted", f"{facts.rows - facts.errors:,}"),
+             ("errors", f"{facts.errors:,}"), ("rows", f"{facts.rows:,}")]
+    if facts.task == "detection":
+        shown += [("boxes", f"{sum(facts.labels.values()):,}"),
+                  ("images with boxes", f"{facts.images_with_detections:,}")]
+    if record.get("elapsed_s") is not None:
+        shown += [("elapsed", f"{record['elapsed_s']:,.1f} s"), ("images/s", f"{record.get('images_per_s', 0):,.1f}")]
+    return shown
+
+
+def provenance(table: OutputFormat, record: dict) -> list[tuple[str, str]]:
+    keys = [("run id", "run_id"), ("input", "input"), ("model", "model"), ("weights", "weights"),
+            ("model key", "model_key"), ("job key", "job_key"), ("mode", "mode"), ("started", "started_at"),
+            ("committed", "committed_at"), ("pseudonym key id", "pseudonyms"), ("record format", "format")]
+    shown = [(name, str(record[key])) for name, key in keys if record.get(key) is not None]
+    shown.insert(3, ("output", f"{table.uri} ({table.name})"))
+    if len(record.get("attempts") or []) > 1:
+        shown.append(("attempts", ", ".join(record["attempts"])))
+    return shown
+
+
+def against_section(changes: tuple[str, Changes], thumbs) -> dict:
+    run_id, c = changes
+    share = (lambda n: f"{n / c.compared:.1%}") if c.compared else (lambda n: "–")
+    facts = [("inputs in both runs", f"{c.compared:,}"), ("same label", share(c.same_top1)),
+             ("label changed", f"{sum(c.pairs.values()):,}")]
+    if c.has_topk:
+        facts.append(("new label in the old top-k", share(c.new_in_old_topk)))
+    facts += [("only in this run", f"{c.only_new:,}"), (f"only in {run_id}", f"{c.only_old:,}")]
+    return {"run_id": run_id, "facts": facts,
+            "pairs": [(old, new, f"{n:,}") for (old, new), n in c.top_pairs(CHANGE_PAIRS)],
+            "sheet": [{"label": f"{old} → {new}", "count": f"{n:,}", "thumbs": thumbs(c.samples.items(f"{old} → {new}"))}
+                      for (old, new), n in c.top_pairs(6)]}
+
+
+def _name(sample: Sample) -> str:
+    name = posixpath.basename(sample.uri) if not sample.uri.startswith("hmac:") else sample.uri[:17] + "…"
+    return name + (f" · frame {sample.frame}" if sample.frame is not None else "")

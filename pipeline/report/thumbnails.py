@@ -1,0 +1,91 @@
+"""Thumbnails for the report's contact sheet: each sample fetched from the input storage, upright (EXIF), small,
+with a detection's boxes drawn in the photo's own pixels and a DICOM frame windowed as the job saw it, as an
+embedded JPEG. An input that cannot be fetched or read becomes None, and the report shows a placeholder."""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageOps
+
+from pipeline.report.facts import Sample
+from pipeline.storage import Storage
+
+logger = logging.getLogger(__name__)
+
+THUMBNAIL_PX = 192
+FETCH_AT_ONCE = 8  # inputs in memory at a time: a DICOM series file can be hundreds of MB
+MAX_PIXELS = 89_478_485  # for DICOM frames; photos get Pillow's own bomb check (refused at twice this)
+PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#fabed4",
+           "#469990"]
+
+
+def thumbnails(storage: Storage, samples: list[Sample]) -> dict[Sample, str | None]:
+    """Each sample's thumbnail as a data: URI, or None where its input is gone or unreadable."""
+    shown: dict[Sample, str | None] = {}
+    for start in range(0, len(samples), FETCH_AT_ONCE):
+        group = samples[start:start + FETCH_AT_ONCE]
+        for sample, data in zip(group, storage.read_many([s.uri for s in group])):
+            shown[sample] = None if isinstance(data, Exception) else _thumbnail(data, sample)
+    return shown
+
+
+def _thumbnail(data: bytes, sample: Sample) -> str | None:
+    try:
+        image = _dicom_frame(data, sample.frame) if _is_dicom(data) else _photo(data)
+        image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+        if sample.boxes and sample.size:
+            _draw_boxes(image, sample)
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, "JPEG", quality=80)
+    except Exception as exc:  # noqa: BLE001 - any unreadable input becomes a placeholder, never a failed report
+        logger.debug("no thumbnail for a sample: %s", type(exc).__name__)
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _is_dicom(data: bytes) -> bool:
+    from pipeline.dicom import is_dicom
+
+    return is_dicom(data)
+
+
+def _photo(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    if image.format == "JPEG":
+        image.draft("RGB", (THUMBNAIL_PX * 2, THUMBNAIL_PX * 2))  # decoded at 1/2..1/8 scale: fast and small
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "I;16", "I;16B", "F"):
+        return Image.fromarray(_to_8bit(np.asarray(image, dtype=np.float64)))
+    return image.convert("RGB")
+
+
+def _dicom_frame(data: bytes, frame: int | None) -> Image.Image:
+    """The frame with its modality LUT and the file's own window (its VOI, else its range), as the job shows
+    a model; no tag value is read into the report."""
+    from pipeline.dicom import DicomSettings, read_dicom
+
+    dicom = read_dicom(data, DicomSettings(window="file", frames=(frame or 0,)), MAX_PIXELS)
+    pixels = dicom.frames[0][1]
+    full_scale = {np.dtype(np.uint16): 65535.0, np.dtype(np.uint8): 255.0}.get(pixels.dtype)
+    return Image.fromarray(_to_8bit(pixels.astype(np.float64), full_scale))
+
+
+def _to_8bit(values: np.ndarray, full_scale: float | None = None) -> np.ndarray:
+    low, high = (0.0, full_scale) if full_scale else (float(values.min()), float(values.max()))
+    scaled = (values - low) / (high - low or 1.0) * 255.0
+    return np.clip(scaled, 0, 255).astype(np.uint8).squeeze()
+
+
+def _draw_boxes(image: Image.Image, sample: Sample) -> None:
+    draw = ImageDraw.Draw(image)
+    scale = image.width / sample.size[0]
+    labels = sorted({b[0] for b in sample.boxes})
+    for label, score, x1, y1, x2, y2 in sample.boxes:
+        colour = PALETTE[labels.index(label) % len(PALETTE)]
+        box = [x1 * scale, y1 * scale, x2 * scale, y2 * scale]
+        draw.rectangle(box, outline=colour, width=2)
+        draw.text((box[0] + 2, box[1] + 1), f"{label} {score:.2f}", fill=colour)
