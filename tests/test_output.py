@@ -72,7 +72,7 @@ def driver(output: str, fmt: str, n: int, catalog_db: str | None, failpoints: st
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_incremental_runs_then_an_overwrite(fmt, place, storage):
+def test_incremental_runs_then_an_overwrite(fmt, place, storage, tmp_path):
     output, catalog_db = place
     first = run_once(output, fmt, 30, catalog_db=catalog_db, storage=storage)
     assert first["processed"] == 30
@@ -91,7 +91,30 @@ def test_incremental_runs_then_an_overwrite(fmt, place, storage):
     assert [r["run_id"] for r in table.live()] == [backfill["run_id"]]
     assert len(table.committed()) == 4  # each run committed once, the empty one included
     # Later incremental runs learn only from the backfill, not from the runs it replaced.
-    assert run_once(output, fmt, 30, catalog_db=catalog_db, storage=storage)["processed"] == 18
+    last = run_once(output, fmt, 30, catalog_db=catalog_db, storage=storage)
+    assert last["processed"] == 18
+    assert_history_and_report(output, catalog_db if fmt == "iceberg" else None, [first["run_id"], changed["run_id"], last["run_id"]], tmp_path)
+
+
+def assert_history_and_report(output: str, catalog_db: str | None, runs: list[str], folder: Path) -> None:
+    """`pipeline runs` and `pipeline report` read every format, local and on S3, as users call them."""
+    import contextlib
+
+    from pipeline.cli import main
+
+    catalog = ["--catalog", "type=sql", "--catalog", f"uri=sqlite:///{catalog_db}"] if catalog_db else []
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["runs", output, "--no-listing", *catalog]) == 0
+    history = printed.getvalue()
+    assert "5 committed run(s)" in history and all(run in history for run in runs)
+    assert history.count("(* replaced by a later overwrite)") == 3  # the runs before the backfill, the empty one too
+    page = folder / "report.html"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["report", output, *catalog, "-o", str(page)]) == 0
+        assert main(["report", output, *catalog, "--run", runs[0], "-o", str(page) + ".old"]) == 2
+    html = page.read_text()
+    assert runs[-1] in html and "input unavailable or unreadable" in html  # its inputs are made up
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

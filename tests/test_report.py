@@ -172,9 +172,12 @@ def test_detection_report_draws_boxes_on_thumbnails_from_s3(outputs, tmp_path):
     assert len(thumbs) >= 6
     import base64
 
+    from pipeline.report.thumbnails import label_colour
+
     image = np.asarray(Image.open(io.BytesIO(base64.b64decode(thumbs[0]))).convert("RGB")).astype(int)
-    # The box outline is drawn in the palette's red: pixels far redder than any in the photo's grey or fill.
-    assert ((image[..., 0] > 200) & (image[..., 1] < 60) & (image[..., 2] > 50)).sum() > 20
+    # The box is outlined in its label's colour, which is none of the photo's (grey, red and blue fills).
+    outline = np.array(Image.new("RGB", (1, 1), label_colour("red")).getpixel((0, 0)))
+    assert (np.abs(image - outline).sum(axis=-1) < 60).sum() > 40
 
 
 def test_dicom_report_shows_windowed_frames_and_no_patient_values(outputs, tmp_path):

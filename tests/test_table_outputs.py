@@ -95,6 +95,18 @@ def test_nightly_runs_and_a_model_upgrade_into_a_table(fmt, tmp_path, storage, b
     expected = sorted((uri, before[uri], after[uri]) for uri in before if before[uri] != after[uri])
     assert con.execute(changed).fetchall() == expected and expected  # random weights: some labels differ
 
+    # The report on the upgrade, against the first night: the same changes, counted per (old, new) label pair.
+    catalog = ["--catalog", "type=sql", "--catalog", f"uri=sqlite:///{tmp_path}/catalog.db"] if fmt == "iceberg" else []
+    page = tmp_path / "upgrade.html"
+    assert main(["report", output, *catalog, "--against", first.run_id, "-o", str(page)]) == 0
+    html = page.read_text()
+    pairs: dict[tuple[str, str], int] = {}
+    for _, old, new in expected:
+        pairs[(old, new)] = pairs.get((old, new), 0) + 1
+    for (old, new), n in pairs.items():
+        assert f"<tr><td>{old}</td><td>{new}</td><td class=\"n\">{n}</td></tr>" in html
+    assert html.count('<img src="data:image/jpeg') >= 6  # thumbnails fetched from the bucket
+
 
 def test_bad_table_settings_are_one_line_exit_2(tmp_path, bucket, classifier_files, capsys):
     folder = tmp_path / "in"

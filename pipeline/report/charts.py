@@ -77,12 +77,13 @@ def throughput(samples: list[list[float]]) -> str | None:
     span = np.diff(seconds)
     rates = np.divide(np.diff(rows), span, out=np.zeros_like(span), where=span > 0)
     figure, axes = plt.subplots(figsize=(WIDTH_IN, 2.4))
-    axes.step(seconds[1:], rates, where="pre", color=BAR_COLOUR)
+    axes.stairs(rates, seconds, color=BAR_COLOUR, linewidth=1.5)  # each interval's rate across that interval
     axes.axhline(rows[-1] / seconds[-1] if seconds[-1] > 0 else 0, color="#888", linestyle="--", linewidth=1,
                  label="average")
     axes.set_xlabel("seconds since the run started")
     axes.set_ylabel("images/s")
     axes.set_ylim(bottom=0)
+    axes.set_xlim(0, seconds[-1])
     axes.legend(frameon=False)
     axes.set_title("throughput over the run", loc="left")
     return _svg(figure)

@@ -78,7 +78,12 @@ def print_next_run(table: OutputFormat, latest: dict, out: TextIO) -> None:
         print("Next run: not estimated: the output is pseudonymised, so its rows hold tokens the listing can only "
               "be compared with under the job's key (the job's own summary says what it skipped)", file=out)
         return
-    plan = next_run(table, latest)
+    try:
+        plan = next_run(table, latest)
+    except Exception as exc:  # noqa: BLE001 - an input gone or denied since: say so, the history stands
+        print(f"Next run: cannot list {latest['input']} ({type(exc).__name__}: {str(exc)[:200]}); check the "
+              "input and credentials, or pass --no-listing", file=out)
+        return
     print(f"Next run of {latest['input']} (incremental, model {latest.get('model')}): {plan.new:,} new, "
           f"{plan.changed:,} changed, {plan.unchanged:,} unchanged and skipped"
           + (f"; {plan.other_extension:,} other files not listed" if plan.other_extension else ""), file=out)

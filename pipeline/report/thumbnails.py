@@ -5,6 +5,7 @@ embedded JPEG. An input that cannot be fetched or read becomes None, and the rep
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import logging
 
@@ -19,8 +20,8 @@ logger = logging.getLogger(__name__)
 THUMBNAIL_PX = 192
 FETCH_AT_ONCE = 8  # inputs in memory at a time: a DICOM series file can be hundreds of MB
 MAX_PIXELS = 89_478_485  # for DICOM frames; photos get Pillow's own bomb check (refused at twice this)
-PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#fabed4",
-           "#469990"]
+# Box outlines: light, saturated colours that stand out on photos; a label keeps its colour on every thumbnail.
+PALETTE = ["#ffe119", "#42d4f4", "#bfef45", "#f032e6", "#ffffff", "#fabed4", "#aaffc3", "#ff8c1a"]
 
 
 def thumbnails(storage: Storage, samples: list[Sample]) -> dict[Sample, str | None]:
@@ -37,10 +38,11 @@ def _thumbnail(data: bytes, sample: Sample) -> str | None:
     try:
         image = _dicom_frame(data, sample.frame) if _is_dicom(data) else _photo(data)
         image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+        image = image.convert("RGB")
         if sample.boxes and sample.size:
             _draw_boxes(image, sample)
         buffer = io.BytesIO()
-        image.convert("RGB").save(buffer, "JPEG", quality=80)
+        image.save(buffer, "JPEG", quality=85)
     except Exception as exc:  # noqa: BLE001 - any unreadable input becomes a placeholder, never a failed report
         logger.debug("no thumbnail for a sample: %s", type(exc).__name__)
         return None
@@ -81,11 +83,19 @@ def _to_8bit(values: np.ndarray, full_scale: float | None = None) -> np.ndarray:
 
 
 def _draw_boxes(image: Image.Image, sample: Sample) -> None:
+    """Each box in its label's colour, with the label and score on a dark tab above it (inside when at the top)."""
     draw = ImageDraw.Draw(image)
     scale = image.width / sample.size[0]
-    labels = sorted({b[0] for b in sample.boxes})
     for label, score, x1, y1, x2, y2 in sample.boxes:
-        colour = PALETTE[labels.index(label) % len(PALETTE)]
+        colour = label_colour(label)
         box = [x1 * scale, y1 * scale, x2 * scale, y2 * scale]
         draw.rectangle(box, outline=colour, width=2)
-        draw.text((box[0] + 2, box[1] + 1), f"{label} {score:.2f}", fill=colour)
+        text = f"{label} {score:.2f}"
+        left, top, right, bottom = draw.textbbox((0, 0), text)
+        y = box[1] - bottom - 2 if box[1] >= bottom + 2 else box[1] + 2
+        draw.rectangle([box[0], y, box[0] + right + 3, y + bottom + 1], fill="#202020")
+        draw.text((box[0] + 2, y), text, fill=colour)
+
+
+def label_colour(label: str) -> str:
+    return PALETTE[hashlib.blake2b(label.encode(), digest_size=1).digest()[0] % len(PALETTE)]
