@@ -5,7 +5,8 @@
 3. Upload the held-out digits as PNG files (some with spaces and unicode in their keys), plus a few broken
    files, which must come out as error rows.
 4. Run a real job from s3:// to Parquet on s3://, then read the Parquet back and score it against the digit
-   each file's key names. Everything is torn down at the end.
+   each file's key names, and write the run's HTML report (`pipeline report`) to demo-report.html here.
+   Everything else is torn down at the end.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pipeline.local_s3 import LocalS3Server, use_server
 from pipeline.storage import Storage
 
 BUCKET = "demo"
+REPORT_FILE = "demo-report.html"
 IMAGE_SIZE = 32
 PREPROCESS = Preprocess(resize_size=IMAGE_SIZE, crop_size=IMAGE_SIZE, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 BROKEN_FILES = {
@@ -67,10 +69,23 @@ def run_demo(keep: str | None = None) -> int:
         summary = run_job(demo_job(), progress_interval=1.0)
         table = read_predictions(storage, summary.files)
         report_accuracy(table)
+        write_report(storage, summary.run_id, REPORT_FILE)
         if keep:
             copy_output(table, keep)
     _stop_ray()
     return 0
+
+
+def write_report(storage: Storage, run_id: str, path: str) -> None:
+    """The run's page, as `pipeline report` makes it (its thumbnails come from this demo's S3, which goes away)."""
+    from pipeline.report import build_report
+    from pipeline.report.outputs import open_output_for_reading
+
+    html = build_report(open_output_for_reading(storage, demo_job().output.uri), run_id)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(html)
+    print(f"The run's report: {os.path.abspath(path)} (open it in a browser; `pipeline report OUTPUT` makes one "
+          "for any run)")
 
 
 def demo_job() -> JobConfig:

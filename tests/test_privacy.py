@@ -139,6 +139,17 @@ def test_pseudonymised_dicom_folder_named_after_the_patient(tmp_path, ray_sessio
     assert dict(zip(pairs["token"].to_pylist(), pairs["uri"].to_pylist())) == {token(u): u for u in files}
     assert not list(output.rglob("*pseudonyms*"))
 
+    # Its report and history obey the same rules: tokens only, no thumbnail fetched, nothing identifying.
+    page = tmp_path / "report.html"
+    assert main(["report", str(output), "-o", str(page)]) == 0
+    assert main(["runs", str(output)]) == 0
+    out, err = capfd.readouterr()
+    html = page.read_text()
+    assert "withheld: the output is pseudonymised" in html and 'src="data:image' not in html
+    assert "decode.truncated" in html and "hmac:" in html
+    assert "not estimated: the output is pseudonymised" in out
+    assert_nowhere(secrets, report=html, stdout=out)
+
     # The next night: nothing new is read, and a run without the key's tokens cannot mix raw paths in.
     assert main(["run", spec]) == 0
     out, err = capfd.readouterr()

@@ -85,7 +85,7 @@ def print_next_run(table: OutputFormat, latest: dict, out: TextIO) -> None:
               "input and credentials, or pass --no-listing", file=out)
         return
     print(f"Next run of {latest['input']} (incremental, model {latest.get('model')}): {plan.new:,} new, "
-          f"{plan.changed:,} changed, {plan.unchanged:,} unchanged and skipped"
+          f"{plan.changed:,} changed or to retry, {plan.unchanged:,} unchanged and skipped"
           + (f"; {plan.other_extension:,} other files not listed" if plan.other_extension else ""), file=out)
 
 
