@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -207,6 +208,16 @@ def test_unreadable_thumbnail_is_a_placeholder(outputs, tmp_path):
         for f in moved.iterdir():
             shutil.copy2(f, photos / f.name)  # with its mtime: the input is unchanged again
     assert "input unavailable or unreadable" in html and 'src="data:image' not in html
+
+
+def test_runs_and_report_never_import_ray(outputs, tmp_path):
+    """Both read an output as any reader would: a laptop without the cluster, a CI job, a cron check."""
+    probe = ("import sys; from pipeline.cli import main; code = main(sys.argv[1:]); "
+             "assert 'ray' not in sys.modules and 'torch' not in sys.modules, 'imported'; sys.exit(code)")
+    output = outputs["classification"][0]
+    for argv in (["runs", output], ["report", output, "-o", str(tmp_path / "r.html")]):
+        done = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_runs_lists_history_staged_run_lease_and_next_run(outputs, storage, capsys):
