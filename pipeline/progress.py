@@ -275,7 +275,6 @@ def process_started_at() -> float:
         return time.time()
 
 
-
 class ProgressSamples:
     """(seconds, rows) as a run goes, for its record and the report's throughput chart: at most `limit`
     samples, evenly spread over the run however long it is (when full, every other one is dropped and the

@@ -153,3 +153,17 @@ def test_a_log_still_gets_the_plain_lines():
     assert lines and "\r" not in out.getvalue() and "\x1b" not in out.getvalue()
     for line in lines:
         assert re.fullmatch(r"  \[ *\d+\.\ds\] 3 done, 1 failed, 7 remaining, \d+\.\d images/s", line)
+
+
+def test_progress_samples_stay_few_and_spread_over_a_long_run():
+    from pipeline.progress import ProgressSamples
+
+    samples = ProgressSamples(limit=60)
+    for second in range(1, 8 * 3600):  # a night of one batch a second, 10 rows each
+        samples.observe(float(second), second * 10)
+    record = samples.record(8 * 3600.0, 8 * 3600 * 10)
+    points = record["progress"]
+    assert len(points) <= 61 and points[0] == [0.0, 0] and points[-1] == [28800.0, 288000]
+    gaps = [b[0] - a[0] for a, b in zip(points, points[1:-1])]
+    assert max(gaps) <= 2 * min(gaps)  # evenly spread, not the first minute's
+    assert record["images_per_s"] == 10.0 and record["elapsed_s"] == 28800.0
