@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 import sys
 import time
@@ -93,7 +94,9 @@ def test_incremental_runs_then_an_overwrite(fmt, place, storage, tmp_path):
     # Later incremental runs learn only from the backfill, not from the runs it replaced.
     last = run_once(output, fmt, 30, catalog_db=catalog_db, storage=storage)
     assert last["processed"] == 18
-    assert_history_and_report(output, catalog_db if fmt == "iceberg" else None, [first["run_id"], changed["run_id"], last["run_id"]], tmp_path)
+    empty = run_once(output, fmt, 30, catalog_db=catalog_db, storage=storage)  # a night with nothing new
+    runs = [first["run_id"], changed["run_id"], last["run_id"], empty["run_id"]]
+    assert_history_and_report(output, catalog_db if fmt == "iceberg" else None, runs, tmp_path)
 
 
 def assert_history_and_report(output: str, catalog_db: str | None, runs: list[str], folder: Path) -> None:
@@ -107,14 +110,18 @@ def assert_history_and_report(output: str, catalog_db: str | None, runs: list[st
     with contextlib.redirect_stdout(printed):
         assert main(["runs", output, "--no-listing", *catalog]) == 0
     history = printed.getvalue()
-    assert "5 committed run(s)" in history and all(run in history for run in runs)
+    assert "6 committed run(s)" in history and all(run in history for run in runs)
     assert history.count("(* replaced by a later overwrite)") == 3  # the runs before the backfill, the empty one too
     page = folder / "report.html"
     with contextlib.redirect_stdout(io.StringIO()):
-        assert main(["report", output, *catalog, "-o", str(page)]) == 0
+        assert main(["report", output, *catalog, "-o", str(page)]) == 0  # the latest: nothing new that night
+        assert "This run wrote no rows" in page.read_text() and runs[-1] in page.read_text()
+        assert main(["report", output, *catalog, "--run", runs[-2], "-o", str(page)]) == 0
         assert main(["report", output, *catalog, "--run", runs[0], "-o", str(page) + ".old"]) == 2
     html = page.read_text()
-    assert runs[-1] in html and "input unavailable or unreadable" in html  # its inputs are made up
+    assert runs[-2] in html and "input unavailable or unreadable" in html  # its inputs are made up
+    shown = dict(re.findall(r"<h3>(\w+) <span class=\"sub\">\((\d+)\)</span></h3>", html))
+    assert shown == {"dog": "11", "cat": "7"}  # 18 rows staged 5 at a time, every other one of each 5 a cat
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

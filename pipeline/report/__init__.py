@@ -75,14 +75,22 @@ def page(table: OutputFormat, record: dict, facts: RunFacts, changes: tuple[str,
         if facts.errors_by_type else None,
         "sheet": [{"label": label, "count": f"{facts.labels[label]:,}" if label in facts.labels else "",
                    "thumbs": thumbs(facts.samples.items(label))} for label in sheet_labels],
-        "sheet_note": "Thumbnails are withheld: this output is pseudonymised, so its rows name no input to fetch."
-        if withheld else f"Up to {facts.samples.k} inputs per label, for the {len(sheet_labels)} most frequent "
-                         "labels, chosen by a hash of their URI (the same ones on every report of this run).",
+        "sheet_note": sheet_note(facts, withheld, len(sheet_labels)),
         "throughput_chart": charts.throughput(record.get("progress") or []),
         "throughput_note": "This run recorded no progress samples (runs before this version, or too short).",
         "against": against_section(changes, thumbs) if changes else None,
         "generated_at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
+
+
+def sheet_note(facts: RunFacts, withheld: bool, labels: int) -> str:
+    if facts.rows == 0:
+        return ("This run wrote no rows: every input it listed was already done (an incremental run with nothing "
+                "new). `pipeline runs` lists the runs; `--run RUN_ID` reports one of them.")
+    if withheld:
+        return "Thumbnails are withheld: this output is pseudonymised, so its rows name no input to fetch."
+    return (f"Up to {facts.samples.k} inputs per label, for the {labels} most frequent labels, chosen by a hash of "
+            "their URI (the same ones on every report of this run).")
 
 
 def run_facts(record: dict, facts: RunFacts) -> list[tuple[str, str]]:
