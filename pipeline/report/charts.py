@@ -46,6 +46,7 @@ def bars(counts: list[tuple[str, int]], title: str, colour: str = BAR_COLOUR) ->
         axes.text(value, i, f" {value:,}", va="center")
     axes.set_title(title, loc="left")
     axes.set_xlim(0, max(values or [1]) * 1.15)
+    axes.xaxis.get_major_locator().set_params(integer=True)  # counts: no 0.2 of an image
     return _svg(figure)
 
 
