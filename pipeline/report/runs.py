@@ -17,7 +17,7 @@ from pipeline.output.staging import Staging
 from pipeline.report.outputs import run_rows
 from pipeline.storage import extension
 
-COLUMNS = [("run id", 24), ("committed (UTC)", 19), ("mode", 9), ("model", 18), ("weights", 18),
+COLUMNS = [("run id", 25), ("committed (UTC)", 19), ("mode", 9), ("model", 20), ("weights", 18),
            ("rows", 9), ("errors", 7), ("fmt", 3)]
 
 
@@ -35,7 +35,7 @@ def print_runs(table: OutputFormat, out: TextIO, next_run: bool = True) -> None:
 
 def run_line(record: dict, live: bool) -> str:
     values = [record["run_id"], str(record.get("committed_at", ""))[:19].replace("T", " "),
-              record.get("mode", "append") + ("" if live else "*"), record.get("model", "?"),
+              record.get("mode", "append") + ("" if live else "*"), _short(str(record.get("model", "?")), 20),
               _short(str(record.get("weights", "?")), 18), f"{record.get('rows', 0):,}",
               f"{record.get('errors', 0):,}", str(record.get("format", 1))]
     return "  ".join(v.ljust(width) for v, (_, width) in zip(values, COLUMNS)).rstrip() + (
