@@ -130,11 +130,8 @@ def _open_output(args: argparse.Namespace):
 
 def _report(args: argparse.Namespace) -> int:
     from pipeline.report import build_report
-    from pipeline.report.outputs import find_run
 
-    table = _open_output(args)
-    run_id = find_run(table, args.run)["run_id"]
-    html = build_report(table, run_id, args.against)
+    run_id, html = build_report(_open_output(args), args.run, args.against)
     path = args.out or f"report-{run_id}.html"
     try:
         with open(path, "w", encoding="utf-8") as f:

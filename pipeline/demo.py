@@ -81,7 +81,7 @@ def write_report(storage: Storage, run_id: str, path: str) -> None:
     from pipeline.report import build_report
     from pipeline.report.outputs import open_output_for_reading
 
-    html = build_report(open_output_for_reading(storage, demo_job().output.uri), run_id)
+    _, html = build_report(open_output_for_reading(storage, demo_job().output.uri), run_id)
     with open(path, "w", encoding="utf-8") as f:
         f.write(html)
     print(f"The run's report: {os.path.abspath(path)} (open it in a browser; `pipeline report OUTPUT` makes one "

@@ -262,6 +262,7 @@ def test_runs_lists_history_staged_run_lease_and_next_run(outputs, storage, caps
     (["report", "{labels}", "--against", "nope"], "--against nope: no such committed run"),
     (["runs", "s3://no-such-bucket-here/out"], "cannot list s3://no-such-bucket-here/out"),
     (["runs", "{root}/labels", "--catalog", "type"], "KEY=VALUE"),
+    (["report", "{labels}", "-o", "/no/such/folder/r.html"], "-o /no/such/folder/r.html: cannot write the report"),
 ])
 def test_bad_input_is_one_line_exit_2(argv, message, outputs, capsys):
     argv = [a.format(root=outputs["root"], labels=outputs["classification"][0]) for a in argv]
@@ -278,3 +279,21 @@ def test_the_run_records_its_throughput(outputs):
     assert progress[0] == [0.0, 0] and progress[-1][1] == record["rows"] == 12
     assert all(a[0] <= b[0] and a[1] <= b[1] for a, b in zip(progress, progress[1:]))
     assert record["elapsed_s"] > 0 and record["images_per_s"] > 0 and record["extensions"]
+
+
+@pytest.mark.parametrize("orientation, upright", [(1, (160, 80)), (6, (80, 160)), (8, (80, 160)), (3, (160, 80))])
+def test_thumbnails_are_upright_as_a_viewer_shows_the_photo(orientation, upright):
+    """A camera's EXIF orientation is applied, as in the job's own decode: a portrait stays a portrait."""
+    import base64
+
+    from pipeline.report.facts import Sample
+    from pipeline.report.thumbnails import _thumbnail
+
+    image = Image.new("RGB", (200, 100), (200, 30, 30))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", exif=exif)
+    src = _thumbnail(buffer.getvalue(), Sample("s3://b/p.jpg", None, "cat"))
+    shown = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+    assert shown.size == upright

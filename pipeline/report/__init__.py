@@ -30,8 +30,8 @@ LABEL_BARS = 25
 CHANGE_PAIRS = 20
 
 
-def build_report(table: OutputFormat, run_id: str | None = None, against: str | None = None) -> str:
-    """The HTML of the report on `run_id` (the latest committed run by default)."""
+def build_report(table: OutputFormat, run_id: str | None = None, against: str | None = None) -> tuple[str, str]:
+    """(the run id reported, the page's HTML): the report on `run_id`, the latest committed run by default."""
     from jinja2 import Environment, PackageLoader, select_autoescape
 
     record = find_run(table, run_id)
@@ -43,7 +43,7 @@ def build_report(table: OutputFormat, run_id: str | None = None, against: str | 
         changes = (earlier["run_id"], compare(run_rows(table, earlier["run_id"], columns),
                                               run_rows(table, record["run_id"], columns)))
     env = Environment(loader=PackageLoader("pipeline", "report"), autoescape=select_autoescape(["j2", "html"]))
-    return env.get_template("report.html.j2").render(**page(table, record, facts, changes))
+    return record["run_id"], env.get_template("report.html.j2").render(**page(table, record, facts, changes))
 
 
 def page(table: OutputFormat, record: dict, facts: RunFacts, changes: tuple[str, Changes] | None) -> dict:
