@@ -24,8 +24,8 @@ import torchvision
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from pipeline.decode import Decoder, Preprocess  # noqa: E402
-from pipeline.storage import Storage  # noqa: E402
+from pipeline.decode.image import Decoder, Preprocess  # noqa: E402
+from pipeline.io.storage import Storage  # noqa: E402
 
 from first_file import FirstFile  # noqa: E402
 
@@ -192,8 +192,8 @@ def torch_loop(spec: dict) -> dict:
 def pipeline(spec: dict) -> dict:
     import io
 
-    from pipeline.config import load_job
-    from pipeline.runner import run_job, start_ray
+    from pipeline.spec.config import load_job
+    from pipeline.ray.runner import run_job, start_ray
 
     cfg = load_job(None, {"input": spec["input"], "output": spec["output"], "model": spec["model"],
                           "weights": spec["checkpoint"], "labels": spec["labels"],

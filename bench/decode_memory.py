@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from pipeline.decode import Decoder, Preprocess
+from pipeline.decode.image import Decoder, Preprocess
 
 PREPROCESS = Preprocess(resize_size=256, crop_size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 

@@ -72,8 +72,8 @@ def syntaxes() -> dict:
 
 
 def decode_rates(count: int) -> dict[str, float]:
-    from pipeline.decode import Decoder, Preprocess
-    from pipeline.dicom import DicomSettings
+    from pipeline.decode.image import Decoder, Preprocess
+    from pipeline.decode.dicom import DicomSettings
 
     decoder = Decoder(Preprocess(256, 224, (0.5,), (0.25,)), 89_478_485, 1, DicomSettings())
     slices = [ct_slice(i) for i in range(count)]
@@ -102,7 +102,7 @@ def job_seconds(model: str, folder: str, count: int, work: str) -> float:
     import torch
     import torchvision
 
-    from pipeline.model import _fit_stem
+    from pipeline.models.resolve import _fit_stem
 
     checkpoint, labels = os.path.join(work, f"{model}-grey.pt"), os.path.join(work, "labels.txt")
     if not os.path.exists(checkpoint):
@@ -130,7 +130,7 @@ def forward_ms(model: str) -> float:
     import torch
     import torchvision
 
-    from pipeline.model import _fit_stem
+    from pipeline.models.resolve import _fit_stem
 
     torch.set_num_threads(1)
     built = torchvision.models.get_model(model, num_classes=3)

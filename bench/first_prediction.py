@@ -21,10 +21,10 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.config import load_job  # noqa: E402
-from pipeline.local_s3 import LocalS3Server, use_server  # noqa: E402
-from pipeline.model import resolve_model  # noqa: E402
-from pipeline.storage import Storage  # noqa: E402
+from pipeline.spec.config import load_job  # noqa: E402
+from pipeline.dev.local_s3 import LocalS3Server, use_server  # noqa: E402
+from pipeline.models.resolve import resolve_model  # noqa: E402
+from pipeline.io.storage import Storage  # noqa: E402
 
 
 def upload(storage: Storage, bucket: str, count: int) -> None:
@@ -43,8 +43,8 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
-    from pipeline.runner import build_dataset, start_ray
-    from pipeline.source import ListingTally
+    from pipeline.ray.runner import build_dataset, start_ray
+    from pipeline.ray.datasource import ListingTally
 
     with LocalS3Server() as server:
         use_server(server)

@@ -30,8 +30,8 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 from images import photo_jpeg  # noqa: E402
-from pipeline.local_s3 import LocalS3Server, use_server  # noqa: E402
-from pipeline.storage import Storage  # noqa: E402
+from pipeline.dev.local_s3 import LocalS3Server, use_server  # noqa: E402
+from pipeline.io.storage import Storage  # noqa: E402
 
 
 def command(python_path: str, output: str) -> list[str]:

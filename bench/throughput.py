@@ -231,7 +231,7 @@ def best_bounds(first: dict, second: dict) -> dict:
 
 
 def upload(folder: str, paths: list[str], bucket: str, prefix: str) -> None:
-    from pipeline.storage import Storage
+    from pipeline.io.storage import Storage
 
     client = Storage.from_env().s3_client
     for name in (bucket, f"{bucket}-out"):
@@ -337,7 +337,7 @@ def main() -> None:
     tables = []
     server = None
     if args.s3:
-        from pipeline.local_s3 import LocalS3Server, use_server
+        from pipeline.dev.local_s3 import LocalS3Server, use_server
 
         server = LocalS3Server().__enter__()
         use_server(server)

@@ -1,86 +1,10 @@
-"""An S3-compatible server on 127.0.0.1 (moto's), for the demo, the tests and the benchmarks.
+"""`python -m pipeline.local_s3 [PORT]`, the name earlier docs gave the local S3 server (now pipeline/dev/)."""
 
-It runs as its own process, so the Ray workers reach it over HTTP exactly as they would reach S3.
-"""
-
-from __future__ import annotations
-
-import os
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 
-# moto accepts any credentials; these make boto3 and s3fs sign requests without touching ~/.aws.
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-               "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
+from pipeline.dev.local_s3 import LocalS3Server, serve, use_server
 
-
-class LocalS3Server:
-    def __init__(self, port: int | None = None, environ: dict[str, str] | None = None):
-        """`environ`: extra variables for the server process, e.g. moto's INITIAL_NO_AUTH_ACTION_COUNT, after which
-        it enforces IAM users and policies."""
-        self.port = port or _free_port()
-        self.endpoint_url = f"http://127.0.0.1:{self.port}"
-        self.server_environ = dict(environ or {})
-        self._process: subprocess.Popen | None = None
-
-    def start(self) -> "LocalS3Server":
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            env={**os.environ, **self.server_environ}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise RuntimeError(f"moto server exited with code {self._process.returncode}")
-            try:
-                urllib.request.urlopen(f"{self.endpoint_url}/moto-api/", timeout=1).close()
-                return self
-            except OSError:
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"moto server did not answer on {self.endpoint_url} within 30 s")
-
-    def stop(self) -> None:
-        if self._process and self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-        self._process = None
-
-    def environ(self) -> dict[str, str]:
-        """Variables that point boto3, s3fs and this pipeline at the server."""
-        return {**CREDENTIALS, "AWS_ENDPOINT_URL": self.endpoint_url}
-
-    def __enter__(self) -> "LocalS3Server":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def use_server(server: LocalS3Server) -> None:
-    """Point this process (and Ray workers it starts afterwards) at the server."""
-    os.environ.update(server.environ())
-
+__all__ = ["LocalS3Server", "serve", "use_server"]
 
 if __name__ == "__main__":
-    # `python -m pipeline.local_s3`: a server to try jobs against by hand; Ctrl-C stops it.
-    with LocalS3Server(port=int(sys.argv[1]) if len(sys.argv) > 1 else None) as s3:
-        print("S3-compatible server running; in another shell:")
-        for name, value in s3.environ().items():
-            print(f"  export {name}={value}")
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
+    serve(int(sys.argv[1]) if len(sys.argv) > 1 else None)

@@ -13,8 +13,8 @@ import torch
 import torchvision
 from PIL import Image
 
-from pipeline.local_s3 import LocalS3Server, use_server
-from pipeline.storage import Storage
+from pipeline.dev.local_s3 import LocalS3Server, use_server
+from pipeline.io.storage import Storage
 
 # Tests talk to their own local Ray only; token auth is for clusters (production manifests keep it on).
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")

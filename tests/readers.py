@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 import duckdb
 
-from pipeline.storage import Storage
+from pipeline.io.storage import Storage
 
 
 def extension_file(name: str) -> str:

@@ -20,9 +20,9 @@ import torchvision
 
 from conftest import ensure_bucket
 from dicom_files import PHI, SHIPPED, dicom_bytes, shipped
-from pipeline.cli import main
-from pipeline.dicom import DicomSettings, read_dicom
-from pipeline.model import _fit_stem
+from pipeline.cli.commands import main
+from pipeline.decode.dicom import DicomSettings, read_dicom
+from pipeline.models.resolve import _fit_stem
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = str(ROOT / "jobs" / "backfill_medical.yaml")
@@ -75,7 +75,7 @@ def shipped_identifying_values(archive: dict[str, bytes]) -> set[str]:
     """Names, IDs, institutions and free text that pydicom's own files carry in identifying attributes."""
     from pydicom import dcmread
 
-    from pipeline.dicom import IDENTIFYING
+    from pipeline.decode.dicom import IDENTIFYING
 
     values = set()
     for uri, data in archive.items():

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from pipeline.cli import main
+from pipeline.cli.commands import main
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str]:

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.cluster import ClusterView, NodeType, node_types_from_autoscaling_config, plan_pool, read_cluster, \
+from pipeline.ray.cluster import ClusterView, NodeType, node_types_from_autoscaling_config, plan_pool, read_cluster, \
     waiting_for
-from pipeline.config import ComputeConfig, load_job
-from pipeline.errors import UserError
+from pipeline.spec.config import ComputeConfig, load_job
+from pipeline.spec.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30

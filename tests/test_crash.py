@@ -22,9 +22,9 @@ import pytest
 from PIL import Image
 
 from conftest import encode, photo, photo_jpeg
-from pipeline.config import load_job
-from pipeline.isolation import LedgerBook
-from pipeline.runner import run_job
+from pipeline.spec.config import load_job
+from pipeline.ray.isolation import LedgerBook
+from pipeline.ray.runner import run_job
 from counting_model import images_seen
 
 TESTS = Path(__file__).parent
@@ -156,7 +156,7 @@ def test_a_model_actor_that_dies_mid_batch_is_replaced_and_its_batch_redone_once
     assert images_seen(calls) > INPUTS  # the dead actor's batch was run again, by its replacement
 
 
-# --- inputs that kill their process (pipeline/isolation.py) ----------------------------------------------------
+# --- inputs that kill their process (pipeline/ray/isolation.py) ----------------------------------------------------
 
 MAGENTA = Image.new("RGB", (64, 48), (255, 0, 255))
 
@@ -196,8 +196,8 @@ def test_the_ledger_blames_only_the_input_handled_alone_when_its_process_died():
 def test_a_rerun_batch_goes_one_input_at_a_time_and_skips_the_input_that_killed_its_process():
     """Isolated over the decode stage (as CPU decode tasks run it for GPU actors), with the ledger's state in
     this process: after two deaths the poison input is an error row, the others decode, the order is kept."""
-    from pipeline.decode import Decoder
-    from pipeline.isolation import Isolated
+    from pipeline.decode.image import Decoder
+    from pipeline.ray.isolation import Isolated
 
     class LocalLedger:  # what runner.RayLedger does over an actor, for one worker
         def __init__(self, book, worker):

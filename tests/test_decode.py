@@ -7,7 +7,7 @@ from PIL import Image
 from torchvision import transforms
 
 from conftest import encode, photo
-from pipeline.decode import Decoder, Preprocess, to_rgb
+from pipeline.decode.image import Decoder, Preprocess, to_rgb
 
 PREPROCESS = Preprocess(resize_size=64, crop_size=56, mean=(0.5,) * 3, std=(0.5,) * 3)
 
@@ -122,7 +122,7 @@ def test_resize_and_crop_match_torchvision(size):
 def test_a_large_jpeg_decodes_at_a_reduced_scale_with_nearly_the_same_pixels(orientation, monkeypatch):
     """A photo 7.5x the resize target (64) is decoded at 1/2 scale in the DCT: the model's pixels stay within a
     grey level or so of a full decode, and the row still reports the photo's own (upright) size."""
-    import pipeline.decode as decode
+    import pipeline.decode.image as decode
 
     exif = Image.Exif()
     exif[0x0112] = orientation

@@ -14,14 +14,14 @@ from PIL import Image, ImageOps
 
 from color_boxes import LABELS, ColorBoxes
 from conftest import encode
-from pipeline.config import DetectionConfig, ModelConfig, load_job
-from pipeline.decode import Decoder
-from pipeline.detect import Detector
-from pipeline.errors import UserError
-from pipeline.model import ModelSpec, detection_models, resolve_model
-from pipeline.rows import output_schema
-from pipeline.runner import run_job
-from pipeline.storage import Storage
+from pipeline.spec.config import DetectionConfig, ModelConfig, load_job
+from pipeline.decode.image import Decoder
+from pipeline.models.detect import Detector
+from pipeline.spec.errors import UserError
+from pipeline.models.resolve import ModelSpec, detection_models, resolve_model
+from pipeline.spec.rows import output_schema
+from pipeline.ray.runner import run_job
+from pipeline.io.storage import Storage
 
 FRCNN = "fasterrcnn_mobilenet_v3_large_320_fpn"
 PATCH_COLORS = {"red": (230, 20, 20), "green": (20, 230, 20), "blue": (20, 20, 230)}
@@ -244,7 +244,7 @@ def test_allow_list_names_must_be_labels(color_files):
 
 
 def test_device_decoder_keeps_each_image_at_its_size(color_files):
-    from pipeline.gpu_decode import DeviceDecoder
+    from pipeline.decode.device import DeviceDecoder
 
     shown = scene(300, 200, {"red": (30, 20, 120, 80)})
     exif = Image.Exif()

@@ -10,15 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-import pipeline
+import pipeline.decode
 from conftest import encode, photo
-from pipeline import gpu_decode
-from pipeline.config import ComputeConfig, ModelConfig
-from pipeline.decode import Decoder, Preprocess
-from pipeline.gpu_decode import DeviceDecoder
-from pipeline.model import resolve_model
-from pipeline.predict import Classifier
-from pipeline.storage import Storage
+from pipeline.decode import device as gpu_decode
+from pipeline.spec.config import ComputeConfig, ModelConfig
+from pipeline.decode.image import Decoder, Preprocess
+from pipeline.decode.device import DeviceDecoder
+from pipeline.models.resolve import resolve_model
+from pipeline.models.stage import Classifier
+from pipeline.io.storage import Storage
 
 PREPROCESS = Preprocess(resize_size=64, crop_size=56, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 needs_gpu = pytest.mark.gpu
@@ -86,10 +86,10 @@ def test_without_torchcodec_the_device_decoder_falls_back_to_torchvision(monkeyp
     """A process where torchcodec cannot load warns once and decodes with torchvision, to the same rows."""
     monkeypatch.setitem(sys.modules, "torchcodec", None)  # None in sys.modules: the import fails
     monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)
-    monkeypatch.delitem(sys.modules, "pipeline.gpu_decode")  # restored, with the package attribute, afterwards
-    monkeypatch.setattr(pipeline, "gpu_decode", gpu_decode)
+    monkeypatch.delitem(sys.modules, "pipeline.decode.device")  # restored, with the package attribute, afterwards
+    monkeypatch.setattr(pipeline.decode, "device", gpu_decode)
     with pytest.warns(RuntimeWarning, match="torchcodec did not load") as warned:
-        fallback = importlib.import_module("pipeline.gpu_decode")
+        fallback = importlib.import_module("pipeline.decode.device")
     assert fallback.BACKEND == "torchvision" and len(warned) == 1
     check_agrees_with_cpu_decoder("cpu", device_decoder=fallback.DeviceDecoder)
 
@@ -140,7 +140,7 @@ def test_a_sixteen_bit_image_among_jpegs_keeps_its_depth_on_the_device_path():
 
 def test_dicom_frames_become_rows_on_the_device_path():
     from dicom_files import dicom_bytes
-    from pipeline.dicom import DicomSettings
+    from pipeline.decode.dicom import DicomSettings
 
     frames = np.stack([np.full((40, 40), v) for v in (10, 20)])
     cpu = Decoder(PREPROCESS, 10**8, dicom=DicomSettings())
@@ -226,9 +226,9 @@ def test_gpu_actor_decodes_jpegs_on_the_gpu(spec):
 def test_gpu_decoding_without_gpus_is_refused_in_one_line(ray_session, tmp_path, classifier_files):
     import io
 
-    from pipeline.config import load_job
-    from pipeline.errors import UserError
-    from pipeline.runner import run_job
+    from pipeline.spec.config import load_job
+    from pipeline.spec.errors import UserError
+    from pipeline.ray.runner import run_job
 
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.jpg").write_bytes(encode(photo(), "JPEG"))

@@ -13,8 +13,8 @@ from pydicom.uid import JPEGLosslessSV1
 
 from conftest import encode, photo
 from dicom_files import PHI, dicom_bytes, png16, shipped
-from pipeline.decode import Decoder, Preprocess
-from pipeline.dicom import DicomSettings, Window, read_dicom, scrub
+from pipeline.decode.image import Decoder, Preprocess
+from pipeline.decode.dicom import DicomSettings, Window, read_dicom, scrub
 
 MAX = 10**8
 
@@ -290,10 +290,10 @@ def test_a_one_channel_model_sees_the_sixteen_bit_values_normalised(tmp_path):
     import torch
     import torchvision
 
-    from pipeline.config import ModelConfig
-    from pipeline.model import _fit_stem, build_model, resolve_model
-    from pipeline.predict import Classifier
-    from pipeline.storage import Storage
+    from pipeline.spec.config import ModelConfig
+    from pipeline.models.resolve import _fit_stem, build_model, resolve_model
+    from pipeline.models.stage import Classifier
+    from pipeline.io.storage import Storage
 
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=3)

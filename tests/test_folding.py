@@ -6,7 +6,7 @@ import torch
 import torchvision
 from torch import nn
 
-from pipeline.folding import fold_batch_norms
+from pipeline.models.folding import fold_batch_norms
 
 
 def trained_looking(model: nn.Module) -> nn.Module:

@@ -9,10 +9,10 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import pytest
 
-from pipeline.errors import UserError
+from pipeline.spec.errors import UserError
 from pipeline.output.formats import RECORD_KEY, RUN_ID_KEY, Commit, Partitioning
 from pipeline.output.iceberg import IcebergFormat
-from pipeline.storage import Storage
+from pipeline.io.storage import Storage
 from readers import duckdb_connection
 
 SCHEMA = pa.schema([

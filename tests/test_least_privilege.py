@@ -22,8 +22,8 @@ from botocore.exceptions import ClientError
 
 from conftest import encode, photo
 from faults import FaultyProxy
-from pipeline.cli import main
-from pipeline.local_s3 import CREDENTIALS, LocalS3Server
+from pipeline.cli.commands import main
+from pipeline.dev.local_s3 import CREDENTIALS, LocalS3Server
 from test_cli_errors import assert_one_line
 
 BUCKET = "photos"

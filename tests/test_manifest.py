@@ -19,10 +19,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import encode, photo
-from pipeline.cli import main
-from pipeline.manifest import cast_batch, read_manifest
-from pipeline.rows import SOURCE_SCHEMA
-from pipeline.storage import ObjectInfo, Storage, join
+from pipeline.cli.commands import main
+from pipeline.io.manifest import cast_batch, read_manifest
+from pipeline.spec.rows import SOURCE_SCHEMA
+from pipeline.io.storage import ObjectInfo, Storage, join
 from test_cli_errors import assert_one_line
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -215,7 +215,7 @@ def test_an_unreadable_value_past_the_first_batch_is_null_and_logged(tmp_path, c
     sizes = [str(i) for i in range(1500)]
     sizes[1200] = "twelve"
     pq.write_table(pa.table({"uri": [f"{i}.png" for i in range(1500)], "size": sizes}), tmp_path / "list.parquet")
-    with caplog.at_level(logging.WARNING, logger="pipeline.manifest"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.io.manifest"):
         entries = [o for page in read_manifest(str(tmp_path / "list.parquet"), Storage()) for o in page]
     assert len(entries) == 1500 and entries[1200].size is None and entries[1201].size == 1201
     assert "column 'size', row 1201: 'twelve'" in caplog.text

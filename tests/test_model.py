@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import ModelConfig
-from pipeline.errors import UserError
-from pipeline.model import resolve_model
-from pipeline.predict import Classifier
-from pipeline.storage import Storage
+from pipeline.spec.config import ModelConfig
+from pipeline.spec.errors import UserError
+from pipeline.models.resolve import resolve_model
+from pipeline.models.stage import Classifier
+from pipeline.io.storage import Storage
 
 
 def test_weights_metadata_sets_preprocessing_and_labels(cached_imagenet_resnet18):
@@ -121,7 +121,7 @@ def test_any_torchvision_architecture_with_a_checkpoint(tmp_path, name):
 def test_preprocessing_follows_each_weights_metadata():
     import torchvision
 
-    from pipeline.model import _resolve_preprocess
+    from pipeline.models.resolve import _resolve_preprocess
 
     weights = torchvision.models.EfficientNet_B3_Weights.IMAGENET1K_V1
     p = _resolve_preprocess(ModelConfig(name="efficientnet_b3"), weights)

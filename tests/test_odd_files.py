@@ -18,9 +18,9 @@ import tifffile
 from PIL import Image
 
 from conftest import encode, photo
-from pipeline.decode import Decoder
+from pipeline.decode.image import Decoder
 from test_pipeline import job
-from pipeline.runner import run_job
+from pipeline.ray.runner import run_job
 
 CORPUS = os.path.join(os.path.dirname(__file__), "odd_files")
 

@@ -17,11 +17,11 @@ import pytest
 
 from faults import FaultyProxy
 from output_driver import job, run_once
-from pipeline.errors import UserError
+from pipeline.spec.errors import UserError
 from pipeline.output import make_format
 from pipeline.output.lease import Holder, check_conditional_writes
-from pipeline.rows import OUTPUT_SCHEMA
-from pipeline.storage import Storage
+from pipeline.spec.rows import OUTPUT_SCHEMA
+from pipeline.io.storage import Storage
 from readers import duckdb_connection
 
 TESTS = Path(__file__).parent
@@ -103,7 +103,7 @@ def assert_history_and_report(output: str, catalog_db: str | None, runs: list[st
     """`pipeline runs` and `pipeline report` read every format, local and on S3, as users call them."""
     import contextlib
 
-    from pipeline.cli import main
+    from pipeline.cli.commands import main
 
     catalog = ["--catalog", "type=sql", "--catalog", f"uri=sqlite:///{catalog_db}"] if catalog_db else []
     printed = io.StringIO()

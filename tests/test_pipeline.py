@@ -18,14 +18,14 @@ import torch
 from PIL import Image
 
 from conftest import encode, photo, photo_jpeg
-from pipeline.cli import main
-from pipeline.config import load_job
-from pipeline.decode import Decoder
-from pipeline.errors import JobStopped
-from pipeline.model import build_model, resolve_model
-from pipeline.runner import run_job
-from pipeline.source import InputListing
-from pipeline.storage import Storage
+from pipeline.cli.commands import main
+from pipeline.spec.config import load_job
+from pipeline.decode.image import Decoder
+from pipeline.spec.errors import JobStopped
+from pipeline.models.resolve import build_model, resolve_model
+from pipeline.ray.runner import run_job
+from pipeline.io.listing import InputListing
+from pipeline.io.storage import Storage
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -256,7 +256,7 @@ def test_listing_streams_page_by_page(storage, bucket):
                 CountingStorage.pages += 1
                 yield page
 
-    blocks = InputListing(f"s3://{bucket}/many/", CountingStorage.from_env(), ["jpg"])._blocks()
+    blocks = InputListing(f"s3://{bucket}/many/", CountingStorage.from_env(), ["jpg"]).blocks()
     first = next(blocks)
     assert first.num_rows > 0 and CountingStorage.pages == 1
     assert first.num_rows + sum(b.num_rows for b in blocks) == 1500 and CountingStorage.pages == 2
@@ -277,8 +277,8 @@ def test_torchvision_weights_by_name(tmp_path, cached_imagenet_resnet18):
 def test_predictions_stream_to_the_driver_in_many_batches(tmp_path, storage, bucket, classifier_files):
     """Ray must not merge the work into one block: rows reach the driver while work is still going on.
     Blocks are runner.BLOCK_BYTES of encoded images, about 11 of these photos."""
-    from pipeline.runner import build_dataset
-    from pipeline.source import ListingTally
+    from pipeline.ray.runner import build_dataset
+    from pipeline.ray.datasource import ListingTally
 
     put_objects(storage, bucket, "stream/", {f"{i:04d}.jpg": photo_jpeg(i) for i in range(80)})
     cfg = job(classifier_files, f"s3://{bucket}/stream/", str(tmp_path / "out"), compute={"batch_size": 8})
@@ -311,7 +311,7 @@ def test_empty_input_finishes_with_a_hint(tmp_path, classifier_files):
 
 
 def test_manifest_entries_are_normalised_and_bad_csv_rows_skipped(tmp_path):
-    from pipeline.manifest import _resolve, read_manifest
+    from pipeline.io.manifest import _resolve, read_manifest
 
     assert _resolve("./cat/1.jpg", "s3://b/dir") == "s3://b/dir/cat/1.jpg"
     assert _resolve("/abs/2.jpg", "s3://b/dir") == "/abs/2.jpg"

@@ -29,8 +29,8 @@ from torch import nn
 
 import counting_model
 from dicom_files import PHI, dicom_bytes
-from pipeline.cli import main
-from pipeline.privacy import Pseudonymizer, RowPseudonymizer
+from pipeline.cli.commands import main
+from pipeline.output.privacy import Pseudonymizer, RowPseudonymizer
 
 KEY = "test-only-pseudonym-key-3f9c1e7a5b2d4c6e8a0b"
 KEY_ENV = "PIPELINE_PSEUDONYM_KEY"
@@ -291,8 +291,8 @@ def test_mapping_beside_the_predictions_is_refused(tmp_path, monkeypatch, capsys
 
 def test_listing_logs_never_quote_a_manifest_line_when_pseudonymised(tmp_path, caplog):
     from pipeline.output.history import History
-    from pipeline.source import InputListing
-    from pipeline.storage import Storage
+    from pipeline.io.listing import InputListing
+    from pipeline.io.storage import Storage
 
     manifest = tmp_path / "m.csv"
     manifest.write_text(f"uri,size\n/pacs/{PATIENT_FOLDER}/CT/a.dcm,1\n/pacs/{PATIENT_FOLDER}/CT/b,c.dcm,2,x\n")

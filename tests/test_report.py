@@ -23,11 +23,11 @@ from PIL import Image, ImageDraw
 
 from conftest import encode, photo
 from dicom_files import dicom_bytes, shipped
-from pipeline.cli import main
-from pipeline.config import load_job
+from pipeline.cli.commands import main
+from pipeline.spec.config import load_job
 from pipeline.output.lease import OutputLease
 from pipeline.output.staging import RunInfo, StagedRun, Staging
-from pipeline.runner import run_job
+from pipeline.ray.runner import run_job
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 TESTS = Path(__file__).parent
@@ -72,7 +72,7 @@ def outputs(tmp_path_factory, classifier_files, s3_server):
     classify["model"]["weights"] = str(upgraded)
     second = run(classify, root, "classify")
 
-    from pipeline.storage import Storage
+    from pipeline.io.storage import Storage
 
     storage = Storage.from_env()
     bucket = "report-tests"
@@ -212,7 +212,7 @@ def test_unreadable_thumbnail_is_a_placeholder(outputs, tmp_path):
 
 def test_runs_and_report_never_import_ray(outputs, tmp_path):
     """Both read an output as any reader would: a laptop without the cluster, a CI job, a cron check."""
-    probe = ("import sys; from pipeline.cli import main; code = main(sys.argv[1:]); "
+    probe = ("import sys; from pipeline.cli.commands import main; code = main(sys.argv[1:]); "
              "assert 'ray' not in sys.modules and 'torch' not in sys.modules, 'imported'; sys.exit(code)")
     output = outputs["classification"][0]
     for argv in (["runs", output], ["report", output, "-o", str(tmp_path / "r.html")]):

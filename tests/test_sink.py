@@ -6,8 +6,8 @@ import pyarrow.parquet as pq
 
 from pipeline.output.sink import StagingSink, to_output_table
 from pipeline.output.staging import Staging
-from pipeline.rows import OUTPUT_SCHEMA
-from pipeline.storage import Storage
+from pipeline.spec.rows import OUTPUT_SCHEMA
+from pipeline.io.storage import Storage
 
 PROVENANCE = {"model": "resnet18", "weights": "sha256:abc", "run_id": "r1"}
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import encode, photo
-from pipeline.cli import main
+from pipeline.cli.commands import main
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

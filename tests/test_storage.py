@@ -12,7 +12,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.storage import Storage
+from pipeline.io.storage import Storage
 
 
 def test_failed_write_leaves_nothing(tmp_path):
@@ -28,7 +28,7 @@ def test_failed_write_leaves_nothing(tmp_path):
 KILLED_WRITER = """
 import sys, time
 import pyarrow as pa, pyarrow.parquet as pq
-from pipeline.storage import Storage
+from pipeline.io.storage import Storage
 
 def slow(f):
     pq.write_table(pa.table({"x": list(range(1000))}), f)
@@ -99,7 +99,7 @@ def test_local_walk_survives_a_symlink_loop(tmp_path):
 
 def test_spec_endpoint_wins_over_the_environment(s3_server, bucket, monkeypatch):
     """storage.endpoint_url in the job spec is used even when AWS_ENDPOINT_URL points elsewhere."""
-    from pipeline.preflight import check_bucket
+    from pipeline.spec.preflight import check_bucket
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     storage = Storage.from_env(endpoint_url=s3_server.endpoint_url)

@@ -16,7 +16,7 @@ import pyarrow.dataset as pads
 import pytest
 
 from conftest import photo_jpeg
-from pipeline.cli import main
+from pipeline.cli.commands import main
 from ray_cluster import DashboardHead
 
 TESTS = Path(__file__).parent

@@ -15,8 +15,8 @@ import torch
 import torchvision
 
 from conftest import encode, photo
-from pipeline.cli import main
-from pipeline.runner import run_job
+from pipeline.cli.commands import main
+from pipeline.ray.runner import run_job
 from readers import duckdb_connection
 from test_pipeline import job, put_objects
 

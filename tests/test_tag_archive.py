@@ -14,7 +14,7 @@ import torch
 
 from color_boxes import LABELS, ColorBoxes
 from conftest import encode, ensure_bucket
-from pipeline.cli import main
+from pipeline.cli.commands import main
 from test_detection import scene
 
 ROOT = Path(__file__).resolve().parent.parent

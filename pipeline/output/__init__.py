@@ -19,17 +19,17 @@ from typing import Callable, Iterator, TextIO
 
 import pyarrow as pa
 
-from pipeline import failpoints
-from pipeline.config import JobConfig
-from pipeline.errors import JobFailed
+from pipeline.dev import failpoints
+from pipeline.spec.config import JobConfig
+from pipeline.spec.errors import JobFailed
 from pipeline.output.formats import Commit, OutputFormat, Partitioning
 from pipeline.output.history import History
 from pipeline.output.lease import OutputLease, check_conditional_writes
 from pipeline.output.runs import check_pseudonyms, interrupted, new_run_id, partition_column
 from pipeline.output.sink import StagingSink
 from pipeline.output.staging import FORMAT, STAGING, RunInfo, RunStats, StagedRun, Staging, now_precise
-from pipeline.privacy import Pseudonymizer
-from pipeline.storage import Storage, is_s3, join
+from pipeline.output.privacy import Pseudonymizer
+from pipeline.io.storage import Storage, is_s3, join
 
 
 @dataclass(frozen=True)

@@ -64,9 +64,9 @@ from urllib.parse import unquote
 
 import pyarrow as pa
 
-from pipeline.errors import JobFailed, UserError
+from pipeline.spec.errors import JobFailed, UserError
 from pipeline.output.formats import RECORD_KEY, RUN_ID_KEY, Commit, OutputFormat, Partitioning, record_json
-from pipeline.storage import Storage, absolute, is_s3, join, split_s3
+from pipeline.io.storage import Storage, absolute, is_s3, join, split_s3
 
 RUN_DATE = "run_date"
 APP_ID_PREFIX = "pipeline-run-"

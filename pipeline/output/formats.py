@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 
 import pyarrow as pa
 
-from pipeline.storage import Storage
+from pipeline.io.storage import Storage
 
 RECORD_KEY = "pipeline.record"  # where the table formats keep a run's record (commit metadata / snapshot summary)
 RUN_ID_KEY = "pipeline.run_id"

@@ -75,9 +75,9 @@ from typing import Iterator
 import pyarrow as pa
 from pyiceberg.table import WriteTask
 
-from pipeline.errors import UserError
+from pipeline.spec.errors import UserError
 from pipeline.output.formats import RECORD_KEY, RUN_ID_KEY, Commit, OutputFormat, Partitioning, record_json
-from pipeline.storage import Storage, absolute, is_s3, join
+from pipeline.io.storage import Storage, absolute, is_s3, join
 
 logger = logging.getLogger(__name__)
 

@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from pipeline.config import JobConfig
-from pipeline.decode import column_name
-from pipeline.errors import UserError
+from pipeline.spec.config import JobConfig
+from pipeline.decode.image import column_name
+from pipeline.spec.errors import UserError
 from pipeline.output.staging import StagedRun
-from pipeline.rows import output_schema
+from pipeline.spec.rows import output_schema
 
 if TYPE_CHECKING:  # the output side never loads torch
-    from pipeline.model import ModelSpec
+    from pipeline.models.resolve import ModelSpec
 
 
 def new_run_id() -> str:

@@ -14,10 +14,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import failpoints
-from pipeline.errors import JobFailed
+from pipeline.dev import failpoints
+from pipeline.spec.errors import JobFailed
 from pipeline.output.staging import RunStats, Staging
-from pipeline.rows import OUTPUT_SCHEMA
+from pipeline.spec.rows import OUTPUT_SCHEMA
 
 
 class StagingSink:

@@ -23,9 +23,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.errors import UserError
+from pipeline.spec.errors import UserError
 from pipeline.output.history import KEY_DTYPE, table_keys
-from pipeline.storage import Storage, is_s3, join
+from pipeline.io.storage import Storage, is_s3, join
 
 FORMAT = 1  # of _run.json and commit records; a newer one is refused rather than misread
 STAGING = "_staging"

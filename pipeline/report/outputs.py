@@ -10,10 +10,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.errors import UserError
+from pipeline.spec.errors import UserError
 from pipeline.output.formats import OutputFormat
 from pipeline.output.staging import STAGING
-from pipeline.storage import Storage, absolute, is_s3, join
+from pipeline.io.storage import Storage, absolute, is_s3, join
 
 BATCH_ROWS = 32_768
 

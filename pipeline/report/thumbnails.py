@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
 from pipeline.report.facts import Sample
-from pipeline.storage import Storage
+from pipeline.io.storage import Storage
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def fit(image: Image.Image) -> Image.Image:
 
 
 def _is_dicom(data: bytes) -> bool:
-    from pipeline.dicom import is_dicom
+    from pipeline.decode.dicom import is_dicom
 
     return is_dicom(data)
 
@@ -78,7 +78,7 @@ def _photo(data: bytes) -> Image.Image:
 def _dicom_frame(data: bytes, frame: int | None) -> Image.Image:
     """The frame with its modality LUT and the file's own window (its VOI, else its range), as the job shows
     a model; no tag value is read into the report."""
-    from pipeline.dicom import DicomSettings, read_dicom
+    from pipeline.decode.dicom import DicomSettings, read_dicom
 
     dicom = read_dicom(data, DicomSettings(window="file", frames=(frame or 0,)), MAX_PIXELS)
     pixels = dicom.frames[0][1]

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.errors import UserError
+from pipeline.spec.errors import UserError
 
 DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "avif")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -294,7 +294,7 @@ class ErrorPolicy(_Section):
 
 
 class PrivacyConfig(_Section):
-    """Keyed pseudonymisation: see pipeline/privacy.py. The key itself never appears in a spec."""
+    """Keyed pseudonymisation: see pipeline/output/privacy.py. The key itself never appears in a spec."""
     pseudonymize: bool = Field(
         False, description="write the input uri, the DICOM study/series/SOP instance UIDs and allow-listed UID tags "
         "as keyed HMAC-SHA256 tokens (hmac:<hex>); error messages never quote the input's path")
@@ -367,7 +367,7 @@ class JobConfig(_Section):
         tags = self.dicom.include_tags if self.dicom is not None and self.privacy.pseudonymize else []
         if not tags:
             return self
-        from pipeline.dicom import IDENTIFYING
+        from pipeline.decode.dicom import IDENTIFYING
 
         flagged = [t for t in tags if t in IDENTIFYING]
         if flagged:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from pipeline.rows import StageFailure, error_columns, fail
+from pipeline.spec.rows import StageFailure, error_columns, fail
 
 _NO_PIXELS = np.zeros((0, 0, 3), dtype=np.uint8)
 _RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
@@ -97,7 +97,7 @@ class Decoder:
     def decode(self, data: bytes) -> tuple[list[tuple[int | None, np.ndarray, tuple[int, int]]], dict]:
         """[(frame, prepared pixels, (width, height))] and tags: one row at frame None for an ordinary image,
         one per selected frame of a DICOM file."""
-        from pipeline.dicom import is_dicom, read_dicom
+        from pipeline.decode.dicom import is_dicom, read_dicom
 
         if not data:
             raise StageFailure("empty", "file is empty (0 bytes)")
@@ -301,7 +301,7 @@ def tiff_fallback(data: bytes, error: Exception) -> Image.Image:
 
 def dicom_columns(settings, frames: list[int | None], tags: list[dict], rows_of_input: np.ndarray) -> dict:
     """The DICOM columns of a decoded batch: frame (NaN: none), key and allow-listed tags, rows per input."""
-    from pipeline.dicom import KEY_TAGS
+    from pipeline.decode.dicom import KEY_TAGS
 
     columns = {"frame": np.array([np.nan if f is None else f for f in frames], dtype=np.float64),
                "rows_of_input": rows_of_input.astype(np.int64)}

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.config import DetectionConfig
-from pipeline.model import ModelSpec
-from pipeline.predict import ModelStage
-from pipeline.storage import Storage
+from pipeline.spec.config import DetectionConfig
+from pipeline.models.resolve import ModelSpec
+from pipeline.models.stage import ModelStage
+from pipeline.io.storage import Storage
 
 
 class Detector(ModelStage):

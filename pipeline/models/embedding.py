@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.errors import UserError
+from pipeline.spec.errors import UserError
 
 HEAD_NAMES = ("fc", "classifier", "head", "heads")
 

@@ -12,7 +12,8 @@ import logging
 import os
 import sys
 
-from pipeline.errors import JobFailed, JobStopped, UserError
+from pipeline.ray import stop_ray
+from pipeline.spec.errors import JobFailed, JobStopped, UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             return _submit(args)
         if args.command in ("report", "runs"):
             return _report(args) if args.command == "report" else _runs(args)
-        from pipeline.demo import run_demo
+        from pipeline.dev.demo import run_demo
         return run_demo(keep=args.keep)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -102,22 +103,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipeline.config import load_job
-    from pipeline.runner import run_job
+    from pipeline.spec.config import load_job
+    from pipeline.ray.runner import run_job
 
     run_job(load_job(args.spec, _overrides(args)))
     return 0
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from pipeline.submit import submit
+    from pipeline.ray.submit import submit
 
     return submit(args.spec, _overrides(args), args.address, sys.stdout, wait=not args.no_wait)
 
 
 def _open_output(args: argparse.Namespace):
     from pipeline.report.outputs import open_output_for_reading
-    from pipeline.storage import Storage
+    from pipeline.io.storage import Storage
 
     catalog = None
     if args.catalog:
@@ -150,7 +151,7 @@ def _runs(args: argparse.Namespace) -> int:
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    from pipeline.config import OVERRIDES
+    from pipeline.spec.config import OVERRIDES
 
     return {flag: getattr(args, flag, None) for flag in OVERRIDES}
 
@@ -159,11 +160,7 @@ def entry() -> None:
     """The `pipeline` command: main(), then a quick exit. Everything the job wrote is committed and closed by
     then; Python's own teardown would spend seconds collecting the heap of torch, Ray and Arrow objects."""
     code = main()
-    if "ray" in sys.modules:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()  # stops the local Ray this process started (atexit would, but os._exit skips atexit)
+    stop_ray()  # the local Ray this process started (atexit would, but os._exit skips atexit)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -23,29 +23,30 @@ from typing import TYPE_CHECKING, TextIO
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from pipeline.cluster import ClusterWatch, PoolPlan, plan_pool, read_cluster
-from pipeline.config import JobConfig
-from pipeline.decode import Decoder, column_name
-from pipeline.dicom import IDENTIFYING, KEY_TAGS, dicom_settings, instance_uid_tags
-from pipeline.errors import JobStopped, UserError
+from pipeline.ray.cluster import ClusterWatch, PoolPlan, plan_pool, read_cluster
+from pipeline.spec.config import JobConfig
+from pipeline.decode.image import Decoder, column_name
+from pipeline.decode.dicom import IDENTIFYING, KEY_TAGS, dicom_settings, instance_uid_tags
+from pipeline.spec.errors import JobStopped, UserError
 from pipeline.output import RunIdentity, open_output
 from pipeline.output.history import History
 from pipeline.output.lease import OutputLease
 from pipeline.output.runs import job_key, job_schema, model_key
 from pipeline.output.sink import StagingSink
-from pipeline.isolation import Isolated, Ledger
-from pipeline.ledger import BatchLedger, RayLedger
-from pipeline.metrics import RunMetrics
-from pipeline.preflight import check_model, check_storage
-from pipeline.privacy import (PseudonymMap, Pseudonymizer, RowPseudonymizer, load_pseudonymizer,
+from pipeline.ray.isolation import Isolated, Ledger
+from pipeline.ray.ledger import BatchLedger, RayLedger
+from pipeline.ray.metrics import RunMetrics
+from pipeline.spec.preflight import check_model, check_storage
+from pipeline.output.privacy import (PseudonymMap, Pseudonymizer, RowPseudonymizer, load_pseudonymizer,
                               pseudonymized_columns)
-from pipeline.progress import ProgressPrinter, ProgressSamples, Tally, Timeline
-from pipeline.read import Reader
-from pipeline.source import InputListing
-from pipeline.storage import Storage, absolute, join
+from pipeline.cli.progress import ProgressPrinter, ProgressSamples, Tally, Timeline
+from pipeline.io.read import Reader
+from pipeline.io.listing import InputListing
+from pipeline.ray.datasource import ListingDatasource
+from pipeline.io.storage import Storage, absolute, join
 
 if TYPE_CHECKING:  # the model modules import torch (seconds): the driver does so while Ray starts
-    from pipeline.model import ModelSpec
+    from pipeline.models.resolve import ModelSpec
 
 # Ray merges what a task yields into blocks of up to this many bytes, and an actor takes whole blocks: ~10k
 # listed keys or ~14 photos per block. Ray's default (128 MiB) would hold the listing back until ~1M keys;
@@ -251,9 +252,9 @@ def build_dataset(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tal
 def _build(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tally,
            history: History | None, pool: PoolPlan, ledger: Ledger | None) -> ray.data.Dataset:
     compute = cfg.compute
-    listing = InputListing(cfg.input.uri, storage, cfg.input.extensions, listing_tally, history,
-                           exclude=cfg.output.uri)
-    dataset = ray.data.read_datasource(listing, override_num_blocks=1, num_cpus=LIST_CPUS)
+    listing = InputListing(cfg.input.uri, storage, cfg.input.extensions, history, exclude=cfg.output.uri)
+    dataset = ray.data.read_datasource(ListingDatasource(listing, listing_tally), override_num_blocks=1,
+                                       num_cpus=LIST_CPUS)
     # A read task walks its block of the listing 64 inputs at a time, fetching each 64 concurrently.
     # Holding no CPU, read tasks are bounded by count instead: each already has 64 fetches in flight.
     # Sized for the cluster as its autoscaler can make it: a head with no CPUs would otherwise get 2 for the night.
@@ -271,8 +272,8 @@ def _build(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tally,
         # Ray retries a task whose process died 3 times, then fails the job; the ledger bounds it instead.
         dataset = dataset.map_batches(decoder if ledger is None else Isolated(decoder, ledger.for_stage("decode"), "decode"),
                                       batch_size=None, num_cpus=DECODE_CPUS, max_retries=-1)
-    from pipeline.detect import Detector
-    from pipeline.predict import Classifier
+    from pipeline.models.detect import Detector
+    from pipeline.models.stage import Classifier
 
     stage_kwargs = {"spec": spec, "storage": storage, "precision": compute.precision,
                     "channels_last": compute.channels_last, "num_threads": max(1, int(compute.num_cpus_per_actor)),
@@ -302,7 +303,7 @@ def tasks_in_flight(spec: ModelSpec, num_gpus: float) -> int | None:
 
 
 def on_driver_node() -> NodeAffinitySchedulingStrategy:
-    """The listing's tally lives and dies with the driver's node (see InputListing.supports_distributed_reads)."""
+    """The listing's tally lives and dies with the driver's node (see ListingDatasource.supports_distributed_reads)."""
     return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 

@@ -22,7 +22,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from pipeline.rows import error_columns
+from pipeline.spec.rows import error_columns
 
 CRASH_MESSAGE = ("the worker process died {deaths} times while handling this input (the last with it alone), so it "
                  "was not tried again: a native crash (SIGSEGV, abort) in a decoder or the model, or memory beyond "

@@ -8,14 +8,14 @@ import os
 import uuid
 from typing import TYPE_CHECKING
 
-from pipeline.config import JobConfig
-from pipeline.errors import UserError
-from pipeline.manifest import BadManifest, check_first_batch, is_manifest, manifest_columns
-from pipeline.storage import Storage, is_s3, join, split_s3
+from pipeline.spec.config import JobConfig
+from pipeline.spec.errors import UserError
+from pipeline.io.manifest import BadManifest, check_first_batch, is_manifest, manifest_columns
+from pipeline.io.storage import Storage, is_s3, join, split_s3
 
 
 if TYPE_CHECKING:
-    from pipeline.model import ModelSpec
+    from pipeline.models.resolve import ModelSpec
 
 
 def preflight(cfg: JobConfig, storage: Storage) -> ModelSpec:
@@ -37,7 +37,7 @@ def check_storage(cfg: JobConfig, storage: Storage) -> None:
 def check_model(cfg: JobConfig, storage: Storage) -> ModelSpec:
     """The model built once on the CPU: architecture, weights, labels. Imports torch (seconds), so the runner
     does it while Ray starts."""
-    from pipeline.model import resolve_model
+    from pipeline.models.resolve import resolve_model
 
     return resolve_model(cfg.model, storage)
 

@@ -25,8 +25,8 @@ from PIL import Image
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from pipeline.decode import Decoder, pixel_limit
-from pipeline.rows import error_columns
+from pipeline.decode.image import Decoder, pixel_limit
+from pipeline.spec.rows import error_columns
 
 try:  # imported once per process (in the model actor), so this warns once
     from torchcodec.decoders import decode_jpeg

@@ -12,7 +12,7 @@ from typing import TextIO
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.errors import JobStopped
+from pipeline.spec.errors import JobStopped
 
 
 class Tally:

@@ -34,7 +34,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, iter_
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from pipeline.rows import StageFailure
+from pipeline.spec.rows import StageFailure
 
 KEY_TAGS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality")
 # Attributes DICOM PS3.15's Basic Application Confidentiality Profile removes or replaces that a job is likely

@@ -22,14 +22,14 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from pipeline.decode import Decoder
-from pipeline.embedding import EmbeddingTap
-from pipeline.folding import fold_batch_norms
-from pipeline.isolation import Isolated, Ledger
-from pipeline.metrics import BatchLatency
-from pipeline.model import ModelSpec, build_model
-from pipeline.rows import error_columns
-from pipeline.storage import Storage
+from pipeline.decode.image import Decoder
+from pipeline.models.embedding import EmbeddingTap
+from pipeline.models.folding import fold_batch_norms
+from pipeline.ray.isolation import Isolated, Ledger
+from pipeline.ray.metrics import BatchLatency
+from pipeline.models.resolve import ModelSpec, build_model
+from pipeline.spec.rows import error_columns
+from pipeline.io.storage import Storage
 
 _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class ModelStage:
             torch.set_num_threads(num_threads)
         self.decoder = decode
         if decode is not None and decode_on_device and self.device.type == "cuda" and decode.channels == 3:
-            from pipeline.gpu_decode import DeviceDecoder
+            from pipeline.decode.device import DeviceDecoder
 
             self.decoder = DeviceDecoder(decode, self.device)
         self.autocast_dtype = _AUTOCAST.get(precision) if self.device.type == "cuda" else None

@@ -1,0 +1,6 @@
+"""The `pipeline` command: `run`, `submit`, `report`, `runs`, `demo` (commands.py), its progress on a terminal or in
+a log (progress.py)."""
+
+from pipeline.cli.commands import build_parser, entry, main
+
+__all__ = ["build_parser", "entry", "main"]

@@ -1,0 +1,71 @@
+"""What to process: the job's inputs as a stream of small Arrow blocks of `uri, size, etag, last_modified`.
+
+Listing a prefix of 100M objects takes hours, so it must not happen before the first read (Ray issue #40686).
+`InputListing.blocks` walks the listing page by page (S3's paginator, a local folder walk, or a manifest read in
+record batches) and yields a block per page, the inputs earlier runs finished left out; the Ray adapter
+(`pipeline.ray.datasource`) runs it as one read task and keeps its running counts.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import pyarrow as pa
+
+from pipeline.io.manifest import is_manifest, read_manifest
+from pipeline.io.storage import ObjectInfo, Storage, extension
+from pipeline.output.history import History
+from pipeline.spec.rows import SOURCE_SCHEMA
+
+# (to do, skipped for their extension, skipped as done by an earlier run) for each page
+PageCounts = Callable[[int, int, int], None]
+
+
+class InputListing:
+    """The job's inputs, a page at a time; see the module docstring."""
+
+    def __init__(self, uri: str, storage: Storage, extensions: list[str] | None,
+                 history: History | None = None, exclude: str | None = None):
+        self.uri = uri
+        self.storage = storage
+        self.extensions = set(extensions) if extensions is not None else None
+        self.history = history or History()
+        # The job's own output, when it sits inside the input folder, is never an input.
+        self.exclude = exclude.rstrip("/") + "/" if exclude else None
+
+    def blocks(self, counted: PageCounts | None = None) -> Iterator[pa.Table]:
+        done = self.history.load(self.storage)
+        for page in self.pages():
+            # The job's own output is not an input at all: neither listed nor counted as skipped.
+            candidates = [o for o in page if not self._own_output(o)]
+            wanted = [o for o in candidates if self._has_wanted_extension(o)]
+            todo = done.todo(wanted)
+            if counted is not None:
+                counted(len(todo), len(candidates) - len(wanted), len(wanted) - len(todo))
+            if todo:
+                yield to_block(todo)
+
+    def pages(self) -> Iterator[list[ObjectInfo]]:
+        if is_manifest(self.uri):
+            return read_manifest(self.uri, self.storage, quote=self.quotes_paths)
+        return self.storage.list_pages(self.uri, quote_paths=self.quotes_paths)
+
+    @property
+    def quotes_paths(self) -> bool:
+        """Whether a log line may quote an input's path: not when the job pseudonymises them."""
+        return self.history.pseudonymizer is None
+
+    def _own_output(self, info: ObjectInfo) -> bool:
+        return self.exclude is not None and info.uri.startswith(self.exclude)
+
+    def _has_wanted_extension(self, info: ObjectInfo) -> bool:
+        return self.extensions is None or is_manifest(self.uri) or extension(info.uri) in self.extensions
+
+
+def to_block(objects: list[ObjectInfo]) -> pa.Table:
+    return pa.table({
+        "uri": [o.uri for o in objects],
+        "size": [o.size for o in objects],
+        "etag": [o.etag for o in objects],
+        "last_modified": [o.last_modified for o in objects],
+    }, schema=SOURCE_SCHEMA)
