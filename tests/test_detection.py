@@ -17,6 +17,7 @@ from conftest import encode
 from pipeline.spec.config import DetectionConfig, ModelConfig, load_job
 from pipeline.decode.image import Decoder
 from pipeline.models.detect import Detector
+from pipeline.ray.actors import ModelActor
 from pipeline.spec.errors import UserError
 from pipeline.models.resolve import ModelSpec, detection_models, resolve_model
 from pipeline.spec.rows import output_schema
@@ -44,7 +45,7 @@ def as_batch(encoded: list[bytes]) -> dict[str, np.ndarray]:
 
 
 def detect(spec: ModelSpec, encoded: list[bytes], **options) -> dict[str, np.ndarray]:
-    stage = Detector(spec, Storage.from_env(), decode=Decoder(None, 10**8), **options)
+    stage = ModelActor(Detector, spec, Storage.from_env(), decoder=Decoder(None, 10**8), **options)
     return stage(as_batch(encoded))
 
 
@@ -251,7 +252,8 @@ def test_device_decoder_keeps_each_image_at_its_size(color_files):
     exif[0x0112] = 6
     rotated = encode(shown.transpose(Image.Transpose.ROTATE_90), "JPEG", quality=95, exif=exif.tobytes())
     png = encode(scene(64, 48, {}), "PNG")
-    batch, pixels = DeviceDecoder(Decoder(None, 10**8), torch.device("cpu"))(as_batch([rotated, png, b"broken"]))
+    batch = DeviceDecoder(Decoder(None, 10**8), torch.device("cpu"))(as_batch([rotated, png, b"broken"]))
+    pixels = batch.pop("pixels")
     assert [tuple(p.shape) for p in pixels] == [(200, 300, 3), (48, 64, 3), (0, 0, 3)]
     pillow = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(rotated))).convert("RGB"), dtype=int)
     assert np.abs(pixels[0].numpy().astype(int) - pillow).mean() < 2  # another JPEG decoder: rounding differs
@@ -314,14 +316,15 @@ def test_detector_on_gpu_decodes_there_and_agrees_with_the_cpu(frcnn_files, colo
     """nvJPEG decode, backbone under bf16 autocast, heads in float32: boxes within a pixel of the CPU's."""
     photos = photos_of_mixed_sizes()
     color = color_spec(color_files)
-    on_gpu = Detector(color, Storage.from_env(), precision="bf16", decode=Decoder(None, 10**8), decode_on_device=True)
-    assert on_gpu.device.type == "cuda"
+    on_gpu = ModelActor(Detector, color, Storage.from_env(), precision="bf16", decoder=Decoder(None, 10**8),
+                        decode_on_device=True)
+    assert on_gpu.stage.device.type == "cuda"
     gpu_rows = on_gpu(as_batch(photos))
     cpu_rows = detect(color, photos)
     for got, expected in zip(gpu_rows["detections"], cpu_rows["detections"]):
         assert [d["label"] for d in got] == [d["label"] for d in expected] == ["red"]
         np.testing.assert_allclose(as_array(got)[1], as_array(expected)[1], atol=1.5)
     spec = resolve_model(ModelConfig(**frcnn_files, detection={"score_threshold": 0.0}), Storage.from_env())
-    out = Detector(spec, Storage.from_env(), precision="bf16", decode=Decoder(None, 10**8),
-                   decode_on_device=True)(as_batch(photos))
+    out = ModelActor(Detector, spec, Storage.from_env(), precision="bf16", decoder=Decoder(None, 10**8),
+                     decode_on_device=True)(as_batch(photos))
     assert all(n > 0 for n in out["num_detections"])

@@ -17,7 +17,8 @@ from pipeline.spec.config import ComputeConfig, ModelConfig
 from pipeline.decode.image import Decoder, Preprocess
 from pipeline.decode.device import DeviceDecoder
 from pipeline.models.resolve import resolve_model
-from pipeline.models.stage import Classifier
+from pipeline.models.classify import Classifier
+from pipeline.ray.actors import ModelActor
 from pipeline.io.storage import Storage
 
 PREPROCESS = Preprocess(resize_size=64, crop_size=56, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
@@ -56,7 +57,8 @@ def mixed_inputs() -> dict[str, bytes]:
 def decode_both(device: str, max_image_pixels: int = 10**8, device_decoder=DeviceDecoder):
     inputs = mixed_inputs()
     decoder = device_decoder(Decoder(PREPROCESS, max_image_pixels), torch.device(device))
-    on_device, pixels = decoder(as_batch(list(inputs.values())))
+    on_device = decoder(as_batch(list(inputs.values())))
+    pixels = on_device.pop("pixels")
     on_cpu = Decoder(PREPROCESS, max_image_pixels)(as_batch(list(inputs.values())))
     return list(inputs), on_device, pixels.cpu().numpy(), on_cpu
 
@@ -98,7 +100,7 @@ def test_every_exif_orientation_matches_pillow_on_the_device_path():
     """TorchCodec applies EXIF orientation itself; each of the eight must show the image as Pillow's
     exif_transpose does (compared at full size, where a wrong flip or turn cannot hide)."""
     inputs = [rotated_jpeg(orientation) for orientation in range(1, 9)]
-    _, pixels = DeviceDecoder(Decoder(None, 10**8), torch.device("cpu"))(as_batch(inputs))
+    pixels = DeviceDecoder(Decoder(None, 10**8), torch.device("cpu"))(as_batch(inputs))["pixels"]
     pillow = Decoder(None, 10**8)(as_batch(inputs))
     for orientation, image, expected in zip(range(1, 9), pixels, pillow["pixels"]):
         assert image.shape == expected.shape, f"orientation {orientation}"
@@ -117,7 +119,8 @@ def test_one_broken_jpeg_does_not_fail_the_batched_decode():
     broken = good[0][:200] + b"\xff\xd9"  # a header that opens, then no image data
     with pytest.raises(RuntimeError, match="incomplete or truncated"):  # TorchCodec fails the whole call
         gpu_decode.decode_jpeg([good[0], broken], device="cpu")
-    batch, pixels = DeviceDecoder(Decoder(PREPROCESS, 10**8), torch.device("cpu"))(as_batch([good[0], broken, good[1], good[2]]))
+    batch = DeviceDecoder(Decoder(PREPROCESS, 10**8), torch.device("cpu"))(as_batch([good[0], broken, good[1], good[2]]))
+    pixels = batch.pop("pixels")
     assert [e is None for e in batch["error"]] == [True, False, True, True]
     assert batch["error_type"][1].startswith("decode.")
     assert pixels[[0, 2, 3]].float().std() > 10 and not pixels[1].any()
@@ -125,15 +128,15 @@ def test_one_broken_jpeg_does_not_fail_the_batched_decode():
 
 def test_pixel_limit_applies_before_the_device_decodes():
     big = encode(Image.new("RGB", (1500, 1000), (90, 90, 90)), "JPEG")
-    batch, _ = DeviceDecoder(Decoder(PREPROCESS, 1_000_000), torch.device("cpu"))(as_batch([big]))
+    batch = DeviceDecoder(Decoder(PREPROCESS, 1_000_000), torch.device("cpu"))(as_batch([big]))
     assert batch["error_type"][0] == "decode.too_many_pixels"
 
 
 def test_a_sixteen_bit_image_among_jpegs_keeps_its_depth_on_the_device_path():
     jpegs = [encode(photo(96, 72, seed=s), "JPEG") for s in range(2)]
     deep = encode(Image.fromarray((np.arange(72 * 96).reshape(72, 96) * 9).astype(np.uint16)), "PNG")
-    _, pixels = DeviceDecoder(Decoder(PREPROCESS, 10**8), torch.device("cpu"))(as_batch([jpegs[0], deep, jpegs[1]]))
-    _, eight = DeviceDecoder(Decoder(PREPROCESS, 10**8), torch.device("cpu"))(as_batch(jpegs))
+    pixels = DeviceDecoder(Decoder(PREPROCESS, 10**8), torch.device("cpu"))(as_batch([jpegs[0], deep, jpegs[1]]))["pixels"]
+    eight = DeviceDecoder(Decoder(PREPROCESS, 10**8), torch.device("cpu"))(as_batch(jpegs))["pixels"]
     assert pixels.dtype == torch.uint16 and pixels[1].to(torch.int32).max() > 255
     assert torch.equal(pixels[[0, 2]].to(torch.int32), eight.to(torch.int32) * 257)
 
@@ -144,7 +147,8 @@ def test_dicom_frames_become_rows_on_the_device_path():
 
     frames = np.stack([np.full((40, 40), v) for v in (10, 20)])
     cpu = Decoder(PREPROCESS, 10**8, dicom=DicomSettings())
-    batch, pixels = DeviceDecoder(cpu, torch.device("cpu"))(as_batch([dicom_bytes(frames), encode(photo(), "JPEG")]))
+    batch = DeviceDecoder(cpu, torch.device("cpu"))(as_batch([dicom_bytes(frames), encode(photo(), "JPEG")]))
+    pixels = batch.pop("pixels")
     assert list(batch["frame"][:2]) == [0, 1] and np.isnan(batch["frame"][2]) and pixels.shape[0] == 3
     assert pixels.dtype == torch.uint16 and len(batch["uri"]) == 3
 
@@ -162,7 +166,7 @@ def test_actor_that_decodes_for_itself_predicts_like_decode_tasks(spec):
     inputs = list(mixed_inputs().values())
     decoder = Decoder(spec.preprocess, 10**8)
     separate = Classifier(spec, Storage.from_env())(decoder(as_batch(inputs)))
-    inside = Classifier(spec, Storage.from_env(), decode=decoder, decode_on_device=True)(as_batch(inputs))
+    inside = ModelActor(Classifier, spec, Storage.from_env(), decoder=decoder, decode_on_device=True)(as_batch(inputs))
     assert list(inside["error_type"]) == list(separate["error_type"])
     assert list(inside["label"]) == list(separate["label"])
     ok = [e is None for e in separate["error"]]
@@ -215,8 +219,9 @@ def test_device_decoder_on_gpu_agrees_with_the_pillow_decoder():
 @gpu_only
 def test_gpu_actor_decodes_jpegs_on_the_gpu(spec):
     inputs = list(mixed_inputs().values())
-    classifier = Classifier(spec, Storage.from_env(), decode=Decoder(spec.preprocess, 10**8), decode_on_device=True)
-    assert isinstance(classifier.decoder, DeviceDecoder)
+    classifier = ModelActor(Classifier, spec, Storage.from_env(), decoder=Decoder(spec.preprocess, 10**8),
+                            decode_on_device=True)
+    assert isinstance(classifier.decode, DeviceDecoder)
     out = classifier(as_batch(inputs))
     cpu = Classifier(spec, Storage.from_env())(Decoder(spec.preprocess, 10**8)(as_batch(inputs)))
     assert list(out["error_type"]) == list(cpu["error_type"])

@@ -18,7 +18,7 @@ from pipeline.spec.config import ModelConfig, load_job
 from pipeline.decode.image import Decoder
 from pipeline.spec.errors import UserError
 from pipeline.models.resolve import resolve_model
-from pipeline.models.stage import Classifier
+from pipeline.models.classify import Classifier
 from pipeline.spec.rows import output_schema
 from pipeline.ray.runner import run_job
 from pipeline.io.storage import Storage

@@ -7,7 +7,7 @@ import torch
 from pipeline.spec.config import ModelConfig
 from pipeline.spec.errors import UserError
 from pipeline.models.resolve import resolve_model
-from pipeline.models.stage import Classifier
+from pipeline.models.classify import Classifier
 from pipeline.io.storage import Storage
 
 

@@ -45,7 +45,7 @@ _DEVICE_MODES = {"RGB", "L"}  # JPEG colour modes the device decoder turns into 
 
 
 class DeviceDecoder:
-    """Batch of encoded bytes -> (batch with sizes and errors, uint8 pixels (N, crop, crop, 3) on `device`).
+    """Batch of encoded bytes -> the batch with sizes, errors and `pixels`, uint8 (N, crop, crop, 3) on `device`.
 
     Without a `Preprocess` (a detector) the pixels are a list of (H, W, 3) images at their own size, None
     for a failed row.
@@ -56,13 +56,15 @@ class DeviceDecoder:
         self.device = device
         self.cpu = cpu
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], torch.Tensor]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.cpu.dicom is not None:  # a DICOM job: frames become rows, which only the CPU decoder does
             batch = self.cpu(batch)
-            pixels = batch.pop("pixels")
+            pixels = batch["pixels"]
             if self.preprocess is None:
-                return batch, [torch.from_numpy(p).to(self.device) for p in pixels]
-            return batch, torch.from_numpy(pixels).to(self.device)
+                batch["pixels"] = [torch.from_numpy(p).to(self.device) for p in pixels]
+            else:
+                batch["pixels"] = torch.from_numpy(pixels).to(self.device)
+            return batch
         data = batch.pop("bytes")
         n = len(data)
         if self.preprocess is None:
@@ -82,7 +84,8 @@ class DeviceDecoder:
         if on_cpu:
             pixels = self.decode_on_cpu(on_cpu, data, pixels, widths, heights, errors, error_types, batch)
         batch.update(image_width=widths, image_height=heights, error=errors, error_type=error_types)
-        return batch, pixels
+        batch["pixels"] = pixels
+        return batch
 
     def device_can_decode(self, data: bytes) -> bool:
         """A JPEG in a mode the device decoder handles and within the pixel limit; anything else, or a header

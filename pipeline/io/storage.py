@@ -1,135 +1,32 @@
-"""The one filesystem layer: local paths and s3:// URIs, for listing, reading and writing.
+"""Bytes in and out of a store, local paths and s3:// URIs alike.
 
-Data goes through fsspec (s3fs for S3: concurrent batched reads, and writes that work on every
-S3-compatible server). Listing goes through boto3's paginator, which streams pages with each object's
-ETag, size and last-modified time. Both honour AWS_ENDPOINT_URL and the standard credential chain;
-an explicit `storage.endpoint_url` in the job spec wins.
+Data goes through fsspec (s3fs for S3: concurrent batched reads, and writes that work on every S3-compatible
+server); a single S3 PUT goes through boto3 (see `write_atomic`). The clients are `StoreClients`'; listing is
+walk.py's.
 """
 
 from __future__ import annotations
 
 import io
-import logging
 import os
 import posixpath
 import random
 import shutil
 import time
 import uuid
-from dataclasses import dataclass
-from datetime import datetime, timezone
-from functools import cached_property
 from typing import Iterator
 
 import fsspec
 
-logger = logging.getLogger(__name__)
+from pipeline.io.clients import StoreClients
+from pipeline.io.uris import ObjectInfo, absolute, extension, is_s3, join, split_s3  # noqa: F401 - re-exported
+from pipeline.io.walk import list_local, list_s3, printable  # noqa: F401 - re-exported
 
-PAGE_SIZE = 1000
 BODY_READ_ATTEMPTS = 4
 
 
-@dataclass(frozen=True)
-class ObjectInfo:
-    uri: str
-    size: int | None
-    etag: str | None
-    last_modified: datetime | None
-
-
-def is_s3(uri: str) -> bool:
-    return uri.startswith("s3://")
-
-
-def split_s3(uri: str) -> tuple[str, str]:
-    """'s3://bucket/a/b' -> ('bucket', 'a/b')."""
-    bucket, _, key = uri.removeprefix("s3://").partition("/")
-    return bucket, key
-
-
-def join(base: str, name: str) -> str:
-    return base.rstrip("/") + "/" + name
-
-
-def absolute(uri: str) -> str:
-    """Local paths become absolute on the driver: Ray workers do not share its working directory."""
-    if is_s3(uri):
-        return uri
-    return os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
-
-
-def extension(uri: str) -> str:
-    return posixpath.splitext(uri)[1].lower().lstrip(".")
-
-
-@dataclass(frozen=True)
-class Storage:
+class Storage(StoreClients):
     """Picklable handle: built on the driver, used inside Ray tasks and actors."""
-    endpoint_url: str | None = None
-    region: str | None = None
-    max_attempts: int = 10
-    connect_timeout_s: float = 10.0
-    read_timeout_s: float = 60.0
-    # Create-only-if-absent writes (If-None-Match: *) for chunks, commit records and the lease; off only for a
-    # store that cannot do them, by the user's choice (output.conditional_writes: off).
-    conditional_writes: bool = True
-
-    @classmethod
-    def from_env(cls, endpoint_url: str | None = None, region: str | None = None, **retry) -> "Storage":
-        endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-        return cls(endpoint_url=endpoint, region=region, **retry)
-
-    # --- clients, built lazily once per process and never pickled -------------------------------------
-    _SETTINGS = ("endpoint_url", "region", "max_attempts", "connect_timeout_s", "read_timeout_s", "conditional_writes")
-
-    def __getstate__(self) -> dict:
-        return {name: getattr(self, name) for name in self._SETTINGS}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-
-    @property
-    def _retry_config(self) -> dict:
-        # botocore's "standard" mode retries throttling, 5xx, connection resets and timeouts with jittered
-        # exponential backoff; the timeouts turn a stalled connection into one of those retries.
-        return {"retries": {"mode": "standard", "total_max_attempts": self.max_attempts},
-                "connect_timeout": self.connect_timeout_s, "read_timeout": self.read_timeout_s}
-
-    @cached_property
-    def s3_client(self):
-        return self._client(**self._retry_config, max_pool_connections=64)
-
-    @cached_property
-    def s3_probe_client(self):
-        """For up-front checks: a wrong endpoint should fail in seconds, not after a minute of retries."""
-        return self._client(retries={"mode": "standard", "max_attempts": 4}, connect_timeout=3, read_timeout=10)
-
-    def _client(self, **config):
-        import boto3
-        from botocore.config import Config
-
-        session = boto3.session.Session()  # not the default session: it caches credentials process-wide
-        return session.client("s3", endpoint_url=self.endpoint_url, region_name=self.region,
-                              config=Config(**config))
-
-    @cached_property
-    def s3fs(self) -> fsspec.AbstractFileSystem:
-        # retries=1 turns off s3fs's own retry loops (two nested, of 5 each, around botocore's): one bounded
-        # loop, botocore's, decides how long a failing request may take.
-        fs = fsspec.filesystem("s3", endpoint_url=self.endpoint_url, client_kwargs={"region_name": self.region},
-                               config_kwargs=self._retry_config)
-        fs.retries = 1
-        return fs
-
-    @cached_property
-    def localfs(self) -> fsspec.AbstractFileSystem:
-        return fsspec.filesystem("file")
-
-    def fs(self, uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-        if is_s3(uri):
-            return self.s3fs, uri.removeprefix("s3://")
-        return self.localfs, absolute(uri)
 
     # --- reading --------------------------------------------------------------------------------------
     def read_many(self, uris: list[str]) -> list[bytes | Exception]:
@@ -251,34 +148,9 @@ class Storage:
         in it. `quote_paths=False`: a warning never names a folder (a pseudonymised job's folders may name people).
         """
         if is_s3(folder):
-            yield from self._list_s3(folder)
+            yield from list_s3(self.s3_client, folder)
         else:
-            yield from self._list_local(absolute(folder), quote_paths)
-
-    def _list_s3(self, folder: str) -> Iterator[list[ObjectInfo]]:
-        bucket, key_prefix = split_s3(folder)
-        if key_prefix and not key_prefix.endswith("/"):
-            key_prefix += "/"
-        paginator = self.s3_client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=bucket, Prefix=key_prefix, PaginationConfig={"PageSize": PAGE_SIZE}):
-            yield [ObjectInfo(uri=f"s3://{bucket}/{obj['Key']}", size=obj["Size"],
-                              etag=obj.get("ETag", "").strip('"') or None, last_modified=obj.get("LastModified"))
-                   for obj in page.get("Contents", []) if not obj["Key"].endswith("/")]
-
-    def _list_local(self, root: str, quote_paths: bool = True) -> Iterator[list[ObjectInfo]]:
-        page: list[ObjectInfo] = []
-        for entry in _walk_files(root, quote_paths=quote_paths):
-            try:
-                stat = entry.stat()
-                size, mtime = stat.st_size, datetime.fromtimestamp(stat.st_mtime, tz=timezone.utc)
-            except OSError:  # gone since the folder was read: the read stage will say so in its row
-                size, mtime = None, None
-            page.append(ObjectInfo(uri=printable(entry.path), size=size, etag=None, last_modified=mtime))
-            if len(page) >= PAGE_SIZE:
-                yield page
-                page = []
-        if page:
-            yield page
+            yield from list_local(absolute(folder), quote_paths)
 
 
 def error_code(exc: BaseException) -> str:
@@ -295,37 +167,3 @@ def is_transient(result: bytes | Exception) -> bool:
     """A read that may succeed if tried again: any failure but a missing object, a refusal or a folder."""
     return isinstance(result, Exception) and not isinstance(
         result, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError))
-
-
-def printable(path: str) -> str:
-    """A file name that is not valid UTF-8 keeps its place as a row (its read then fails and says so)."""
-    return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
-def _walk_files(root: str, seen: set[str] | None = None, quote_paths: bool = True) -> Iterator[os.DirEntry]:
-    """Files under root in sorted order, streamed folder by folder; hidden names skipped.
-
-    Symlinked folders are followed once each, so a link loop cannot make the walk endless.
-    """
-    seen = seen if seen is not None else set()
-    real = os.path.realpath(root)
-    if real in seen:
-        return
-    seen.add(real)
-    try:
-        with os.scandir(root) as it:
-            entries = sorted(it, key=lambda e: e.name)
-    except FileNotFoundError:  # not there (an output's _staging/ before its first run), or gone since its parent
-        return
-    except OSError as exc:
-        logger.warning("skipping unreadable folder %s (%s)", printable(root) if quote_paths else "<input folder>",
-                       exc.strerror)
-        return
-    for entry in entries:
-        if entry.name.startswith("."):
-            continue
-        if entry.is_dir(follow_symlinks=True):
-            yield from _walk_files(entry.path, seen, quote_paths)
-        elif entry.is_file(follow_symlinks=True):
-            yield entry
-

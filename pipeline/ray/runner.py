@@ -42,6 +42,7 @@ from pipeline.output.privacy import (PseudonymMap, Pseudonymizer, RowPseudonymiz
 from pipeline.cli.progress import ProgressPrinter, ProgressSamples, Tally, Timeline
 from pipeline.io.read import Reader
 from pipeline.io.listing import InputListing
+from pipeline.ray.actors import ModelActor
 from pipeline.ray.datasource import ListingDatasource
 from pipeline.io.storage import Storage, absolute, join
 
@@ -272,18 +273,18 @@ def _build(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tally,
         # Ray retries a task whose process died 3 times, then fails the job; the ledger bounds it instead.
         dataset = dataset.map_batches(decoder if ledger is None else Isolated(decoder, ledger.for_stage("decode"), "decode"),
                                       batch_size=None, num_cpus=DECODE_CPUS, max_retries=-1)
+    from pipeline.models.classify import Classifier
     from pipeline.models.detect import Detector
-    from pipeline.models.stage import Classifier
 
-    stage_kwargs = {"spec": spec, "storage": storage, "precision": compute.precision,
-                    "channels_last": compute.channels_last, "num_threads": max(1, int(compute.num_cpus_per_actor)),
-                    "decode": None if decode_in_tasks else decoder, "decode_on_device": num_gpus > 0,
-                    "ledger": ledger}
+    actor_kwargs = {"stage": Detector if spec.task == "detection" else Classifier, "spec": spec, "storage": storage,
+                    "decoder": None if decode_in_tasks else decoder, "decode_on_device": num_gpus > 0,
+                    "ledger": ledger, "precision": compute.precision, "channels_last": compute.channels_last,
+                    "num_threads": max(1, int(compute.num_cpus_per_actor))}
     if spec.task == "detection":
-        stage_kwargs["max_batch_megapixels"] = compute.max_batch_megapixels
+        actor_kwargs["max_batch_megapixels"] = compute.max_batch_megapixels
     return dataset.map_batches(
-        Detector if spec.task == "detection" else Classifier,
-        fn_constructor_kwargs=stage_kwargs,
+        ModelActor,
+        fn_constructor_kwargs=actor_kwargs,
         batch_size=compute.batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors,
                                            max_tasks_in_flight_per_actor=tasks_in_flight(spec, num_gpus)),

@@ -1,0 +1,85 @@
+"""How a process reaches the stores: boto3 and fsspec clients for S3 (any S3-compatible endpoint) and local disk.
+
+Built lazily once per process from a few settings, and never pickled: the settings travel into Ray tasks and
+actors, each process makes its own clients. Both honour AWS_ENDPOINT_URL and the standard credential chain; an
+explicit `storage.endpoint_url` in the job spec wins.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cached_property
+
+import fsspec
+
+from pipeline.io.uris import absolute, is_s3
+
+
+@dataclass(frozen=True)
+class StoreClients:
+    """Picklable settings, and the clients they make in each process."""
+    endpoint_url: str | None = None
+    region: str | None = None
+    max_attempts: int = 10
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 60.0
+    # Create-only-if-absent writes (If-None-Match: *) for chunks, commit records and the lease; off only for a
+    # store that cannot do them, by the user's choice (output.conditional_writes: off).
+    conditional_writes: bool = True
+
+    @classmethod
+    def from_env(cls, endpoint_url: str | None = None, region: str | None = None, **retry):
+        endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        return cls(endpoint_url=endpoint, region=region, **retry)
+
+    _SETTINGS = ("endpoint_url", "region", "max_attempts", "connect_timeout_s", "read_timeout_s", "conditional_writes")
+
+    def __getstate__(self) -> dict:
+        return {name: getattr(self, name) for name in self._SETTINGS}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    @property
+    def _retry_config(self) -> dict:
+        # botocore's "standard" mode retries throttling, 5xx, connection resets and timeouts with jittered
+        # exponential backoff; the timeouts turn a stalled connection into one of those retries.
+        return {"retries": {"mode": "standard", "total_max_attempts": self.max_attempts},
+                "connect_timeout": self.connect_timeout_s, "read_timeout": self.read_timeout_s}
+
+    @cached_property
+    def s3_client(self):
+        return self._client(**self._retry_config, max_pool_connections=64)
+
+    @cached_property
+    def s3_probe_client(self):
+        """For up-front checks: a wrong endpoint should fail in seconds, not after a minute of retries."""
+        return self._client(retries={"mode": "standard", "max_attempts": 4}, connect_timeout=3, read_timeout=10)
+
+    def _client(self, **config):
+        import boto3
+        from botocore.config import Config
+
+        session = boto3.session.Session()  # not the default session: it caches credentials process-wide
+        return session.client("s3", endpoint_url=self.endpoint_url, region_name=self.region,
+                              config=Config(**config))
+
+    @cached_property
+    def s3fs(self) -> fsspec.AbstractFileSystem:
+        # retries=1 turns off s3fs's own retry loops (two nested, of 5 each, around botocore's): one bounded
+        # loop, botocore's, decides how long a failing request may take.
+        fs = fsspec.filesystem("s3", endpoint_url=self.endpoint_url, client_kwargs={"region_name": self.region},
+                               config_kwargs=self._retry_config)
+        fs.retries = 1
+        return fs
+
+    @cached_property
+    def localfs(self) -> fsspec.AbstractFileSystem:
+        return fsspec.filesystem("file")
+
+    def fs(self, uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+        if is_s3(uri):
+            return self.s3fs, uri.removeprefix("s3://")
+        return self.localfs, absolute(uri)
