@@ -26,7 +26,9 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+
+from dicom_files import dicom_bytes  # noqa: E402 - the tests' DICOM writer
 
 
 def ct_slice(seed: int) -> np.ndarray:
@@ -40,28 +42,9 @@ def ct_slice(seed: int) -> np.ndarray:
 
 
 def write_dicom(pixels: np.ndarray, syntax) -> bytes:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "CT"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
-    ds.WindowCenter, ds.WindowWidth = 40, 400
-    ds.PixelData = pixels.tobytes()
-    if syntax != ExplicitVRLittleEndian:
-        ds.compress(syntax)
-    out = io.BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
+    """A 12-bit CT slice as a scanner stores it: RescaleIntercept -1024, a soft-tissue window in the file."""
+    return dicom_bytes(pixels, slope=1, intercept=-1024, window=(40, 400), signed=False, bits_stored=12,
+                       syntax=syntax)
 
 
 def syntaxes() -> dict:

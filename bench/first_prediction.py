@@ -22,7 +22,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline.spec.config import load_job  # noqa: E402
-from pipeline.dev.local_s3 import LocalS3Server, use_server  # noqa: E402
+from pipeline.dev.local_s3 import local_bucket  # noqa: E402
 from pipeline.models.resolve import resolve_model  # noqa: E402
 from pipeline.io.storage import Storage  # noqa: E402
 
@@ -46,10 +46,7 @@ def main() -> None:
     from pipeline.ray.runner import build_dataset, start_ray
     from pipeline.ray.datasource import ListingTally
 
-    with LocalS3Server() as server:
-        use_server(server)
-        storage = Storage.from_env()
-        storage.s3_client.create_bucket(Bucket="bench")
+    with local_bucket("bench") as (server, storage):
         started = time.monotonic()
         upload(storage, "bench", args.objects)
         print(f"uploaded {args.objects:,} objects in {time.monotonic() - started:.1f}s", flush=True)

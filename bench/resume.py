@@ -30,7 +30,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 from images import photo_jpeg  # noqa: E402
-from pipeline.dev.local_s3 import LocalS3Server, use_server  # noqa: E402
+from pipeline.dev.local_s3 import local_bucket  # noqa: E402
 from pipeline.io.storage import Storage  # noqa: E402
 
 
@@ -80,10 +80,7 @@ def main() -> None:
     subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", baseline, args.baseline_commit],
                    check=True, capture_output=True)
     try:
-        with LocalS3Server() as server:
-            use_server(server)
-            storage = Storage.from_env()
-            storage.s3_client.create_bucket(Bucket="bench")
+        with local_bucket("bench") as (server, storage):
             with ThreadPoolExecutor(16) as pool:
                 list(pool.map(lambda i: storage.s3_client.put_object(
                     Bucket="bench", Key=f"images/{i:06d}.jpg", Body=photo_jpeg(i)), range(args.images)))

@@ -79,6 +79,15 @@ def photo_jpeg(seed: int) -> bytes:
     return encode(photo(480, 360, seed=seed), "JPEG", quality=90)
 
 
+def encoded_batch(payloads: list[bytes], uri: str = "img{}") -> dict[str, np.ndarray]:
+    """A batch as the read stage hands it to decode: `uri`, `bytes` and empty error columns."""
+    n = len(payloads)
+    data = np.empty(n, dtype=object)
+    data[:] = payloads  # bytes of equal length would otherwise become a 2-D array
+    return {"uri": np.array([uri.format(i) for i in range(n)], dtype=object), "bytes": data,
+            "error": np.full(n, None, dtype=object), "error_type": np.full(n, None, dtype=object)}
+
+
 def encode(image: Image.Image, fmt: str, **options) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **options)

@@ -36,8 +36,10 @@ def shipped(name: str) -> bytes:
 
 def dicom_bytes(frames: np.ndarray, *, photometric: str = "MONOCHROME2", modality: str = "CT",
                 slope: float | None = None, intercept: float | None = None, window: tuple | None = None,
-                signed: bool = True, phi: bool = False, **attributes) -> bytes:
-    """A Part 10 file of uncompressed 16-bit greyscale frames ((F,) H, W) with the given attributes."""
+                signed: bool = True, phi: bool = False, bits_stored: int = 16, syntax: str = ExplicitVRLittleEndian,
+                **attributes) -> bytes:
+    """A Part 10 file of 16-bit greyscale frames ((F,) H, W) with the given attributes, uncompressed unless
+    `syntax` names a transfer syntax pydicom can encode (RLE, JPEG 2000, JPEG-LS lossless)."""
     frames = np.asarray(frames)
     if frames.ndim == 2:
         frames = frames[np.newaxis]
@@ -55,8 +57,7 @@ def dicom_bytes(frames: np.ndarray, *, photometric: str = "MONOCHROME2", modalit
     ds.Rows, ds.Columns = frames.shape[1:]
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit = 15
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, bits_stored, bits_stored - 1
     ds.PixelRepresentation = 1 if signed else 0
     if len(frames) > 1:
         ds.NumberOfFrames = len(frames)
@@ -73,6 +74,8 @@ def dicom_bytes(frames: np.ndarray, *, photometric: str = "MONOCHROME2", modalit
     for keyword, value in attributes.items():
         setattr(ds, keyword, value)
     ds.PixelData = frames.astype(np.int16 if signed else np.uint16).tobytes()
+    if syntax != ExplicitVRLittleEndian:
+        ds.compress(syntax)
     out = io.BytesIO()
     ds.save_as(out, enforce_file_format=True)
     return out.getvalue()

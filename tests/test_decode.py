@@ -6,20 +6,14 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from conftest import encode, photo
+from conftest import encode, encoded_batch, photo
 from pipeline.decode.image import Decoder, Preprocess, to_rgb
 
 PREPROCESS = Preprocess(resize_size=64, crop_size=56, mean=(0.5,) * 3, std=(0.5,) * 3)
 
 
 def decode_batch(payloads: list[bytes], max_image_pixels: int = 10**8) -> dict:
-    n = len(payloads)
-    return Decoder(PREPROCESS, max_image_pixels)({
-        "uri": np.array([f"img{i}" for i in range(n)], dtype=object),
-        "bytes": np.array(payloads, dtype=object),
-        "error": np.full(n, None, dtype=object),
-        "error_type": np.full(n, None, dtype=object),
-    })
+    return Decoder(PREPROCESS, max_image_pixels)(encoded_batch(payloads))
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "I", "F", "1", "RGB"])

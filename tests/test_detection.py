@@ -13,7 +13,7 @@ import torchvision
 from PIL import Image, ImageOps
 
 from color_boxes import LABELS, ColorBoxes
-from conftest import encode
+from conftest import encode, encoded_batch as as_batch
 from pipeline.spec.config import DetectionConfig, ModelConfig, load_job
 from pipeline.decode.image import Decoder
 from pipeline.models.detect import Detector
@@ -35,13 +35,6 @@ def scene(width: int, height: int, patches: dict[str, tuple[int, int, int, int]]
         pixels[y1:y2, x1:x2] = PATCH_COLORS[color]
     return Image.fromarray(pixels)
 
-
-def as_batch(encoded: list[bytes]) -> dict[str, np.ndarray]:
-    n = len(encoded)
-    data = np.empty(n, dtype=object)
-    data[:] = encoded
-    return {"uri": np.array([f"img{i}" for i in range(n)], dtype=object), "bytes": data,
-            "error": np.full(n, None, dtype=object), "error_type": np.full(n, None, dtype=object)}
 
 
 def detect(spec: ModelSpec, encoded: list[bytes], **options) -> dict[str, np.ndarray]:

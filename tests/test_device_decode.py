@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import pipeline.decode
-from conftest import encode, photo
+from conftest import encode, encoded_batch as as_batch, photo
 from pipeline.decode import device as gpu_decode
 from pipeline.spec.config import ComputeConfig, ModelConfig
 from pipeline.decode.image import Decoder, Preprocess
@@ -25,13 +25,6 @@ PREPROCESS = Preprocess(resize_size=64, crop_size=56, mean=(0.485, 0.456, 0.406)
 needs_gpu = pytest.mark.gpu
 gpu_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-
-def as_batch(payloads: list[bytes]) -> dict:
-    n = len(payloads)
-    encoded = np.empty(n, dtype=object)
-    encoded[:] = payloads
-    return {"uri": np.array([f"img{i}" for i in range(n)], dtype=object), "bytes": encoded,
-            "error": np.full(n, None, dtype=object), "error_type": np.full(n, None, dtype=object)}
 
 
 def rotated_jpeg(orientation: int = 6) -> bytes:

@@ -11,7 +11,7 @@ import tifffile
 from PIL import Image
 from pydicom.uid import JPEGLosslessSV1
 
-from conftest import encode, photo
+from conftest import encode, encoded_batch, photo
 from dicom_files import PHI, dicom_bytes, png16, shipped
 from pipeline.decode.image import Decoder, Preprocess
 from pipeline.decode.dicom import DicomSettings, Window, read_dicom, scrub
@@ -20,11 +20,7 @@ MAX = 10**8
 
 
 def batch_of(payloads: list[bytes]) -> dict:
-    n = len(payloads)
-    data = np.empty(n, dtype=object)
-    data[:] = payloads
-    return {"uri": np.array([f"s3://scans/{i}.dcm" for i in range(n)], dtype=object), "bytes": data,
-            "size": np.arange(n), "error": np.full(n, None, dtype=object), "error_type": np.full(n, None, dtype=object)}
+    return {**encoded_batch(payloads, uri="s3://scans/{}.dcm"), "size": np.arange(len(payloads))}
 
 
 def decode(payloads, preprocess=None, channels=3, **settings) -> dict:

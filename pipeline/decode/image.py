@@ -108,7 +108,8 @@ class Decoder:
             dicom = read_dicom(data, self.dicom, self.max_image_pixels, prepare=self.prepare)
             return dicom.frames, dicom.tags
         try:
-            image, size = self.open(data)
+            resize_size = self.preprocess.resize_size if self.preprocess is not None else None
+            image, size = open_upright(data, self.max_image_pixels, resize_size)
         except UnidentifiedImageError:
             if self.dicom is None:
                 raise
@@ -120,49 +121,6 @@ class Decoder:
                 raise UnidentifiedImageError() from None
             return dicom.frames, dicom.tags
         return [(None, self.prepare(image), size)], {}
-
-    def open(self, data: bytes) -> "tuple[Image.Image | np.ndarray, tuple[int, int]]":
-        """An 8-bit Pillow image in RGB or L, or a uint16 (H, W, C) array for 16-bit and float images; and the
-        upright image's full (width, height), which a JPEG decoded at a reduced scale is smaller than.
-
-        Image.open has already placed a file at its first frame (for a layered Photoshop file: the flattened
-        image), so nothing is sought here.
-        """
-        with pixel_limit(self.max_image_pixels):
-            image = Image.open(io.BytesIO(data))
-            full_size = image.size
-            deep = deep_colour(data, image)
-            if deep is not None:
-                deep = orient(deep, image)
-                return deep, size_of(deep)
-            self.draft(image)
-            try:
-                image.load()
-            except OSError as exc:
-                if image.format != "TIFF":
-                    raise
-                image = tiff_fallback(data, exc)
-        decoded_size = image.size
-        image = ImageOps.exif_transpose(image)
-        upright_size = full_size if image.size == decoded_size else full_size[::-1]  # turned a quarter
-        if image.mode.startswith("I;16"):
-            return np.asarray(image).astype(np.uint16)[..., np.newaxis], upright_size
-        if image.mode in ("I", "F"):
-            return stretch(np.asarray(image, dtype=np.float64))[..., np.newaxis], upright_size
-        return to_rgb(image), upright_size
-
-    def draft(self, image: Image.Image) -> None:
-        """A large JPEG decoded at 1/2, 1/4 or 1/8 scale (libjpeg scales in the DCT, for a fraction of the
-        work) when its shorter side stays at least twice the resize target, so the antialiased resize that
-        follows still makes the model's pixels, as Pillow's own `thumbnail` does: a 12-megapixel photo for a
-        256-pixel resize decodes at 1/4. Not for a detector, which takes the image at its own size."""
-        if self.preprocess is None or image.format != "JPEG":
-            return
-        width, height = image.size
-        wanted = DRAFT_GAP * self.preprocess.resize_size
-        if min(width, height) >= 2 * wanted:  # at least one halving fits
-            scale = wanted / min(width, height)
-            image.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))
 
     def prepare(self, image: "Image.Image | np.ndarray") -> np.ndarray:
         """The model's channels, resized and cropped (whole, for a detector): (h, w, channels) uint8/uint16."""
@@ -194,6 +152,53 @@ class Decoder:
             if image is not None:
                 pixels[i] = as_dtype(image, dtype)
         return pixels
+
+
+def open_upright(data: bytes, max_image_pixels: int, resize_size: int | None = None
+                 ) -> "tuple[Image.Image | np.ndarray, tuple[int, int]]":
+    """An 8-bit Pillow image in RGB or L, or a uint16 (H, W, C) array for 16-bit and float images; and the
+    upright image's full (width, height), which a JPEG decoded at a reduced scale is smaller than. `resize_size`:
+    the model's resize target, for `draft`; None (a detector) decodes at full size.
+
+    Image.open has already placed a file at its first frame (for a layered Photoshop file: the flattened
+    image), so nothing is sought here.
+    """
+    with pixel_limit(max_image_pixels):
+        image = Image.open(io.BytesIO(data))
+        full_size = image.size
+        deep = deep_colour(data, image)
+        if deep is not None:
+            deep = orient(deep, image)
+            return deep, size_of(deep)
+        draft(image, resize_size)
+        try:
+            image.load()
+        except OSError as exc:
+            if image.format != "TIFF":
+                raise
+            image = tiff_fallback(data, exc)
+    decoded_size = image.size
+    image = ImageOps.exif_transpose(image)
+    upright_size = full_size if image.size == decoded_size else full_size[::-1]  # turned a quarter
+    if image.mode.startswith("I;16"):
+        return np.asarray(image).astype(np.uint16)[..., np.newaxis], upright_size
+    if image.mode in ("I", "F"):
+        return stretch(np.asarray(image, dtype=np.float64))[..., np.newaxis], upright_size
+    return to_rgb(image), upright_size
+
+
+def draft(image: Image.Image, resize_size: int | None) -> None:
+    """A large JPEG decoded at 1/2, 1/4 or 1/8 scale (libjpeg scales in the DCT, for a fraction of the
+    work) when its shorter side stays at least twice the resize target, so the antialiased resize that
+    follows still makes the model's pixels, as Pillow's own `thumbnail` does: a 12-megapixel photo for a
+    256-pixel resize decodes at 1/4. Not for a detector (no resize target), which takes the image at its own size."""
+    if resize_size is None or image.format != "JPEG":
+        return
+    width, height = image.size
+    wanted = DRAFT_GAP * resize_size
+    if min(width, height) >= 2 * wanted:  # at least one halving fits
+        scale = wanted / min(width, height)
+        image.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))
 
 
 @contextmanager

@@ -24,7 +24,7 @@ from torch import nn
 
 from pipeline.spec.config import JobConfig
 from pipeline.decode.image import Decoder, Preprocess
-from pipeline.dev.local_s3 import LocalS3Server, use_server
+from pipeline.dev.local_s3 import local_bucket
 from pipeline.io.storage import Storage
 
 BUCKET = "demo"
@@ -52,10 +52,7 @@ def run_demo(keep: str | None = None) -> int:
     from pipeline.ray import stop_ray
     from pipeline.ray.runner import run_job
 
-    with LocalS3Server() as server:
-        use_server(server)
-        storage = Storage.from_env()
-        storage.s3_client.create_bucket(Bucket=BUCKET)
+    with local_bucket(BUCKET) as (server, storage):
         print(f"S3-compatible server (moto) on {server.endpoint_url}, bucket s3://{BUCKET}")
 
         train, test = digit_pngs()

@@ -11,6 +11,10 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
+from typing import Iterator
+
+from pipeline.io.storage import Storage
 
 # moto accepts any credentials; these make boto3 and s3fs sign requests without touching ~/.aws.
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -71,6 +75,16 @@ def _free_port() -> int:
 def use_server(server: LocalS3Server) -> None:
     """Point this process (and Ray workers it starts afterwards) at the server."""
     os.environ.update(server.environ())
+
+
+@contextmanager
+def local_bucket(name: str) -> Iterator[tuple[LocalS3Server, Storage]]:
+    """A server with one bucket, this process (and the Ray workers it starts afterwards) pointed at it."""
+    with LocalS3Server() as server:
+        use_server(server)
+        storage = Storage.from_env()
+        storage.s3_client.create_bucket(Bucket=name)
+        yield server, storage
 
 
 def serve(port: int | None = None) -> None:

@@ -95,19 +95,7 @@ class Storage(StoreClients):
                 raise
             fs.invalidate_cache(path)
             return
-        folder, name = posixpath.split(path)
-        fs.makedirs(folder, exist_ok=True)
-        tmp = posixpath.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
-        try:
-            with fs.open(tmp, "wb") as f:
-                write(f)
-            if if_absent:
-                os.link(tmp, path)  # fails if `path` exists, as a rename would not
-            else:
-                os.replace(tmp, path)
-        finally:
-            if fs.exists(tmp):
-                fs.rm(tmp)
+        write_local_atomic(fs, path, write, if_absent)
 
     def write_bytes(self, uri: str, data: bytes) -> None:
         self.write_atomic(uri, lambda f: f.write(data))
@@ -151,6 +139,24 @@ class Storage(StoreClients):
             yield from list_s3(self.s3_client, folder)
         else:
             yield from list_local(absolute(folder), quote_paths)
+
+
+def write_local_atomic(fs: fsspec.AbstractFileSystem, path: str, write, if_absent: bool) -> None:
+    """A dot-prefixed temporary name (skipped by dataset readers and `*.parquet` globs), then a rename, or a hard
+    link when the file must not exist yet."""
+    folder, name = posixpath.split(path)
+    fs.makedirs(folder, exist_ok=True)
+    tmp = posixpath.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with fs.open(tmp, "wb") as f:
+            write(f)
+        if if_absent:
+            os.link(tmp, path)  # fails if `path` exists, as a rename would not
+        else:
+            os.replace(tmp, path)
+    finally:
+        if fs.exists(tmp):
+            fs.rm(tmp)
 
 
 def error_code(exc: BaseException) -> str:

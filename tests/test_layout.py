@@ -1,0 +1,51 @@
+"""The package's shape, as ARCHITECTURE.md describes it: folders by stage, Ray only in its adapter, no import
+cycles, classes of one job (none over ~120 lines), and the public names job specs and docs use still there."""
+
+import ast
+import subprocess
+import sys
+
+import torch
+
+from pipeline.dev.import_graph import PACKAGE, cycles, graph
+from pipeline.dev.local_s3 import LocalS3Server
+
+MAX_CLASS_LINES = 120
+
+
+def test_the_import_graph_has_no_cycles_and_ray_stays_in_its_adapter():
+    edges, external = graph()
+    assert cycles(edges) == []
+    assert sorted(m for m, names in external.items() if "ray" in names and not m.startswith("pipeline.ray")) == []
+    # The stages and the output know nothing of the adapter or the command line.
+    for module, imported in edges.items():
+        if module.startswith(("pipeline.io", "pipeline.decode", "pipeline.models", "pipeline.output", "pipeline.spec")):
+            assert not [m for m in imported if m.startswith(("pipeline.ray", "pipeline.cli."))], module
+
+
+def test_the_import_graph_command_prints_the_graph_and_passes():
+    result = subprocess.run([sys.executable, "-m", "pipeline.dev.import_graph"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert "pipeline.ray.runner -> " in result.stdout and "cycles: 0" in result.stdout
+
+
+def test_no_class_is_over_120_lines():
+    long = [f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})"
+            for path in PACKAGE.rglob("*.py") for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > MAX_CLASS_LINES]
+    assert long == []
+
+
+def test_the_names_job_specs_and_docs_use_still_work():
+    from pipeline.demo import build_lenet  # `model.name: pipeline.demo:build_lenet`
+
+    assert isinstance(build_lenet(), torch.nn.Module)
+    # `python -m pipeline.local_s3` (infra/README.md before pipeline/dev/) still starts a server
+    server = subprocess.Popen([sys.executable, "-m", "pipeline.local_s3"], stdout=subprocess.PIPE, text=True)
+    try:
+        lines = [server.stdout.readline() for _ in range(1 + len(LocalS3Server().environ()))]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert lines[0].startswith("S3-compatible server running")
+    assert any(line.strip().startswith("export AWS_ENDPOINT_URL=http://127.0.0.1:") for line in lines)
