@@ -1,0 +1,2 @@
+"""Pixels to predictions: which model (resolve.py), the stage every model shares (stage.py), classifiers and
+detectors, embeddings."""

@@ -1,0 +1,1 @@
+"""What a job is: its validated spec, its errors, the checks made before anything starts, its output rows."""
