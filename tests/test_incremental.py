@@ -81,7 +81,7 @@ def test_nightly_runs_process_only_new_changed_and_failed_inputs(tmp_path, stora
 def test_a_second_run_on_a_locked_local_output_refuses(tmp_path, classifier_files):
     output = str(tmp_path / "out")
     cfg = job(classifier_files, str(tmp_path), output)
-    with OutputLease(Storage(), output, "20261124T000000Z-0000abcd"):
+    with OutputLease.for_output(Storage(), output, "20261124T000000Z-0000abcd"):
         with pytest.raises(UserError, match=r"is in use by run 20261124T000000Z-0000abcd \(host .*pid"):
             run_job(cfg, out=io.StringIO())
 
@@ -89,26 +89,26 @@ def test_a_second_run_on_a_locked_local_output_refuses(tmp_path, classifier_file
 def test_s3_lease_refuses_a_live_holder_and_takes_over_a_dead_one(storage, bucket, monkeypatch):
     output = f"s3://{bucket}/out"
     key = "out/_lock.json"
-    with OutputLease(storage, output, "run-a"):
+    with OutputLease.for_output(storage, output, "run-a"):
         with pytest.raises(UserError, match="is in use by run run-a"):
-            OutputLease(storage, output, "run-b").__enter__()
+            OutputLease.for_output(storage, output, "run-b").__enter__()
     assert "Contents" not in storage.s3_client.list_objects_v2(Bucket=bucket, Prefix=key)  # released
 
     # Killed on this machine (its pid is gone): taken over at once.
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     holder = Holder("run-dead", socket.gethostname(), int(dead.stdout), _machine(), time.time())
     storage.s3_client.put_object(Bucket=bucket, Key=key, Body=holder.to_bytes())
-    with OutputLease(storage, output, "run-c"):
+    with OutputLease.for_output(storage, output, "run-c"):
         pass
     # Alive elsewhere (written just now, from another machine): refused, naming the holder.
     holder = Holder("run-far", "another-host", 1, "another-host:boot:ns", time.time())
     storage.s3_client.put_object(Bucket=bucket, Key=key, Body=holder.to_bytes())
     with pytest.raises(UserError, match="in use by run run-far \\(host another-host"):
-        OutputLease(storage, output, "run-d").__enter__()
+        OutputLease.for_output(storage, output, "run-d").__enter__()
     # Not rewritten for longer than the TTL by the server's clock: expired, taken over.
     monkeypatch.setattr("pipeline.output.lease.LEASE_TTL_S", 1.0)
     time.sleep(2.1)
-    with OutputLease(storage, output, "run-e") as lease:
+    with OutputLease.for_output(storage, output, "run-e") as lease:
         # Someone rewrites the lease behind our back: our next renewal notices, and we must not publish.
         storage.s3_client.put_object(Bucket=bucket, Key=key, Body=Holder.me("run-thief").to_bytes())
         lease._renew_once()
@@ -118,7 +118,7 @@ def test_s3_lease_refuses_a_live_holder_and_takes_over_a_dead_one(storage, bucke
 
 def test_a_lease_that_cannot_be_renewed_is_given_up(storage, bucket, monkeypatch):
     monkeypatch.setattr("pipeline.output.lease.LEASE_TTL_S", 1.0)
-    with OutputLease(storage, f"s3://{bucket}/out", "run-a") as lease:
+    with OutputLease.for_output(storage, f"s3://{bucket}/out", "run-a") as lease:
         lease.check()
         time.sleep(0.6)  # no renewal for over TTL/2 (the renewer runs every 10 s)
         with pytest.raises(UserError, match="could not be renewed"):

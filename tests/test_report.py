@@ -236,7 +236,7 @@ def test_runs_lists_history_staged_run_lease_and_next_run(outputs, storage, caps
     staging.begin(staged)
     staging.write_chunk(staged.run_id, 0, pads.dataset(output, format="parquet").to_table().slice(0, 3))
     try:
-        with OutputLease(storage, output, staged.run_id):
+        with OutputLease.for_output(storage, output, staged.run_id):
             capsys.readouterr()
             assert main(["runs", output]) == 0
             held = capsys.readouterr().out

@@ -65,7 +65,7 @@ def open_output(cfg: JobConfig, storage: Storage, identity: RunIdentity, schema:
     if is_s3(cfg.output.uri):
         check_conditional_writes(storage, cfg.output.uri)
     table = make_format(cfg, storage, schema)
-    with OutputLease(storage, cfg.output.uri, new_run_id()) as lease, output_failures(cfg.output.uri):
+    with OutputLease.for_output(storage, cfg.output.uri, new_run_id()) as lease, output_failures(cfg.output.uri):
         output = Output(cfg, storage, table, lease, schema, out)
         output.start(identity)
         yield output

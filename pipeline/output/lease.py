@@ -7,6 +7,9 @@ at most one driver can hold it. A holder that stops renewing (killed, partitione
 last write is older than LEASE_TTL_S by the server's clock, or at once when it ran on this machine and its
 process is gone. A driver that finds its lease rewritten, or cannot renew it for TTL/2, has lost it and must
 stop before it publishes anything.
+
+`OutputLease.for_output` gives the lease that fits an output: a `FileLease` (the flock) or an `S3Lease` (the
+object and its heartbeat); both share the holder record (`Holder`), the busy message and `check()`.
 """
 
 from __future__ import annotations
@@ -122,46 +125,46 @@ def check_conditional_writes(storage: Storage, output_uri: str) -> None:
 
 
 class OutputLease:
-    """Context manager: hold the output folder for one run, or raise UserError naming who holds it."""
+    """One run's hold on its output folder, as a context manager: `__enter__` takes it or raises UserError
+    naming who holds it, and `check()` is called before every visible write. `for_output` picks the kind."""
 
     def __init__(self, storage: Storage, output_uri: str, run_id: str):
         self.storage = storage
         self.output_uri = output_uri
         self.run_id = run_id
         self.lost: str | None = None  # why the lease was lost, once it was
-        self._fd: int | None = None
-        self._etag: str | None = None
-        self._stop = threading.Event()
-        self._renewer: threading.Thread | None = None
-        self._renewed_at = time.monotonic()
+
+    @staticmethod
+    def for_output(storage: Storage, output_uri: str, run_id: str) -> "OutputLease":
+        """The lease that fits the output: an object on S3, a flock on a local folder."""
+        return (S3Lease if is_s3(output_uri) else FileLease)(storage, output_uri, run_id)
 
     def __enter__(self) -> "OutputLease":
-        if is_s3(self.output_uri):
-            self._acquire_s3()
-            self._renewer = threading.Thread(target=self._renew_loop, name="lease", daemon=True)
-            self._renewer.start()
-        else:
-            self._acquire_local()
+        self.acquire()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._renewer:
-            self._renewer.join()
-            self._release_s3()
-        if self._fd is not None:
-            os.close(self._fd)  # closing drops the flock; the file itself stays, harmlessly
+        self.release()
+
+    def acquire(self) -> None:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        raise NotImplementedError
 
     def check(self) -> None:
         """Raise if another driver may have taken the output over: it must not see two publishers."""
-        if self._renewer and not self.lost and time.monotonic() - self._renewed_at > LEASE_TTL_S / 2:
-            self.lost = f"it could not be renewed for {LEASE_TTL_S / 2:.0f}s"
         if self.lost:
             raise UserError(f"output.uri: lost the lease on {self.output_uri} ({self.lost}); this run's staged "
                             "rows stay and a rerun resumes them")
 
-    # --- local: flock --------------------------------------------------------------------------------
-    def _acquire_local(self) -> None:
+
+class FileLease(OutputLease):
+    """A local output held by an exclusive, non-blocking flock on `<output>/_lock`, which names the holder."""
+
+    _fd: int | None = None
+
+    def acquire(self) -> None:
         import fcntl
 
         os.makedirs(self.output_uri, exist_ok=True)
@@ -177,39 +180,75 @@ class OutputLease:
         os.pwrite(fd, Holder.me(self.run_id).to_bytes(), 0)
         self._fd = fd
 
-    # --- S3: conditional puts --------------------------------------------------------------------------
-    @property
-    def _key(self) -> tuple[str, str]:
-        return split_s3(join(self.output_uri, "_lock.json"))
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock; the file itself stays, harmlessly
+
+
+class S3Lease(OutputLease):
+    """An S3 output held by the object `<output>/_lock.json`: created if absent or taken over once expired,
+    then renewed by a heartbeat thread with conditional puts until released or found lost."""
+
+    def __init__(self, storage: Storage, output_uri: str, run_id: str):
+        super().__init__(storage, output_uri, run_id)
+        self._etag: str | None = None
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+        self._renewed_at = time.monotonic()
+
+    def acquire(self) -> None:
+        self._take()
+        self._renewer = threading.Thread(target=self._renew_loop, name="lease", daemon=True)
+        self._renewer.start()
+
+    def release(self) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        self._stop.set()
+        if not self._renewer:
+            return
+        self._renewer.join()
+        if self.lost:
+            return
+        bucket, key = _s3_key(self.output_uri)
+        try:
+            self.storage.s3_probe_client.delete_object(Bucket=bucket, Key=key, IfMatch=self._etag)
+        except (ClientError, BotoCoreError):
+            pass  # someone else holds it now, or it expires on its own
+
+    def check(self) -> None:
+        if self._renewer and not self.lost and time.monotonic() - self._renewed_at > LEASE_TTL_S / 2:
+            self.lost = f"it could not be renewed for {LEASE_TTL_S / 2:.0f}s"
+        super().check()
 
     def _put(self, **condition) -> str:
         # The probe client's short timeouts: a renewal must not hang for longer than the lease lives.
-        bucket, key = self._key
+        bucket, key = _s3_key(self.output_uri)
         reply = self.storage.s3_probe_client.put_object(Bucket=bucket, Key=key,
                                                         Body=Holder.me(self.run_id).to_bytes(), **condition)
         self._renewed_at = time.monotonic()
         return reply["ETag"]
 
-    def _acquire_s3(self) -> None:
+    def _take(self) -> None:
         from botocore.exceptions import ClientError
 
         if not self.storage.conditional_writes:
-            return self._acquire_unconditionally()
+            return self._take_unconditionally()
         try:
             self._etag = self._put(IfNoneMatch="*")
             return
         except ClientError as exc:
             if not precondition_failed(exc):
                 raise UserError(self._unsupported(exc)) from None
-        current = self._read()
+        current = read_s3_lease(self.storage, self.output_uri)
         if current is None:  # released between our two requests: try once more from the top
-            return self._acquire_s3()
+            return self._take()
         holder, etag, age = current
         if holder is not None and holder.is_me(self.run_id):
             # Our own create took effect but its reply was lost, and the retry then found it: it is ours.
             self._etag = etag
             return
-        if age <= LEASE_TTL_S and not (holder is not None and holder.died_here()):
+        if _still_held(holder, age):
             raise UserError(busy_message(self.output_uri, holder))
         try:
             self._etag = self._put(IfMatch=etag)  # of several claimants of an expired lease, exactly one wins
@@ -218,32 +257,15 @@ class OutputLease:
                 raise UserError(busy_message(self.output_uri, None)) from None
             raise
 
-    def _acquire_unconditionally(self) -> None:
+    def _take_unconditionally(self) -> None:
         """output.conditional_writes: false. Look, then write: two drivers starting within one round trip of each
         other can both take it, which is the weaker promise the user chose."""
-        current = self._read()
+        current = read_s3_lease(self.storage, self.output_uri)
         if current is not None:
             holder, _, age = current
-            if not (holder is not None and holder.is_me(self.run_id)) and age <= LEASE_TTL_S \
-                    and not (holder is not None and holder.died_here()):
+            if not (holder is not None and holder.is_me(self.run_id)) and _still_held(holder, age):
                 raise UserError(busy_message(self.output_uri, holder))
         self._etag = self._put()
-
-    def _read(self) -> tuple[Holder | None, str, float] | None:
-        """(holder, ETag, seconds since its last write by the server's clock), or None if there is no lease."""
-        from botocore.exceptions import ClientError
-
-        bucket, key = self._key
-        try:
-            reply = self.storage.s3_probe_client.get_object(Bucket=bucket, Key=key)
-        except ClientError as exc:
-            if error_code(exc) in ("NoSuchKey", "404"):
-                return None
-            raise
-        holder = Holder.from_bytes(reply["Body"].read())
-        served = reply["ResponseMetadata"].get("HTTPHeaders", {}).get("date")
-        now = parsedate_to_datetime(served).timestamp() if served else time.time()
-        return holder, reply["ETag"], now - reply["LastModified"].timestamp()
 
     def _unsupported(self, exc) -> str:
         return (f"output.uri: cannot take the lease {self.output_uri}/_lock.json ({error_code(exc)}: {exc}); the S3 "
@@ -269,7 +291,7 @@ class OutputLease:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            current = self._read()
+            current = read_s3_lease(self.storage, self.output_uri)
         except (BotoCoreError, ClientError):
             return  # cannot tell now; the next renewal looks again
         if current is not None and current[0] is not None and current[0].is_me(self.run_id):
@@ -278,16 +300,31 @@ class OutputLease:
         else:
             self.lost = "another run took it over"
 
-    def _release_s3(self) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
 
-        if self.lost:
-            return
-        bucket, key = self._key
-        try:
-            self.storage.s3_probe_client.delete_object(Bucket=bucket, Key=key, IfMatch=self._etag)
-        except (ClientError, BotoCoreError):
-            pass  # someone else holds it now, or it expires on its own
+def _s3_key(output_uri: str) -> tuple[str, str]:
+    return split_s3(join(output_uri, "_lock.json"))
+
+
+def _still_held(holder: Holder | None, age: float) -> bool:
+    """A lease written within the TTL (server's clock) whose holder is not known to have died on this machine."""
+    return age <= LEASE_TTL_S and not (holder is not None and holder.died_here())
+
+
+def read_s3_lease(storage: Storage, output_uri: str) -> tuple[Holder | None, str, float] | None:
+    """(holder, ETag, seconds since its last write by the server's clock), or None if there is no lease."""
+    from botocore.exceptions import ClientError
+
+    bucket, key = _s3_key(output_uri)
+    try:
+        reply = storage.s3_probe_client.get_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        if error_code(exc) in ("NoSuchKey", "404"):
+            return None
+        raise
+    holder = Holder.from_bytes(reply["Body"].read())
+    served = reply["ResponseMetadata"].get("HTTPHeaders", {}).get("date")
+    now = parsedate_to_datetime(served).timestamp() if served else time.time()
+    return holder, reply["ETag"], now - reply["LastModified"].timestamp()
 
 
 def lease_status(storage: Storage, output_uri: str) -> str:
@@ -305,11 +342,11 @@ def lease_status(storage: Storage, output_uri: str) -> str:
                 holder = Holder.from_bytes(lock.read(4096))
                 return f"held by {holder.describe() if holder else 'a running job'}"
         return "free"
-    current = OutputLease(storage, output_uri, run_id="")._read()
+    current = read_s3_lease(storage, output_uri)
     if current is None:
         return "free"
     holder, _, age = current
     who = holder.describe() if holder else "an unreadable holder"
-    if age > LEASE_TTL_S or (holder is not None and holder.died_here()):
+    if not _still_held(holder, age):
         return f"expired: last held by {who}; the next run takes it over"
     return f"held by {who}"
