@@ -167,12 +167,7 @@ class Output:
         if overwrite and self.stats.rows == 0:
             print("note: the backfill found no inputs, so it replaces nothing; the earlier output stays", file=self.out)
             overwrite = False
-        record = {"format": FORMAT, "run_id": run.run_id, "mode": "overwrite" if overwrite else "append",
-                  "output_format": self.table.name, "input": info.input, "extensions": self.cfg.input.extensions,
-                  "model": info.model, "weights": info.weights,
-                  "model_key": info.model_key, "job_key": info.job_key, "pseudonyms": info.pseudonyms,
-                  **self.stats.as_record(), "started_at": info.started_at, "attempts": info.attempts,
-                  "committed_at": now_precise(), **(progress or {})}
+        record = run_record(info, self.table.name, self.cfg, self.stats, overwrite, progress)
         layout = Partitioning(run_date=info.started_at[:10] if self.cfg.output.partitioning == "run_date" else None,
                               column=partition_column(self.cfg))
         committed = self.table.commit(Commit(
@@ -204,6 +199,17 @@ class Output:
 
     def write_summary(self, text: str) -> None:
         self.storage.write_bytes(join(self.cfg.output.uri, "_summary.json"), text.encode())
+
+
+def run_record(info: RunInfo, output_format: str, cfg: JobConfig, stats: RunStats, overwrite: bool,
+               progress: dict | None) -> dict:
+    """What a committed run says of itself, kept by every format (`pipeline runs`, `pipeline report`, history)."""
+    return {"format": FORMAT, "run_id": info.run_id, "mode": "overwrite" if overwrite else "append",
+            "output_format": output_format, "input": info.input, "extensions": cfg.input.extensions,
+            "model": info.model, "weights": info.weights,
+            "model_key": info.model_key, "job_key": info.job_key, "pseudonyms": info.pseudonyms,
+            **stats.as_record(), "started_at": info.started_at, "attempts": info.attempts,
+            "committed_at": now_precise(), **(progress or {})}
 
 
 __all__ = ["Output", "RunIdentity", "open_output", "make_format", "new_run_id", "STAGING"]

@@ -1,0 +1,90 @@
+"""A run's one Delta commit: how it is made atomic and idempotent is told in `pipeline/output/delta/__init__.py`."""
+
+from __future__ import annotations
+
+import datetime
+from typing import Iterator
+
+import pyarrow as pa
+
+from pipeline.spec.errors import JobFailed
+from pipeline.output.delta.checks import check_partitioning
+from pipeline.output.delta.log import DeltaHistory
+from pipeline.output.delta.table import RUN_DATE, DeltaLocation, app_id, delta_schema, partition_by, with_run_date_field
+from pipeline.output.formats import RECORD_KEY, RUN_ID_KEY, Commit, record_json
+
+
+class DeltaCommitter:
+    """Commits a run's staged rows as one `write_deltalake` call carrying its record and app transaction, or
+    returns the run's record when the table already holds it."""
+
+    def __init__(self, location: DeltaLocation, history: DeltaHistory):
+        self.location = location
+        self.history = history
+
+    def commit(self, commit: Commit) -> dict:
+        from deltalake import CommitProperties, Transaction, write_deltalake
+        from deltalake.transaction import PostCommitHookProperties
+
+        table = self.location.table()
+        if table is not None and table.transaction_version(app_id(commit.run_id)) is not None:
+            return self.history.committed_record(table, commit.run_id)
+
+        mode = "overwrite" if commit.overwrite else "append"
+        if table is not None and not commit.overwrite:
+            check_partitioning(table, self.location.uri, commit.partitioning)
+        record = {"committed_at": _now_precise(), **commit.record, "run_id": commit.run_id, "mode": mode}
+        schema = delta_schema(commit.schema)
+        schema = with_run_date_field(schema) if commit.partitioning.run_date else schema
+        failure: list[BaseException] = []  # what our reader raised: delta-rs reports it as a DeltaError
+        reader = pa.RecordBatchReader.from_batches(schema, _batches(commit, schema, failure))
+
+        commit.fence()
+        try:
+            write_deltalake(
+                self.location.uri, reader, mode=mode, schema_mode="overwrite" if commit.overwrite else None,
+                partition_by=partition_by(commit.partitioning) or None, storage_options=self.location.options,
+                commit_properties=CommitProperties(
+                    custom_metadata={RUN_ID_KEY: commit.run_id, RECORD_KEY: record_json(record)},
+                    app_transactions=[Transaction(app_id=app_id(commit.run_id), version=1)]),
+                post_commithook_properties=PostCommitHookProperties(create_checkpoint=True,
+                                                                    cleanup_expired_logs=False))
+        except Exception:
+            if failure:
+                raise failure[0] from None
+            table = self.location.table()  # a racing commit of this same run won: it is committed, once
+            if table is not None and table.transaction_version(app_id(commit.run_id)) is not None:
+                return self.history.committed_record(table, commit.run_id)
+            raise
+        return self.history.committed_record(self.location.table(), commit.run_id)
+
+
+def _batches(commit: Commit, schema: pa.Schema, failure: list[BaseException]) -> Iterator[pa.RecordBatch]:
+    """The staged rows as batches of `schema`; then, as the last thing before delta-rs commits, the row count
+    and the fence are checked: raising here aborts the write with nothing visible."""
+    run_date = datetime.date.fromisoformat(commit.partitioning.run_date) if commit.partitioning.run_date else None
+    rows = 0
+    try:
+        for table in commit.rows():
+            if run_date is not None:
+                dates = pa.repeat(pa.scalar(run_date, pa.date32()), table.num_rows)
+                table = (table.set_column(table.schema.get_field_index(RUN_DATE), RUN_DATE, dates)
+                         if RUN_DATE in table.schema.names else table.append_column(RUN_DATE, dates))
+            if not table.schema.equals(schema):
+                table = table.select(schema.names).cast(schema)
+            rows += table.num_rows
+            yield from table.to_batches()
+        expected = commit.record.get("rows")
+        if expected is not None and rows != expected:
+            raise JobFailed(f"run {commit.run_id}: its staged rows number {rows:,}, but {expected:,} were staged; "
+                            "nothing was committed, and a rerun resumes the run")
+        commit.fence()
+    except GeneratorExit:  # delta-rs dropped the reader (its own write failed): its error is the one to raise
+        raise
+    except BaseException as exc:
+        failure.append(exc)
+        raise
+
+
+def _now_precise() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")

@@ -1,0 +1,122 @@
+"""An Iceberg output's table in its catalog (which catalogs, and why an S3 output must name one: see
+`pipeline/output/iceberg/__init__.py`)."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pyarrow as pa
+
+from pipeline.spec.errors import UserError
+from pipeline.output.formats import Partitioning
+from pipeline.io.storage import Storage, is_s3, join
+
+DEFAULT_NAMESPACE = "default"
+FSSPEC_IO = "pyiceberg.io.fsspec.FsspecFileIO"
+TABLE_PROPERTIES = {
+    "write.metadata.delete-after-commit.enabled": "true",
+    "write.metadata.previous-versions-max": "20",
+    "commit.manifest-merge.enabled": "true",
+    "write.parquet.compression-codec": "zstd",
+}
+RUN_DATE = "run_date"
+_SECRET_KEY = re.compile(r"secret|password|token|credential|key-id|access-key", re.IGNORECASE)
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@\s]+@")
+
+
+class CatalogTable:
+    """output.table in output.catalog: opens the catalog once, then loads or creates the table at `uri`."""
+
+    def __init__(self, storage: Storage, uri: str, catalog: dict[str, str] | None, table: str):
+        self.storage = storage
+        self.uri = uri
+        namespace, _, name = (table or "").rpartition(".")
+        if not name:
+            raise UserError("output.table: name the Iceberg table as namespace.name, e.g. default.predictions")
+        self.namespace = namespace or DEFAULT_NAMESPACE
+        self.identifier = f"{self.namespace}.{name}"
+        self._config = dict(catalog) if catalog else None
+        self._catalog = None
+
+    def catalog_properties(self) -> tuple[str, dict[str, str]]:
+        """(catalog name, pyiceberg properties): the job's catalog, or the embedded SQLite of a local output."""
+        if self._config is None:
+            if is_s3(self.uri):
+                raise UserError(
+                    "output.catalog: an Iceberg output on S3 needs a catalog; set output.catalog, e.g. "
+                    "{type: sql, uri: sqlite:////path/catalog.db} for one machine, or PostgreSQL "
+                    "({type: sql, uri: postgresql+psycopg://...}) or a REST catalog for teams")
+            folder = join(self.uri, "_catalog")
+            os.makedirs(folder, exist_ok=True)
+            props = {"type": "sql", "uri": f"sqlite:///{folder}/iceberg.db"}
+        else:
+            props = {k: str(v) for k, v in self._config.items()}
+        name = props.pop("name", "pipeline")
+        if is_s3(self.uri):
+            props.setdefault("py-io-impl", FSSPEC_IO)
+            if self.storage.endpoint_url:
+                props.setdefault("s3.endpoint", self.storage.endpoint_url)
+            if self.storage.region:
+                props.setdefault("s3.region", self.storage.region)
+        return name, props
+
+    @property
+    def catalog(self):
+        if self._catalog is None:
+            from pyiceberg.catalog import load_catalog
+
+            name, props = self.catalog_properties()
+            if "type" not in props and "py-catalog-impl" not in props:
+                raise UserError("output.catalog: say which catalog with type (sql, rest, glue, ...), e.g. "
+                                "{type: sql, uri: sqlite:////path/catalog.db}")
+            try:
+                self._catalog = load_catalog(name, **props)
+            except UserError:
+                raise
+            except Exception as exc:  # bad type, unreachable database or service, missing driver
+                raise UserError(f"output.catalog: cannot open the Iceberg catalog ({self._redact(exc)}); check "
+                                "its type (sql, rest, glue, ...), uri and credentials") from None
+        return self._catalog
+
+    def _redact(self, exc: BaseException) -> str:
+        """An exception as one line, without the catalog's secrets (a database URL's password, tokens)."""
+        text = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        for key, value in (self._config or {}).items():
+            if _SECRET_KEY.search(str(key)) and value and str(value) in text:
+                text = text.replace(str(value), "***")
+        return _URL_PASSWORD.sub(r"\1***@", text)[:300]
+
+    def load(self):
+        """The table, refreshed from the catalog; None if it does not exist yet."""
+        from pyiceberg.exceptions import NoSuchNamespaceError, NoSuchTableError
+
+        catalog = self.catalog
+        try:
+            return catalog.load_table(self.identifier)
+        except (NoSuchTableError, NoSuchNamespaceError):
+            return None
+        except OSError:  # storage failing after retries: the front door's JobFailed, not a user error
+            raise
+        except Exception as exc:
+            raise UserError(f"output.catalog: cannot read table {self.identifier} from the catalog "
+                            f"({self._redact(exc)}); check the catalog's uri and credentials") from None
+
+    def create(self, schema: pa.Schema, partitioning: Partitioning):
+        """The table, created at `uri` with TABLE_PROPERTIES and `partitioning` (or as another driver just did)."""
+        from pyiceberg.exceptions import TableAlreadyExistsError
+
+        if partitioning.run_date and RUN_DATE not in schema.names:
+            schema = schema.append(pa.field(RUN_DATE, pa.date32()))
+        self.catalog.create_namespace_if_not_exists(self.namespace)
+        try:
+            tx = self.catalog.create_table_transaction(self.identifier, schema=schema, location=self.uri,
+                                                       properties=TABLE_PROPERTIES)
+            column = RUN_DATE if partitioning.run_date else partitioning.column
+            if column:
+                with tx.update_spec() as spec:
+                    spec.add_identity(column)
+            tx.commit_transaction()
+        except TableAlreadyExistsError:  # created meanwhile
+            pass
+        return self.catalog.load_table(self.identifier)
