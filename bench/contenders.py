@@ -232,8 +232,7 @@ def detector_bound(spec: dict) -> dict:
         with open(path, "rb") as f:
             data = f.read()
         started = time.process_time()
-        image = decoder.decode(data)
-        pixels = np.array(image, dtype=np.uint8)
+        (_, pixels, _), = decoder.decode(data)[0]  # one row: (frame, the whole image's pixels, size)
         decoded = time.process_time()
         with torch.inference_mode():
             model([torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255)])

@@ -21,10 +21,10 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.spec.config import load_job  # noqa: E402
 from pipeline.dev.local_s3 import local_bucket  # noqa: E402
-from pipeline.models.resolve import resolve_model  # noqa: E402
 from pipeline.io.storage import Storage  # noqa: E402
+from pipeline.models.resolve import resolve_model  # noqa: E402
+from pipeline.spec.config import load_job  # noqa: E402
 
 
 def upload(storage: Storage, bucket: str, count: int) -> None:

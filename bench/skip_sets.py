@@ -21,8 +21,8 @@ import pyarrow as pa
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.output.history import DoneFilter, KeySet, table_keys  # noqa: E402
 from pipeline.io.storage import ObjectInfo  # noqa: E402
+from pipeline.output.history import DoneFilter, KeySet, table_keys  # noqa: E402
 
 T0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
 

@@ -14,15 +14,15 @@ from PIL import Image, ImageOps
 
 from color_boxes import LABELS, ColorBoxes
 from conftest import encode, encoded_batch as as_batch
-from pipeline.spec.config import DetectionConfig, ModelConfig, load_job
 from pipeline.decode.image import Decoder
-from pipeline.models.detect import Detector
-from pipeline.ray.actors import ModelActor
-from pipeline.spec.errors import UserError
-from pipeline.models.resolve import ModelSpec, detection_models, resolve_model
-from pipeline.spec.rows import output_schema
-from pipeline.ray.runner import run_job
 from pipeline.io.storage import Storage
+from pipeline.models.detect import Detector
+from pipeline.models.resolve import ModelSpec, detection_models, resolve_model
+from pipeline.ray.actors import ModelActor
+from pipeline.ray.runner import run_job
+from pipeline.spec.config import DetectionConfig, ModelConfig, load_job
+from pipeline.spec.errors import UserError
+from pipeline.spec.rows import output_schema
 
 FRCNN = "fasterrcnn_mobilenet_v3_large_320_fpn"
 PATCH_COLORS = {"red": (230, 20, 20), "green": (20, 230, 20), "blue": (20, 20, 230)}

@@ -13,13 +13,13 @@ from PIL import Image
 import pipeline.decode
 from conftest import encode, encoded_batch as as_batch, photo
 from pipeline.decode import device as gpu_decode
-from pipeline.spec.config import ComputeConfig, ModelConfig
-from pipeline.decode.image import Decoder, Preprocess
 from pipeline.decode.device import DeviceDecoder
-from pipeline.models.resolve import resolve_model
-from pipeline.models.classify import Classifier
-from pipeline.ray.actors import ModelActor
+from pipeline.decode.image import Decoder, Preprocess
 from pipeline.io.storage import Storage
+from pipeline.models.classify import Classifier
+from pipeline.models.resolve import resolve_model
+from pipeline.ray.actors import ModelActor
+from pipeline.spec.config import ComputeConfig, ModelConfig
 
 PREPROCESS = Preprocess(resize_size=64, crop_size=56, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 needs_gpu = pytest.mark.gpu

@@ -13,8 +13,8 @@ from pydicom.uid import JPEGLosslessSV1
 
 from conftest import encode, encoded_batch, photo
 from dicom_files import PHI, dicom_bytes, png16, shipped
-from pipeline.decode.image import Decoder, Preprocess
 from pipeline.decode.dicom import DicomSettings, Window, read_dicom, scrub
+from pipeline.decode.image import Decoder, Preprocess
 
 MAX = 10**8
 

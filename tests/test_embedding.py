@@ -14,14 +14,14 @@ import torchvision
 from torch.nn import functional as F
 
 from conftest import encode, photo
-from pipeline.spec.config import ModelConfig, load_job
 from pipeline.decode.image import Decoder
-from pipeline.spec.errors import UserError
-from pipeline.models.resolve import resolve_model
-from pipeline.models.classify import Classifier
-from pipeline.spec.rows import output_schema
-from pipeline.ray.runner import run_job
 from pipeline.io.storage import Storage
+from pipeline.models.classify import Classifier
+from pipeline.models.resolve import resolve_model
+from pipeline.ray.runner import run_job
+from pipeline.spec.config import ModelConfig, load_job
+from pipeline.spec.errors import UserError
+from pipeline.spec.rows import output_schema
 
 PREPROCESS = {"resize_size": 72, "crop_size": 64}
 

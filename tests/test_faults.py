@@ -12,8 +12,8 @@ import pytest
 
 from conftest import encode, photo
 from faults import FaultyProxy
-from pipeline.ray.runner import run_job
 from pipeline.io.storage import Storage
+from pipeline.ray.runner import run_job
 from test_pipeline import job, put_objects
 
 pytestmark = pytest.mark.usefixtures("ray_session")

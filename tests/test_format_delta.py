@@ -16,10 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
 
-from pipeline.spec.errors import UserError
+from pipeline.io.storage import Storage
 from pipeline.output.delta import DeltaFormat, storage_options
 from pipeline.output.formats import Commit, Partitioning
-from pipeline.io.storage import Storage
+from pipeline.spec.errors import UserError
 from readers import duckdb_connection
 
 SCHEMA = pa.schema([

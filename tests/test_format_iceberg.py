@@ -9,10 +9,10 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import pytest
 
-from pipeline.spec.errors import UserError
+from pipeline.io.storage import Storage
 from pipeline.output.formats import RECORD_KEY, RUN_ID_KEY, Commit, Partitioning
 from pipeline.output.iceberg import IcebergFormat
-from pipeline.io.storage import Storage
+from pipeline.spec.errors import UserError
 from readers import duckdb_connection
 
 SCHEMA = pa.schema([

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.io.storage import Storage
+from pipeline.models.classify import Classifier
+from pipeline.models.resolve import resolve_model
 from pipeline.spec.config import ModelConfig
 from pipeline.spec.errors import UserError
-from pipeline.models.resolve import resolve_model
-from pipeline.models.classify import Classifier
-from pipeline.io.storage import Storage
 
 
 def test_weights_metadata_sets_preprocessing_and_labels(cached_imagenet_resnet18):

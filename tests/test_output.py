@@ -17,11 +17,11 @@ import pytest
 
 from faults import FaultyProxy
 from output_driver import job, run_once
-from pipeline.spec.errors import UserError
+from pipeline.io.storage import Storage
 from pipeline.output import make_format
 from pipeline.output.lease import Holder, check_conditional_writes
+from pipeline.spec.errors import UserError
 from pipeline.spec.rows import OUTPUT_SCHEMA
-from pipeline.io.storage import Storage
 from readers import duckdb_connection
 
 TESTS = Path(__file__).parent

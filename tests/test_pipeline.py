@@ -19,13 +19,13 @@ from PIL import Image
 
 from conftest import encode, photo, photo_jpeg
 from pipeline.cli.commands import main
-from pipeline.spec.config import load_job
 from pipeline.decode.image import Decoder
-from pipeline.spec.errors import JobStopped
-from pipeline.models.resolve import build_model, resolve_model
-from pipeline.ray.runner import run_job
 from pipeline.io.listing import InputListing
 from pipeline.io.storage import Storage
+from pipeline.models.resolve import build_model, resolve_model
+from pipeline.ray.runner import run_job
+from pipeline.spec.config import load_job
+from pipeline.spec.errors import JobStopped
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

@@ -6,8 +6,8 @@ import io
 
 import pyarrow as pa
 
-from pipeline.ray.isolation import LedgerBook
 from pipeline.cli.progress import ProgressPrinter, Tally
+from pipeline.ray.isolation import LedgerBook
 
 
 def printer(tally: Tally, listing: dict | None, finished=None) -> ProgressPrinter:

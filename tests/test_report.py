@@ -24,10 +24,10 @@ from PIL import Image, ImageDraw
 from conftest import encode, photo
 from dicom_files import dicom_bytes, shipped
 from pipeline.cli.commands import main
-from pipeline.spec.config import load_job
 from pipeline.output.lease import OutputLease
 from pipeline.output.staging import RunInfo, StagedRun, Staging
 from pipeline.ray.runner import run_job
+from pipeline.spec.config import load_job
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 TESTS = Path(__file__).parent

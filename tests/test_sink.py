@@ -4,10 +4,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.io.storage import Storage
 from pipeline.output.sink import StagingSink, to_output_table
 from pipeline.output.staging import Staging
 from pipeline.spec.rows import OUTPUT_SCHEMA
-from pipeline.io.storage import Storage
 
 PROVENANCE = {"model": "resnet18", "weights": "sha256:abc", "run_id": "r1"}
 

@@ -22,10 +22,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pipeline.spec.config import JobConfig
 from pipeline.decode.image import Decoder, Preprocess
 from pipeline.dev.local_s3 import local_bucket
 from pipeline.io.storage import Storage
+from pipeline.spec.config import JobConfig
 
 BUCKET = "demo"
 REPORT_FILE = "demo-report.html"

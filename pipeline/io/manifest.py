@@ -22,8 +22,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from pipeline.spec.rows import SOURCE_SCHEMA
 from pipeline.io.storage import ObjectInfo, Storage, is_s3
+from pipeline.spec.rows import SOURCE_SCHEMA
 
 logger = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.spec.rows import StageFailure, fail
 from pipeline.io.storage import Storage
+from pipeline.spec.rows import StageFailure, fail
 
 
 class Reader:

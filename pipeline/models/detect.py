@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.spec.config import DetectionConfig
+from pipeline.io.storage import Storage
 from pipeline.models.resolve import ModelSpec
 from pipeline.models.stage import ModelStage
-from pipeline.io.storage import Storage
+from pipeline.spec.config import DetectionConfig
 
 
 class Detector(ModelStage):

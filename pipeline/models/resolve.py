@@ -18,11 +18,11 @@ import torch
 import torchvision
 from torch import nn
 
-from pipeline.spec.config import IMAGENET_MEAN, IMAGENET_STD, DetectionConfig, EmbeddingConfig, ModelConfig
 from pipeline.decode.image import Preprocess
-from pipeline.models.embedding import EmbeddingTap
-from pipeline.spec.errors import UserError
 from pipeline.io.storage import Storage
+from pipeline.models.embedding import EmbeddingTap
+from pipeline.spec.config import IMAGENET_MEAN, IMAGENET_STD, DetectionConfig, EmbeddingConfig, ModelConfig
+from pipeline.spec.errors import UserError
 
 IMAGENET_PREPROCESS = Preprocess(resize_size=256, crop_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 

@@ -20,16 +20,16 @@ from typing import Callable, Iterator, TextIO
 import pyarrow as pa
 
 from pipeline.dev import failpoints
-from pipeline.spec.config import JobConfig
-from pipeline.spec.errors import JobFailed
+from pipeline.io.storage import Storage, is_s3, join
 from pipeline.output.formats import Commit, OutputFormat, Partitioning
 from pipeline.output.history import History
 from pipeline.output.lease import OutputLease, check_conditional_writes
+from pipeline.output.privacy import Pseudonymizer
 from pipeline.output.runs import check_pseudonyms, interrupted, new_run_id, partition_column
 from pipeline.output.sink import StagingSink
 from pipeline.output.staging import FORMAT, STAGING, RunInfo, RunStats, StagedRun, Staging, now_precise
-from pipeline.output.privacy import Pseudonymizer
-from pipeline.io.storage import Storage, is_s3, join
+from pipeline.spec.config import JobConfig
+from pipeline.spec.errors import JobFailed
 
 
 @dataclass(frozen=True)

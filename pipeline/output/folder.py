@@ -25,11 +25,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.dev import failpoints
-from pipeline.spec.errors import JobFailed, UserError
+from pipeline.io.storage import Storage, join
 from pipeline.output.formats import Commit, OutputFormat
 from pipeline.output.hive import split_by_partition
 from pipeline.output.staging import FORMAT, STAGING, read_record
-from pipeline.io.storage import Storage, join
+from pipeline.spec.errors import JobFailed, UserError
 
 COMMITS = "_commits"
 _PART_RE = re.compile(r"(?:^|/)part-(?P<run_id>\d{8}T\d{6}Z-[0-9a-f]{8})-\d+\.parquet$")

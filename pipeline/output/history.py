@@ -26,8 +26,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.output.privacy import Pseudonymizer
 from pipeline.io.storage import ObjectInfo, Storage
+from pipeline.output.privacy import Pseudonymizer
 
 logger = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.io.storage import Storage, is_s3, join, split_s3
 from pipeline.spec.config import PrivacyConfig
 from pipeline.spec.errors import UserError
-from pipeline.io.storage import Storage, is_s3, join, split_s3
 
 TOKEN_PREFIX = "hmac:"
 MIN_KEY_BYTES = 32

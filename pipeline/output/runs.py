@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from pipeline.spec.config import JobConfig
 from pipeline.decode.image import column_name
-from pipeline.spec.errors import UserError
 from pipeline.output.staging import StagedRun
+from pipeline.spec.config import JobConfig
+from pipeline.spec.errors import UserError
 from pipeline.spec.rows import output_schema
 
 if TYPE_CHECKING:  # the output side never loads torch

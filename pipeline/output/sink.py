@@ -15,8 +15,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.dev import failpoints
-from pipeline.spec.errors import JobFailed
 from pipeline.output.staging import RunStats, Staging
+from pipeline.spec.errors import JobFailed
 from pipeline.spec.rows import OUTPUT_SCHEMA
 
 

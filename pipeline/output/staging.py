@@ -23,9 +23,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.spec.errors import UserError
-from pipeline.output.history import KEY_DTYPE, table_keys
 from pipeline.io.storage import Storage, is_s3, join
+from pipeline.output.history import KEY_DTYPE, table_keys
+from pipeline.spec.errors import UserError
 
 FORMAT = 1  # of _run.json and commit records; a newer one is refused rather than misread
 STAGING = "_staging"

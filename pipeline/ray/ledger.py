@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import ray
 
-from pipeline.ray.isolation import LedgerBook
 from pipeline.cli.progress import ListingCounts
+from pipeline.ray.isolation import LedgerBook
 
 
 @ray.remote(num_cpus=0)

@@ -23,28 +23,28 @@ from typing import TYPE_CHECKING, TextIO
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from pipeline.ray.cluster import ClusterWatch, PoolPlan, plan_pool, read_cluster
-from pipeline.spec.config import JobConfig
-from pipeline.decode.image import Decoder, column_name
 from pipeline.decode.dicom import IDENTIFYING, KEY_TAGS, dicom_settings, instance_uid_tags
-from pipeline.spec.errors import JobStopped, UserError
+from pipeline.decode.image import Decoder, column_name
 from pipeline.output import RunIdentity, open_output
 from pipeline.output.history import History
 from pipeline.output.lease import OutputLease
 from pipeline.output.runs import job_key, job_schema, model_key
 from pipeline.output.sink import StagingSink
+from pipeline.ray.cluster import ClusterWatch, PoolPlan, plan_pool, read_cluster
 from pipeline.ray.isolation import Isolated, Ledger
 from pipeline.ray.ledger import BatchLedger, RayLedger
 from pipeline.ray.metrics import RunMetrics
+from pipeline.spec.config import JobConfig
+from pipeline.spec.errors import JobStopped, UserError
 from pipeline.spec.preflight import check_model, check_storage
 from pipeline.output.privacy import (PseudonymMap, Pseudonymizer, RowPseudonymizer, load_pseudonymizer,
                               pseudonymized_columns)
 from pipeline.cli.progress import ProgressPrinter, ProgressSamples, Tally, Timeline
-from pipeline.io.read import Reader
 from pipeline.io.listing import InputListing
+from pipeline.io.read import Reader
+from pipeline.io.storage import Storage, absolute, join
 from pipeline.ray.actors import ModelActor
 from pipeline.ray.datasource import ListingDatasource
-from pipeline.io.storage import Storage, absolute, join
 
 if TYPE_CHECKING:  # the model modules import torch (seconds): the driver does so while Ray starts
     from pipeline.models.resolve import ModelSpec

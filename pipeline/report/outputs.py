@@ -10,10 +10,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.spec.errors import UserError
+from pipeline.io.storage import Storage, absolute, is_s3, join
 from pipeline.output.formats import OutputFormat
 from pipeline.output.staging import STAGING
-from pipeline.io.storage import Storage, absolute, is_s3, join
+from pipeline.spec.errors import UserError
 
 BATCH_ROWS = 32_768
 

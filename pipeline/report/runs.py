@@ -8,14 +8,14 @@ from typing import TextIO
 
 import numpy as np
 
-from pipeline.spec.config import InputConfig
 from pipeline.io.manifest import is_manifest, read_manifest
+from pipeline.io.storage import extension
 from pipeline.output.formats import OutputFormat
 from pipeline.output.history import KEY_DTYPE, History, KeySet, object_keys, table_keys
 from pipeline.output.lease import lease_status
 from pipeline.output.staging import Staging
 from pipeline.report.outputs import run_rows
-from pipeline.io.storage import extension
+from pipeline.spec.config import InputConfig
 
 COLUMNS = [("run id", 25), ("committed (UTC)", 19), ("mode", 9), ("model", 20), ("weights", 18),
            ("rows", 9), ("errors", 7), ("fmt", 3)]

@@ -12,8 +12,8 @@ import logging
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
-from pipeline.report.facts import Sample
 from pipeline.io.storage import Storage
+from pipeline.report.facts import Sample
 
 logger = logging.getLogger(__name__)
 

@@ -62,12 +62,12 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from pipeline.io.storage import Storage, absolute, is_s3
 from pipeline.output.delta.checks import DeltaChecks
 from pipeline.output.delta.commit import DeltaCommitter
 from pipeline.output.delta.log import DeltaFiles, DeltaHistory
 from pipeline.output.delta.table import APP_ID_PREFIX, RUN_DATE, DeltaLocation, app_id, delta_schema, storage_options
 from pipeline.output.formats import Commit, OutputFormat, Partitioning
-from pipeline.io.storage import Storage, absolute, is_s3
 
 __all__ = ["APP_ID_PREFIX", "RUN_DATE", "DeltaFormat", "app_id", "delta_schema", "storage_options"]
 

@@ -9,9 +9,9 @@ from urllib.parse import unquote
 
 import pyarrow as pa
 
+from pipeline.io.storage import absolute, is_s3, join, split_s3
 from pipeline.output.delta.table import DeltaLocation
 from pipeline.output.formats import RECORD_KEY, RUN_ID_KEY
-from pipeline.io.storage import absolute, is_s3, join, split_s3
 
 # Operations of other tools that replace a table's rows: the runs before them are no longer live.
 _REPLACING_OPERATIONS = {"CREATE OR REPLACE TABLE", "REPLACE TABLE", "CREATE OR REPLACE TABLE AS SELECT",

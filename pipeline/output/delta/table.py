@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from pipeline.output.formats import Partitioning
 from pipeline.io.storage import Storage, is_s3
+from pipeline.output.formats import Partitioning
 
 RUN_DATE = "run_date"
 APP_ID_PREFIX = "pipeline-run-"

@@ -69,12 +69,12 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from pipeline.io.storage import Storage, absolute, is_s3
 from pipeline.output.formats import Commit, OutputFormat
 from pipeline.output.iceberg.catalog import DEFAULT_NAMESPACE, FSSPEC_IO, RUN_DATE, TABLE_PROPERTIES, CatalogTable
 from pipeline.output.iceberg.checks import IcebergChecks, IcebergRecovery, schema_problem
 from pipeline.output.iceberg.commit import IcebergCommitter
 from pipeline.output.iceberg.snapshots import IcebergSnapshots
-from pipeline.io.storage import Storage, absolute, is_s3
 
 __all__ = ["DEFAULT_NAMESPACE", "FSSPEC_IO", "RUN_DATE", "TABLE_PROPERTIES", "IcebergFormat", "schema_problem"]
 

@@ -8,9 +8,9 @@ import re
 
 import pyarrow as pa
 
-from pipeline.spec.errors import UserError
-from pipeline.output.formats import Partitioning
 from pipeline.io.storage import Storage, is_s3, join
+from pipeline.output.formats import Partitioning
+from pipeline.spec.errors import UserError
 
 DEFAULT_NAMESPACE = "default"
 FSSPEC_IO = "pyiceberg.io.fsspec.FsspecFileIO"

@@ -6,12 +6,12 @@ import logging
 
 import pyarrow as pa
 
-from pipeline.spec.errors import UserError
+from pipeline.io.storage import join
 from pipeline.output.formats import Commit
 from pipeline.output.iceberg.catalog import RUN_DATE, CatalogTable
 from pipeline.output.iceberg.snapshots import IcebergSnapshots
 from pipeline.output.iceberg.write import FILE_RE
-from pipeline.io.storage import join
+from pipeline.spec.errors import UserError
 
 logger = logging.getLogger(__name__)
 
