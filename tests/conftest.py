@@ -37,6 +37,8 @@ def ray_session(s3_server):
     # Ray's workers import custom test models (`color_boxes:build`) from here, as a cluster would from its image.
     tests = os.path.dirname(os.path.abspath(__file__))
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)
+    if ray.is_initialized():  # a job an earlier test ran in-process left its own Ray, without this PYTHONPATH
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()

@@ -6,8 +6,8 @@ import io
 
 import pyarrow as pa
 
-from pipeline.cli.progress import ProgressPrinter, Tally
 from pipeline.ray.isolation import LedgerBook
+from pipeline.ray.progress import ProgressPrinter, Tally
 
 
 def printer(tally: Tally, listing: dict | None, finished=None) -> ProgressPrinter:

@@ -14,7 +14,7 @@ import time
 import pyarrow as pa
 import pytest
 
-from pipeline.cli.progress import ProgressPrinter, RecentRate, Tally, bar_line
+from pipeline.ray.progress import ProgressPrinter, RecentRate, Tally, bar_line
 
 STATES = {
     "starting": dict(done=0, total=0, total_final=False, failed=0, rate=0.0),
@@ -156,7 +156,7 @@ def test_a_log_still_gets_the_plain_lines():
 
 
 def test_progress_samples_stay_few_and_spread_over_a_long_run():
-    from pipeline.cli.progress import ProgressSamples
+    from pipeline.ray.progress import ProgressSamples
 
     samples = ProgressSamples(limit=60)
     for second in range(1, 8 * 3600):  # a night of one batch a second, 10 rows each

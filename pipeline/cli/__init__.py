@@ -1,5 +1,4 @@
-"""The `pipeline` command: `run`, `submit`, `report`, `runs`, `demo` (commands.py), its progress on a terminal or in
-a log (progress.py)."""
+"""The `pipeline` command: `run`, `submit`, `report`, `runs`, `demo` (commands.py)."""
 
 from pipeline.cli.commands import build_parser, entry, main
 

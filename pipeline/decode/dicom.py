@@ -34,26 +34,10 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, iter_
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from pipeline.spec.phi import IDENTIFYING  # noqa: F401 - where the runner and tests look for it
 from pipeline.spec.rows import StageFailure
 
 KEY_TAGS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality")
-# Attributes DICOM PS3.15's Basic Application Confidentiality Profile removes or replaces that a job is likely
-# to ask for: people, identifiers, dates and times, places, institutions, devices' serials, free text. Writing
-# one takes an explicit allow-list, and the summary flags it.
-IDENTIFYING = frozenset("""
-    PatientName PatientID IssuerOfPatientID OtherPatientIDs OtherPatientNames PatientBirthName PatientBirthDate
-    PatientBirthTime PatientSex PatientAge PatientSize PatientWeight PatientAddress PatientTelephoneNumbers
-    PatientMotherBirthName MilitaryRank BranchOfService MedicalRecordLocator EthnicGroup Occupation
-    PatientComments AdditionalPatientHistory PatientReligiousPreference ResponsiblePerson CountryOfResidence
-    RegionOfResidence AccessionNumber StudyID StudyDate StudyTime SeriesDate SeriesTime AcquisitionDate
-    AcquisitionTime AcquisitionDateTime ContentDate ContentTime InstanceCreationDate InstanceCreationTime
-    InstitutionName InstitutionAddress InstitutionalDepartmentName StationName DeviceSerialNumber
-    ReferringPhysicianName ReferringPhysicianAddress ReferringPhysicianTelephoneNumbers PerformingPhysicianName
-    NameOfPhysiciansReadingStudy OperatorsName PhysiciansOfRecord RequestingPhysician ScheduledPerformingPhysicianName
-    StudyDescription SeriesDescription ImageComments RequestedProcedureDescription PerformedProcedureStepDescription
-    ProtocolName DerivationDescription AdmittingDiagnosesDescription ImageComments TextValue PersonName
-    OtherPatientIDsSequence FrameComments InterpretationText ReasonForStudy RequestAttributesSequence
-""".split())
 # Text value representations: what a person's name, an ID, a date or free text can hide in.
 _TEXT_VRS = {"PN", "LO", "SH", "LT", "ST", "UT", "UC", "DA", "DT", "TM", "AS", "AE", "UR", "CS", "UI"}
 # What `pip install` names the decoders pydicom's plugins ask for.

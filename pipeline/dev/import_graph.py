@@ -1,7 +1,8 @@
 """The package's import graph from its source (`ast`, nothing imported): `python -m pipeline.dev.import_graph`.
 
-Prints each module's imports of the package (`->`; lazy imports inside functions count too), the modules that
-import Ray, and every cycle (strongly connected component of more than one module, or a module importing itself).
+Prints each module's imports of the package (`->`; lazy imports inside functions count too), the same between
+its folders, the modules that import Ray, and every cycle (a strongly connected component of more than one module,
+or of more than one folder).
 Exits 1 when there is a cycle or Ray is imported outside `pipeline.ray`.
 """
 
@@ -46,6 +47,17 @@ def graph(root: Path = PACKAGE) -> tuple[dict[str, set[str]], dict[str, set[str]
     return edges, external
 
 
+def folder_graph(edges: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The same imports between the package's folders (a top-level module counts as its own folder)."""
+    folder = lambda module: module.split(".")[1] if module.count(".") else module
+    found: dict[str, set[str]] = {}
+    for module, imported in edges.items():
+        targets = {folder(m) for m in imported} - {folder(module)}
+        if targets:
+            found.setdefault(folder(module), set()).update(targets)
+    return found
+
+
 def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     """Tarjan's strongly connected components with more than one module."""
     index: dict[str, int] = {}
@@ -87,10 +99,14 @@ def main(argv: list[str]) -> int:
     ray_users = sorted(m for m, names in external.items() if "ray" in names)
     outside = [m for m in ray_users if not (m == adapter or m.startswith(adapter + "."))]
     found = cycles(edges)
+    print("\nfolders:")
+    for folder, imported in sorted(folder_graph(edges).items()):
+        print(f"  {folder} -> {', '.join(sorted(imported))}")
     print(f"\n{len(edges)} modules, {sum(map(len, edges.values()))} imports between them")
     print(f"import ray: {', '.join(ray_users) or 'none'}")
     print(f"  outside {adapter}: {', '.join(outside) or 'none'}")
-    print(f"cycles: {len(found)}")
+    found += cycles(folder_graph(edges))
+    print(f"cycles (modules, then folders): {len(found)}")
     for component in found:
         print("  " + " <-> ".join(component))
     return 1 if found or outside else 0

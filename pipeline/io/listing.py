@@ -8,38 +8,48 @@ record batches) and yields a block per page, the inputs earlier runs finished le
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 import pyarrow as pa
 
 from pipeline.io.manifest import is_manifest, read_manifest
 from pipeline.io.storage import ObjectInfo, Storage, extension
-from pipeline.output.history import History
 from pipeline.spec.rows import SOURCE_SCHEMA
 
 # (to do, skipped for their extension, skipped as done by an earlier run) for each page
 PageCounts = Callable[[int, int, int], None]
 
 
+class Done(Protocol):
+    """What earlier runs did (`pipeline.output.history.History`): the listing leaves those inputs out."""
+    pseudonymizer: object | None  # set: the inputs' paths are personal data, never quoted in a log line
+
+    def load(self, storage: Storage) -> "Todo": ...
+
+
+class Todo(Protocol):
+    def todo(self, objects: list[ObjectInfo]) -> list[ObjectInfo]: ...
+
+
 class InputListing:
     """The job's inputs, a page at a time; see the module docstring."""
 
     def __init__(self, uri: str, storage: Storage, extensions: list[str] | None,
-                 history: History | None = None, exclude: str | None = None):
+                 history: Done | None = None, exclude: str | None = None):
         self.uri = uri
         self.storage = storage
         self.extensions = set(extensions) if extensions is not None else None
-        self.history = history or History()
+        self.history = history  # None: nothing is done yet
         # The job's own output, when it sits inside the input folder, is never an input.
         self.exclude = exclude.rstrip("/") + "/" if exclude else None
 
     def blocks(self, counted: PageCounts | None = None) -> Iterator[pa.Table]:
-        done = self.history.load(self.storage)
+        done = self.history.load(self.storage) if self.history is not None else None
         for page in self.pages():
             # The job's own output is not an input at all: neither listed nor counted as skipped.
             candidates = [o for o in page if not self._own_output(o)]
             wanted = [o for o in candidates if self._has_wanted_extension(o)]
-            todo = done.todo(wanted)
+            todo = done.todo(wanted) if done is not None else wanted
             if counted is not None:
                 counted(len(todo), len(candidates) - len(wanted), len(wanted) - len(todo))
             if todo:
@@ -53,7 +63,7 @@ class InputListing:
     @property
     def quotes_paths(self) -> bool:
         """Whether a log line may quote an input's path: not when the job pseudonymises them."""
-        return self.history.pseudonymizer is None
+        return self.history is None or self.history.pseudonymizer is None
 
     def _own_output(self, info: ObjectInfo) -> bool:
         return self.exclude is not None and info.uri.startswith(self.exclude)

@@ -19,7 +19,7 @@ from typing import Callable, Iterator, TextIO
 
 import pyarrow as pa
 
-from pipeline.dev import failpoints
+import pipeline.output.failpoints as failpoints
 from pipeline.io.storage import Storage, is_s3, join
 from pipeline.output.formats import Commit, OutputFormat, Partitioning
 from pipeline.output.history import History

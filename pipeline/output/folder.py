@@ -24,7 +24,7 @@ import re
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.dev import failpoints
+import pipeline.output.failpoints as failpoints
 from pipeline.io.storage import Storage, join
 from pipeline.output.formats import Commit, OutputFormat
 from pipeline.output.hive import split_by_partition

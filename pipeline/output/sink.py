@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.dev import failpoints
+import pipeline.output.failpoints as failpoints
 from pipeline.output.staging import RunStats, Staging
 from pipeline.spec.errors import JobFailed
 from pipeline.spec.rows import OUTPUT_SCHEMA

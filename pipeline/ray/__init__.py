@@ -1,5 +1,6 @@
-"""The Ray adapter, the only part of the package that imports Ray: the dataset wiring and the driver's loop
-(runner.py), the listing's datasource, the cluster's shape, the run's ledger actor, crash isolation, metrics and
+"""Running a job, on Ray: the only part of the package that imports Ray. The checks before a run (preflight.py),
+the dataset wiring and the driver's loop (runner.py) with its progress (progress.py), the listing's datasource,
+what a model actor runs (actors.py), the cluster's shape, the run's ledger actor, crash isolation, metrics and
 `pipeline submit`. The stages it wires (pipeline.io, pipeline.decode, pipeline.models) are plain Python."""
 
 import sys

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import ray
 
-from pipeline.cli.progress import ListingCounts
 from pipeline.ray.isolation import LedgerBook
+from pipeline.ray.progress import ListingCounts
 
 
 @ray.remote(num_cpus=0)

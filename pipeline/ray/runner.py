@@ -34,17 +34,17 @@ from pipeline.ray.cluster import ClusterWatch, PoolPlan, plan_pool, read_cluster
 from pipeline.ray.isolation import Isolated, Ledger
 from pipeline.ray.ledger import BatchLedger, RayLedger
 from pipeline.ray.metrics import RunMetrics
+from pipeline.ray.preflight import check_model, check_storage
 from pipeline.spec.config import JobConfig
 from pipeline.spec.errors import JobStopped, UserError
-from pipeline.spec.preflight import check_model, check_storage
 from pipeline.output.privacy import (PseudonymMap, Pseudonymizer, RowPseudonymizer, load_pseudonymizer,
                               pseudonymized_columns)
-from pipeline.cli.progress import ProgressPrinter, ProgressSamples, Tally, Timeline
 from pipeline.io.listing import InputListing
 from pipeline.io.read import Reader
 from pipeline.io.storage import Storage, absolute, join
 from pipeline.ray.actors import ModelActor
 from pipeline.ray.datasource import ListingDatasource
+from pipeline.ray.progress import ProgressPrinter, ProgressSamples, Tally, Timeline
 
 if TYPE_CHECKING:  # the model modules import torch (seconds): the driver does so while Ray starts
     from pipeline.models.resolve import ModelSpec

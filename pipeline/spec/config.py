@@ -367,7 +367,7 @@ class JobConfig(_Section):
         tags = self.dicom.include_tags if self.dicom is not None and self.privacy.pseudonymize else []
         if not tags:
             return self
-        from pipeline.decode.dicom import IDENTIFYING
+        from pipeline.spec.phi import IDENTIFYING
 
         flagged = [t for t in tags if t in IDENTIFYING]
         if flagged:
