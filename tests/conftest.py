@@ -23,6 +23,57 @@ TORCH_HOME = tempfile.mkdtemp(prefix="pipeline-tests-torch-home-")
 os.environ["TORCH_HOME"] = TORCH_HOME
 
 
+# ---- lanes (issue 27) ------------------------------------------------------------------------------------------
+# Every test is in one lane, a marker: `unit` (no Ray, no job; seconds), `e2e` (whole jobs on a local Ray or
+# `pipeline ...` in a subprocess), `kill` (SIGKILLs and crashes mid-job, then the rerun), `cluster` (`ray start`
+# nodes, the autoscaler) and `browser` (reports in headless Chromium). All but `unit` are also `slow`: a developer
+# runs `pytest -m "not slow"` in a few minutes, the README's `pytest` runs every lane. A file not named below is
+# `e2e` if its tests start the session's Ray, else `unit`.
+LANES = {
+    "cluster": ("test_autoscaling", "test_cluster", "test_submit"),
+    "kill": ("test_crash", "test_incremental", "test_backfill_medical", "test_privacy", "test_faults",
+             "test_least_privilege"),
+    "browser": ("test_report",),
+    "e2e": ("test_demo", "test_infra", "test_pipeline", "test_manifest", "test_table_outputs", "test_detection",
+            "test_embedding", "test_device_decode", "test_cluster_sizing", "test_tag_archive", "test_source",
+            "test_odd_files"),
+}
+# The order lanes start in, longest first, so that parallel workers (pytest-xdist) finish together.
+LANE_ORDER = ("cluster", "browser", "kill", "e2e", "unit")
+# A stall fails its test after this many seconds (pytest-timeout; pyproject's `timeout` for the rest): a cluster
+# test waits for nodes the autoscaler starts and stops, up to 400 s by its own deadlines.
+LANE_TIMEOUT_S = {"cluster": 900}
+# Files whose tests share nothing costly (no module-scoped job): pytest-xdist may spread them over its workers one
+# test at a time. Every other file runs whole on one worker, so its module-scoped fixtures run once.
+SPREAD = ("test_output", "test_odd_files", "test_pipeline", "test_cli_errors", "test_progress_bar")
+
+
+def lane_of(item: pytest.Item) -> str:
+    module = item.module.__name__ if getattr(item, "module", None) else ""
+    for lane, modules in LANES.items():
+        if module in modules:
+            return lane
+    return "e2e" if "ray_session" in getattr(item, "fixturenames", ()) else "unit"
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
+def pytest_collection_modifyitems(config, items):
+    lanes = {item: lane_of(item) for item in items}
+    module_rank: dict[str, int] = {}
+    for item, lane in lanes.items():
+        item.add_marker(getattr(pytest.mark, lane))
+        if lane != "unit":
+            item.add_marker(pytest.mark.slow)
+        if lane in LANE_TIMEOUT_S:
+            item.add_marker(pytest.mark.timeout(LANE_TIMEOUT_S[lane]))
+        module = item.module.__name__
+        if module not in SPREAD:
+            item.add_marker(pytest.mark.xdist_group(module))
+        module_rank[module] = min(module_rank.get(module, len(LANE_ORDER)), LANE_ORDER.index(lane))
+    # Whole files stay together (a module-scoped fixture is set up once), ordered by their slowest lane.
+    items.sort(key=lambda item: module_rank[item.module.__name__])
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     with LocalS3Server() as server:

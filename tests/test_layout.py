@@ -2,6 +2,7 @@
 cycles, classes of one job (none over ~120 lines), and the public names job specs and docs use still there."""
 
 import ast
+import signal
 import subprocess
 import sys
 
@@ -49,7 +50,9 @@ def test_the_names_job_specs_and_docs_use_still_work():
     try:
         lines = [server.stdout.readline() for _ in range(1 + len(LocalS3Server().environ()))]
     finally:
-        server.terminate()
+        # Ctrl-C, as its user stops it: SIGTERM would end it before it stops the moto server it started, left
+        # running under PID 1 after the suite.
+        server.send_signal(signal.SIGINT)
         server.wait(timeout=30)
     assert lines[0].startswith("S3-compatible server running")
     assert any(line.strip().startswith("export AWS_ENDPOINT_URL=http://127.0.0.1:") for line in lines)
