@@ -146,7 +146,7 @@ class Output:
         runs: set[str] = set()
         if self.cfg.input.incremental and not self.cfg.output.overwrite:
             runs = {c["run_id"] for c in self.table.live() if c.get("model_key") == self.run.info.model_key}
-        return History(committed_files=self.table.data_files(runs) if runs else [], committed_runs=sorted(runs),
+        return History(committed=self.table.rows(sorted(runs)) if runs else None, committed_runs=sorted(runs),
                        staged_files=self.run.chunks, reprocess_errors=self.cfg.input.reprocess_errors,
                        pseudonymizer=pseudonymizer)
 

@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 import pyarrow as pa
 
 from pipeline.io.storage import Storage
+from pipeline.output.rows import TableRows
 
 RECORD_KEY = "pipeline.record"  # where the table formats keep a run's record (commit metadata / snapshot summary)
 RUN_ID_KEY = "pipeline.run_id"
@@ -66,6 +67,11 @@ class OutputFormat(ABC):
     def data_files(self, run_ids: set[str] | None = None) -> list[str]:
         """URIs of the Parquet files holding the live runs' rows, or those of `run_ids` only where the format
         can tell (a table's files may hold other runs' rows too: each row carries its run_id)."""
+
+    @abstractmethod
+    def rows(self, run_ids: list[str] | None = None) -> TableRows:
+        """The live rows (of `run_ids` only) as this format's readers read them: partition values, deletes by
+        other engines applied. Picklable; open with `.batches(storage, columns)` (see pipeline/output/rows.py)."""
 
     def check_existing(self, overwrite: bool) -> None:
         """Refuse, with a UserError, an output this format must not write to (files it did not write...)."""

@@ -11,12 +11,14 @@ copy, in the single listing task rather than in every read task):
   happened to the object since, so the run ends with exactly one row per input.
 
 A pseudonymised job's rows hold tokens, not URIs: the listing then keys each listed object by its token.
+
+Earlier runs' rows are read through the output's format (`OutputFormat.rows`: partition values, other engines'
+deletes applied), the key columns only, a record batch at a time: a row another engine deleted is not done.
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Iterator
@@ -28,8 +30,7 @@ import pyarrow.parquet as pq
 
 from pipeline.io.storage import ObjectInfo, Storage
 from pipeline.output.privacy import Pseudonymizer
-
-logger = logging.getLogger(__name__)
+from pipeline.output.rows import TableRows
 
 KEY_DTYPE = "S16"
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -93,16 +94,16 @@ class KeySet:
 
 @dataclass
 class History:
-    """Which output files to learn from; picklable, built into KeySets where the listing runs."""
-    committed_files: list[str] = field(default_factory=list)  # holding earlier runs' rows, same model and weights
-    committed_runs: list[str] = field(default_factory=list)  # those runs: a table's files may hold others' rows too
+    """What to learn from; picklable, built into KeySets where the listing runs."""
+    committed: TableRows | None = None  # earlier runs' rows, same model and weights (`OutputFormat.rows`)
+    committed_runs: list[str] = field(default_factory=list)  # those runs
     staged_files: list[str] = field(default_factory=list)  # the interrupted attempt being resumed
     reprocess_errors: bool = False
     pseudonymizer: Pseudonymizer | None = None  # the rows' uri is the listed uri's token
 
     def load(self, storage: Storage) -> "DoneFilter":
-        versions = [table_keys(t, "version") for t in _read_parts(storage, self.committed_files, self.committed_runs,
-                                                                  with_errors=not self.reprocess_errors)]
+        versions = [table_keys(t, "version") for t in done_rows(storage, self.committed,
+                                                                with_errors=not self.reprocess_errors)]
         uris = [table_keys(t, "uri") for t in _read_chunks(storage, self.staged_files)]
         return DoneFilter(KeySet(_concat(versions)), KeySet(_concat(uris)), self.pseudonymizer)
 
@@ -112,24 +113,17 @@ KEY_COLUMNS = ["uri", "etag", "last_modified", "size", "error", "error_type"]
 TRANSIENT_ERRORS = ["read.io_error"]
 
 
-def _read_parts(storage: Storage, uris: list[str], runs: list[str], with_errors: bool) -> Iterator[pa.Table]:
-    """Committed parts are large (rows_per_file): read only the key columns, one file at a time."""
-    for uri in uris:
-        fs, path = storage.fs(uri)
-        try:
-            with fs.open(path, "rb") as f:
-                file = pq.ParquetFile(f)
-                has_run_id = "run_id" in file.schema_arrow.names  # parts of early versions lack it
-                table = file.read(columns=KEY_COLUMNS + (["run_id"] if has_run_id else []))
-        except FileNotFoundError:
-            logger.warning("%s is listed in the output's log but gone; its inputs count as not done", uri)
-            continue
-        if runs and has_run_id:
-            table = table.filter(pc.is_in(table["run_id"], pa.array(runs, pa.string())))
+def done_rows(storage: Storage, committed: TableRows | None, with_errors: bool) -> Iterator[pa.Table]:
+    """The key columns of earlier runs' rows that count as done, a batch at a time: error rows too when
+    `with_errors`, but never a transient failure."""
+    if committed is None:
+        return
+    for batch in committed.batches(storage, KEY_COLUMNS):
+        rows = pa.Table.from_batches([batch])
         if not with_errors:
-            yield table.filter(table["error"].is_null())
+            yield rows.filter(rows["error"].is_null())
         else:
-            yield table.filter(pc.invert(pc.is_in(table["error_type"], pa.array(TRANSIENT_ERRORS))))
+            yield rows.filter(pc.invert(pc.is_in(rows["error_type"], pa.array(TRANSIENT_ERRORS))))
 
 
 def _read_chunks(storage: Storage, uris: list[str], fetch: int = 32) -> Iterator[pa.Table]:

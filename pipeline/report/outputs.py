@@ -7,15 +7,11 @@ import os
 from typing import Iterator
 
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline.io.storage import Storage, absolute, is_s3, join
 from pipeline.output.formats import OutputFormat
 from pipeline.output.staging import STAGING
 from pipeline.spec.errors import UserError
-
-BATCH_ROWS = 32_768
 
 
 def open_output_for_reading(storage: Storage, uri: str, catalog: dict[str, str] | None = None,
@@ -72,16 +68,7 @@ def find_run(table: OutputFormat, run_id: str | None, flag: str = "--run") -> di
 
 
 def run_rows(table: OutputFormat, run_id: str, columns: list[str]) -> Iterator[pa.Table]:
-    """The run's rows, `columns` only (those the files have), a batch at a time: memory stays bounded."""
-    for uri in table.data_files({run_id}):
-        fs, path = table.storage.fs(uri)
-        with fs.open(path, "rb") as f:
-            file = pq.ParquetFile(f)
-            names = file.schema_arrow.names
-            wanted = [c for c in dict.fromkeys(columns + ["run_id"]) if c in names]
-            for batch in file.iter_batches(batch_size=BATCH_ROWS, columns=wanted):
-                rows = pa.Table.from_batches([batch])
-                if "run_id" in names:
-                    rows = rows.filter(pc.equal(rows["run_id"], run_id))
-                if rows.num_rows:
-                    yield rows
+    """The run's rows as the format's readers see them (partition columns, other engines' deletes applied),
+    `columns` only (those the table has), a batch at a time: memory stays bounded."""
+    for batch in table.rows([run_id]).batches(table.storage, columns):
+        yield pa.Table.from_batches([batch])

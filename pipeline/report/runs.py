@@ -91,7 +91,7 @@ def print_next_run(table: OutputFormat, latest: dict, out: TextIO) -> None:
 
 def next_run(table: OutputFormat, latest: dict) -> NextRun:
     runs = sorted(r["run_id"] for r in table.live() if r.get("model_key") == latest.get("model_key"))
-    done = History(committed_files=table.data_files(set(runs)), committed_runs=runs).load(table.storage)
+    done = History(committed=table.rows(runs), committed_runs=runs).load(table.storage)
     seen = KeySet(np.concatenate([table_keys(t, "uri") for rid in runs
                                   for t in run_rows(table, rid, ["uri"])] or [np.array([], KEY_DTYPE)]))
     extensions = latest.get("extensions", InputConfig(uri=latest["input"]).extensions)

@@ -66,6 +66,7 @@ from pipeline.io.storage import Storage, absolute, is_s3
 from pipeline.output.delta.checks import DeltaChecks
 from pipeline.output.delta.commit import DeltaCommitter
 from pipeline.output.delta.log import DeltaFiles, DeltaHistory
+from pipeline.output.delta.rows import DeltaRows
 from pipeline.output.delta.table import APP_ID_PREFIX, RUN_DATE, DeltaLocation, app_id, delta_schema, storage_options
 from pipeline.output.formats import Commit, OutputFormat, Partitioning
 
@@ -108,6 +109,10 @@ class DeltaFormat(OutputFormat):
         """Absolute URIs of the current version's data files; with `run_ids`, those that may hold those runs'
         rows (by the log's run_id statistics: a compacted file that spans several runs is kept)."""
         return self._files.current(run_ids)
+
+    def rows(self, run_ids: list[str] | None = None) -> DeltaRows:
+        """The current version's rows (of `run_ids`), read by delta-rs: partition values, deletion vectors."""
+        return DeltaRows(self.uri, None if run_ids is None else tuple(run_ids))
 
     def describe(self, record: dict) -> str:
         files = record.get("files") or []

@@ -74,6 +74,7 @@ from pipeline.output.formats import Commit, OutputFormat
 from pipeline.output.iceberg.catalog import DEFAULT_NAMESPACE, FSSPEC_IO, RUN_DATE, TABLE_PROPERTIES, CatalogTable
 from pipeline.output.iceberg.checks import IcebergChecks, IcebergRecovery, schema_problem
 from pipeline.output.iceberg.commit import IcebergCommitter
+from pipeline.output.iceberg.rows import IcebergRows
 from pipeline.output.iceberg.snapshots import IcebergSnapshots
 
 __all__ = ["DEFAULT_NAMESPACE", "FSSPEC_IO", "RUN_DATE", "TABLE_PROPERTIES", "IcebergFormat", "schema_problem"]
@@ -89,6 +90,7 @@ class IcebergFormat(OutputFormat):
         super().__init__(storage, uri if is_s3(uri) else absolute(uri))
         self.uri = self.uri.rstrip("/")
         self.schema = schema
+        self._catalog_config = dict(catalog) if catalog else None
         self._catalog_table = CatalogTable(storage, self.uri, catalog, table)
         self._snapshots = IcebergSnapshots(self._catalog_table)
         self._checks = IcebergChecks(self._catalog_table, schema)
@@ -130,6 +132,11 @@ class IcebergFormat(OutputFormat):
         """Absolute URIs of the current snapshot's data files, all of them: a file compacted by another engine
         holds rows of several runs, so readers of the skip set filter rows by run_id instead."""
         return self._snapshots.data_files()
+
+    def rows(self, run_ids: list[str] | None = None) -> IcebergRows:
+        """The current snapshot's rows (of `run_ids`), read by pyiceberg's scan: its deletes applied."""
+        return IcebergRows(self.uri, self.identifier, self._catalog_config,
+                           None if run_ids is None else tuple(run_ids))
 
     def describe(self, record: dict) -> str:
         files = record.get("files")
