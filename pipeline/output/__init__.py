@@ -25,7 +25,8 @@ from pipeline.output.formats import Commit, OutputFormat, Partitioning
 from pipeline.output.history import History
 from pipeline.output.lease import OutputLease, check_conditional_writes
 from pipeline.output.privacy import Pseudonymizer
-from pipeline.output.runs import check_pseudonyms, interrupted, new_run_id, partition_column
+from pipeline.output.runs import (attempt_so_far, check_pseudonyms, interrupted, new_run_id, note_interrupted_attempt,
+                                  partition_column)
 from pipeline.output.sink import StagingSink
 from pipeline.output.staging import FORMAT, STAGING, RunInfo, RunStats, StagedRun, Staging, now_precise
 from pipeline.spec.config import JobConfig
@@ -126,10 +127,15 @@ class Output:
             run = StagedRun(self.lease.run_id, RunInfo(
                 run_id=self.lease.run_id, job_key=identity.job_key, model_key=identity.model_key, started_at=now,
                 input=self.cfg.input.uri, model=identity.model, weights=identity.weights,
-                pseudonyms=identity.pseudonyms))
+                pseudonyms=identity.pseudonyms, listing={
+                    "extensions": self.cfg.input.extensions,
+                    "skips_done": self.cfg.input.incremental and not self.cfg.output.overwrite}))
+        resumed = attempt_so_far(self.staging, run)  # before any chunk is rewritten below
         run.info.attempts.append(now)
         retried = self.staging.unstage_failed_inputs(run) if run.chunks else 0
         self.stats = self.staging.count(run)
+        if resumed is not None:
+            note_interrupted_attempt(run, resumed)
         self.staging.begin(run)
         if run.resumed_rows or retried:
             print(f"Resuming run {run.run_id}: {run.resumed_rows:,} rows were staged before it was interrupted"
@@ -209,6 +215,7 @@ def run_record(info: RunInfo, output_format: str, cfg: JobConfig, stats: RunStat
             "model": info.model, "weights": info.weights,
             "model_key": info.model_key, "job_key": info.job_key, "pseudonyms": info.pseudonyms,
             **stats.as_record(), "started_at": info.started_at, "attempts": info.attempts,
+            "interrupted_attempts": info.interrupted_attempts,
             "committed_at": now_precise(), **(progress or {})}
 
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 
 from pipeline.decode.image import column_name
-from pipeline.output.staging import StagedRun
+from pipeline.output.staging import StagedRun, Staging
 from pipeline.spec.config import JobConfig
 from pipeline.spec.errors import UserError
 from pipeline.spec.rows import output_schema
@@ -66,6 +66,29 @@ def interrupted(staged: dict[str, StagedRun], committed: list[dict], job: str) -
     fresh = [r for r in runs if (r.info.attempts or [""])[-1] > last_commit]
     resume = fresh[-1] if fresh else None
     return resume, [r for r in runs if r is not resume]
+
+
+def attempt_so_far(staging: Staging, run: StagedRun) -> dict | None:
+    """The attempt a resume takes over (None for a new run): its start, and how long it ran until its last staged
+    chunk (None if it staged none). Read before the resume rewrites any chunk (a rewrite moves its time)."""
+    if not run.info.attempts:
+        return None
+    started = run.info.attempts[-1]
+    since = datetime.fromisoformat(started)
+    chunks = set(run.chunks)
+    times = [o.last_modified for page in staging.storage.list_pages(staging.folder(run.run_id)) for o in page
+             if o.uri in chunks and o.last_modified is not None
+             and o.last_modified >= since.replace(microsecond=0)]  # S3 keeps whole seconds
+    elapsed = max((max(times) - since).total_seconds(), 0.0) if times else None
+    return {"started_at": started, "elapsed_s": round(elapsed, 3) if elapsed is not None else None}
+
+
+def note_interrupted_attempt(run: StagedRun, attempt: dict) -> None:
+    """Keeps what the resumed attempt did in the run's info (so in _run.json and the commit record): with its rows,
+    those staged now (`run.resumed_rows`, failed inputs about to be retried left out) that earlier interrupted
+    attempts had not staged."""
+    before = sum(a.get("rows") or 0 for a in run.info.interrupted_attempts)
+    run.info.interrupted_attempts.append({**attempt, "rows": max(run.resumed_rows - before, 0)})
 
 
 def check_pseudonyms(live: list[dict], cfg: JobConfig, key_id: str | None) -> None:

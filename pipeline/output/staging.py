@@ -46,6 +46,11 @@ class RunInfo:
     weights: str
     pseudonyms: str | None = None  # privacy: the key's id
     attempts: list[str] = field(default_factory=list)
+    # One per attempt a later one resumed: its started_at, rows it left staged, elapsed_s to its last chunk.
+    interrupted_attempts: list[dict] = field(default_factory=list)
+    # What its job lists and skips, for `pipeline runs` to count what a resume has left: {"extensions": [...] or
+    # None for every object, "skips_done": earlier runs of its model count as done}; None in older _run.json.
+    listing: dict | None = None
 
     @classmethod
     def from_json(cls, data: dict) -> "RunInfo":

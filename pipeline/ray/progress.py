@@ -276,25 +276,32 @@ def process_started_at() -> float:
 
 
 class ProgressSamples:
-    """(seconds, rows) as a run goes, for its record and the report's throughput chart: at most `limit`
-    samples, evenly spread over the run however long it is (when full, every other one is dropped and the
-    spacing doubles), so a night-long run's record stays small."""
+    """(seconds, rows) as a run goes, for its record and the report's chart of rows over time: in each slot of
+    `every_s` seconds, the latest observation (rows reach the driver a block at a time; each sample is when they
+    did), at most `limit` slots (when full, the slots double and each keeps its later sample), so a night-long
+    run's record stays small and its whole span, the end included, is covered alike."""
 
     def __init__(self, limit: int = 60, every_s: float = 1.0):
         self.limit = limit
         self.every_s = every_s
-        self.samples: list[list[float]] = [[0.0, 0]]
+        self.samples: list[list[float]] = []  # after the origin, (0, 0)
 
     def observe(self, seconds: float, rows: int) -> None:
-        if seconds - self.samples[-1][0] < self.every_s:
-            return
-        self.samples.append([round(seconds, 1), rows])
-        if len(self.samples) > self.limit:
-            self.samples = self.samples[::2]
+        point = [round(seconds, 1), rows]
+        if self.samples and self._slot(self.samples[-1][0]) == self._slot(point[0]):
+            self.samples[-1] = point
+        else:
+            self.samples.append(point)
+        while len(self.samples) > self.limit:
             self.every_s *= 2
+            self.samples = list({self._slot(p[0]): p for p in self.samples}.values())
+
+    def _slot(self, seconds: float) -> int:
+        return int(seconds // self.every_s)
 
     def record(self, seconds: float, rows: int) -> dict:
-        """What the run's record keeps: the samples (with the last row's time), elapsed and the mean rate."""
-        last = self.samples if self.samples[-1][1] == rows else self.samples + [[round(seconds, 1), rows]]
+        """What the run's record keeps: the samples from (0, 0) to the run's end, elapsed and the mean rate."""
+        end = [round(seconds, 1), rows]
+        kept = [s for s in self.samples if s[0] < end[0]]  # the end replaces a sample taken in its last 0.1 s
         return {"elapsed_s": round(seconds, 3), "images_per_s": round(rows / seconds, 2) if seconds > 0 else 0.0,
-                "progress": last}
+                "progress": [[0.0, 0], *kept, end]}

@@ -374,6 +374,8 @@ def print_summary(s: RunSummary, out: TextIO) -> None:
         + (f"; record in _commits/{s.run_id}.json)" if s.output_format == "parquet" else ")")
         if s.status == "completed" else
         f"  output      {s.output}  (nothing committed; rows so far are staged for the rerun)",
+        *([f"  metadata    {s.metadata_location}  (DuckDB: iceberg_scan('<it>', snapshot_from_id => "
+           f"{s.table_version}))"] if s.metadata_location and s.status == "completed" else []),
     ]
     if s.inputs == 0 and not s.resumed and not s.already_done:
         lines.append(f"  note: nothing to do under {s.input}; check the URI and input.extensions")

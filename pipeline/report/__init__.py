@@ -16,7 +16,6 @@ template with escaping on by default.
 
 from __future__ import annotations
 
-import posixpath
 from datetime import datetime, timezone
 
 from pipeline.output.formats import OutputFormat
@@ -59,6 +58,7 @@ def page(table: OutputFormat, record: dict, facts: RunFacts, changes: tuple[str,
         return [{"src": shown.get(s), "caption": s.caption, "name": _name(s), "missing": missing} for s in items]
 
     other = len(facts.labels) - LABEL_BARS
+    tries = attempts(record)
     return {
         "run": record, "task": facts.task + (" (DICOM)" if facts.dicom else ""), "output": table.uri,
         "output_format": table.name, "facts": run_facts(record, facts), "provenance": provenance(table, record),
@@ -76,7 +76,11 @@ def page(table: OutputFormat, record: dict, facts: RunFacts, changes: tuple[str,
         "sheet": [{"label": label, "count": f"{facts.labels[label]:,}" if label in facts.labels else "",
                    "thumbs": thumbs(facts.samples.items(label))} for label in sheet_labels],
         "sheet_note": sheet_note(facts, withheld, len(sheet_labels)),
-        "throughput_chart": charts.throughput(record.get("progress") or []),
+        "throughput_chart": charts.throughput(record.get("progress") or [], "rows written over the run" if
+                                              len(tries) == 1 else f"rows written by the last attempt ({len(tries)})"),
+        "attempts": [{**a, "rows": "–" if a["rows"] is None else f"{a['rows']:,}",
+                      "elapsed_s": "–" if a["elapsed_s"] is None else f"{a['elapsed_s']:,.1f} s"} for a in tries]
+        if len(tries) > 1 else None,
         "throughput_note": "This run recorded no progress samples (runs before this version, or too short).",
         "against": against_section(changes, thumbs) if changes else None,
         "generated_at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -99,9 +103,37 @@ def run_facts(record: dict, facts: RunFacts) -> list[tuple[str, str]]:
     if facts.task == "detection":
         shown += [("boxes", f"{sum(facts.labels.values()):,}"),
                   ("images with boxes", f"{facts.images_with_detections:,}")]
-    if record.get("elapsed_s") is not None:
+    tries = attempts(record)
+    if len(tries) > 1:
+        shown += [("attempts", f"{len(tries)}")]
+        if tries[-1]["rows"] is not None:
+            resumed = record.get("rows", facts.rows) - tries[-1]["rows"]
+            shown += [("rows resumed from interrupted attempts", f"{resumed:,}")]
+        timed = [a for a in tries if a["rows"] is not None and a["elapsed_s"]]
+        seconds = sum(a["elapsed_s"] for a in timed)
+        if seconds:
+            shown += [(f"elapsed, {len(timed)} attempts", f"{seconds:,.1f} s"),
+                      (f"images/s over {len(timed)} attempts", f"{sum(a['rows'] for a in timed) / seconds:,.1f}")]
+    elif record.get("elapsed_s") is not None:
         shown += [("elapsed", f"{record['elapsed_s']:,.1f} s"), ("images/s", f"{record.get('images_per_s', 0):,.1f}")]
     return shown
+
+
+def attempts(record: dict) -> list[dict]:
+    """Each attempt of the run, oldest first: its start, the rows it wrote (None where its record does not say),
+    seconds, images/s and how it ended. Earlier attempts were interrupted and resumed by the next one; a run
+    committed before attempts were recorded gives only their starts."""
+    starts = record.get("attempts") or [record.get("started_at")]
+    earlier = record.get("interrupted_attempts") or []
+    progress = record.get("progress") or []
+    last = {"started_at": starts[-1], "rows": progress[-1][1] if progress else None,
+            "elapsed_s": record.get("elapsed_s"), "ended": "committed"}
+    tries = [{"rows": None, "elapsed_s": None, **(earlier[i] if i < len(earlier) else {"started_at": start}),
+              "ended": "interrupted"} for i, start in enumerate(starts[:-1])] + [last]
+    for attempt in tries:
+        rate = attempt["rows"] / attempt["elapsed_s"] if attempt["rows"] is not None and attempt["elapsed_s"] else None
+        attempt["images_per_s"] = f"{rate:,.1f}" if rate is not None else "–"
+    return tries
 
 
 def provenance(table: OutputFormat, record: dict) -> list[tuple[str, str]]:
@@ -117,11 +149,11 @@ def provenance(table: OutputFormat, record: dict) -> list[tuple[str, str]]:
 
 def against_section(changes: tuple[str, Changes], thumbs) -> dict:
     run_id, c = changes
-    share = (lambda n: f"{n / c.compared:.1%}") if c.compared else (lambda n: "–")
-    facts = [("inputs in both runs", f"{c.compared:,}"), ("same label", share(c.same_top1)),
-             ("label changed", f"{sum(c.pairs.values()):,}")]
-    if c.has_topk:
-        facts.append(("new label in the old top-k", share(c.new_in_old_topk)))
+    changed = sum(c.pairs.values())
+    facts = [("inputs in both runs", f"{c.compared:,}"), ("same label", _share(c.same_top1, c.compared)),
+             ("label changed", f"{changed:,}")]
+    if c.has_topk:  # among the changed inputs only: an unchanged label is in the old top-k by definition
+        facts.append((f"of the {changed:,} changed, new label in the old top-k", _share(c.new_in_old_topk, changed)))
     facts += [("only in this run", f"{c.only_new:,}"), (f"only in {run_id}", f"{c.only_old:,}")]
     return {"run_id": run_id, "facts": facts,
             "pairs": [(old, new, f"{n:,}") for (old, new), n in c.top_pairs(CHANGE_PAIRS)],
@@ -129,6 +161,11 @@ def against_section(changes: tuple[str, Changes], thumbs) -> dict:
                       for (old, new), n in c.top_pairs(6)]}
 
 
+def _share(part: int, whole: int) -> str:
+    return f"{part / whole:.1%}" if whole else "–"
+
+
 def _name(sample: Sample) -> str:
-    name = posixpath.basename(sample.uri) if not sample.uri.startswith("hmac:") else sample.uri[:17] + "…"
-    return name + (f" · frame {sample.frame}" if sample.frame is not None else "")
+    """The input's whole URI (a pseudonymised row's token), and its DICOM frame: shown on hover and under the
+    thumbnail, where it wraps."""
+    return sample.uri + (f" · frame {sample.frame}" if sample.frame is not None else "")

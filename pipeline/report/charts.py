@@ -1,5 +1,8 @@
 """The report's charts, drawn by matplotlib as inline SVG: vector, no script, no network, text kept as text
-(searchable, and sized by the page's font). Each function takes plain counts and returns an <svg> string."""
+(searchable, and sized by the page's font). Each function takes plain counts and returns an <svg> string.
+
+Labels are data: matplotlib would read a label with two `$` in it as maths (`cost $5 to $10` drawn in italics,
+`$\\foo$` an error), so every Text the charts make is plain text (text.parse_math off, no TeX)."""
 
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ def _pyplot():
 
     matplotlib.use("Agg")
     matplotlib.rcParams.update({"svg.fonttype": "none", "font.size": 9, "axes.spines.top": False,
-                                "axes.spines.right": False, "svg.hashsalt": "pipeline"})
+                                "axes.spines.right": False, "svg.hashsalt": "pipeline",
+                                "text.parse_math": False, "text.usetex": False})
     import matplotlib.pyplot as plt
 
     return plt
@@ -68,23 +72,26 @@ def score_distributions(scores: dict[str, np.ndarray], labels: list[str]) -> str
     return _svg(figure)
 
 
-def throughput(samples: list[list[float]]) -> str | None:
-    """Images/s against seconds since the run's first row, from the run's recorded (seconds, rows) samples."""
+def throughput(samples: list[list[float]], title: str = "rows written over the run") -> str | None:
+    """Rows written against seconds since the run (or its last attempt) started, as recorded: the driver's count
+    at each (seconds, rows) sample, which climbs in steps as blocks of rows reach it, and the average rate as a
+    dashed line. Rates between two samples are not drawn: a block that arrives at once is not a burst of work."""
     if len(samples) < 2:
         return None
     plt = _pyplot()
     points = np.array(samples, dtype=np.float64)
     seconds, rows = points[:, 0], points[:, 1]
-    span = np.diff(seconds)
-    rates = np.divide(np.diff(rows), span, out=np.zeros_like(span), where=span > 0)
+    end = max(seconds[-1], 1e-9)
     figure, axes = plt.subplots(figsize=(WIDTH_IN, 2.4))
-    axes.stairs(rates, seconds, color=BAR_COLOUR, linewidth=1.5)  # each interval's rate across that interval
-    axes.axhline(rows[-1] / seconds[-1] if seconds[-1] > 0 else 0, color="#888", linestyle="--", linewidth=1,
-                 label="average")
+    axes.step(seconds, rows, where="post", color=BAR_COLOUR, linewidth=1.5, label="rows written")
+    axes.plot(seconds, rows, "o", color=BAR_COLOUR, markersize=2.5)
+    axes.plot([0, end], [0, rows[-1]], color="#888", linestyle="--", linewidth=1,
+              label=f"average: {rows[-1] / end:,.1f} images/s")
     axes.set_xlabel("seconds since the run started")
-    axes.set_ylabel("images/s")
+    axes.set_ylabel("rows")
     axes.set_ylim(bottom=0)
-    axes.set_xlim(0, seconds[-1])
-    axes.legend(frameon=False)
-    axes.set_title("throughput over the run", loc="left")
+    axes.set_xlim(0, end)
+    axes.yaxis.get_major_locator().set_params(integer=True)
+    axes.legend(frameon=False, loc="upper left")
+    axes.set_title(title, loc="left")
     return _svg(figure)

@@ -133,7 +133,7 @@ class Changes:
     """Inputs of both runs and how their label moved: (old label, new label) -> count."""
     compared: int = 0
     same_top1: int = 0
-    new_in_old_topk: int = 0  # the new label among the old run's top-k (classification)
+    new_in_old_topk: int = 0  # inputs whose label changed to one of the old run's top-k (classification)
     has_topk: bool = False
     pairs: Counter = field(default_factory=Counter)
     only_old: int = 0
@@ -172,10 +172,10 @@ def compare(old: Iterable[pa.Table], new: Iterable[pa.Table]) -> Changes:
         (old_label, old_topk), label = earlier, row_label(row)
         changes.compared += 1
         changes.has_topk = changes.has_topk or bool(old_topk)
-        changes.new_in_old_topk += label in old_topk
         if label == old_label:
             changes.same_top1 += 1
             continue
+        changes.new_in_old_topk += label in old_topk
         changes.pairs[(old_label, label)] += 1
         changes.samples.offer(f"{old_label} → {label}", key,
                               Sample(row["uri"], row.get("frame"), f"{old_label} → {label}", _size(row)))

@@ -13,54 +13,94 @@ from pipeline.io.storage import extension
 from pipeline.output.formats import OutputFormat
 from pipeline.output.history import KEY_DTYPE, History, KeySet, object_keys, table_keys
 from pipeline.output.lease import lease_status
-from pipeline.output.staging import Staging
+from pipeline.output.runs import interrupted
+from pipeline.output.staging import StagedRun, Staging
 from pipeline.report.outputs import run_rows
 from pipeline.spec.config import InputConfig
 
 COLUMNS = [("run id", 25), ("committed (UTC)", 19), ("mode", 9), ("model", 20), ("weights", 18),
            ("rows", 9), ("errors", 7), ("fmt", 3)]
+# A table's runs are versions a reader can travel to: the column that names each one, and the record key holding it.
+VERSION_COLUMN = {"delta": (("version", 7), "version"), "iceberg": (("snapshot id", 19), "snapshot_id")}
 
 
 def print_runs(table: OutputFormat, out: TextIO, next_run: bool = True) -> None:
     committed, live = table.committed(), {r["run_id"] for r in table.live()}
     print(f"Output {table.uri} ({table.name}): {len(committed)} committed run(s)", file=out)
     if committed:
-        print("  " + "  ".join(name.ljust(width) for name, width in COLUMNS), file=out)
+        columns = COLUMNS + ([VERSION_COLUMN[table.name][0]] if table.name in VERSION_COLUMN else [])
+        print("  " + "  ".join(name.ljust(width) for name, width in columns).rstrip(), file=out)
         for record in committed:
-            print("  " + run_line(record, record["run_id"] in live), file=out)
-    print_staged(table, out)
-    if next_run and committed:
-        print_next_run(table, table.live()[-1] if table.live() else committed[-1], out)
+            print("  " + run_line(record, record["run_id"] in live, table.name), file=out)
+        print_time_travel(table, committed, out)
+    resuming = print_staged(table, out)
+    if not next_run:
+        return
+    if resuming is not None:
+        print_resume(table, resuming, out)
+    latest = (table.live() or committed or [None])[-1]
+    if latest is not None and (resuming is None or resuming.info.job_key != latest.get("job_key")):
+        print_next_run(table, latest, out)
 
 
-def run_line(record: dict, live: bool) -> str:
+def run_line(record: dict, live: bool, output_format: str = "parquet") -> str:
     values = [record["run_id"], str(record.get("committed_at", ""))[:19].replace("T", " "),
               record.get("mode", "append") + ("" if live else "*"), _short(str(record.get("model", "?")), 20),
               _short(str(record.get("weights", "?")), 18), f"{record.get('rows', 0):,}",
               f"{record.get('errors', 0):,}", str(record.get("format", 1))]
-    return "  ".join(v.ljust(width) for v, (_, width) in zip(values, COLUMNS)).rstrip() + (
+    columns = list(COLUMNS)
+    if output_format in VERSION_COLUMN:
+        column, key = VERSION_COLUMN[output_format]
+        columns.append(column)
+        values.append(str(record.get(key, "?")))
+    return "  ".join(v.ljust(width) for v, (_, width) in zip(values, columns)).rstrip() + (
         "" if live else "   (* replaced by a later overwrite)")
+
+
+def print_time_travel(table: OutputFormat, committed: list[dict], out: TextIO) -> None:
+    """How a reader opens a run's version: the README's time-travel SQL needs the version or snapshot id and,
+    for Iceberg, the current metadata file (its history holds every snapshot listed)."""
+    last = committed[-1]
+    if table.name == "delta":
+        print(f"  time travel: delta_scan('{table.uri}', version => {last.get('version')}) reads the table as that "
+              "run left it (any version above)", file=out)
+    elif table.name == "iceberg":
+        location = getattr(table, "metadata_location", None)
+        print(f"  metadata file: {location}", file=out)
+        print(f"  time travel: iceberg_scan('<metadata file>', snapshot_from_id => {last.get('snapshot_id')}) reads "
+              "the table as that run left it (any snapshot above)", file=out)
 
 
 def _short(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def print_staged(table: OutputFormat, out: TextIO) -> None:
+def print_staged(table: OutputFormat, out: TextIO) -> StagedRun | None:
+    """The runs in progress or interrupted; returns the one the next run of its job resumes, when nothing runs
+    now and no run has committed since it last ran (else its job drops it and redoes its inputs)."""
     staging = Staging(table.storage, table.uri)
-    runs = [r for r in staging.scan().values() if r.info is not None]
+    staged = {r.run_id: r for r in staging.scan().values() if r.info is not None}
     lease = lease_status(table.storage, table.uri)
-    if not runs:
+    if not staged:
         print(f"In progress: nothing staged; lease {lease}", file=out)
-        return
-    for run in runs:
+        return None
+    for run in staged.values():
         stats = staging.count(run)
         attempts = len(run.info.attempts)
         print(f"In progress or interrupted: run {run.run_id} (started {run.info.started_at[:19]}, {attempts} "
-              f"attempt(s)): {stats.rows:,} rows staged in {len(run.chunks)} chunk(s), {stats.errors:,} of them "
-              f"errors; lease {lease}", file=out)
-    if lease == "free" or lease.startswith("expired"):
-        print("  nothing runs now: rerunning the same job resumes after the staged rows", file=out)
+              f"attempt(s)): {stats.rows:,} rows of {run.resumed_inputs:,} inputs staged in {len(run.chunks)} "
+              f"chunk(s), {stats.errors:,} of them errors; lease {lease}", file=out)
+    if not (lease == "free" or lease.startswith("expired")):
+        return None
+    committed = table.committed()
+    latest = max(staged.values(), key=lambda r: (r.info.attempts or [""])[-1])
+    resume, _ = interrupted(staged, committed, latest.info.job_key)
+    if resume is None:
+        print(f"  nothing runs now: runs have committed since run {latest.run_id} was interrupted, so rerunning its "
+              "job drops its staged rows and redoes those inputs", file=out)
+        return None
+    print(f"  nothing runs now: rerunning the job of run {resume.run_id} resumes after the staged rows", file=out)
+    return resume
 
 
 @dataclass
@@ -68,7 +108,34 @@ class NextRun:
     new: int = 0
     changed: int = 0
     unchanged: int = 0
+    staged: int = 0  # resuming: inputs the interrupted attempts staged, not redone
     other_extension: int = 0
+
+    @property
+    def pending(self) -> int:
+        return self.new + self.changed
+
+
+def print_resume(table: OutputFormat, run: StagedRun, out: TextIO) -> None:
+    """What resuming the interrupted run would do: its inputs not staged yet (nor done by earlier runs of its model,
+    for an incremental job) are pending; the staged ones are not redone."""
+    info = run.info
+    if info.pseudonyms:
+        print("Resuming it: not estimated: the output is pseudonymised (its rows hold tokens, not paths)", file=out)
+        return
+    listing = info.listing or {}
+    try:
+        plan = next_run(table, info.input, info.model_key, listing.get("extensions", InputConfig(uri=info.input)
+                                                                         .extensions),
+                        skips_done=listing.get("skips_done", True), staged=run.chunks)
+    except Exception as exc:  # noqa: BLE001 - an input gone or denied since: say so, the history stands
+        print(f"Resuming it: cannot list {info.input} ({type(exc).__name__}: {str(exc)[:200]}); check the "
+              "input and credentials, or pass --no-listing", file=out)
+        return
+    print(f"Resuming run {run.run_id} of {info.input} (model {info.model}): {plan.pending:,} inputs pending "
+          f"({plan.new:,} new, {plan.changed:,} changed or to retry), {plan.staged:,} staged and not redone, "
+          f"{plan.unchanged:,} unchanged and skipped"
+          + (f"; {plan.other_extension:,} other files not listed" if plan.other_extension else ""), file=out)
 
 
 def print_next_run(table: OutputFormat, latest: dict, out: TextIO) -> None:
@@ -79,7 +146,8 @@ def print_next_run(table: OutputFormat, latest: dict, out: TextIO) -> None:
               "be compared with under the job's key (the job's own summary says what it skipped)", file=out)
         return
     try:
-        plan = next_run(table, latest)
+        plan = next_run(table, latest["input"], latest.get("model_key"),
+                        latest.get("extensions", InputConfig(uri=latest["input"]).extensions))
     except Exception as exc:  # noqa: BLE001 - an input gone or denied since: say so, the history stands
         print(f"Next run: cannot list {latest['input']} ({type(exc).__name__}: {str(exc)[:200]}); check the "
               "input and credentials, or pass --no-listing", file=out)
@@ -89,13 +157,16 @@ def print_next_run(table: OutputFormat, latest: dict, out: TextIO) -> None:
           + (f"; {plan.other_extension:,} other files not listed" if plan.other_extension else ""), file=out)
 
 
-def next_run(table: OutputFormat, latest: dict) -> NextRun:
-    runs = sorted(r["run_id"] for r in table.live() if r.get("model_key") == latest.get("model_key"))
-    done = History(committed=table.rows(runs), committed_runs=runs).load(table.storage)
+def next_run(table: OutputFormat, source: str, model_key: str | None, extensions: list[str] | None,
+             skips_done: bool = True, staged: list[str] | None = None) -> NextRun:
+    """Lists `source` as a run of that job would: inputs done by the live runs of `model_key` are unchanged (when
+    the job skips them), those in `staged` chunks are resumed, the rest are new or changed (a row of them exists)."""
+    runs = sorted(r["run_id"] for r in table.live() if r.get("model_key") == model_key)
+    done = History(committed=table.rows(runs) if runs and skips_done else None,
+                   committed_runs=runs).load(table.storage)
+    resumed = History(staged_files=staged or []).load(table.storage)
     seen = KeySet(np.concatenate([table_keys(t, "uri") for rid in runs
                                   for t in run_rows(table, rid, ["uri"])] or [np.array([], KEY_DTYPE)]))
-    extensions = latest.get("extensions", InputConfig(uri=latest["input"]).extensions)
-    source = latest["input"]
     pages = read_manifest(source, table.storage) if is_manifest(source) else table.storage.list_pages(source)
     plan = NextRun()
     own = table.uri.rstrip("/") + "/"
@@ -105,8 +176,10 @@ def next_run(table: OutputFormat, latest: dict) -> NextRun:
         plan.other_extension += len(listed) - len(wanted)
         todo = done.todo(wanted)
         plan.unchanged += len(wanted) - len(todo)
-        if todo:
-            known = seen.contains(np.array([object_keys(o)[0] for o in todo], dtype=KEY_DTYPE))
+        pending = resumed.todo(todo)
+        plan.staged += len(todo) - len(pending)
+        if pending:
+            known = seen.contains(np.array([object_keys(o)[0] for o in pending], dtype=KEY_DTYPE))
             plan.changed += int(known.sum())
             plan.new += int((~known).sum())
     return plan
