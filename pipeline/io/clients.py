@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 
 import fsspec
 
@@ -70,8 +70,8 @@ class StoreClients:
     def s3fs(self) -> fsspec.AbstractFileSystem:
         # retries=1 turns off s3fs's own retry loops (two nested, of 5 each, around botocore's): one bounded
         # loop, botocore's, decides how long a failing request may take.
-        fs = fsspec.filesystem("s3", endpoint_url=self.endpoint_url, client_kwargs={"region_name": self.region},
-                               config_kwargs=self._retry_config)
+        fs = literal_key_s3fs()(endpoint_url=self.endpoint_url, client_kwargs={"region_name": self.region},
+                                config_kwargs=self._retry_config)
         fs.retries = 1
         return fs
 
@@ -83,3 +83,24 @@ class StoreClients:
         if is_s3(uri):
             return self.s3fs, uri.removeprefix("s3://")
         return self.localfs, absolute(uri)
+
+
+@cache
+def literal_key_s3fs() -> type:
+    """s3fs, taking every key as written.
+
+    s3fs reads `key?versionId=v` as version v of `key` (even with version_aware off, it cuts the key there), so
+    an object whose key holds that text would read as "not found". Our URIs name keys, never versions.
+    """
+    from s3fs import S3FileSystem
+
+    class LiteralKeyS3FileSystem(S3FileSystem):
+        def split_path(self, path) -> tuple[str, str, None]:
+            trail = path[len(path.rstrip("/")):]
+            path = self._strip_protocol(path).lstrip("/")
+            if "/" not in path:
+                return path, "", None
+            bucket, key = self._find_bucket_key(path)
+            return bucket, key + trail, None
+
+    return LiteralKeyS3FileSystem

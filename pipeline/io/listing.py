@@ -16,8 +16,9 @@ from pipeline.io.manifest import is_manifest, read_manifest
 from pipeline.io.storage import ObjectInfo, Storage, extension
 from pipeline.spec.rows import SOURCE_SCHEMA
 
-# (to do, skipped for their extension, skipped as done by an earlier run) for each page
-PageCounts = Callable[[int, int, int], None]
+# (to do, skipped for their extension, skipped as done by an earlier run, a manifest's repeated entries dropped)
+# for each page
+PageCounts = Callable[[int, int, int, int], None]
 
 
 class Done(Protocol):
@@ -51,14 +52,19 @@ class InputListing:
             wanted = [o for o in candidates if self._has_wanted_extension(o)]
             todo = done.todo(wanted) if done is not None else wanted
             if counted is not None:
-                counted(len(todo), len(candidates) - len(wanted), len(wanted) - len(todo))
+                counted(len(todo), len(candidates) - len(wanted), len(wanted) - len(todo), self._repeats)
+            self._repeats = 0
             if todo:
                 yield to_block(todo)
 
     def pages(self) -> Iterator[list[ObjectInfo]]:
+        self._repeats = 0  # a manifest's entries dropped since the last page as repeats of an earlier one
         if is_manifest(self.uri):
-            return read_manifest(self.uri, self.storage, quote=self.quotes_paths)
+            return read_manifest(self.uri, self.storage, quote=self.quotes_paths, duplicates=self._count_repeats)
         return self.storage.list_pages(self.uri, quote_paths=self.quotes_paths)
+
+    def _count_repeats(self, n: int) -> None:
+        self._repeats += n
 
     @property
     def quotes_paths(self) -> bool:

@@ -6,7 +6,12 @@ leniently: timestamps of any unit (nanoseconds truncated to microseconds), naive
 text with or without `T`, `Z` or an offset; sizes of any integer or float type or as text; an etag of any type
 as text; blank cells as null. A value that still cannot be read is a `BadValue`: preflight refuses the job on
 the first batch's (`check_first_batch`); later in the listing it becomes null and a warning, since one cell
-must not kill a job hours into its manifest.
+must not kill a job hours into its manifest. A CSV line with the wrong number of fields (an unquoted comma) is
+skipped wherever it is, with a warning that counts such lines.
+
+Entries are normalised (a relative entry joined to the manifest's folder, `./` and `a/../` resolved in local
+paths, `file://` dropped; S3 keys kept as written, since `./` is part of a key); `InputListing` then keeps the
+first entry of each input (`pipeline.io.distinct`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from pipeline.io.distinct import SeenKeys
 from pipeline.io.storage import ObjectInfo, Storage, is_s3
 from pipeline.spec.rows import SOURCE_SCHEMA
 
@@ -63,23 +69,32 @@ class BadManifest(Exception):
         self.bad = bad
 
 
-def read_manifest(uri: str, storage: Storage, quote: bool = True) -> Iterator[list[ObjectInfo]]:
-    """The manifest's entries, a record batch at a time. Relative entries are relative to the manifest's folder.
+def read_manifest(uri: str, storage: Storage, quote: bool = True,
+                  duplicates: Callable[[int], None] | None = None) -> Iterator[list[ObjectInfo]]:
+    """The manifest's entries, a record batch at a time, each input once (its first entry); `duplicates` is told
+    how many entries each batch dropped as repeats. Relative entries are relative to the manifest's folder.
     `quote=False`: a log line never quotes a manifest line (it may hold a path the job pseudonymises)."""
     base = posixpath.dirname(uri)
     row = 1
-    for raw in raw_batches(uri, storage, quote):
+    skipped = SkippedLines(uri, quote)
+    seen = SeenKeys()
+    for raw in raw_batches(uri, storage, skipped):
         batch, bad = cast_batch(raw)
         if bad:
             logger.warning("manifest %s: %d value(s) unreadable, kept as null; the first: %s", uri, len(bad),
                            _offset(bad[0], row).describe())
         row += raw.num_rows
-        yield entries(batch, base)
+        listed = entries(batch, base)
+        first = [o for o, new in zip(listed, seen.first_seen([o.uri for o in listed])) if new]
+        if duplicates is not None:
+            duplicates(len(listed) - len(first))
+        yield first
+    skipped.report()
 
 
 def check_first_batch(uri: str, storage: Storage) -> None:
     """Raise BadManifest for the first unreadable value of the manifest's first batch."""
-    for raw in raw_batches(uri, storage):
+    for raw in raw_batches(uri, storage, SkippedLines(uri, quote=False, quiet=True)):
         _, bad = cast_batch(raw)
         if bad:
             raise BadManifest(_offset(bad[0], 1))
@@ -92,17 +107,18 @@ def manifest_columns(uri: str, storage: Storage) -> list[str]:
     with fs.open(path, "rb") as f:
         if uri.lower().endswith(".parquet"):
             return pq.ParquetFile(f).schema_arrow.names
-        return pacsv.open_csv(f).schema.names
+        skip = SkippedLines(uri, quote=False, quiet=True)  # a bad line in the first block is the listing's to tell
+        return pacsv.open_csv(f, parse_options=pacsv.ParseOptions(invalid_row_handler=skip)).schema.names
 
 
-def raw_batches(uri: str, storage: Storage, quote: bool = True) -> Iterator[pa.RecordBatch]:
+def raw_batches(uri: str, storage: Storage, skipped: "SkippedLines | None" = None) -> Iterator[pa.RecordBatch]:
     """The manifest's own columns of interest as stored (CSV: all text), before any cast."""
     fs, path = storage.fs(uri)
     with fs.open(path, "rb") as f:
         if uri.lower().endswith(".parquet"):
             yield from _parquet_batches(f)
         else:
-            yield from _csv_batches(f, quote)
+            yield from _csv_batches(f, skipped or SkippedLines(uri))
 
 
 def _parquet_batches(f) -> Iterator[pa.RecordBatch]:
@@ -112,24 +128,38 @@ def _parquet_batches(f) -> Iterator[pa.RecordBatch]:
     yield from parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns)
 
 
-def _csv_batches(f, quote: bool = True) -> Iterator[pa.RecordBatch]:
+def _csv_batches(f, skipped: "SkippedLines") -> Iterator[pa.RecordBatch]:
     # Every column as text: type inference from the first block would fail on a later block that differs.
     convert = pacsv.ConvertOptions(include_columns=SOURCE_SCHEMA.names, include_missing_columns=True,
                                    column_types={name: pa.string() for name in SOURCE_SCHEMA.names},
                                    strings_can_be_null=True)
-    # A row with the wrong number of fields is skipped, not fatal; its line is logged.
-    parse = pacsv.ParseOptions(invalid_row_handler=_skip_bad_row if quote else _skip_bad_row_unquoted)
+    parse = pacsv.ParseOptions(invalid_row_handler=skipped)
     yield from pacsv.open_csv(f, convert_options=convert, parse_options=parse)
 
 
-def _skip_bad_row(row) -> str:
-    logger.warning("manifest line %s skipped: %s (quote values that contain commas)", row.number, row.text)
-    return "skip"
+class SkippedLines:
+    """pyarrow's handler of a CSV line with the wrong number of fields: skipped, wherever it is in the file.
 
+    The first few are logged by line number (and text, unless `quote` is off: a line may hold a path the job
+    pseudonymises); `report()` logs how many there were in all."""
+    SHOWN = 5
 
-def _skip_bad_row_unquoted(row) -> str:
-    logger.warning("manifest line %s skipped (quote values that contain commas)", row.number)
-    return "skip"
+    def __init__(self, uri: str, quote: bool = True, quiet: bool = False):
+        self.uri, self.quote, self.quiet = uri, quote, quiet
+        self.count = 0
+
+    def __call__(self, row) -> str:
+        self.count += 1
+        if not self.quiet and self.count <= self.SHOWN:
+            shown = f": {row.text}" if self.quote else ""
+            logger.warning("manifest line %s skipped, it has the wrong number of fields%s (quote values that "
+                           "contain commas)", row.number, shown)
+        return "skip"
+
+    def report(self) -> None:
+        if self.count and not self.quiet:
+            logger.warning("manifest %s: %d line(s) skipped in all, each with the wrong number of fields (quote "
+                           "values that contain commas)", self.uri if self.quote else "<input manifest>", self.count)
 
 
 def cast_batch(raw: pa.RecordBatch) -> tuple[pa.RecordBatch, list[BadValue]]:
@@ -282,10 +312,12 @@ _CASTS: dict[str, Cast] = {"uri": _cast_uri, "size": _cast_size, "etag": _cast_e
 
 
 def _resolve(entry: str, base: str) -> str:
-    if is_s3(entry) or entry.startswith("/"):
+    """An entry as one spelling of its input: S3 keys as written, local paths absolute and normalised."""
+    if is_s3(entry):
         return entry
-    if entry.startswith("file://"):
-        return entry.removeprefix("file://")
+    entry = entry.removeprefix("file://")
+    if entry.startswith("/"):
+        return posixpath.normpath(entry)
     if is_s3(base):
         return f"{base}/{posixpath.normpath(entry)}"
     return posixpath.normpath(posixpath.join(base, entry))

@@ -71,13 +71,14 @@ class Storage(StoreClients):
         return fs.exists(path)
 
     # --- writing --------------------------------------------------------------------------------------
-    def write_atomic(self, uri: str, write, if_absent: bool = False) -> None:
-        """Call write(file) so that readers see the whole file at `uri` or nothing.
+    def write_atomic(self, uri: str, write, if_absent: bool = False, if_match: str | None = None) -> str:
+        """Call write(file) so that readers see the whole file at `uri` or nothing; returns its ETag (`stat`).
 
         On S3 an object only appears when its upload completes, so we write in place. Locally we write a
         dot-prefixed temporary name, which dataset readers and `*.parquet` globs skip, then rename it.
-        `if_absent`: create it only if nothing is there yet (S3's If-None-Match: *, a local hard link), else
-        raise FileExistsError.
+        `if_absent`: only if nothing is there yet (S3's If-None-Match: *, a local hard link); `if_match`: only if
+        its ETag is still that one (S3's If-Match; locally a check, then a rename: the output's flock keeps other
+        writers out). A condition that does not hold raises FileExistsError; conditional_writes: false drops both.
         """
         fs, path = self.fs(uri)
         if is_s3(uri):
@@ -86,16 +87,19 @@ class Storage(StoreClients):
             buffer = io.BytesIO()
             write(buffer)
             bucket, key = split_s3(uri)
-            condition = {"IfNoneMatch": "*"} if if_absent and self.conditional_writes else {}
+            condition = _s3_condition(if_absent, if_match) if self.conditional_writes else {}
             try:
-                self.s3_client.put_object(Bucket=bucket, Key=key, Body=buffer.getvalue(), **condition)
+                reply = self.s3_client.put_object(Bucket=bucket, Key=key, Body=buffer.getvalue(), **condition)
             except Exception as exc:
-                if condition and precondition_failed(exc):
-                    raise FileExistsError(f"{uri} already exists") from None
+                if condition and (precondition_failed(exc) or error_code(exc) in ("NoSuchKey", "404")):
+                    raise FileExistsError(f"{uri} changed meanwhile") from None
                 raise
             fs.invalidate_cache(path)
-            return
-        write_local_atomic(fs, path, write, if_absent)
+            return reply["ETag"]
+        if if_match is not None and self.conditional_writes and _local_etag_or_none(path) != if_match:
+            raise FileExistsError(f"{uri} changed meanwhile")
+        write_local_atomic(fs, path, write, if_absent and self.conditional_writes)
+        return local_etag(path)
 
     def write_bytes(self, uri: str, data: bytes) -> None:
         self.write_atomic(uri, lambda f: f.write(data))
@@ -157,6 +161,60 @@ def write_local_atomic(fs: fsspec.AbstractFileSystem, path: str, write, if_absen
     finally:
         if fs.exists(tmp):
             fs.rm(tmp)
+
+
+def stat(storage: Storage, uri: str) -> tuple[str, int] | None:
+    """(ETag, size) of the object or file at `uri`, or None if there is none."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        try:
+            reply = storage.s3_client.head_object(Bucket=bucket, Key=key)
+        except Exception as exc:
+            if error_code(exc) in ("NoSuchKey", "404", "NotFound"):
+                return None
+            raise
+        return reply["ETag"], reply["ContentLength"]
+    path = absolute(uri)
+    etag = _local_etag_or_none(path)
+    return (etag, os.path.getsize(path)) if etag is not None else None
+
+
+def read_versioned(storage: Storage, uri: str) -> tuple[bytes, str] | None:
+    """The bytes at `uri` and the ETag they had (for a write `if_match` it), or None if there is none."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        try:
+            reply = storage.s3_client.get_object(Bucket=bucket, Key=key)
+        except Exception as exc:
+            if error_code(exc) in ("NoSuchKey", "404"):
+                return None
+            raise
+        return reply["Body"].read(), reply["ETag"]
+    path = absolute(uri)
+    try:
+        etag = local_etag(path)
+        return storage.localfs.cat_file(path), etag
+    except FileNotFoundError:
+        return None
+
+
+def local_etag(path: str) -> str:
+    """A local file's stand-in for an ETag: it changes whenever the file is replaced (a new inode) or rewritten."""
+    st = os.stat(path)
+    return f"{st.st_ino}-{st.st_mtime_ns}-{st.st_size}"
+
+
+def _local_etag_or_none(path: str) -> str | None:
+    try:
+        return local_etag(path)
+    except FileNotFoundError:
+        return None
+
+
+def _s3_condition(if_absent: bool, if_match: str | None) -> dict:
+    if if_match is not None:
+        return {"IfMatch": if_match}
+    return {"IfNoneMatch": "*"} if if_absent else {}
 
 
 def error_code(exc: BaseException) -> str:

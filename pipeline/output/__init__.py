@@ -56,7 +56,7 @@ def make_format(cfg: JobConfig, storage: Storage, schema: pa.Schema) -> OutputFo
         return IcebergFormat(storage, out.uri, out.catalog, out.table, schema=schema)
     from pipeline.output.folder import ParquetFolder
 
-    return ParquetFolder(storage, out.uri)
+    return ParquetFolder(storage, out.uri, schema=schema)
 
 
 @contextmanager

@@ -1,9 +1,10 @@
 """The plain Parquet folder (output.format: parquet), and what it can honestly promise.
 
     <output>/
-      [run_date=YYYY-MM-DD/ or <column>=<value>/]part-<run_id>-<n>.parquet   committed rows
+      [run_date=YYYY-MM-DD/ or <column>=<value>/]part-<run_id>-<attempt>-<n>.parquet   committed rows
       _commits/<run_id>.json                            one commit record per committed run: the strict
-                                                        reader's list of a run's files
+                                                        reader's list of a run's files (or, while a run
+                                                        publishes, its claim: see publish.py)
 
 Each part file appears whole (a local rename, one S3 PUT); a run's files appear over its publish window,
 not at one instant; a publish killed midway is completed or rolled back by the next run. A glob reader
@@ -11,61 +12,90 @@ not at one instant; a publish killed midway is completed or rolled back by the n
 run after a killed publish; a strict reader takes the file lists of `_commits/`. Readers that need a run to
 appear at once use output.format delta or iceberg.
 
-Publishing compacts the staged chunks, in order, into parts with deterministic names, then writes the
-commit record (created only if absent), then deletes what an overwrite replaced. The lease is checked
-before each of those writes, so a driver that lost it publishes nothing more.
+Publishing (publish.py) claims the run's record key, retires what the run's earlier attempts sent (each of
+their parts becomes an empty part), compacts the staged chunks, in order, into announced parts created only
+if absent, then writes the commit record over the claim, then deletes what an overwrite replaced. The lease
+is checked before each of those writes, and nothing a driver sent before it lost the lease can land on a name
+that counts afterwards (docs/commit-protocol.md, "A request that arrives late").
 """
 
 from __future__ import annotations
 
-import json
 import re
+from dataclasses import dataclass, field
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 import pipeline.output.failpoints as failpoints
 from pipeline.io.storage import Storage, join
 from pipeline.output.formats import Commit, OutputFormat
 from pipeline.output.hive import split_by_partition
-from pipeline.output.rows import FolderRows
+from pipeline.output.publish import COMMITS, PUBLISH, Publication, is_open
 from pipeline.output.staging import FORMAT, STAGING, read_record
-from pipeline.spec.errors import JobFailed, UserError
+from pipeline.spec.errors import UserError
+from pipeline.spec.rows import OUTPUT_SCHEMA
 
-COMMITS = "_commits"
-_PART_RE = re.compile(r"(?:^|/)part-(?P<run_id>\d{8}T\d{6}Z-[0-9a-f]{8})-\d+\.parquet$")
+# part-<run_id>-<n>.parquet (before parts were named per attempt) or part-<run_id>-<attempt>-<n>.parquet
+_PART_RE = re.compile(r"(?:^|/)part-(?P<run_id>\d{8}T\d{6}Z-[0-9a-f]{8})-(?:[0-9a-f]{8}-)?\d+\.parquet$")
+
+
+@dataclass
+class FolderListing:
+    commits: dict[str, dict] = field(default_factory=dict)  # committed runs' records, by run id
+    claims: dict[str, dict] = field(default_factory=dict)  # open markers (publish.py) of runs not committed
+    parquet: list[str] = field(default_factory=list)  # every *.parquet file
+    staged: set[str] = field(default_factory=set)  # run ids with something under _staging/
+    announced: set[str] = field(default_factory=set)  # run ids with announced parts (_staging/<run>/publish/)
+
+    def fenced(self, root: str) -> set[str]:
+        """URIs of every retired part: empty, and kept for good (a late request would land there otherwise)."""
+        return {join(root, p) for r in [*self.commits.values(), *self.claims.values()] for p in r.get("fenced", [])}
+
+    def parts_of(self, run_id: str) -> list[str]:
+        return [uri for uri in self.parquet if (m := _PART_RE.search(uri)) and m["run_id"] == run_id]
+
+
+def list_folder(storage: Storage, root: str) -> FolderListing:
+    listing = FolderListing()
+    prefix = root.rstrip("/") + "/"
+    for page in storage.list_pages(root):
+        for obj in page:
+            rel = obj.uri.removeprefix(prefix)
+            if rel.startswith(COMMITS + "/") and rel.endswith(".json"):
+                record = read_record(storage, obj.uri, ("run_id",))
+                if is_open(record):
+                    listing.claims[record["run_id"]] = record
+                else:
+                    listing.commits[record["run_id"]] = read_record(storage, obj.uri, ("run_id", "committed_at", "files"))
+            elif rel.startswith(STAGING + "/"):
+                parts = rel.split("/")
+                listing.staged.add(parts[1])
+                if len(parts) == 4 and parts[2] == PUBLISH:
+                    listing.announced.add(parts[1])
+            elif rel.endswith(".parquet"):
+                listing.parquet.append(obj.uri)
+    for run_id in listing.commits:
+        listing.claims.pop(run_id, None)
+    return listing
 
 
 class ParquetFolder(OutputFormat):
     name = "parquet"
 
-    def __init__(self, storage: Storage, uri: str):
+    def __init__(self, storage: Storage, uri: str, schema: pa.Schema | None = None):
         super().__init__(storage, uri)
-        self._scanned: tuple[dict[str, dict], list[str], set[str]] | None = None
+        self.schema = schema or OUTPUT_SCHEMA  # of the rows: an empty part (a retired one) has its columns
+        self._scanned: FolderListing | None = None
 
     # --- reading the folder ----------------------------------------------------------------------------
-    def scan(self) -> tuple[dict[str, dict], list[str], set[str]]:
-        """(commit records by run id, every *.parquet file, run ids with a staging folder), listed once."""
+    def scan(self) -> FolderListing:
+        """Commit records, claims, every *.parquet file and the runs with a staging folder, listed once."""
         if self._scanned is None:
-            commits: dict[str, dict] = {}
-            parquet: list[str] = []
-            staged: set[str] = set()
-            prefix = self.uri.rstrip("/") + "/"
-            for page in self.storage.list_pages(self.uri):
-                for obj in page:
-                    rel = obj.uri.removeprefix(prefix)
-                    if rel.startswith(COMMITS + "/") and rel.endswith(".json"):
-                        record = read_record(self.storage, obj.uri, ("run_id", "committed_at", "files"))
-                        commits[record["run_id"]] = record
-                    elif rel.startswith(STAGING + "/"):
-                        staged.add(rel.split("/")[1])
-                    elif rel.endswith(".parquet"):
-                        parquet.append(obj.uri)
-            self._scanned = commits, parquet, staged
+            self._scanned = list_folder(self.storage, self.uri)
         return self._scanned
 
     def committed(self) -> list[dict]:
-        return sorted(self.scan()[0].values(), key=lambda c: c["committed_at"])
+        return sorted(self.scan().commits.values(), key=lambda c: c["committed_at"])
 
     def live(self) -> list[dict]:
         superseded = {r for record in self.committed() for r in record.get("supersedes", [])}
@@ -75,61 +105,76 @@ class ParquetFolder(OutputFormat):
         return [join(self.uri, f["path"]) for c in self.live() if run_ids is None or c["run_id"] in run_ids
                 for f in c["files"]]
 
-    def rows(self, run_ids: list[str] | None = None) -> FolderRows:
-        """The committed files of the live runs (of `run_ids`), read with hive partitioning."""
-        return FolderRows(self.uri, tuple(self.data_files(None if run_ids is None else set(run_ids))))
-
     def ours(self) -> list[str]:
-        return [uri for uri in self.scan()[1] if _PART_RE.search(uri)]
+        return [uri for uri in self.scan().parquet if _PART_RE.search(uri)]
 
     def check_existing(self, overwrite: bool) -> None:
-        commits, parquet, staged = self.scan()
-        foreign = [uri for uri in parquet if _PART_RE.search(uri) is None]
+        listing = self.scan()
+        foreign = [uri for uri in listing.parquet if _PART_RE.search(uri) is None]
         if foreign:
             raise UserError(f"output.uri: {self.uri} holds {len(foreign)} Parquet file(s) this pipeline did not "
                             f"write (e.g. {foreign[0]}); readers of the folder would mix them in. Choose another "
                             "output folder, or move them")
-        known = set(commits) | staged
-        unrecorded = [uri for uri in parquet if (m := _PART_RE.search(uri)) and m["run_id"] not in known]
+        known = set(listing.commits) | set(listing.claims) | listing.staged
+        unrecorded = [uri for uri in listing.parquet if (m := _PART_RE.search(uri)) and m["run_id"] not in known]
         if unrecorded and not overwrite:
             raise UserError(f"output.uri: {self.uri} already holds {len(unrecorded)} Parquet file(s) without a "
                             f"commit record (e.g. {unrecorded[0]}); choose a new output folder or pass --overwrite "
                             "to replace them")
 
     def recover(self, staged_run_ids: set[str]) -> None:
-        """Delete parts of runs that did not commit (a killed publish) or were superseded (a killed overwrite),
-        so that the visible files are exactly those of live committed runs."""
-        commits, parquet, _ = self.scan()
-        live = {c["run_id"] for c in self.live()}
-        stale = [uri for uri in parquet if (m := _PART_RE.search(uri)) and m["run_id"] not in live
-                 and (m["run_id"] in commits or m["run_id"] in staged_run_ids)]
-        if stale:
-            self.storage.delete(stale)
-            self._scanned = None
+        """Retire the parts of runs that did not commit (a killed or stale publish) and delete those of runs that
+        were superseded (a killed overwrite), so that the visible rows are exactly those of live committed runs."""
+        listing = self.scan()
+        live, fenced = {c["run_id"] for c in self.live()}, listing.fenced(self.uri)
+        superseded = [uri for uri in self.ours() if (m := _PART_RE.search(uri)) and m["run_id"] in listing.commits
+                      and m["run_id"] not in live and uri not in fenced]
+        unfinished = {m["run_id"] for uri in self.ours() if (m := _PART_RE.search(uri))
+                      and (m["run_id"] in staged_run_ids or m["run_id"] in listing.claims)} | listing.announced
+        for run_id in sorted(unfinished - set(listing.commits)):
+            Publication(self.storage, self.uri, run_id, self.schema, fence=lambda: None).abort(
+                [uri for uri in listing.parts_of(run_id) if uri not in fenced])
+        for run_id in sorted(listing.announced & set(listing.commits)):  # killed after its record was written
+            Publication(self.storage, self.uri, run_id, self.schema, fence=lambda: None).drop_intents()
+        if superseded:
+            self.storage.delete(superseded)
+        self._scanned = None
 
     # --- committing ------------------------------------------------------------------------------------
-    def part_path(self, run_id: str, seq: int, partition: str | None) -> str:
-        """Relative to the output folder, so commit records stay valid when the folder is moved or copied."""
-        return f"{partition}/part-{run_id}-{seq:05d}.parquet" if partition else f"part-{run_id}-{seq:05d}.parquet"
-
-    def commit_uri(self, run_id: str) -> str:
-        return join(self.uri, f"{COMMITS}/{run_id}.json")
-
     def commit(self, commit: Commit) -> dict:
-        """Compact the run's chunks into parts, write its commit record, delete what an overwrite replaces.
-        Redone after a kill, it rewrites the same part names: it overwrites, never duplicates."""
-        existing = self.scan()[0].get(commit.run_id)
+        """Claim the run, retire its earlier attempts' parts, compact its chunks into new parts, write its commit
+        record over the claim, delete what an overwrite replaces (publish.py)."""
+        existing = self.scan().commits.get(commit.run_id)
         if existing is not None:
             return existing
-        run_id, layout = commit.run_id, commit.partitioning
+        publication = Publication(self.storage, self.uri, commit.run_id, commit.schema, commit.fence)
+        existing = publication.claim()
+        if existing is not None:  # an earlier attempt's record landed after we listed the folder
+            return existing
+        publication.retire_others(self.scan().parts_of(commit.run_id))
+        files = self._write_parts(commit, publication)
+        replaced = [c["run_id"] for c in self.live()] if commit.overwrite else []
+        record = publication.commit({"format": FORMAT, **commit.record, "files": files, "supersedes": replaced})
+        failpoints.hit("record_written")
+        if commit.overwrite:
+            keep = {join(self.uri, f["path"]) for f in files} | self.scan().fenced(self.uri) | {
+                join(self.uri, p) for p in record["fenced"]}
+            commit.fence()
+            self.storage.delete([uri for uri in self.ours() if uri not in keep])
+        publication.drop_intents()
+        self._scanned = None
+        return record
+
+    def _write_parts(self, commit: Commit, publication: Publication) -> list[dict]:
+        """The staged rows, in order, as parts of `rows_per_file` rows in their partition folders."""
+        layout = commit.partitioning
         date_folder = f"run_date={layout.run_date}" if layout.run_date else None
         pending: dict[str | None, list[pa.Table]] = {}  # by partition folder
         files: list[dict] = []
 
         def write_part(folder: str | None, table: pa.Table) -> None:
-            path = self.part_path(run_id, len(files), folder)
-            commit.fence()
-            self.storage.write_atomic(join(self.uri, path), lambda f: pq.write_table(table, f, compression="zstd"))
+            path = publication.part_path(len(files), folder)
+            publication.put_part(path, table)
             files.append({"path": path, "rows": table.num_rows})
             failpoints.hit("part_written")
 
@@ -143,20 +188,4 @@ class ParquetFolder(OutputFormat):
         for folder, tables in pending.items():
             if tables:
                 write_part(folder, pa.concat_tables(tables))
-
-        replaced = [c["run_id"] for c in self.live()] if commit.overwrite else []
-        record = {"format": FORMAT, **commit.record, "files": files, "supersedes": replaced}
-        commit.fence()
-        try:
-            self.storage.write_atomic(self.commit_uri(run_id), lambda f: f.write(json.dumps(record, indent=2).encode()),
-                                      if_absent=True)
-        except FileExistsError:
-            raise JobFailed(f"run {run_id}: another driver committed this run meanwhile; this one stops (check that "
-                            "one run at a time writes the output)") from None
-        failpoints.hit("record_written")
-        if commit.overwrite:
-            mine = {join(self.uri, f["path"]) for f in files}
-            commit.fence()
-            self.storage.delete([uri for uri in self.ours() if uri not in mine])
-        self._scanned = None
-        return record
+        return files

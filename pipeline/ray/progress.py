@@ -70,19 +70,21 @@ class ListingCounts:
         self.listed = 0
         self.skipped = 0
         self.already_done = 0
+        self.duplicates = 0  # a manifest's entries dropped as repeats of an earlier entry
         self.listing_done = False
 
-    def listing_add(self, listed: int, skipped: int, already_done: int = 0) -> None:
+    def listing_add(self, listed: int, skipped: int, already_done: int = 0, duplicates: int = 0) -> None:
         self.listed += listed
         self.skipped += skipped
         self.already_done += already_done
+        self.duplicates += duplicates
 
     def listing_finished(self) -> None:
         self.listing_done = True
 
     def listing_get(self) -> dict:
         return {"listed": self.listed, "skipped": self.skipped, "already_done": self.already_done,
-                "done": self.listing_done}
+                "duplicates": self.duplicates, "done": self.listing_done}
 
 
 class ProgressPrinter:

@@ -85,6 +85,7 @@ class RunSummary:
     resumed: int  # inputs an interrupted earlier attempt of this run had staged
     already_done: int  # inputs skipped: unchanged since an earlier committed run
     skipped_by_extension: int
+    duplicates: int  # a manifest's entries dropped as repeats of an earlier entry (each input is one row)
     committed_rows: int  # rows the run's commit holds (resumed + this attempt); 0 until it commits
     model_actors: str  # the pool as decided at the start, and why
     elapsed_s: float
@@ -181,7 +182,8 @@ def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float 
             errors_by_type=record["errors_by_type"] if record else dict(tally.errors_by_type.most_common()),
             resumed=run.resumed_inputs,
             already_done=max(0, listing["already_done"] - run.resumed_inputs),
-            skipped_by_extension=listing["skipped"], committed_rows=record["rows"] if record else 0,
+            skipped_by_extension=listing["skipped"], duplicates=listing.get("duplicates", 0),
+            committed_rows=record["rows"] if record else 0,
             model_actors=pool.describe(request), nodes_left=watch.nodes_left(), redone=redone,
             elapsed_s=round(tally.elapsed, 3), images_per_s=round(tally.rate, 2),
             started_at=run.info.attempts[-1], finished_at=_now(),
@@ -353,6 +355,8 @@ def print_summary(s: RunSummary, out: TextIO) -> None:
         f"Run {s.run_id} {s.status} in {s.elapsed_s:.1f}s",
         f"  inputs      {s.inputs:,}" + (f"  ({s.skipped_by_extension:,} other files skipped by "
                                          f"input.extensions)" if s.skipped_by_extension else ""),
+        *([f"  duplicates  {s.duplicates:,}  (manifest entries naming an input listed before; one row each)"]
+          if s.duplicates else []),
         *([f"  resumed     {s.resumed:,}  (staged by the interrupted attempt, not redone)"] if s.resumed else []),
         *([f"  unchanged   {s.already_done:,}  (done by earlier runs; --full redoes them)"] if s.already_done
           else []),

@@ -70,7 +70,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from pipeline.io.storage import Storage, absolute, is_s3
-from pipeline.output.formats import Commit, OutputFormat
+from pipeline.output.formats import Commit, OutputFormat, Partitioning
 from pipeline.output.iceberg.catalog import DEFAULT_NAMESPACE, FSSPEC_IO, RUN_DATE, TABLE_PROPERTIES, CatalogTable
 from pipeline.output.iceberg.checks import IcebergChecks, IcebergRecovery, schema_problem
 from pipeline.output.iceberg.commit import IcebergCommitter
@@ -86,14 +86,16 @@ class IcebergFormat(OutputFormat):
     name = "iceberg"
 
     def __init__(self, storage: Storage, uri: str, catalog: dict[str, str] | None, table: str,
-                 schema: pa.Schema | None = None):
+                 schema: pa.Schema | None = None, partitioning: Partitioning | None = None):
+        """`schema` (the job's rows) and `partitioning`, when given, let `check_existing` refuse a table that an
+        append could not go into."""
         super().__init__(storage, uri if is_s3(uri) else absolute(uri))
         self.uri = self.uri.rstrip("/")
         self.schema = schema
         self._catalog_config = dict(catalog) if catalog else None
         self._catalog_table = CatalogTable(storage, self.uri, catalog, table)
         self._snapshots = IcebergSnapshots(self._catalog_table)
-        self._checks = IcebergChecks(self._catalog_table, schema)
+        self._checks = IcebergChecks(self._catalog_table, schema, partitioning)
         self._recovery = IcebergRecovery(self._catalog_table, self._snapshots)
         self._committer = IcebergCommitter(self._catalog_table)
 

@@ -7,7 +7,7 @@ import logging
 import pyarrow as pa
 
 from pipeline.io.storage import join
-from pipeline.output.formats import Commit
+from pipeline.output.formats import Commit, Partitioning
 from pipeline.output.iceberg.catalog import RUN_DATE, CatalogTable
 from pipeline.output.iceberg.snapshots import IcebergSnapshots
 from pipeline.output.iceberg.write import FILE_RE
@@ -20,9 +20,11 @@ class IcebergChecks:
     """Refuses, with a UserError naming the fix, an output whose table is missing from the catalog, lives
     elsewhere, or has a schema the job's rows (when given) cannot be written to."""
 
-    def __init__(self, catalog_table: CatalogTable, schema: pa.Schema | None):
+    def __init__(self, catalog_table: CatalogTable, schema: pa.Schema | None,
+                 partitioning: Partitioning | None = None):
         self.catalog_table = catalog_table
         self.schema = schema
+        self.partitioning = partitioning
 
     def check_existing(self, overwrite: bool) -> None:
         uri, identifier = self.catalog_table.uri, self.catalog_table.identifier
@@ -37,6 +39,8 @@ class IcebergChecks:
         if location != uri.removeprefix("file://"):
             raise UserError(f"output.table: {identifier} already exists at {location}, not at output.uri "
                             f"{uri}; set output.uri to its location or choose another output.table")
+        if self.partitioning is not None:  # an overwrite too: its snapshot cannot change the table's spec
+            check_partitioning(table, self.partitioning, identifier)
         if self.schema is not None:
             problem = schema_problem(table.schema(), self.schema)
             if problem:
@@ -70,17 +74,21 @@ class IcebergRecovery:
 
 def check_writable(table, commit: Commit, identifier: str) -> None:
     """Refuse to commit `commit` to `table` when it is partitioned otherwise or cannot take its rows."""
-    layout = commit.partitioning
+    check_partitioning(table, commit.partitioning, identifier)
+    problem = schema_problem(table.schema(), commit.schema, extra=(RUN_DATE,))
+    if problem:
+        raise UserError(f"output.table: {identifier} has a schema this job cannot write ({problem}); "
+                        "choose another output.table, or drop the table to start over")
+
+
+def check_partitioning(table, layout: Partitioning, identifier: str) -> None:
+    """Refuse a table partitioned otherwise than `layout`."""
     wanted = [RUN_DATE] if layout.run_date else [layout.column] if layout.column else []
     actual = [table.schema().find_column_name(f.source_id) for f in table.spec().fields]
     if actual != wanted:
         raise UserError(f"output.partitioning: table {identifier} is partitioned by "
                         f"{', '.join(actual) or 'nothing'}, the job asks for {', '.join(wanted) or 'none'}; "
                         "partition it the way it was created, or choose another output.table")
-    problem = schema_problem(table.schema(), commit.schema, extra=(RUN_DATE,))
-    if problem:
-        raise UserError(f"output.table: {identifier} has a schema this job cannot write ({problem}); "
-                        "choose another output.table, or drop the table to start over")
 
 
 def schema_problem(table_schema, job_schema: pa.Schema, extra: tuple[str, ...] = ()) -> str | None:
