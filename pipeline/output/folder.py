@@ -31,6 +31,7 @@ from pipeline.io.storage import Storage, join
 from pipeline.output.formats import Commit, OutputFormat
 from pipeline.output.hive import split_by_partition
 from pipeline.output.publish import COMMITS, PUBLISH, Publication, is_open
+from pipeline.output.rows import FolderRows
 from pipeline.output.staging import FORMAT, STAGING, read_record
 from pipeline.spec.errors import UserError
 from pipeline.spec.rows import OUTPUT_SCHEMA
@@ -104,6 +105,10 @@ class ParquetFolder(OutputFormat):
     def data_files(self, run_ids: set[str] | None = None) -> list[str]:
         return [join(self.uri, f["path"]) for c in self.live() if run_ids is None or c["run_id"] in run_ids
                 for f in c["files"]]
+
+    def rows(self, run_ids: list[str] | None = None) -> FolderRows:
+        """The committed files of the live runs (of `run_ids`), read with hive partitioning."""
+        return FolderRows(self.uri, tuple(self.data_files(None if run_ids is None else set(run_ids))))
 
     def ours(self) -> list[str]:
         return [uri for uri in self.scan().parquet if _PART_RE.search(uri)]
