@@ -30,7 +30,7 @@ from pipeline.output.runs import (attempt_so_far, check_pseudonyms, interrupted,
 from pipeline.output.sink import StagingSink
 from pipeline.output.staging import FORMAT, STAGING, RunInfo, RunStats, StagedRun, Staging, now_precise
 from pipeline.spec.config import JobConfig
-from pipeline.spec.errors import JobFailed
+from pipeline.spec.errors import JobFailed, UserError
 
 
 @dataclass(frozen=True)
@@ -49,14 +49,44 @@ def make_format(cfg: JobConfig, storage: Storage, schema: pa.Schema) -> OutputFo
     if out.format == "delta":
         from pipeline.output.delta import DeltaFormat
 
-        return DeltaFormat(storage, out.uri, schema=schema)
+        return DeltaFormat(storage, out.uri, schema=schema, partitioning=job_layout(cfg))
     if out.format == "iceberg":
         from pipeline.output.iceberg import IcebergFormat
 
-        return IcebergFormat(storage, out.uri, out.catalog, out.table, schema=schema)
+        return IcebergFormat(storage, out.uri, out.catalog, out.table, schema=schema, partitioning=job_layout(cfg))
     from pipeline.output.folder import ParquetFolder
 
     return ParquetFolder(storage, out.uri, schema=schema)
+
+
+def job_layout(cfg: JobConfig, run_date: str = "(today)") -> Partitioning:
+    """How the job lays its rows out; the run's date is known only once it starts (formats compare the kind)."""
+    return Partitioning(run_date=run_date if cfg.output.partitioning == "run_date" else None,
+                        column=partition_column(cfg))
+
+
+def check_existing(table: OutputFormat, cfg: JobConfig) -> None:
+    """Refuse, before any input is read, an output the job must not write to (UserError: one line, exit 2)."""
+    table.check_existing(cfg.output.overwrite)
+    check_folder_layout(table, job_layout(cfg), cfg.output.overwrite)
+
+
+def check_folder_layout(table: OutputFormat, layout: Partitioning, overwrite: bool) -> None:
+    """A folder whose live runs are partitioned otherwise than the job: refused when the output opens, before
+    any input is read (mixed layouts break hive readers: DuckDB refuses them, Spark too). Delta and Iceberg check
+    their tables' partitioning in `check_existing`."""
+    if table.name != "parquet" or overwrite:
+        return
+    want = ("run_date",) if layout.run_date else (layout.column,) if layout.column else ()
+    prefix = table.uri.rstrip("/") + "/"
+    have = {tuple(part.split("=", 1)[0] for part in uri.removeprefix(prefix).split("/")[:-1] if "=" in part)
+            for uri in table.data_files()}
+    other = sorted(have - {want})
+    if other:
+        shown = ", ".join(other[0]) or "nothing"
+        raise UserError(f"output.partitioning: the folder {table.uri} holds runs partitioned by {shown}, this job "
+                        f"by {', '.join(want) or 'nothing'}; set output.partitioning to match, pass --overwrite to "
+                        "replace the folder's output, or choose another output folder")
 
 
 @contextmanager
@@ -111,7 +141,7 @@ class Output:
         for run in [r for r in staged.values() if r.run_id in done or r.info is None]:
             self.staging.drop(run)  # committed before its staging was dropped, or killed before it began
         staged = {k: r for k, r in staged.items() if k not in done and r.info is not None}
-        self.table.check_existing(self.cfg.output.overwrite)
+        check_existing(self.table, self.cfg)
         check_pseudonyms(self.table.live(), self.cfg, identity.pseudonyms)
         self.run = self._start_or_resume(staged, committed, identity)
 
@@ -174,8 +204,7 @@ class Output:
             print("note: the backfill found no inputs, so it replaces nothing; the earlier output stays", file=self.out)
             overwrite = False
         record = run_record(info, self.table.name, self.cfg, self.stats, overwrite, progress)
-        layout = Partitioning(run_date=info.started_at[:10] if self.cfg.output.partitioning == "run_date" else None,
-                              column=partition_column(self.cfg))
+        layout = job_layout(self.cfg, run_date=info.started_at[:10])
         committed = self.table.commit(Commit(
             run_id=run.run_id, rows=lambda: self._staged_rows(chunks), schema=self.schema, record=record,
             overwrite=overwrite, partitioning=layout, rows_per_file=self.cfg.output.rows_per_file,
