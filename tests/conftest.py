@@ -32,7 +32,7 @@ os.environ["TORCH_HOME"] = TORCH_HOME
 LANES = {
     "cluster": ("test_autoscaling", "test_cluster", "test_submit"),
     "kill": ("test_crash", "test_incremental", "test_backfill_medical", "test_privacy", "test_faults",
-             "test_least_privilege"),
+             "test_least_privilege", "test_late_write"),
     "browser": ("test_report",),
     "e2e": ("test_demo", "test_infra", "test_pipeline", "test_manifest", "test_table_outputs", "test_detection",
             "test_embedding", "test_device_decode", "test_cluster_sizing", "test_tag_archive", "test_source",

@@ -22,6 +22,12 @@ A fault never touches a response that came from upstream, so whatever the client
 upstream's complete answer or an unmistakable failure. The rates are plain attributes: set them to 0 to
 pause faults (to create a bucket, say) and back again.
 
+`hold` (a predicate (method, target) -> bool) makes the proxy hold the first request it accepts: the request is
+received whole (a client sending `Expect: 100-continue` is told to go on), `.held` is set, and nothing is
+forwarded until `release()`; then it is forwarded as any other, and `.held_answered` is set once upstream has
+answered it (its status in `.held_status`), whether or not its client is still there to read the answer. This
+is a request that arrives late: sent by a driver before it lost its lease, taking effect long after.
+
 `.stats` (a snapshot, thread-safe): requests seen, forwarded (answered by upstream), fail, reset and stall
 (faults injected), client_gone (the client hung up mid-exchange, so its answer, if any, was dropped:
 usually a client that timed out on a stall) and errors (upstream failed; the client then got an RST).
@@ -37,6 +43,7 @@ Standard library only; one thread per client connection and a fresh upstream con
 
 from __future__ import annotations
 
+import io
 import random
 import select
 import socket
@@ -77,6 +84,10 @@ class FaultyProxy:
         self.methods = {m.upper() for m in methods} if methods is not None else None
         self.ignore_conditions = False  # hide If-None-Match / If-Match from upstream (see the module's doc)
         self.only = None  # optional predicate (method, target) -> bool: fault only the requests it accepts
+        self.hold = None  # optional predicate (method, target) -> bool: hold the first request it accepts
+        self.held, self.held_answered, self._released = threading.Event(), threading.Event(), threading.Event()
+        self.held_status: int | None = None
+        self._hold_taken = False
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._stats = {"requests": 0, "forwarded": 0, "fail": 0, "reset": 0, "stall": 0, "cut": 0,
@@ -125,6 +136,17 @@ class FaultyProxy:
     def stats(self) -> dict[str, int]:
         with self._lock:
             return dict(self._stats)
+
+    def release(self) -> None:
+        """Forward the held request now (see `hold`)."""
+        self._released.set()
+
+    def _take_hold(self, method: str, target: str) -> bool:
+        with self._lock:
+            if self.hold is None or self._hold_taken or not self.hold(method, target):
+                return False
+            self._hold_taken = True
+            return True
 
     def reset_stats(self) -> None:
         with self._lock:
@@ -328,7 +350,10 @@ class _Handler(socketserver.BaseRequestHandler):
         """Handle one request; True to keep the client connection for another."""
         method = request.start[0].upper()
         expects_continue = (request.header("expect") or "").lower() == "100-continue"
-        fault = self.proxy._choose(method, request.start[1] if len(request.start) > 1 else "")
+        target = request.start[1] if len(request.start) > 1 else ""
+        if self.proxy._take_hold(method, target):
+            return self._hold(request, method, expects_continue)
+        fault = self.proxy._choose(method, target)
         if fault == "reset":
             self._reset()
             return False
@@ -356,7 +381,28 @@ class _Handler(socketserver.BaseRequestHandler):
             return False
         return keep and not request.wants_close()
 
-    def _forward(self, request: _Message, method: str, expects_continue: bool, cut: bool = False) -> bool:
+    def _hold(self, request: _Message, method: str, expects_continue: bool) -> bool:
+        """Receive the request whole, wait for `release()`, then forward it (see FaultyProxy.hold)."""
+        if expects_continue:
+            self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        body = io.BytesIO()
+        _copy_body(request, self.rfile, body.write)
+        body.seek(0)
+        self.proxy.held.set()
+        while not self.proxy._released.wait(0.05):
+            if self.proxy._stopping.is_set():
+                return False
+        try:
+            return self._forward(request, method, False, body=body) and not request.wants_close()
+        except (_ClientGone, _UpstreamFailed, OSError, ValueError):
+            self._reset()  # upstream has answered, or failed: the client's side is of no interest
+            return False
+        finally:
+            self.proxy.held_answered.set()
+
+    def _forward(self, request: _Message, method: str, expects_continue: bool, cut: bool = False,
+                 body=None) -> bool:
+        """`body`: the request's body already received (a held request), else it is read from the client."""
         with socket.create_connection(self.proxy.upstream, timeout=UPSTREAM_TIMEOUT) as upstream:
             upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with upstream.makefile("rb") as upstream_rfile:
@@ -378,7 +424,7 @@ class _Handler(socketserver.BaseRequestHandler):
                             _copy_body(response, upstream_rfile, self._to_client, until_close=True)
                             return False
                 try:
-                    _copy_body(request, self.rfile, self._sender(upstream))
+                    _copy_body(request, body or self.rfile, self._sender(upstream))
                 except OSError as exc:  # reading the client's body failed: it gave up (after a stall, say)
                     raise _ClientGone from exc
                 while True:
@@ -388,6 +434,8 @@ class _Handler(socketserver.BaseRequestHandler):
                     status = int(response.start[1])
                     if status >= 200 or status == 101:
                         self.proxy._count("forwarded")  # before the client can see the answer
+                        if body is not None:
+                            self.proxy.held_status = status
                         self._to_client(response.raw)
                         break
                     self._to_client(response.raw)  # interim (1xx) responses are relayed too
