@@ -233,3 +233,32 @@ def test_check_existing_refuses_what_it_must_not_write(tmp_path):
     with pytest.raises(UserError, match=r"^output.catalog: ") as caught:
         IcebergFormat(Storage.from_env(), str(tmp_path / "d"), secret, TABLE).check_existing(overwrite=False)
     assert "hunter2" not in str(caught.value)
+
+
+def test_the_catalog_is_named_as_the_job_says_and_the_summary_names_it(tmp_path):
+    """A SQL catalog files each table under the catalog's name: another engine must open it by that name."""
+    from pyiceberg.catalog import load_catalog
+
+    uri = f"sqlite:///{tmp_path}/catalog.db"
+    fmt = IcebergFormat(Storage.from_env(), str(tmp_path / "out"), {"type": "sql", "uri": uri, "name": "lake"},
+                        TABLE, schema=SCHEMA)
+    record = fmt.commit(make_commit(RUN1, [rows(RUN1, 3)]))
+    assert "in catalog 'lake'" in fmt.describe(record)
+    assert load_catalog("lake", type="sql", uri=uri).load_table(TABLE).scan().to_arrow().num_rows == 3
+    assert not load_catalog("pipeline", type="sql", uri=uri).table_exists(TABLE)
+
+    default = IcebergFormat(Storage.from_env(), str(tmp_path / "local"), None, TABLE, schema=SCHEMA)
+    assert "in catalog 'pipeline'" in default.describe(default.commit(make_commit(RUN1, [rows(RUN1, 1)])))
+
+
+def test_a_missing_postgres_driver_is_one_line_naming_what_installs_it(tmp_path):
+    """pyiceberg's advice (`pyiceberg[sql-postgres]`) installs psycopg2, which postgresql+psycopg:// does not use."""
+    pytest.importorskip("sqlalchemy")
+    if __import__("importlib.util").util.find_spec("psycopg") is not None:
+        pytest.skip("psycopg is installed here")
+    catalog = {"type": "sql", "uri": "postgresql+psycopg://user:hunter2@127.0.0.1:1/db"}
+    with pytest.raises(UserError) as caught:
+        IcebergFormat(Storage.from_env(), str(tmp_path / "out"), catalog, TABLE).check_existing(overwrite=False)
+    message = str(caught.value)
+    assert message.startswith("output.catalog: ") and "pipeline[iceberg-postgres]" in message
+    assert "sql-postgres" not in message and "hunter2" not in message and "\n" not in message

@@ -97,8 +97,10 @@ class OutputConfig(_Section):
         "publish window); delta or iceberg: a table, each run one atomic version (docs/commit-protocol.md)")
     catalog: dict[str, str] | None = Field(
         None, description="iceberg: pyiceberg catalog properties, e.g. {type: sql, uri: postgresql+psycopg://...} "
-        "or {type: rest, uri: https://..., warehouse: ...} or {type: glue}; default: a SQLite catalog in "
-        "<output>/_catalog/ (local outputs only). Secrets belong in PYICEBERG_CATALOG__* variables, not here")
+        "(pip install 'pipeline[iceberg-postgres]') or {type: rest, uri: https://..., warehouse: ...} or "
+        "{type: glue}; default: a SQLite catalog in <output>/_catalog/ (local outputs only). `name` (default "
+        "'pipeline') is the catalog's name: a SQL catalog files its tables under it, so pyiceberg, Polars, Spark or "
+        "Trino must open it by that name. Secrets belong in PYICEBERG_CATALOG__* variables, not here")
     table: str = Field("default.predictions", description="iceberg: the table's identifier, namespace.name")
     conditional_writes: bool = Field(
         True, description="false only for an S3-compatible store that ignores or refuses If-None-Match: nothing "

@@ -143,7 +143,8 @@ class IcebergFormat(OutputFormat):
     def describe(self, record: dict) -> str:
         files = record.get("files")
         tail = f" ({len(files)} data file(s))" if files is not None else ""
-        return f"Iceberg snapshot {record.get('snapshot_id')} of {self.identifier}{tail}"
+        return (f"Iceberg snapshot {record.get('snapshot_id')} of {self.identifier} in catalog "
+                f"'{self._catalog_table.name}'{tail}")
 
     # --- before and during a run -----------------------------------------------------------------------
     def check_existing(self, overwrite: bool) -> None:

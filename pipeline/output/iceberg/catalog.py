@@ -21,6 +21,12 @@ TABLE_PROPERTIES = {
     "write.parquet.compression-codec": "zstd",
 }
 RUN_DATE = "run_date"
+DEFAULT_CATALOG_NAME = "pipeline"  # a SQL catalog keeps it in each row: readers must open it under the same name
+# SQLAlchemy's PostgreSQL drivers: the module each needs, and what installs it.
+POSTGRES_DRIVERS = {"psycopg": ("psycopg", "pip install 'pipeline[iceberg-postgres]' (psycopg 3)"),
+                    "psycopg2": ("psycopg2", "pip install psycopg2-binary, or use postgresql+psycopg:// with "
+                                             "pip install 'pipeline[iceberg-postgres]'"),
+                    "pg8000": ("pg8000", "pip install pg8000")}
 _SECRET_KEY = re.compile(r"secret|password|token|credential|key-id|access-key", re.IGNORECASE)
 _URL_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@\s]+@")
 
@@ -52,7 +58,7 @@ class CatalogTable:
             props = {"type": "sql", "uri": f"sqlite:///{folder}/iceberg.db"}
         else:
             props = {k: str(v) for k, v in self._config.items()}
-        name = props.pop("name", "pipeline")
+        name = props.pop("name", DEFAULT_CATALOG_NAME)
         if is_s3(self.uri):
             props.setdefault("py-io-impl", FSSPEC_IO)
             if self.storage.endpoint_url:
@@ -70,6 +76,7 @@ class CatalogTable:
             if "type" not in props and "py-catalog-impl" not in props:
                 raise UserError("output.catalog: say which catalog with type (sql, rest, glue, ...), e.g. "
                                 "{type: sql, uri: sqlite:////path/catalog.db}")
+            check_sql_driver(props)
             try:
                 self._catalog = load_catalog(name, **props)
             except UserError:
@@ -78,6 +85,11 @@ class CatalogTable:
                 raise UserError(f"output.catalog: cannot open the Iceberg catalog ({self._redact(exc)}); check "
                                 "its type (sql, rest, glue, ...), uri and credentials") from None
         return self._catalog
+
+    @property
+    def name(self) -> str:
+        """The catalog's name: what pyiceberg, Polars, Spark or Trino must call it to find the table."""
+        return str((self._config or {}).get("name", DEFAULT_CATALOG_NAME))
 
     def _redact(self, exc: BaseException) -> str:
         """An exception as one line, without the catalog's secrets (a database URL's password, tokens)."""
@@ -120,3 +132,18 @@ class CatalogTable:
         except TableAlreadyExistsError:  # created meanwhile
             pass
         return self.catalog.load_table(self.identifier)
+
+
+def check_sql_driver(props: dict[str, str]) -> None:
+    """A PostgreSQL catalog whose driver is not installed: one line naming what installs it. (pyiceberg's own
+    advice, `pyiceberg[sql-postgres]`, installs psycopg2, which `postgresql+psycopg://` does not use.)"""
+    from importlib.util import find_spec
+
+    scheme = props.get("uri", "").partition("://")[0] if props.get("type") == "sql" else ""
+    dialect, _, driver = scheme.partition("+")
+    if dialect != "postgresql":
+        return
+    module, install = POSTGRES_DRIVERS.get(driver or "psycopg2", (None, None))
+    if module is not None and find_spec(module) is None:
+        raise UserError(f"output.catalog: uri {scheme}://… needs the {module} driver, which is not installed: "
+                        f"{install}")
