@@ -24,19 +24,19 @@ os.environ["TORCH_HOME"] = TORCH_HOME
 
 
 # ---- lanes (issue 27) ------------------------------------------------------------------------------------------
-# Every test is in one lane, a marker: `unit` (no Ray, no job; seconds), `e2e` (whole jobs on a local Ray or
-# `pipeline ...` in a subprocess), `kill` (SIGKILLs and crashes mid-job, then the rerun), `cluster` (`ray start`
-# nodes, the autoscaler) and `browser` (reports in headless Chromium). All but `unit` are also `slow`: a developer
-# runs `pytest -m "not slow"` in a few minutes, the README's `pytest` runs every lane. A file not named below is
-# `e2e` if its tests start the session's Ray, else `unit`.
+# Every test is in one lane, a marker: `unit` (no job on Ray, no `pipeline run` in a subprocess; seconds), `e2e`
+# (whole jobs on a local Ray or `pipeline ...` in a subprocess), `kill` (SIGKILLs and crashes mid-job, then the
+# rerun), `cluster` (`ray start` nodes, the autoscaler) and `browser` (reports in headless Chromium). All but `unit`
+# are also `slow`: a developer runs `pytest -m "not slow"` in a few minutes, the README's `pytest` runs every lane.
+# A file named nowhere below is `e2e`, until it is listed as `unit`.
 LANES = {
+    "unit": ("test_cli_errors", "test_config", "test_decode", "test_dicom", "test_faults_proxy", "test_folding",
+             "test_format_delta", "test_format_iceberg", "test_layout", "test_model", "test_progress",
+             "test_progress_bar", "test_sink", "test_storage"),
     "cluster": ("test_autoscaling", "test_cluster", "test_submit"),
     "kill": ("test_crash", "test_incremental", "test_backfill_medical", "test_privacy", "test_faults",
-             "test_least_privilege", "test_late_write"),
+             "test_least_privilege", "test_output"),
     "browser": ("test_report",),
-    "e2e": ("test_demo", "test_infra", "test_pipeline", "test_manifest", "test_table_outputs", "test_detection",
-            "test_embedding", "test_device_decode", "test_cluster_sizing", "test_tag_archive", "test_source",
-            "test_odd_files"),
 }
 # The order lanes start in, longest first, so that parallel workers (pytest-xdist) finish together.
 LANE_ORDER = ("cluster", "browser", "kill", "e2e", "unit")
@@ -49,11 +49,8 @@ SPREAD = ("test_output", "test_odd_files", "test_pipeline", "test_cli_errors", "
 
 
 def lane_of(item: pytest.Item) -> str:
-    module = item.module.__name__ if getattr(item, "module", None) else ""
-    for lane, modules in LANES.items():
-        if module in modules:
-            return lane
-    return "e2e" if "ray_session" in getattr(item, "fixturenames", ()) else "unit"
+    module = item.module.__name__
+    return next((lane for lane, modules in LANES.items() if module in modules), "e2e")
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks

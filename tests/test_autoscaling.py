@@ -46,6 +46,19 @@ def cluster(s3_server, tmp_path_factory):
         yield head
 
 
+@pytest.fixture(autouse=True)
+def no_worker_node_up(request):
+    """Each test on the cluster starts on the bare head: worker nodes an earlier test scaled up are gone once idle
+    (6 s idle timeout; a busy machine takes longer), so no test depends on what another one left."""
+    if "cluster" not in request.fixturenames:
+        return
+    cluster = request.getfixturevalue("cluster")
+    deadline = time.monotonic() + 180
+    while cluster.worker_nodes():
+        assert time.monotonic() < deadline, f"worker nodes still up: {cluster.worker_nodes()}"
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def resnet50_weights():
     """TORCH_HOME holds a file where torchvision keeps ResNet50_Weights.IMAGENET1K_V2 (seeded random weights: no
@@ -110,23 +123,32 @@ def test_shipped_nightly_spec_scales_to_a_gpu_actor_per_node(cluster, storage, n
                           {"RAY_DATA_MIN_GAP_BETWEEN_AUTOSCALING_REQUESTS": "2"})
     first_gpu_actor = None
     nodes_used: set[str] = set()
+    nodes_up: set[str] = set()
     while driver.poll() is None:
         actors = [a for a in model_actors(cluster) if a["alive"] and a["resources"].get("GPU")]
         if actors and first_gpu_actor is None:
             first_gpu_actor = time.monotonic() - started
         nodes_used |= {a["node"] for a in actors}
+        nodes_up |= set(cluster.worker_nodes())
         assert time.monotonic() - started < 400, "nightly job did not finish"
         time.sleep(0.5)
     out, err = driver.communicate()
     assert driver.returncode == 0, err[-4000:] + out[-2000:]
     elapsed = time.monotonic() - started
+    deadline = time.monotonic() + 60  # a node launched near the job's end registers a moment after it
+    while len(nodes_up) < 2 and time.monotonic() < deadline:
+        nodes_up |= set(cluster.worker_nodes())
+        time.sleep(0.5)
     print(f"\nautoscaling: first GPU actor after {first_gpu_actor:.1f}s, {len(nodes_used)} nodes, "
           f"job {elapsed:.1f}s\n{out}", file=sys.stderr)
 
     assert "model actors: 1..2, 1 GPU each (autoscaler: gpu-group 0..2 x 1 GPU)" in out
     actors = model_actors(cluster)
     assert all(a["resources"].get("GPU") == 1.0 for a in actors), actors
-    assert len(nodes_used) == 2 and cluster.head_node_id not in nodes_used
+    # The pool asked for its second GPU actor and the autoscaler started a second GPU node for it. Whether that
+    # actor is up before the last batch is done is a race the machine's load decides, so it is not asserted.
+    assert len(actors) >= 2 and len(nodes_up) == 2, (actors, nodes_up)
+    assert nodes_used and nodes_used <= nodes_up and cluster.head_node_id not in nodes_used
     table = read_output(storage, f"s3://{BUCKET}/labels/")
     assert table.num_rows == inputs and len(set(table["uri"].to_pylist())) == inputs
     assert table["error"].null_count == inputs
@@ -171,8 +193,12 @@ def test_a_node_drained_and_reclaimed_mid_job_loses_nothing(cluster, storage, bu
     assert staged_rows(f"s3://{bucket}/out", storage) < inputs  # the reclaim lands mid-job
     victim = sorted(nodes_seen(calls) - {cluster.head_node_id})[0]
     cluster.drain(victim, deadline_s=3)
-    time.sleep(4)
-    assert cluster.kill_node(victim), "no process of the drained node found"
+    time.sleep(4)  # the scenario's own clock: the cloud takes the machine a moment after the notice's deadline
+    if not cluster.kill_node(victim):  # no process left: Ray ended the drained node itself at its deadline
+        deadline = time.monotonic() + 60
+        while victim in cluster.worker_nodes():
+            assert time.monotonic() < deadline, "the drained node is neither killed nor gone"
+            time.sleep(0.2)
     out, err = driver.communicate(timeout=300)
     assert driver.returncode == 0, err[-4000:] + out[-2000:]
 
