@@ -398,3 +398,21 @@ def test_racing_commits_on_s3_never_take_the_same_version(s3_server, s3_bucket, 
         (run_id(1), 0), (run_id(2), 1), (run_id(3), 2)]
     table = DeltaTable(uri, storage_options=storage_options(storage, uri)).to_pyarrow_table()
     assert uris(table) == ["s3://in/a.jpg", "s3://in/b.jpg", "s3://in/c.jpg"]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_path_delta_rs_would_read_as_a_url_is_one_line(tmp_path, bucket, where):
+    """delta-rs decodes `%25` (and cuts at `?` and `#`): the table would land under another path than the lease,
+    staging and history use, and locally every rerun ended in a DeltaError traceback. Refused before anything."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(b"not read")
+    output = str(tmp_path / "my out %25" / "ü") if where == "local" else f"s3://{bucket}/my out %25/ü"
+    run = subprocess.run([sys.executable, "-m", "pipeline", "run", "--input", str(tmp_path / "in"), "--output",
+                          output, "--format", "delta", "--model", "resnet18"], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2, run.stdout + run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "output.uri" in lines[0] and "%" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+    if where == "s3":
+        assert [o for page in Storage.from_env().list_pages(f"s3://{bucket}/") for o in page] == []

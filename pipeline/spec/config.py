@@ -37,6 +37,22 @@ def check_uri(value: str) -> str:
     return value
 
 
+# What delta-rs is known to keep in a table's path, locally and on S3, besides letters and digits of any script:
+# it parses the path as a URL, so `%XX` is decoded, `?` and `#` cut it, and `[ ] ^ | \\` are refused (measured
+# with deltalake 1.6.6; the lease, staging and history would use the path as written, the table another one).
+DELTA_SAFE_PUNCTUATION = set(" -_.~+=,;:@!$&'(){}/")
+
+
+def check_delta_path(uri: str) -> None:
+    """A Delta output's path in characters delta-rs writes where it was told; else ValueError naming them."""
+    path = uri.removeprefix("s3://").removeprefix("file://")
+    odd = sorted({c for c in path if not c.isalnum() and c not in DELTA_SAFE_PUNCTUATION})
+    if odd:
+        raise ValueError(f"output.uri {uri!r}: delta-rs reads a table's path as a URL and would write this one "
+                         f"elsewhere (it holds {' '.join(odd)}); for format delta use letters, digits, spaces and "
+                         f"{''.join(sorted(DELTA_SAFE_PUNCTUATION - {' '}))} only")
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -355,6 +371,12 @@ class JobConfig(_Section):
     dicom: DicomConfig | None = Field(None, description="read DICOM files (see DicomConfig); absent: a DICOM file "
                                                         "is an error row saying so")
     privacy: PrivacyConfig = PrivacyConfig()
+
+    @model_validator(mode="after")
+    def _delta_path(self) -> "JobConfig":
+        if self.output.format == "delta":
+            check_delta_path(self.output.uri)
+        return self
 
     @model_validator(mode="after")
     def _dicom_extensions(self) -> "JobConfig":
