@@ -13,6 +13,8 @@ from pipeline.output.delta.table import RUN_DATE, DeltaLocation, app_id, delta_s
 from pipeline.output.formats import RECORD_KEY, RUN_ID_KEY, Commit, record_json
 from pipeline.spec.errors import JobFailed
 
+COMMIT_ATTEMPTS = 10  # a version taken by another writer is retried at the next, the lease checked before each
+
 
 class DeltaCommitter:
     """Commits a run's staged rows as one `write_deltalake` call carrying its record and app transaction, or
@@ -24,6 +26,7 @@ class DeltaCommitter:
 
     def commit(self, commit: Commit) -> dict:
         from deltalake import CommitProperties, Transaction, write_deltalake
+        from deltalake.exceptions import CommitFailedError
         from deltalake.transaction import PostCommitHookProperties
 
         table = self.location.table()
@@ -36,27 +39,34 @@ class DeltaCommitter:
         record = {"committed_at": _now_precise(), **commit.record, "run_id": commit.run_id, "mode": mode}
         schema = delta_schema(commit.schema)
         schema = with_run_date_field(schema) if commit.partitioning.run_date else schema
-        failure: list[BaseException] = []  # what our reader raised: delta-rs reports it as a DeltaError
-        reader = pa.RecordBatchReader.from_batches(schema, _batches(commit, schema, failure))
-
-        commit.fence()
-        try:
-            write_deltalake(
-                self.location.uri, reader, mode=mode, schema_mode="overwrite" if commit.overwrite else None,
-                partition_by=partition_by(commit.partitioning) or None, storage_options=self.location.options,
-                commit_properties=CommitProperties(
-                    custom_metadata={RUN_ID_KEY: commit.run_id, RECORD_KEY: record_json(record)},
-                    app_transactions=[Transaction(app_id=app_id(commit.run_id), version=1)]),
-                post_commithook_properties=PostCommitHookProperties(create_checkpoint=True,
-                                                                    cleanup_expired_logs=False))
-        except Exception:
-            if failure:
-                raise failure[0] from None
-            table = self.location.table()  # a racing commit of this same run won: it is committed, once
-            if table is not None and table.transaction_version(app_id(commit.run_id)) is not None:
-                return self.history.committed_record(table, commit.run_id)
-            raise
-        return self.history.committed_record(self.location.table(), commit.run_id)
+        for _ in range(COMMIT_ATTEMPTS):
+            failure: list[BaseException] = []  # what our reader raised: delta-rs reports it as a DeltaError
+            reader = pa.RecordBatchReader.from_batches(schema, _batches(commit, schema, failure))
+            commit.fence()
+            try:
+                # No retry inside delta-rs: its retry would commit at the next version without our fence, so a
+                # driver frozen past its lease mid-write would, thawed, commit its run a second time.
+                write_deltalake(
+                    self.location.uri, reader, mode=mode, schema_mode="overwrite" if commit.overwrite else None,
+                    partition_by=partition_by(commit.partitioning) or None, storage_options=self.location.options,
+                    commit_properties=CommitProperties(
+                        custom_metadata={RUN_ID_KEY: commit.run_id, RECORD_KEY: record_json(record)},
+                        app_transactions=[Transaction(app_id=app_id(commit.run_id), version=1)],
+                        max_commit_retries=0),
+                    post_commithook_properties=PostCommitHookProperties(create_checkpoint=True,
+                                                                        cleanup_expired_logs=False))
+            except Exception as exc:
+                if failure:
+                    raise failure[0] from None
+                table = self.location.table()  # a racing commit of this same run won: it is committed, once
+                if table is not None and table.transaction_version(app_id(commit.run_id)) is not None:
+                    return self.history.committed_record(table, commit.run_id)
+                if not isinstance(exc, CommitFailedError):
+                    raise
+                continue  # another writer took the version: check the lease again, then retry at the next
+            return self.history.committed_record(self.location.table(), commit.run_id)
+        raise JobFailed(f"run {commit.run_id}: other writers took {COMMIT_ATTEMPTS} table versions in a row before "
+                        "this commit; nothing was committed, and a rerun resumes the run")
 
 
 def _batches(commit: Commit, schema: pa.Schema, failure: list[BaseException]) -> Iterator[pa.RecordBatch]:
