@@ -35,7 +35,7 @@ LANES = {
              "test_progress_bar", "test_sink", "test_storage"),
     "cluster": ("test_autoscaling", "test_cluster", "test_submit"),
     "kill": ("test_crash", "test_incremental", "test_backfill_medical", "test_privacy", "test_faults",
-             "test_least_privilege", "test_output"),
+             "test_least_privilege", "test_output", "test_privacy_spellings"),
     "browser": ("test_report",),
 }
 # The order lanes start in, longest first, so that parallel workers (pytest-xdist) finish together.

@@ -36,6 +36,7 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 
 from pipeline.spec.phi import IDENTIFYING  # noqa: F401 - where the runner and tests look for it
 from pipeline.spec.rows import StageFailure
+from pipeline.spec.safe_errors import class_name
 
 KEY_TAGS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality")
 # Text value representations: what a person's name, an ID, a date or free text can hide in.
@@ -96,9 +97,10 @@ def is_dicom(data: bytes) -> bool:
 
 
 def read_dicom(data: bytes, settings: DicomSettings, max_pixels: int, force: bool = False,
-               prepare: Callable[[np.ndarray], np.ndarray] = lambda frame: frame) -> DicomImage:
+               prepare: Callable[[np.ndarray], np.ndarray] = lambda frame: frame,
+               safe_errors: bool = False) -> DicomImage:
     """The selected frames, windowed and then `prepare`d (resized for the model), and the row's tags. Raises
-    DicomFailure with a value-free message.
+    DicomFailure with a value-free message (`safe_errors`: none of pydicom's text at all).
 
     Frames are decoded and prepared one at a time, so a long multi-frame file is never held at full size."""
     ds = None
@@ -125,7 +127,7 @@ def read_dicom(data: bytes, settings: DicomSettings, max_pixels: int, force: boo
     except StageFailure as exc:
         raise DicomFailure(exc.kind, str(exc), _tags_of(ds, settings)) from None
     except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for one broken file
-        raise DicomFailure(*describe_dicom_error(exc, ds), _tags_of(ds, settings)) from None
+        raise DicomFailure(*describe_dicom_error(exc, ds, safe_errors), _tags_of(ds, settings)) from None
 
 
 class DicomFailure(StageFailure):
@@ -310,8 +312,9 @@ def tag_text(ds: Dataset, keyword: str) -> str | None:
     return str(element).strip() or None
 
 
-def describe_dicom_error(exc: Exception, ds: Dataset | None) -> tuple[str, str]:
-    """(kind, message) with every text value of the dataset scrubbed out of pydicom's message."""
+def describe_dicom_error(exc: Exception, ds: Dataset | None, safe: bool = False) -> tuple[str, str]:
+    """(kind, message) with every text value of the dataset scrubbed out of pydicom's message; `safe`: without
+    pydicom's message, our words and the exception's class only."""
     text = " ".join(str(exc).split())
     if isinstance(exc, pydicom.errors.InvalidDicomError):
         return "not_dicom", "not a valid DICOM file"
@@ -319,7 +322,7 @@ def describe_dicom_error(exc: Exception, ds: Dataset | None) -> tuple[str, str]:
         # Installed decoders tried and failed (Pillow and 12-bit JPEG, a damaged codestream): say which
         # syntax, why, and which decoder the job does not have yet.
         syntax = ds.file_meta.get("TransferSyntaxUID") if ds is not None and hasattr(ds, "file_meta") else None
-        reason = scrub(text.split(":", 1)[1].strip(), ds)
+        reason = "no installed decoder could decode it" if safe else scrub(text.split(":", 1)[1].strip(), ds)
         missing = _packages(get_decoder(syntax).missing_dependencies) if syntax is not None else []
         other = f"; not installed: {' or '.join(missing)}" if missing else ""
         return "undecodable", f"{_syntax(syntax) if syntax else 'pixel data'}: {reason}{other}"[:400]
@@ -327,6 +330,9 @@ def describe_dicom_error(exc: Exception, ds: Dataset | None) -> tuple[str, str]:
         kind = "truncated"
     else:
         kind = "corrupt"
+    if safe:
+        what = "pixel data shorter than its header says" if kind == "truncated" else "a damaged file"
+        return kind, f"{class_name(exc)} ({what})"
     return kind, f"{type(exc).__name__}: {scrub(text, ds)}"[:300]
 
 

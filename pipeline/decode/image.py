@@ -27,11 +27,13 @@ import re
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from pipeline.spec.rows import StageFailure, error_columns, fail
+from pipeline.spec.safe_errors import exception_text
 
 _NO_PIXELS = np.zeros((0, 0, 3), dtype=np.uint8)
 _RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
@@ -57,13 +59,16 @@ class Decoder:
     `pixels` is one (N, crop, crop, channels) array, or without a `Preprocess` an object array of (H, W, 3)
     arrays (0 x 0 for a failed row). With DICOM enabled (`dicom` settings) it also adds `frame`, the DICOM key
     and allow-listed tag columns and `rows_of_input`, one row per selected frame.
+    `safe_errors` (privacy.pseudonymize): messages built from known-safe parts only (spec/safe_errors.py).
     """
 
-    def __init__(self, preprocess: Preprocess | None, max_image_pixels: int, channels: int = 3, dicom=None):
+    def __init__(self, preprocess: Preprocess | None, max_image_pixels: int, channels: int = 3, dicom=None,
+                 safe_errors: bool = False):
         self.preprocess = preprocess
         self.max_image_pixels = max_image_pixels
         self.channels = channels
         self.dicom = dicom  # dicom.DicomSettings, or None: DICOM files are reported, not read
+        self.safe_errors = safe_errors
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ImageFile.LOAD_TRUNCATED_IMAGES = False  # a global Pillow reads at decode time, in this worker
@@ -78,7 +83,7 @@ class Decoder:
             try:
                 rows[i], tags[i] = self.decode(data)
             except Exception as exc:  # noqa: BLE001 - any failure is this image's, not the job's
-                errors[i], error_types[i] = fail("decode", exc, describe_decode_error)
+                errors[i], error_types[i] = fail("decode", exc, partial(describe_decode_error, safe=self.safe_errors))
                 rows[i] = [(None, None, (0, 0))]
                 tags[i] = getattr(exc, "tags", {})  # a DICOM error row keeps its study, series and SOP UIDs
         counts = np.array([len(r) for r in rows])
@@ -105,7 +110,8 @@ class Decoder:
             if self.dicom is None:
                 raise StageFailure("dicom_not_enabled", "a DICOM file; add a 'dicom:' section to the job spec to "
                                                         "read DICOM")
-            dicom = read_dicom(data, self.dicom, self.max_image_pixels, prepare=self.prepare)
+            dicom = read_dicom(data, self.dicom, self.max_image_pixels, prepare=self.prepare,
+                               safe_errors=self.safe_errors)
             return dicom.frames, dicom.tags
         try:
             resize_size = self.preprocess.resize_size if self.preprocess is not None else None
@@ -114,7 +120,8 @@ class Decoder:
             if self.dicom is None:
                 raise
             try:  # a DICOM data set without the Part 10 preamble
-                dicom = read_dicom(data, self.dicom, self.max_image_pixels, force=True, prepare=self.prepare)
+                dicom = read_dicom(data, self.dicom, self.max_image_pixels, force=True, prepare=self.prepare,
+                                   safe_errors=self.safe_errors)
             except StageFailure as exc:
                 if getattr(exc, "tags", {}).get("SOPInstanceUID"):  # it was DICOM, without usable pixels
                     raise
@@ -375,8 +382,9 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def describe_decode_error(exc: Exception) -> tuple[str, str]:
-    """(kind, message): stable, path-free words for the failures Pillow reports in many ways."""
+def describe_decode_error(exc: Exception, safe: bool = False) -> tuple[str, str]:
+    """(kind, message): stable, path-free words for the failures Pillow reports in many ways; `safe`: none of
+    the library's own text either."""
     if isinstance(exc, UnidentifiedImageError):
         return "not_an_image", "not a recognised image format"
     text = str(exc)
@@ -385,4 +393,4 @@ def describe_decode_error(exc: Exception) -> tuple[str, str]:
         return "unsupported", f"a {stub[1]} file: no decoder for it here"
     if "truncated" in text.lower():
         return "truncated", "image file is truncated"
-    return "corrupt", f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return "corrupt", exception_text(exc, safe)

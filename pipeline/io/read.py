@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 
-from pipeline.io.storage import Storage
+from pipeline.io.storage import BODY_READ_ATTEMPTS, Storage, is_transient
 from pipeline.spec.rows import StageFailure, fail
+from pipeline.spec.safe_errors import exception_text
 
 
 class Reader:
-    """Batch function: adds `bytes`, `error`, `error_type` to rows of `uri` (and listed `size`)."""
+    """Batch function: adds `bytes`, `error`, `error_type` to rows of `uri` (and listed `size`).
+    `safe_errors` (privacy.pseudonymize): messages built from known-safe parts only (spec/safe_errors.py)."""
 
-    def __init__(self, storage: Storage, max_file_bytes: int):
+    def __init__(self, storage: Storage, max_file_bytes: int, safe_errors: bool = False):
         self.storage = storage
         self.max_file_bytes = max_file_bytes
+        self.describe = partial(describe_read_error, safe=safe_errors)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["uri"])
@@ -26,15 +31,15 @@ class Reader:
         wanted = []
         for i in range(n):
             if sizes[i] is not None and sizes[i] > self.max_file_bytes:
-                errors[i], error_types[i] = fail("read", self._too_large(sizes[i]), describe_read_error)
+                errors[i], error_types[i] = fail("read", self._too_large(sizes[i]), self.describe)
             else:
                 wanted.append(i)
         fetched = self.storage.read_many([str(batch["uri"][i]) for i in wanted]) if wanted else []
         for i, result in zip(wanted, fetched):
             if isinstance(result, Exception):
-                errors[i], error_types[i] = fail("read", result, describe_read_error)
+                errors[i], error_types[i] = fail("read", result, self.describe)
             elif len(result) > self.max_file_bytes:
-                errors[i], error_types[i] = fail("read", self._too_large(len(result)), describe_read_error)
+                errors[i], error_types[i] = fail("read", self._too_large(len(result)), self.describe)
             else:
                 data[i] = result
                 # An entry listed with an ETag or mtime keeps its listed size, even none: the incremental
@@ -53,11 +58,14 @@ def _missing(value) -> bool:
     return value is None or bool(value != value)
 
 
-def describe_read_error(exc: Exception) -> tuple[str, str]:
+def describe_read_error(exc: Exception, safe: bool = False) -> tuple[str, str]:
+    """(kind, message); `safe`: no library text, which may quote the object's key (botocore's endpoint URL)."""
     if isinstance(exc, FileNotFoundError):
         return "not_found", "object not found"
     if isinstance(exc, PermissionError):
         return "access_denied", "access denied"
     if isinstance(exc, IsADirectoryError):
         return "not_a_file", "is a folder, not a file"
-    return "io_error", f"{type(exc).__name__}: {exc}"
+    # Storage.read_many tries a read that may yet succeed until its last attempt: one still failing had them all.
+    tries = (f"tried {BODY_READ_ATTEMPTS} times",) if is_transient(exc) else ()
+    return "io_error", exception_text(exc, safe, tries)

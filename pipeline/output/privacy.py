@@ -5,8 +5,9 @@ same key is always the same token: joins across runs, incremental runs and resum
 key (or the mapping file) can re-identify, so this is pseudonymisation, not anonymisation. The key comes from an
 environment variable or a secret file, never the spec, and no message, record or log ever shows it.
 
-On the driver, `RowPseudonymizer` replaces the columns before a row is staged and scrubs the raw path out of error
-messages; `PseudonymMap` writes token -> uri pairs only where `privacy.mapping_uri` says, each ahead of the staged
+On the driver, `RowPseudonymizer` replaces the columns before a row is staged. The stages of such a job build their
+error messages from known-safe parts only (spec/safe_errors.py: no library text, which may spell the path in any
+way); as a last line, the sink also removes every spelling of the input's path and folders from them. `PseudonymMap` writes token -> uri pairs only where `privacy.mapping_uri` says, each ahead of the staged
 chunk holding its rows, so a resumed run's mapping is complete. The listing tokenises what it lists
 (`history.DoneFilter`), because the output holds no raw URI to compare against.
 """
@@ -15,9 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
 import posixpath
+import unicodedata
 from pathlib import Path
+from urllib.parse import quote, quote_plus
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -123,23 +127,40 @@ def _replace(batch: pa.Table, name: str, values: pa.Array) -> pa.Table:
 
 
 def scrub(message: str, uri: str) -> str:
-    """The message without the input's path, nor any folder above it (a folder may be named after a patient)."""
+    """The message without the input's path, nor any folder above it (a folder may be named after a patient),
+    in any spelling a library may give them (`spellings`)."""
     for form, placeholder in _path_forms(uri):
         message = message.replace(form, placeholder)
     return message
 
 
 def _path_forms(uri: str) -> list[tuple[str, str]]:
-    """How a message may quote the input (the URI, bucket/key, key or local path) and its folders, longest first."""
+    """How a message may quote the input (the URI, bucket/key, key or local path) and its folders, each in every
+    spelling, longest first."""
     bare = uri.removeprefix("s3://")
     forms = {uri: "<input>", bare: "<input>"}
+    paths = [bare]
     if is_s3(uri):
         forms.setdefault(split_s3(uri)[1], "<input>")
-    folder = posixpath.dirname(bare)
-    while folder.count("/") >= 1 and len(folder) > 1:  # the bucket or root alone names no one
-        forms.setdefault(folder, "<input folder>")
-        folder = posixpath.dirname(folder)
-    return sorted(((f, p) for f, p in forms.items() if f), key=lambda fp: -len(fp[0]))
+        paths.append(split_s3(uri)[1])
+    for path in paths:
+        folder = posixpath.dirname(path)
+        while folder.count("/") >= 1 and len(folder) > 1:  # the bucket or root alone names no one
+            forms.setdefault(folder, "<input folder>")
+            folder = posixpath.dirname(folder)
+    spelled = {spelling: placeholder for form, placeholder in forms.items() for spelling in spellings(form)}
+    return sorted(((f, p) for f, p in spelled.items() if f), key=lambda fp: -len(fp[0]))
+
+
+def spellings(text: str) -> set[str]:
+    """`text` as libraries write it: composed or decomposed, percent- or plus-encoded, escaped as repr, ascii(),
+    unicode_escape, JSON and a bytes repr do, or UTF-8 read as Latin-1."""
+    found = set()
+    for form in {text, unicodedata.normalize("NFC", text), unicodedata.normalize("NFD", text)}:
+        found |= {form, quote(form, safe="/"), quote(form, safe=""), quote_plus(form), repr(form)[1:-1],
+                  ascii(form)[1:-1], form.encode("unicode_escape").decode("ascii"), json.dumps(form)[1:-1],
+                  repr(form.encode("utf-8"))[2:-1], form.encode("utf-8").decode("latin-1")}
+    return found
 
 
 class PseudonymMap:

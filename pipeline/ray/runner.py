@@ -262,10 +262,12 @@ def _build(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tally,
     # Holding no CPU, read tasks are bounded by count instead: each already has 64 fetches in flight.
     # Sized for the cluster as its autoscaler can make it: a head with no CPUs would otherwise get 2 for the night.
     read_tasks = max(2, int(pool.cluster_cpus) // 2)
-    dataset = dataset.map_batches(Reader(storage, cfg.input.max_file_bytes), batch_size=BLOCK_ROWS,
+    safe_errors = cfg.privacy.pseudonymize  # no library text in a message: it may spell the input's path
+    dataset = dataset.map_batches(Reader(storage, cfg.input.max_file_bytes, safe_errors), batch_size=BLOCK_ROWS,
                                   num_cpus=READ_CPUS, memory=READ_MEMORY,
                                   compute=ray.data.TaskPoolStrategy(size=read_tasks))
-    decoder = Decoder(spec.preprocess, cfg.decode.max_image_pixels, spec.input_channels, dicom_settings(cfg.dicom))
+    decoder = Decoder(spec.preprocess, cfg.decode.max_image_pixels, spec.input_channels, dicom_settings(cfg.dicom),
+                      safe_errors)
     num_gpus = pool.num_gpus
     decode_in_tasks = num_gpus > 0 and cfg.decode.device == "cpu"
     if cfg.decode.device == "gpu" and num_gpus == 0:
