@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+from contextlib import nullcontext
 
 from pipeline.ray import stop_ray
 from pipeline.spec.errors import JobFailed, JobStopped, UserError
@@ -78,13 +79,15 @@ def add_output_flags(command: argparse.ArgumentParser) -> None:
     command.add_argument("--table", default="default.predictions", help="iceberg: the table's namespace.name")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, own_streams: bool = False) -> int:
+    """`own_streams`: this process is the `pipeline` command, whose standard streams Ray may write into (a job's
+    console is then its own; see pipeline/ray/console.py). A caller in-process keeps its streams as they are."""
     args = build_parser().parse_args(argv)
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # as `python -m` does, so a custom model module beside the spec imports
     try:
         if args.command == "run":
-            return _run(args)
+            return _run(args, own_streams)
         if args.command == "submit":
             return _submit(args)
         if args.command in ("report", "runs"):
@@ -102,11 +105,25 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, own_streams: bool = False) -> int:
     from pipeline.spec.config import load_job
+
+    cfg = load_job(args.spec, _overrides(args))
+    console = None
+    if own_streams:
+        from pipeline.ray.console import Console
+
+        console = Console.of_this_process()
+    out = console.out if console is not None else sys.stdout
+    # Importing Ray and Arrow takes seconds: say what is coming first.
+    print(f"Job: {cfg.input.uri} -> {cfg.output.uri}\n  loading Ray …", file=out, flush=True)
     from pipeline.ray.runner import run_job
 
-    run_job(load_job(args.spec, _overrides(args)))
+    try:
+        with console.ray_failures() if console is not None else nullcontext():
+            run_job(cfg, out=out, console=console)
+    finally:
+        out.flush()
     return 0
 
 
@@ -159,7 +176,7 @@ def _overrides(args: argparse.Namespace) -> dict:
 def entry() -> None:
     """The `pipeline` command: main(), then a quick exit. Everything the job wrote is committed and closed by
     then; Python's own teardown would spend seconds collecting the heap of torch, Ray and Arrow objects."""
-    code = main()
+    code = main(own_streams=True)
     stop_ray()  # the local Ray this process started (atexit would, but os._exit skips atexit)
     logging.shutdown()
     sys.stdout.flush()

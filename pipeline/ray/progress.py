@@ -134,6 +134,8 @@ class ProgressPrinter:
         waiting = self.waiting() if self.waiting is not None else None
         if waiting is not None:
             return f"{done:,} done, {waiting}"[:width]
+        if done == 0 and self.tally.failed == 0 and listing is not None:
+            return before_first_input(listing)[:width]  # an empty bar at 0 % would say nothing more
         return bar_line(width, done=done, total=listing["listed"] if listing is not None else None,
                         total_final=listing is not None and listing["done"], failed=self.tally.failed, rate=rate,
                         ascii_only=self.ascii_only)
@@ -162,6 +164,14 @@ class ProgressPrinter:
             ahead = self.finished()
             done = max(done, min(ahead, listing["listed"]) if listing is not None else ahead)
         return done
+
+
+def before_first_input(listing: dict) -> str:
+    """What the live line says until the first input is done: the listing as it grows, then the wait for the
+    model (its actors load it: seconds, or minutes on a cluster that adds nodes)."""
+    if not listing["done"]:
+        return f"listing: {listing['listed']:,} found …"
+    return f"listing: {listing['listed']:,} found; waiting for the model's first batch …"
 
 
 BLOCKS = " ▏▎▍▌▋▊▉█"  # a cell filled by eighths

@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, TextIO
 
 import ray
+from ray.util.annotations import RayDeprecationWarning
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.decode.dicom import IDENTIFYING, KEY_TAGS, dicom_settings, instance_uid_tags
@@ -31,10 +32,12 @@ from pipeline.output.lease import OutputLease
 from pipeline.output.runs import job_key, job_schema, model_key
 from pipeline.output.sink import StagingSink
 from pipeline.ray.cluster import ClusterWatch, PoolPlan, plan_pool, read_cluster
+from pipeline.ray.console import Console
 from pipeline.ray.isolation import Isolated, Ledger
 from pipeline.ray.ledger import BatchLedger, RayLedger
 from pipeline.ray.metrics import RunMetrics
 from pipeline.ray.preflight import check_model, check_storage
+from pipeline.ray.reaper import start_reaper
 from pipeline.spec.config import JobConfig
 from pipeline.spec.errors import JobStopped, UserError
 from pipeline.output.privacy import (PseudonymMap, Pseudonymizer, RowPseudonymizer, load_pseudonymizer,
@@ -111,9 +114,11 @@ class RunSummary:
         return json.dumps(self.__dict__, indent=2)
 
 
-def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float | None = None) -> RunSummary:
-    """Validate, run (or resume) and commit one job. Raises UserError before any work if it cannot run."""
-    out = out or sys.stdout
+def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float | None = None,
+            console: Console | None = None) -> RunSummary:
+    """Validate, run (or resume) and commit one job. Raises UserError before any work if it cannot run.
+    `console`: the `pipeline` command's (console.py): once Ray is up, its output goes to the session's logs."""
+    out = out or (console.out if console is not None else sys.stdout)
     timeline = Timeline()
     timeline.mark("run_job")
     cfg = with_absolute_paths(cfg)
@@ -123,16 +128,19 @@ def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float 
                                conditional_writes=cfg.output.conditional_writes)
     pseudonymizer = load_pseudonymizer(cfg.privacy)
     key_id = pseudonymizer.key_id if pseudonymizer else None
+    say(out, "checking the input and the output …")
     check_storage(cfg, storage)
     timeline.mark("storage_checked")
     # The model check imports torch and builds the model (seconds) while Ray starts its daemons (seconds).
     # Ray starts in this thread: the processes it launches are tied to the thread that launched them.
     with ThreadPoolExecutor(1, thread_name_prefix="model-check") as pool:
+        say(out, f"starting Ray and checking the model {cfg.model.name} …")
         model_check = pool.submit(check_model, cfg, storage)
-        start_ray(cfg.compute.ray_address)
+        say(out, f"Ray ready: {start_ray(cfg.compute.ray_address, console)}")
         timeline.mark("ray_ready")
         spec = model_check.result()
         timeline.mark("model_checked")
+        say(out, f"model {spec.name} ready" + (f", {len(spec.labels):,} labels" if spec.labels else ""))
     schema = job_schema(cfg, spec)
     identity = RunIdentity(job_key=job_key(cfg, spec, key_id), model_key=model_key(cfg, spec), model=spec.name,
                            weights=spec.weights_id, pseudonyms=key_id)
@@ -312,15 +320,13 @@ def on_driver_node() -> NodeAffinitySchedulingStrategy:
     return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
-def start_ray(address: str | None) -> None:
+def start_ray(address: str | None, console: Console | None = None) -> str:
+    """Start a local Ray, or join the one at `address`; returns what it is, for the console. Ray's own output stays
+    off the console: workers' and agents' lines stay in the session's logs (log_to_driver), and with `console`, so
+    does what Ray writes into this process (console.py). A local Ray's processes end with this process (reaper.py)."""
     if ray.is_initialized():
-        return
-    # Ray's informational chatter would drown our own progress lines; its real warnings still show.
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    for chatty in ("ray.data._internal.progress", "ray._private.authentication.authentication_token_setup"):
-        logging.getLogger(chatty).setLevel(logging.ERROR)
-    # Ray Data warns when a small job has fewer blocks than the pool has tasks or actors: expected, not a fault.
-    warnings.filterwarnings("ignore", message=r"The (maximum|minimum) number of concurrent", category=UserWarning)
+        return "already started in this process"
+    quiet_ray_loggers()
     # Joining a cluster is only ever on purpose: Ray's own default (address None) would join whatever cluster a
     # `ray start` left on this machine, or wait minutes for one that has died.
     address = address or os.environ.get("RAY_ADDRESS") or "local"
@@ -329,12 +335,41 @@ def start_ray(address: str | None) -> None:
         # (a custom `module:build_fn` next to the job spec). A cluster needs it installed in its image.
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
     try:
-        ray.init(address=address, include_dashboard=False, logging_level="WARNING", log_to_driver=True,
-                 configure_logging=True)
+        context = ray.init(address=address, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+                           configure_logging=True)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = "a new local Ray" if address == "local" else address
         raise UserError(f"compute.ray_address: cannot start or join Ray at {where} "
                         f"({type(exc).__name__}: {exc}); check RAY_ADDRESS / compute.ray_address") from None
+    session_dir = context.address_info["session_dir"]
+    if address == "local":
+        _REAPERS.append(start_reaper(session_dir))
+    if console is not None:
+        console.divert(os.path.join(session_dir, "logs"))
+        # Ray's deprecation notices are for this package's developers (the tests show them), not a job's user.
+        warnings.filterwarnings("ignore", category=RayDeprecationWarning)
+    resources = ray.cluster_resources()
+    size = ", ".join(f"{resources[key]:g} {name}" for key, name in (("CPU", "CPUs"), ("GPU", "GPUs"))
+                     if resources.get(key))
+    return f"{'a new local Ray' if address == 'local' else address}, {size or 'no CPUs yet'}; its logs in " \
+           f"{session_dir}/logs"
+
+
+_REAPERS: list = []  # one per local Ray this process started: each ends its session when this process ends
+
+
+def quiet_ray_loggers() -> None:
+    """Ray's informational chatter would drown our own progress lines; its real warnings still reach its logs."""
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    for chatty in ("ray.data._internal.progress", "ray._private.authentication.authentication_token_setup"):
+        logging.getLogger(chatty).setLevel(logging.ERROR)
+    # Ray Data warns when a small job has fewer blocks than the pool has tasks or actors: expected, not a fault.
+    warnings.filterwarnings("ignore", message=r"The (maximum|minimum) number of concurrent", category=UserWarning)
+
+
+def say(out: TextIO, text: str) -> None:
+    """A line about what the job is doing while it starts, before the progress line takes over."""
+    print(f"  {text}", file=out, flush=True)
 
 
 def with_absolute_paths(cfg: JobConfig) -> JobConfig:

@@ -1,0 +1,97 @@
+"""Ends what a local Ray session left running once the process that started it is gone, however it went.
+
+Ray ties the processes ray.init starts (GCS, raylet, dashboard, monitors) to the driver with PR_SET_PDEATHSIG, and
+its workers leave when their raylet does. The raylet's agents (ray::DashboardAgent, ray::RuntimeEnvAgent) see it die
+too, but then spend a minute or more reporting that to the GCS, which died with it: after a `kill -9` of the driver
+they outlive it under PID 1. Ray's own reaper (ray_process_reaper.py) would need the driver to lead its own process
+group, which takes it out of the terminal's foreground (no more Ctrl-C).
+
+So the driver starts `python -m pipeline.ray.reaper SESSION_DIR` with a pipe on its stdin, and holds the other end.
+At end of file (the driver exited, or was killed), every process that holds a file open under SESSION_DIR (each of
+the session's processes keeps its log files there) gets SIGTERM, then SIGKILL if it is still there a second later.
+Linux only, like PR_SET_PDEATHSIG; elsewhere nothing is started.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+GRACE_S = 1.0
+DEADLINE_S = 10.0
+
+
+def start_reaper(session_dir: str) -> subprocess.Popen | None:
+    """The reaper for `session_dir`, watching this process. Keep the returned Popen referenced for as long as the
+    session lives: when it is collected, its pipe closes and the reaper ends the session."""
+    if not sys.platform.startswith("linux"):
+        return None
+    return subprocess.Popen([sys.executable, "-m", "pipeline.ray.reaper", os.path.realpath(session_dir)],
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # a Ctrl-C for the driver is not for the reaper
+
+
+def session_processes(session_dir: str) -> list[int]:
+    """Processes (but this one) that hold a file under `session_dir` open for writing, as each of the session's
+    processes does its log files (someone's `tail -f` of one only reads it)."""
+    prefix = session_dir.rstrip("/") + "/"
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{entry}/fd")
+        except OSError:  # gone meanwhile, or not ours to look at
+            continue
+        if any(_writes_under(entry, fd, prefix) for fd in fds):
+            found.append(int(entry))
+    return found
+
+
+def _writes_under(pid: str, fd: str, prefix: str) -> bool:
+    try:
+        if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith(prefix):
+            return False
+        with open(f"/proc/{pid}/fdinfo/{fd}") as info:
+            flags = next(int(line.split()[1], 8) for line in info if line.startswith("flags:"))
+    except (OSError, StopIteration, ValueError):
+        return False
+    return flags & (os.O_WRONLY | os.O_RDWR) != 0
+
+
+def reap(session_dir: str) -> None:
+    """SIGTERM to the session's processes, SIGKILL to those still there after GRACE_S, until none is left."""
+    deadline = time.monotonic() + DEADLINE_S
+    signalled: dict[int, float] = {}
+    while time.monotonic() < deadline:
+        alive = session_processes(session_dir)
+        if not alive:
+            return
+        now = time.monotonic()
+        for pid in alive:
+            first = signalled.setdefault(pid, now)
+            _signal(pid, signal.SIGTERM if now == first else signal.SIGKILL if now - first >= GRACE_S else 0)
+        time.sleep(0.1)
+
+
+def _signal(pid: int, sig: int) -> None:
+    if not sig:
+        return
+    try:
+        os.kill(pid, sig)
+    except OSError:  # gone meanwhile
+        pass
+
+
+def main() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while sys.stdin.buffer.read(4096):
+        pass
+    reap(sys.argv[1])
+
+
+if __name__ == "__main__":
+    main()
