@@ -224,9 +224,10 @@ class S3Lease(OutputLease):
     def _put(self, **condition) -> str:
         # The probe client's short timeouts: a renewal must not hang for longer than the lease lives.
         bucket, key = _s3_key(self.output_uri)
-        reply = self.storage.s3_probe_client.put_object(Bucket=bucket, Key=key,
-                                                        Body=Holder.me(self.run_id).to_bytes(), **condition)
-        self._renewed_at = time.monotonic()
+        client = self.storage.s3_probe_client
+        sent = time.monotonic()  # not the reply's time: the lease runs from when the server wrote it, before that
+        reply = client.put_object(Bucket=bucket, Key=key, Body=Holder.me(self.run_id).to_bytes(), **condition)
+        self._renewed_at = sent
         return reply["ETag"]
 
     def _take(self) -> None:
@@ -296,7 +297,7 @@ class S3Lease(OutputLease):
             return  # cannot tell now; the next renewal looks again
         if current is not None and current[0] is not None and current[0].is_me(self.run_id):
             self._etag = current[1]
-            self._renewed_at = time.monotonic()
+            self._renewed_at = time.monotonic() - current[2]  # written that long ago, by the server's clock
         else:
             self.lost = "another run took it over"
 
