@@ -13,8 +13,9 @@ materialised. The commit carries
   - commitInfo custom metadata `pipeline.record` (the run's record as JSON) and `pipeline.run_id`: `committed()`
     reads them back from the table's history, so the log is the one source of truth for what is done;
   - an app transaction `pipeline-run-<run_id>` (version 1): it is how a retried commit finds that its run is
-    already in the table (`DeltaTable.transaction_version`), and delta-rs's conflict checker refuses a second
-    commit carrying it. App transactions survive overwrites and checkpoints.
+    already in the table (`DeltaTable.transaction_version`). delta-rs's conflict checker does NOT refuse a
+    second commit carrying it (seen with 1.6.6: a retried append landed at the next version, the run twice).
+    App transactions survive overwrites and checkpoints.
 Data files written before a commit that then fails (a crash, rows that raise midway, a lost lease) are never
 named by the log, so readers never see them; `vacuum` deletes them.
 
@@ -22,8 +23,11 @@ Commit safety on S3, as found with deltalake 1.6.6 (delta-rs) against moto:
   - Without a locking provider or `copy_if_not_exists`, delta-rs 1.x uses its default log store, which writes
     `_delta_log/<version>.json` with ONE conditional PUT, `If-None-Match: *` (object_store's conditional put,
     S3ConditionalPut::ETagMatch, its default since AWS S3 supports it, Aug 2024). There is no temporary file and
-    no rename. The S3 server refuses the PUT with 412 when that version exists; delta-rs then rereads the log,
-    checks for conflicts and retries at the next version (two appends both land, at different versions) or fails.
+    no rename. The S3 server refuses the PUT with 412 when that version exists. delta-rs would then retry at the
+    next version by itself, without our lease check, so that a driver frozen inside `write_deltalake` past its
+    lease would, thawed, commit its run a second time (tests/test_late_write.py); we set `max_commit_retries=0`
+    and retry in commit.py, checking the lease and the run's app transaction first (two appends of different
+    runs both land, at different versions).
   - We set `conditional_put: etag` explicitly anyway, so a change of library default cannot silently drop it.
   - `AWS_S3_ALLOW_UNSAFE_RENAME` is NOT needed and we never set it: in 1.6 it no longer changes the commit path
     (the same conditional PUT is sent with or without it). DynamoDB (`AWS_S3_LOCKING_PROVIDER=dynamodb`) is only
