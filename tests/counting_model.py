@@ -1,7 +1,8 @@
 """A tiny classifier for crash tests that records every forward pass, so a test can tell work redone.
 
 It is also a model that crashes on one kind of input, as a native library can: a batch holding a solid magenta
-image (an impossible photo) kills its process with a segmentation fault, in a model actor.
+image (an impossible photo) kills its process with a segmentation fault, in a model actor. With
+PIPELINE_TEST_CRASH_IN_ACTOR_BUILD set, building it crashes every model actor.
 
 Each call appends "<batch size> <Ray node id>" to the file named by PIPELINE_TEST_CALLS (O_APPEND: whole
 lines even with several actors). Built as the custom model `counting_model:build`.
@@ -57,6 +58,8 @@ def _maybe_die() -> None:
 
 
 def build(num_classes: int | None = None) -> nn.Module:
+    if os.environ.get("PIPELINE_TEST_CRASH_IN_ACTOR_BUILD") and in_model_actor():
+        ctypes.string_at(0)  # a model whose weights or device crash every actor that builds it
     torch.manual_seed(0)
     return CountingNet(num_classes or 3)
 

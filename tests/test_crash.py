@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import pytest
 from PIL import Image
 
 from conftest import encode, photo, photo_jpeg
-from pipeline.ray.isolation import LedgerBook
+from pipeline.ray.isolation import BuildBook, LedgerBook
 from pipeline.ray.runner import run_job
 from pipeline.spec.config import load_job
 from counting_model import images_seen
@@ -181,6 +182,68 @@ def test_an_input_that_kills_its_model_actor_becomes_an_error_row(tmp_path, ray_
     assert summary.redone > 0  # the batches lost with the crashed processes were taken again
 
 
+def test_inputs_that_kill_their_process_become_error_rows_through_the_cli(tmp_path, storage, bucket):
+    """The user's path: `pipeline run` in its own process and its own local Ray, inputs on the S3 server, two
+    poison inputs among photos: they become error rows, every other input is predicted once, the job ends."""
+    for i in range(22):
+        storage.s3_client.put_object(Bucket=bucket, Key=f"in/img {i:04d}.jpg", Body=photo_jpeg(i))
+    for name in ("magenta 1.png", "magenta 2.jpg"):
+        storage.s3_client.put_object(Bucket=bucket, Key=f"in/{name}",
+                                     Body=encode(MAGENTA.resize((480, 360)), name.rsplit(".", 1)[1].upper()))
+    output = str(tmp_path / "out")
+    run = subprocess.run(pipeline_cmd(f"s3://{bucket}/in", output), env=env_for(tmp_path / "calls.txt"),
+                         capture_output=True, text=True, timeout=420)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = {r["uri"].rsplit("/", 1)[1]: r for r in committed_rows(output, storage).to_pylist()}
+    assert len(rows) == 24
+    assert {n for n, r in rows.items() if r["error_type"] == "model.worker_crashed"} == {"magenta 1.png",
+                                                                                        "magenta 2.jpg"}
+    assert all(r["error"] is None and r["label"] is not None for n, r in rows.items() if "magenta" not in n)
+    done = [int(m.replace(",", "")) for m in re.findall(r"\] ([\d,]+) done", run.stdout)]
+    assert done == sorted(done) and all(n <= 24 for n in done)  # rows the driver has, never batches lost since
+
+
+def test_a_model_that_crashes_every_actor_building_it_ends_the_job_in_one_line(tmp_path):
+    """A model that takes its process down as it loads (in the actor, not in the driver's check): Ray would
+    restart the actor for ever; the job stops with one line instead."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"photo{i}.jpg").write_bytes(encode(photo(seed=i), "JPEG"))
+    env = {**env_for(tmp_path / "calls.txt"), "PIPELINE_TEST_CRASH_IN_ACTOR_BUILD": "1"}
+    run = subprocess.run([sys.executable, "-m", "pipeline", "run", "--input", str(folder), "--output",
+                          str(tmp_path / "out"), "--model", "counting_model:build"], env=env,
+                         capture_output=True, text=True, timeout=420)
+    assert run.returncode == 1, run.stderr[-3000:]
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "died 2 times while building the model" in errors[0], run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
+
+
+def test_a_batch_lost_after_it_ended_is_a_rerun_until_the_driver_has_its_rows():
+    """A process can die after its batch returned and before Ray handed the rows on; Ray runs the batch again.
+    That run must be one input at a time, and the input last handled alone is blamed for the death."""
+    book = LedgerBook()
+    assert book.start("w1", ["a", "b"]) is False
+    book.finish("w1", ["a", "b"])  # w1 dies now, its rows never reach the driver
+    assert book.start("w2", ["a", "b"]) is True
+    assert book.begin_input("w2", "a") == 0 and book.begin_input("w2", "b") == 0
+    book.finish("w2", ["a", "b"])  # and w2 dies after b, alone, had returned
+    assert book.start("w3", ["a", "b"]) is True and book.begin_input("w3", "b") == 2
+    book.finish("w3", ["a", "b"])
+    book.received(["a", "b"])
+    assert not book.open and not book.crashed and book.start("w3", ["c"]) is False
+
+
+def test_an_actor_that_dies_building_its_stage_twice_is_the_jobs_failure():
+    book = BuildBook()
+    assert book.start("actor1") == 0 and book.start("actor2") == 0  # two actors build side by side
+    book.done("actor2")
+    assert book.start("actor1") == 1 and book.failure is None  # actor1's first incarnation died building
+    assert book.start("actor1") == 2 and "died 2 times while building the model" in book.failure
+    assert book.start("actor2") == 0  # one that built and later died (a poison input) builds again freely
+
+
 def test_the_ledger_blames_only_the_input_handled_alone_when_its_process_died():
     book = LedgerBook()
     assert book.start("w1", ["a", "b", "c"]) is False  # first attempt: the batch at once; its process dies
@@ -226,4 +289,6 @@ def test_a_rerun_batch_goes_one_input_at_a_time_and_skips_the_input_that_killed_
     assert list(out["error_type"]) == [None, "decode.worker_crashed", None]
     assert "died 2 times while handling this input" in out["error"][1]
     assert out["pixels"][0].shape == (72, 96, 3) and out["pixels"][1].shape == (0, 0, 3)
-    assert not book.open and not book.alone  # the batch ended
+    assert book.open  # the batch ended, but only the driver's receipt settles its inputs
+    book.received(names)
+    assert not book.open and not book.crashed

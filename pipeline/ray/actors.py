@@ -29,12 +29,16 @@ class ModelActor:
 
     def __init__(self, stage: type[ModelStage], spec: ModelSpec, storage: Storage, decoder: Decoder | None = None,
                  decode_on_device: bool = False, ledger: Ledger | None = None, **stage_options):
+        if ledger is not None:  # a process that dies building the model is restarted by Ray: bounded here
+            ledger.building()
         self.stage = stage(spec, storage, **stage_options)
         self.decode = actor_decoder(decoder, decode_on_device, self.stage)
         self.latency = BatchLatency(stage.__name__)
         # Told as each batch starts and ends: an input that kills this process becomes an error row
         # (isolation.py), and the driver counts the inputs redone after a loss.
         self.isolated = Isolated(self.timed_run, ledger, "model") if ledger is not None else None
+        if ledger is not None:
+            ledger.built()
 
     def __call__(self, batch: Batch) -> Batch:
         return self.isolated(batch) if self.isolated is not None else self.timed_run(batch)

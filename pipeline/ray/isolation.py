@@ -1,18 +1,21 @@
 """Poison inputs: an input that kills the process handling it (a native decoder crash, memory blown past what
 the node has, a model that aborts) becomes an error row instead of stalling the job.
 
-Ray reruns a model actor's batch on a restarted actor without end when its process dies, so one such input would
-hold the job forever. `Isolated` wraps a stage's batch function and reports to a ledger, a small record kept
-outside the worker (a Ray actor in runner.py; any object with the three methods here), as each batch starts and
-ends:
+Ray runs a lost batch again on a restarted actor (or task), so one such input would hold the job. `Isolated` wraps
+a stage's batch function and reports to a ledger, a small record kept outside the worker (a Ray actor in
+ledger.py; any object with the methods here), as each batch starts and ends; the driver tells it which inputs'
+rows it has received:
 
-- A batch that started before and never ended is a rerun after its process died. It is taken one input at a time
-  (every row of a DICOM file together), each input announced to the ledger before it is touched.
-- An input that was being handled alone when its process died is not tried again: it becomes a row with error type
-  `<stage>.worker_crashed`, and the batch goes on with the rest.
+- An input started again before the driver has its row is a rerun: its batch, or the output of its batch, was
+  lost with a process. Only the driver's receipt settles an input: a process can die after its batch returned and
+  before Ray handed the rows on, and Ray then runs the batch again. A rerun is taken one input at a time (every
+  row of a DICOM file together), each input announced to the ledger before it is touched.
+- An input that was the last one its process handled alone when the process died is not tried again: it becomes
+  a row with error type `<stage>.worker_crashed`, and the batch goes on with the rest.
 
 So a poison input costs two process deaths, and a batch that was only unlucky (its node was preempted) is merely
-taken slowly once.
+taken slowly once. Ray's own retries are bounded too (runner.MAX_TASK_ATTEMPTS): the worst case is a one-line
+failure, never a stall.
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ import numpy as np
 
 from pipeline.spec.rows import error_columns
 
+BUILD_DEATHS = 2  # an actor whose process died this many times building the model ends the job (one line)
+BUILD_CRASH_MESSAGE = ("a model actor's process died {deaths} times while building the model (a native crash, "
+                       "an abort or memory beyond the node while loading it), so the job stops: check the model "
+                       "runs on this node type (load it in a Python shell there); Ray's logs hold the crash")
 CRASH_MESSAGE = ("the worker process died {deaths} times while handling this input (the last with it alone), so it "
                  "was not tried again: a native crash (SIGSEGV, abort) in a decoder or the model, or memory beyond "
                  "what the node has")
@@ -37,7 +44,17 @@ class Ledger(Protocol):
         """About to handle one input of a rerun alone; returns the process deaths it caused (0: go ahead)."""
 
     def finish(self, uris: list[str]) -> None:
-        """The batch ended (its rows are returned)."""
+        """The batch ended (its rows are returned, not yet received by the driver)."""
+
+    def building(self) -> None:
+        """This process starts building its stage; raises ModelBuildCrashed when earlier ones died doing so."""
+
+    def built(self) -> None:
+        """This process has built its stage."""
+
+
+class ModelBuildCrashed(RuntimeError):
+    """Raised in an actor's constructor, so that Ray gives up on it (a crash there would restart it forever)."""
 
 
 class Isolated:
@@ -90,7 +107,8 @@ class LedgerBook:
     """The ledger's state, apart from Ray (runner.BatchLedger serves it from an actor, one book per stage).
 
     Keyed by input, not by batch: Ray may regroup a lost batch's rows when it hands them out again. `worker` is
-    the process calling, so an input is blamed only if its process died while handling it alone.
+    the process calling, so an input is blamed only if its process died while handling it alone. An input stays
+    open from its first start until the driver receives its row (`received`), so memory holds what is in flight.
     """
 
     def __init__(self, clock=time.monotonic):
@@ -102,8 +120,8 @@ class LedgerBook:
         self.batch_started: dict[str, float] = {}  # worker -> when its current batch started
         self.workers: set[str] = set()
         self.span: tuple[float, float] | None = None  # first batch start, last batch end
-        self.open: dict[str, int] = {}  # input -> starts that have not ended
-        self.alone: dict[str, str] = {}  # worker -> the input it is handling alone
+        self.open: dict[str, int] = {}  # input -> starts, until the driver receives its row
+        self.alone: dict[str, str] = {}  # worker -> the input it last handled alone (kept until it starts more)
         self.crashed: dict[str, int] = {}  # input -> process deaths while it was handled alone
 
     def start(self, worker: str, uris: list[str]) -> bool:
@@ -112,6 +130,7 @@ class LedgerBook:
         self.workers.add(worker)
         self.span = (self.span or (now, now))[0], now
         self.inputs_started += len(uris)
+        self.alone.pop(worker, None)  # this process lived on past the input it last handled alone
         lost_alone = {uri: w for w, uri in self.alone.items()}
         rerun = False
         for uri in uris:
@@ -143,6 +162,29 @@ class LedgerBook:
             self.busy_s += now - self.batch_started.pop(worker)
             self.span = (self.span or (now, now))[0], now
         self.inputs_finished += len(uris)
+
+    def received(self, uris: list[str]) -> None:
+        """The driver has these inputs' rows: a later start is no rerun, and nothing about them is kept."""
         for uri in uris:
             self.open.pop(uri, None)
-        self.alone.pop(worker, None)
+            self.crashed.pop(uri, None)
+
+
+class BuildBook:
+    """Which actors died while building their stage, by Ray's actor id (the same across its restarts): a
+    restarted actor whose last incarnation never finished building died doing so."""
+
+    def __init__(self):
+        self.building: dict[str, int] = {}  # actor -> deaths while building, while it builds again
+        self.failure: str | None = None
+
+    def start(self, actor: str) -> int:
+        """An incarnation of `actor` starts building; the deaths of those before it that never finished."""
+        deaths = self.building.get(actor, -1) + 1
+        self.building[actor] = deaths
+        if deaths >= BUILD_DEATHS:
+            self.failure = BUILD_CRASH_MESSAGE.format(deaths=deaths)
+        return deaths
+
+    def done(self, actor: str) -> None:
+        self.building.pop(actor, None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ray
 
-from pipeline.ray.isolation import LedgerBook
+from pipeline.ray.isolation import BuildBook, LedgerBook, ModelBuildCrashed
 from pipeline.ray.progress import ListingCounts
 
 
@@ -23,6 +23,7 @@ class BatchLedger(ListingCounts):
     def __init__(self):
         super().__init__()
         self.books = {"model": LedgerBook(), "decode": LedgerBook()}
+        self.builds = BuildBook()
 
     def start(self, stage: str, worker: str, uris: list[str]) -> bool:
         return self.books[stage].start(worker, uris)
@@ -32,6 +33,22 @@ class BatchLedger(ListingCounts):
 
     def finish(self, stage: str, worker: str, uris: list[str]) -> None:
         self.books[stage].finish(worker, uris)
+
+    def building(self, actor: str) -> str | None:
+        self.builds.start(actor)
+        return self.builds.failure
+
+    def built(self, actor: str) -> None:
+        self.builds.done(actor)
+
+    def failure(self) -> str | None:
+        """Why the job cannot go on, when the ledger knows (actors that die building the model)."""
+        return self.builds.failure
+
+    def received(self, uris: list[str]) -> None:
+        """The driver has these inputs' rows (see isolation.py: only that settles an input)."""
+        for book in self.books.values():
+            book.received(uris)
 
     def model_inputs_started(self) -> int:
         return self.books["model"].inputs_started
@@ -70,3 +87,11 @@ class RayLedger:
 
     def finish(self, uris: list[str]) -> None:
         self.actor.finish.remote(self.stage, self.worker(), uris)
+
+    def building(self) -> None:
+        failure = ray.get(self.actor.building.remote(ray.get_runtime_context().get_actor_id()))
+        if failure is not None:
+            raise ModelBuildCrashed(failure)
+
+    def built(self) -> None:
+        self.actor.built.remote(ray.get_runtime_context().get_actor_id())

@@ -18,7 +18,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Callable, TextIO
 
 import ray
 from ray.util.annotations import RayDeprecationWarning
@@ -39,7 +39,7 @@ from pipeline.ray.metrics import RunMetrics
 from pipeline.ray.preflight import check_model, check_storage
 from pipeline.ray.reaper import start_reaper
 from pipeline.spec.config import JobConfig
-from pipeline.spec.errors import JobStopped, UserError
+from pipeline.spec.errors import JobFailed, JobStopped, UserError
 from pipeline.output.privacy import (PseudonymMap, Pseudonymizer, RowPseudonymizer, load_pseudonymizer,
                               pseudonymized_columns)
 from pipeline.io.listing import InputListing
@@ -62,6 +62,10 @@ BLOCK_BYTES = 1 << 20
 DICOM_BLOCK_BYTES = 8 << 20
 BLOCK_ROWS = 64  # inputs fetched concurrently by a read task
 CHECKPOINT_BATCHES = 8  # default durability granularity, in model batches
+# Attempts Ray makes at one task (a block of inputs) whose process was lost, before the job fails in one line. An
+# input that kills its process costs two (isolation.py); a block holding several poison inputs costs one more for
+# each, and a preempted node one: 16 leaves room for both and still ends a job that cannot go on.
+MAX_TASK_ATTEMPTS = 16
 # Listing and reading wait on storage, so they hold no logical CPU: every core goes to decoding and the
 # model. Ray fuses neighbouring stages whose resource requests are equal into one task, which would put
 # reading inside the single listing task; a read task's memory request (the objects it holds in flight)
@@ -161,11 +165,13 @@ def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float 
         samples = ProgressSamples()
         interval = progress_interval or (0.5 if out.isatty() else 5.0)
         watch = ClusterWatch(request, cluster.node_types)
-        # The model actors report each batch as it ends, so the line moves even while a small job's one block is
-        # still on its actor; the driver's rows (the exact counts) arrive a block at a time.
-        with ProgressPrinter(tally, lambda: ray.get(ledger.listing_get.remote()), out, interval, watch.poll,
-                             finished=lambda: ray.get(ledger.model_inputs_finished.remote())):
-            status, message = drain(dataset, sink, tally, cfg, output.lease, rows, timeline, samples)
+        # The line counts rows the driver has: a batch an actor finished can still be lost with its process.
+        with ProgressPrinter(tally, lambda: ray.get(ledger.listing_get.remote()), out, interval, watch.poll):
+            try:
+                status, message = drain(dataset, sink, tally, cfg, output.lease, rows, timeline, samples,
+                                        received=lambda uris: ledger.received.remote(uris))
+            except ray.exceptions.RayError as exc:
+                raise ledger_failure(exc, ledger) from None
             leftover = sink.release_partial()
             if leftover is not None:
                 tally.add(leftover)
@@ -213,13 +219,17 @@ def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float 
 
 def drain(dataset: ray.data.Dataset, sink: StagingSink, tally: Tally, cfg: JobConfig,
           lease: OutputLease, prepare: RowPseudonymizer | None = None,
-          timeline: Timeline | None = None, samples: ProgressSamples | None = None) -> tuple[str, str | None]:
+          timeline: Timeline | None = None, samples: ProgressSamples | None = None,
+          received: Callable[[list[str]], object] | None = None) -> tuple[str, str | None]:
     """Every prediction row into the sink, once; (status, message) at the end or at the error-rate stop.
-    `prepare` turns each batch into what is written (pseudonymised) before anything stages or counts it."""
+    `prepare` turns each batch into what is written (pseudonymised) before anything stages or counts it;
+    `received` is told each batch's inputs as they arrive (the ledger: only that settles an input)."""
     try:
         metrics = RunMetrics(cfg.output.uri)
         for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
             lease.check()
+            if received is not None:
+                received(batch.column("uri").unique().to_pylist())
             if timeline is not None:
                 timeline.mark("first_row")
             if prepare is not None:
@@ -232,6 +242,39 @@ def drain(dataset: ray.data.Dataset, sink: StagingSink, tally: Tally, cfg: JobCo
     except JobStopped as exc:
         return "stopped", f"{exc} (rows so far stay staged; rerunning the job resumes after them)"
     return "completed", None
+
+
+def ledger_failure(exc: BaseException, ledger) -> BaseException:
+    """One line for a job Ray gave up on: the ledger's reason, or a batch that lost its process too often."""
+    reason = ray.get(ledger.failure.remote())
+    if reason is None:
+        lost = _process_loss(exc)
+        if lost is None:
+            return exc
+        reason = (f"a batch of inputs lost its worker process {MAX_TASK_ATTEMPTS} times ({lost}), more than the "
+                  f"inputs that kill a process explain")
+    return JobFailed(f"{reason}; rows so far stay staged and rerunning the job resumes after them "
+                     f"(Ray's logs: {_session_logs()})")
+
+
+def _process_loss(exc: BaseException) -> str | None:
+    """What Ray says was lost, when a task or actor died (not an exception raised by our own code)."""
+    lost = (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError, ray.exceptions.WorkerCrashedError,
+            ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError, ray.exceptions.OutOfMemoryError)
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, lost):
+            return type(exc).__name__
+        exc = getattr(exc, "cause", None) or exc.__cause__
+    return None
+
+
+def _session_logs() -> str:
+    try:
+        return os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
+    except AttributeError:
+        return "the Ray session's logs folder"
 
 
 def row_pseudonymizer(cfg: JobConfig, schema, pseudonymizer: Pseudonymizer | None,
@@ -264,15 +307,17 @@ def _build(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tally,
            history: History | None, pool: PoolPlan, ledger: Ledger | None) -> ray.data.Dataset:
     compute = cfg.compute
     listing = InputListing(cfg.input.uri, storage, cfg.input.extensions, history, exclude=cfg.output.uri)
-    dataset = ray.data.read_datasource(ListingDatasource(listing, listing_tally), override_num_blocks=1,
-                                       num_cpus=LIST_CPUS)
+    with warnings.catch_warnings():  # Ray 2.60 offers no other way to bound a read task's retries
+        warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
+        dataset = ray.data.read_datasource(ListingDatasource(listing, listing_tally), override_num_blocks=1,
+                                           num_cpus=LIST_CPUS, ray_remote_args={"max_retries": MAX_TASK_ATTEMPTS - 1})
     # A read task walks its block of the listing 64 inputs at a time, fetching each 64 concurrently.
     # Holding no CPU, read tasks are bounded by count instead: each already has 64 fetches in flight.
     # Sized for the cluster as its autoscaler can make it: a head with no CPUs would otherwise get 2 for the night.
     read_tasks = max(2, int(pool.cluster_cpus) // 2)
     safe_errors = cfg.privacy.pseudonymize  # no library text in a message: it may spell the input's path
     dataset = dataset.map_batches(Reader(storage, cfg.input.max_file_bytes, safe_errors), batch_size=BLOCK_ROWS,
-                                  num_cpus=READ_CPUS, memory=READ_MEMORY,
+                                  num_cpus=READ_CPUS, memory=READ_MEMORY, max_retries=MAX_TASK_ATTEMPTS - 1,
                                   compute=ray.data.TaskPoolStrategy(size=read_tasks))
     decoder = Decoder(spec.preprocess, cfg.decode.max_image_pixels, spec.input_channels, dicom_settings(cfg.dicom),
                       safe_errors)
@@ -282,9 +327,9 @@ def _build(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tally,
         raise UserError("decode.device: 'gpu' but the model actors get no GPU (the Ray cluster has none, or "
                         "compute.num_gpus_per_actor is 0); use 'auto' or 'cpu'")
     if decode_in_tasks:
-        # Ray retries a task whose process died 3 times, then fails the job; the ledger bounds it instead.
+        # The ledger turns an input that kills its process into an error row; Ray's retries only bound the rest.
         dataset = dataset.map_batches(decoder if ledger is None else Isolated(decoder, ledger.for_stage("decode"), "decode"),
-                                      batch_size=None, num_cpus=DECODE_CPUS, max_retries=-1)
+                                      batch_size=None, num_cpus=DECODE_CPUS, max_retries=MAX_TASK_ATTEMPTS - 1)
     from pipeline.models.classify import Classifier
     from pipeline.models.detect import Detector
 
@@ -305,6 +350,8 @@ def _build(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tally,
         # Besides reserving room for the model, a memory request keeps the actors' remote args apart from
         # the tasks before them, which Ray would otherwise fuse into the actors.
         memory=int(compute.memory_per_actor_gb * 2**30),
+        # Ray Data's default retries a lost batch forever; an actor restarts only for a batch it may still retry.
+        max_task_retries=MAX_TASK_ATTEMPTS - 1,
     )
 
 
