@@ -245,3 +245,22 @@ def test_a_decoder_in_a_pseudonymised_job_keeps_its_own_words():
     out = Decoder(None, 10**8, safe_errors=True)(batch)
     assert list(out["error"]) == ["decode: not a recognised image format", "decode: image file is truncated",
                                   "decode: file is empty (0 bytes)"]
+
+
+def test_a_manifest_value_is_never_quoted_when_pseudonymised(tmp_path, monkeypatch, capsys, caplog):
+    """An unquoted comma puts part of a patient's path in the size column: the refusal and the warning name the
+    column and row, not the value."""
+    from pipeline.cli.commands import main
+    from pipeline.io.manifest import read_manifest
+
+    manifest = tmp_path / "scans.csv"
+    manifest.write_text("uri,size\n/pacs/O'BRIEN, ANN/87654321/CR/chest.jpg\n")
+    spec = tmp_path / "job.json"
+    spec.write_text(json.dumps({"input": {"uri": str(manifest)}, "output": {"uri": str(tmp_path / "out")},
+                                "model": {"name": "resnet18"}, "privacy": {"pseudonymize": True, "key_env": KEY_ENV}}))
+    monkeypatch.setenv(KEY_ENV, KEY)
+    assert main(["run", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "column 'size', row 1" in err and "ANN" not in err and "87654321" not in err, err
+    assert [o.uri for page in read_manifest(str(manifest), Storage(), quote=False) for o in page] == ["/pacs/O'BRIEN"]
+    assert "column 'size', row 1" in caplog.text and "ANN" not in caplog.text, caplog.text

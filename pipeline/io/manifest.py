@@ -48,9 +48,10 @@ class BadValue:
     row: int
     value: object
 
-    def describe(self) -> str:
+    def describe(self, quote: bool = True) -> str:
+        """`quote=False`: without the value (a misplaced comma may have put part of a path in it)."""
         shown = repr(self.value)
-        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        shown = (shown if len(shown) <= 40 else shown[:37] + "...") if quote else "the value"
         return f"column '{self.column}', row {self.row}: {shown} {_FIXES[self.column]}"
 
 
@@ -64,8 +65,8 @@ _FIXES = {
 
 
 class BadManifest(Exception):
-    def __init__(self, bad: BadValue):
-        super().__init__(bad.describe())
+    def __init__(self, bad: BadValue, quote: bool = True):
+        super().__init__(bad.describe(quote))
         self.bad = bad
 
 
@@ -82,7 +83,7 @@ def read_manifest(uri: str, storage: Storage, quote: bool = True,
         batch, bad = cast_batch(raw)
         if bad:
             logger.warning("manifest %s: %d value(s) unreadable, kept as null; the first: %s", uri, len(bad),
-                           _offset(bad[0], row).describe())
+                           _offset(bad[0], row).describe(quote))
         row += raw.num_rows
         listed = entries(batch, base)
         first = [o for o, new in zip(listed, seen.first_seen([o.uri for o in listed])) if new]
@@ -92,12 +93,12 @@ def read_manifest(uri: str, storage: Storage, quote: bool = True,
     skipped.report()
 
 
-def check_first_batch(uri: str, storage: Storage) -> None:
-    """Raise BadManifest for the first unreadable value of the manifest's first batch."""
+def check_first_batch(uri: str, storage: Storage, quote: bool = True) -> None:
+    """Raise BadManifest for the first unreadable value of the manifest's first batch (`quote=False`: without it)."""
     for raw in raw_batches(uri, storage, SkippedLines(uri, quote=False, quiet=True)):
         _, bad = cast_batch(raw)
         if bad:
-            raise BadManifest(_offset(bad[0], 1))
+            raise BadManifest(_offset(bad[0], 1), quote)
         return
 
 

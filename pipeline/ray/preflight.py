@@ -25,7 +25,7 @@ def preflight(cfg: JobConfig, storage: Storage) -> ModelSpec:
 
 def check_storage(cfg: JobConfig, storage: Storage) -> None:
     """Input, output and mapping locations: quick, so a wrong bucket is refused before anything starts."""
-    check_input(cfg.input.uri, storage)
+    check_input(cfg.input.uri, storage, quote=not cfg.privacy.pseudonymize)
     if cfg.output.uri.rstrip("/") == cfg.input.uri.rstrip("/"):
         raise UserError(f"output.uri: {cfg.output.uri} is the input folder itself; write the predictions to "
                         "another folder (a subfolder of the input is fine: it is never listed as input)")
@@ -42,18 +42,19 @@ def check_model(cfg: JobConfig, storage: Storage) -> ModelSpec:
     return resolve_model(cfg.model, storage)
 
 
-def check_input(uri: str, storage: Storage) -> None:
+def check_input(uri: str, storage: Storage, quote: bool = True) -> None:
+    """`quote=False` (a pseudonymised job): no message quotes a manifest's value."""
     if is_s3(uri):
         check_bucket("input.uri", uri, storage)
     if is_manifest(uri):
-        check_manifest(uri, storage)
+        check_manifest(uri, storage, quote)
     elif not is_s3(uri) and not os.path.isdir(uri):
         what = "is a file, not a folder" if os.path.exists(uri) else "does not exist"
         raise UserError(f"input.uri: {uri} {what}; give a folder of images, s3://bucket/prefix, or a "
                         ".parquet/.csv manifest")
 
 
-def check_manifest(uri: str, storage: Storage) -> None:
+def check_manifest(uri: str, storage: Storage, quote: bool = True) -> None:
     """The manifest exists, has a 'uri' column, and its first batch of rows can be read."""
     if not storage.exists(uri):
         raise UserError(f"input.uri: manifest {uri} does not exist; check the path")
@@ -66,7 +67,7 @@ def check_manifest(uri: str, storage: Storage) -> None:
         raise UserError(f"input.uri: manifest {uri} has no 'uri' column (it has: {', '.join(columns)}); "
                         "name the column of image URIs 'uri'")
     try:
-        check_first_batch(uri, storage)
+        check_first_batch(uri, storage, quote)
     except BadManifest as exc:
         raise UserError(f"input.uri: manifest {uri}, {exc}") from None
     except Exception as exc:  # noqa: BLE001 - e.g. a CSV that is not UTF-8 text
