@@ -46,6 +46,7 @@ from pipeline.io.listing import InputListing
 from pipeline.io.read import Reader
 from pipeline.io.storage import Storage, absolute, join
 from pipeline.ray.actors import ModelActor
+from pipeline.ray.blocks import rows_leave_each_batch
 from pipeline.ray.datasource import ListingDatasource
 from pipeline.ray.progress import ProgressPrinter, ProgressSamples, Tally, Timeline
 
@@ -295,6 +296,7 @@ def build_dataset(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tal
     # default (128 MiB) the listing would hand over nothing until ~1M keys were listed. A dataset captures
     # the context when it is created, so the setting is restored for anything built after ours.
     context.target_max_block_size = DICOM_BLOCK_BYTES if cfg.dicom is not None else BLOCK_BYTES
+    rows_leave_each_batch(ModelActor)  # the driver gets rows a model batch at a time: the checkpoint cadence
     try:
         dataset = _build(cfg, spec, storage, listing_tally, history,
                          pool or plan_pool(cfg.compute, read_cluster())[0], ledger)
