@@ -40,9 +40,10 @@ LANES = {
 }
 # The order lanes start in, longest first, so that parallel workers (pytest-xdist) finish together.
 LANE_ORDER = ("cluster", "browser", "kill", "e2e", "unit")
-# A stall fails its test after this many seconds (pytest-timeout; pyproject's `timeout` for the rest): a cluster
-# test waits for nodes the autoscaler starts and stops, up to 400 s by its own deadlines.
-LANE_TIMEOUT_S = {"cluster": 900}
+# A stall fails its test after this many seconds (pytest-timeout; pyproject's `timeout`, 300 s, for unit tests),
+# above the tests' own deadlines: a job in a subprocess gets up to 300 s (the demo 600 s), a cluster test waits up to
+# 400 s for nodes the autoscaler starts and stops. A module-scoped fixture's jobs count in its first test's time.
+LANE_TIMEOUT_S = {"e2e": 600, "kill": 600, "browser": 600, "cluster": 900}
 # Files whose tests share nothing costly (no module-scoped job): pytest-xdist may spread them over its workers one
 # test at a time. Every other file runs whole on one worker, so its module-scoped fixtures run once.
 SPREAD = ("test_output", "test_odd_files", "test_pipeline", "test_cli_errors", "test_progress_bar")
