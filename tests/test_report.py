@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,13 +22,15 @@ import torchvision
 import yaml
 from PIL import Image, ImageDraw
 
-from conftest import encode, photo
+from conftest import encode, photo, photo_jpeg
 from dicom_files import dicom_bytes, shipped
 from pipeline.cli.commands import main
+from pipeline.io.storage import Storage
 from pipeline.output.lease import OutputLease
 from pipeline.output.staging import RunInfo, StagedRun, Staging
 from pipeline.ray.runner import run_job
 from pipeline.spec.config import load_job
+from test_report_truth import DOLLAR_LABELS, svg_texts
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 TESTS = Path(__file__).parent
@@ -72,8 +75,6 @@ def outputs(tmp_path_factory, classifier_files, s3_server):
     classify["model"]["weights"] = str(upgraded)
     second = run(classify, root, "classify")
 
-    from pipeline.io.storage import Storage
-
     storage = Storage.from_env()
     bucket = "report-tests"
     if bucket not in [b["Name"] for b in storage.s3_client.list_buckets()["Buckets"]]:
@@ -112,6 +113,8 @@ def in_chromium(page: Path, screenshot: Path | None = None) -> dict:
               "JSON.stringify({sections: [...document.querySelectorAll('section')].map(s => s.id), "
               "images: [...document.images].map(i => [i.complete, i.naturalWidth]), "
               "svgs: document.querySelectorAll('svg').length, "
+              "figures: [...document.querySelectorAll('figure')].map(f => [f.title, f.querySelector('figcaption')"
+              ".textContent, f.querySelector('figcaption').scrollWidth <= f.querySelector('figcaption').clientWidth]), "
               "placeholders: document.querySelectorAll('.placeholder').length})); });</script>")
     probe.write_text(page.read_text().replace("</body>", script + "</body>"))
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
@@ -140,6 +143,17 @@ def test_report_renders_in_a_browser_with_its_images(task, outputs, tmp_path):
     assert seen["sections"] == expected + (["against"] if task == "classification" else [])
     assert seen["images"] and all(done and width > 0 for done, width in seen["images"])  # every thumbnail loads
     assert seen["svgs"] >= 3 and seen["placeholders"] == 0
+    # Each thumbnail names its input in full, on hover and in a caption that wraps within the thumbnail's width.
+    inputs = {r["uri"] for r in read_rows(output)}
+    assert seen["figures"] and all(title.split(" · frame ")[0] in inputs and title in caption and wraps
+                                   for title, caption, wraps in seen["figures"])
+
+
+def read_rows(output: str) -> list[dict]:
+    if output.startswith("s3://"):
+        fs, path = Storage.from_env().fs(output)
+        return pads.dataset(path, filesystem=fs, format="parquet").to_table().to_pylist()
+    return pads.dataset(output, format="parquet").to_table().to_pylist()
 
 
 def test_classification_report_counts_what_the_parquet_holds(outputs, tmp_path):
@@ -161,6 +175,14 @@ def test_classification_report_counts_what_the_parquet_holds(outputs, tmp_path):
     assert changed  # different random weights relabel some photos
     for (old, new), n in changed.items():
         assert f"<tr><td>{old}</td><td>{new}</td><td class=\"n\">{n}</td></tr>" in html
+    # "new label in the old top-k" is a share of the inputs whose label changed, not of all compared.
+    old_topk = {r["uri"]: r["topk_labels"] or [] for r in rows if r["run_id"] == first.run_id}
+    moved = [r for r in latest if r["label"] and before[r["uri"]] != r["label"]]
+    share = sum(r["label"] in old_topk[r["uri"]] for r in moved) / len(moved)
+    assert f"<b>{share:.1%}</b><span>of the {sum(changed.values())} changed, new label in the old top-k</span>" in html
+    # Every thumbnail names its input in full (on hover too), not only its file name.
+    titles = re.findall(r'<figure title="([^"]+)">', html)
+    assert titles and all(t in {r["uri"] for r in latest} for t in titles)
     assert second.run_id in html and "sha256:" in html or second.weights in html
 
 
@@ -297,3 +319,110 @@ def test_thumbnails_are_upright_as_a_viewer_shows_the_photo(orientation, upright
     src = _thumbnail(buffer.getvalue(), Sample("s3://b/p.jpg", None, "cat"))
     shown = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
     assert shown.size == upright
+
+
+# --- a run killed and resumed, as a user's is ----------------------------------------------------------------------
+
+RESUMED_INPUTS = 48
+
+
+def counting_job(root: Path, labels: str, output: str) -> Path:
+    """An Iceberg job of tests/counting_model.py (fast) over root/photos; `labels` names its labels file."""
+    path = root / f"{labels}.yaml"
+    path.write_text(yaml.safe_dump({
+        "input": {"uri": str(root / "photos")}, "output": {"uri": output, "format": "iceberg", "checkpoint_rows": 8},
+        "model": {"name": "counting_model:build", "labels": str(root / labels),
+                  "preprocess": {"resize_size": 128, "crop_size": 128}}, "compute": {"batch_size": 8}}))
+    return path
+
+
+def runs_text(output: str) -> str:
+    import contextlib
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["runs", output]) == 0
+    return printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory, s3_server):
+    """An Iceberg output: a committed run of one model; a run of another, whose labels hold `$`, killed after its
+    second staged chunk (a `pipeline run` process of its own, SIGKILLed by a failpoint); `pipeline runs` then;
+    then the rerun that resumes it."""
+    root = tmp_path_factory.mktemp("resumed")
+    (root / "photos").mkdir()
+    for i in range(RESUMED_INPUTS):  # photo-sized: rows reach the driver over several blocks
+        (root / "photos" / f"photo {i:02d}.jpg").write_bytes(photo_jpeg(i))
+    (root / "plain.txt").write_text("a\nb\nc\n")
+    (root / "dollars.txt").write_text("\n".join(DOLLAR_LABELS) + "\n")
+    output = str(root / "out")
+    first = run_job(load_job(str(counting_job(root, "plain.txt", output)), {}), out=io.StringIO())
+    upgrade = counting_job(root, "dollars.txt", output)
+    env = {**os.environ, "PIPELINE_FAILPOINTS": "chunk_written:2",
+           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    killed = subprocess.run([sys.executable, "-m", "pipeline", "run", str(upgrade)], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    staging = Staging(Storage.from_env(), output)
+    (staged,) = staging.scan().values()
+    stats = staging.count(staged)
+    between = runs_text(output)
+    printed = io.StringIO()
+    second = run_job(load_job(str(upgrade), {}), out=printed)
+    return {"output": output, "first": first, "second": second, "staged_rows": stats.rows,
+            "staged_inputs": staged.resumed_inputs, "runs_between": between, "summary": printed.getvalue()}
+
+
+def test_runs_counts_what_the_rerun_of_a_killed_run_will_predict(resumed):
+    staged, runs = resumed["staged_inputs"], resumed["runs_between"]
+    second = resumed["second"]
+    assert 0 < staged < RESUMED_INPUTS
+    pending = RESUMED_INPUTS - staged  # a new model: nothing of the first run counts as done for it
+    assert (f"Rerunning the job of run {second.run_id} ({Path(resumed['output']).parent / 'photos'}, model "
+            f"counting_model:build) resumes it: {pending} inputs pending ({pending} new, 0 changed or to retry), "
+            f"{staged} staged and not redone, 0 unchanged and skipped") in runs
+    assert second.inputs == pending and second.resumed == staged  # what the rerun did
+    # The other job's estimate is labelled as its own: a rerun of the first run's job would do nothing.
+    assert f"Next run of the job of run {resumed['first'].run_id} (" in runs
+
+
+def test_report_of_a_resumed_run_gives_each_attempt_and_draws_dollar_labels_as_text(resumed, tmp_path):
+    second = resumed["second"]
+    html = report(resumed["output"], tmp_path / "r.html")
+    assert second.run_id in html
+    facts = {name: value for value, name in re.findall(r'<div class="fact"><b>([^<]*)</b><span>([^<]*)</span>', html)}
+    assert facts["inputs"] == str(RESUMED_INPUTS) and facts["attempts"] == "2"
+    assert facts["rows resumed from interrupted attempts"] == str(resumed["staged_rows"])
+    attempts = re.findall(r'<tr><td class="n">(\d)</td><td class="mono">[^<]+</td><td class="n">([^<]+)</td>'
+                          r'<td class="n">([^<]+)</td><td class="n">([^<]+)</td><td>(\w+)</td></tr>', html)
+    assert [(n, rows, ended) for n, rows, _, _, ended in attempts] == [
+        ("1", str(resumed["staged_rows"]), "interrupted"), ("2", str(second.rows), "committed")]
+    assert all(seconds.endswith(" s") and float(rate.replace(",", "")) > 0 for _, _, seconds, rate, _ in attempts)
+    # Labels with `$` are text in the charts as on the page (matplotlib used to read them as maths, or raise).
+    labels = {r["label"] for r in second_rows(resumed["output"], second.run_id)}
+    assert labels <= set(DOLLAR_LABELS)
+    drawn = [t for svg in re.findall(r"<svg.*?</svg>", html, flags=re.S) for t in svg_texts(svg)]
+    assert labels <= set(drawn)
+
+
+def second_rows(output: str, run_id: str) -> list[dict]:
+    from pipeline.output.iceberg import IcebergFormat
+
+    table = IcebergFormat(Storage.from_env(), output, None, "default.predictions").load()
+    return [r for r in table.scan(selected_fields=("uri", "label", "run_id")).to_arrow().to_pylist()
+            if r["run_id"] == run_id]
+
+
+def test_an_iceberg_run_names_its_snapshot_and_metadata_file(resumed):
+    """The README's time-travel SQL takes both: the run's summary and `pipeline runs` print them."""
+    from pipeline.output.iceberg import IcebergFormat
+
+    table = IcebergFormat(Storage.from_env(), resumed["output"], None, "default.predictions")
+    second = resumed["second"]
+    assert f"  metadata    {table.metadata_location}  (" in resumed["summary"]
+    assert f"Iceberg snapshot {second.table_version}" in resumed["summary"]
+    runs = runs_text(resumed["output"])
+    assert f"metadata file: {table.metadata_location}\n" in runs
+    for record in table.committed():
+        assert re.search(rf"{record['run_id']} .*\s{record['snapshot_id']}\n", runs)

@@ -121,20 +121,20 @@ def print_resume(table: OutputFormat, run: StagedRun, out: TextIO) -> None:
     for an incremental job) are pending; the staged ones are not redone."""
     info = run.info
     if info.pseudonyms:
-        print("Resuming it: not estimated: the output is pseudonymised (its rows hold tokens, not paths)", file=out)
+        print("Rerunning its job: not estimated: the output is pseudonymised (its rows hold tokens, not paths)",
+              file=out)
         return
-    listing = info.listing or {}
+    listing = info.listing or {}  # absent from runs staged by earlier versions: the defaults then
+    extensions = listing.get("extensions", InputConfig(uri=info.input).extensions)
     try:
-        plan = next_run(table, info.input, info.model_key, listing.get("extensions", InputConfig(uri=info.input)
-                                                                         .extensions),
-                        skips_done=listing.get("skips_done", True), staged=run.chunks)
+        plan = next_run(table, info.input, info.model_key, extensions, listing.get("skips_done", True), run.chunks)
     except Exception as exc:  # noqa: BLE001 - an input gone or denied since: say so, the history stands
-        print(f"Resuming it: cannot list {info.input} ({type(exc).__name__}: {str(exc)[:200]}); check the "
+        print(f"Rerunning its job: cannot list {info.input} ({type(exc).__name__}: {str(exc)[:200]}); check the "
               "input and credentials, or pass --no-listing", file=out)
         return
-    print(f"Resuming run {run.run_id} of {info.input} (model {info.model}): {plan.pending:,} inputs pending "
-          f"({plan.new:,} new, {plan.changed:,} changed or to retry), {plan.staged:,} staged and not redone, "
-          f"{plan.unchanged:,} unchanged and skipped"
+    print(f"Rerunning the job of run {run.run_id} ({info.input}, model {info.model}) resumes it: {plan.pending:,} "
+          f"inputs pending ({plan.new:,} new, {plan.changed:,} changed or to retry), {plan.staged:,} staged and not "
+          f"redone, {plan.unchanged:,} unchanged and skipped"
           + (f"; {plan.other_extension:,} other files not listed" if plan.other_extension else ""), file=out)
 
 
@@ -152,7 +152,8 @@ def print_next_run(table: OutputFormat, latest: dict, out: TextIO) -> None:
         print(f"Next run: cannot list {latest['input']} ({type(exc).__name__}: {str(exc)[:200]}); check the "
               "input and credentials, or pass --no-listing", file=out)
         return
-    print(f"Next run of {latest['input']} (incremental, model {latest.get('model')}): {plan.new:,} new, "
+    print(f"Next run of the job of run {latest['run_id']} ({latest['input']}, incremental, model "
+          f"{latest.get('model')}): {plan.new:,} new, "
           f"{plan.changed:,} changed or to retry, {plan.unchanged:,} unchanged and skipped"
           + (f"; {plan.other_extension:,} other files not listed" if plan.other_extension else ""), file=out)
 
