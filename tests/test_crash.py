@@ -187,9 +187,8 @@ def test_inputs_that_kill_their_process_become_error_rows_through_the_cli(tmp_pa
     poison inputs among photos: they become error rows, every other input is predicted once, the job ends."""
     for i in range(22):
         storage.s3_client.put_object(Bucket=bucket, Key=f"in/img {i:04d}.jpg", Body=photo_jpeg(i))
-    for name in ("magenta 1.png", "magenta 2.jpg"):
-        storage.s3_client.put_object(Bucket=bucket, Key=f"in/{name}",
-                                     Body=encode(MAGENTA.resize((480, 360)), name.rsplit(".", 1)[1].upper()))
+    for name, fmt in (("magenta 1.png", "PNG"), ("magenta 2.jpg", "JPEG")):
+        storage.s3_client.put_object(Bucket=bucket, Key=f"in/{name}", Body=encode(MAGENTA.resize((480, 360)), fmt))
     output = str(tmp_path / "out")
     run = subprocess.run(pipeline_cmd(f"s3://{bucket}/in", output), env=env_for(tmp_path / "calls.txt"),
                          capture_output=True, text=True, timeout=420)
