@@ -114,7 +114,6 @@ class LedgerBook:
     def __init__(self, clock=time.monotonic):
         self.clock = clock
         self.inputs_started = 0  # every start, reruns included: the driver's count of inputs redone
-        self.inputs_finished = 0  # every end, as batches finish: the progress line's count before rows reach the driver
         self.first_finished_at: float | None = None  # wall-clock time the first batch ended (the run's timeline)
         self.busy_s = 0.0  # worker-seconds spent inside batches: with the span, how busy the stage's workers were
         self.batch_started: dict[str, float] = {}  # worker -> when its current batch started
@@ -161,7 +160,6 @@ class LedgerBook:
         if worker in self.batch_started:
             self.busy_s += now - self.batch_started.pop(worker)
             self.span = (self.span or (now, now))[0], now
-        self.inputs_finished += len(uris)
 
     def received(self, uris: list[str]) -> None:
         """The driver has these inputs' rows: a later start is no rerun, and nothing about them is kept."""

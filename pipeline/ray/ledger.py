@@ -53,9 +53,6 @@ class BatchLedger(ListingCounts):
     def model_inputs_started(self) -> int:
         return self.books["model"].inputs_started
 
-    def model_inputs_finished(self) -> int:
-        return self.books["model"].inputs_finished
-
     def model_first_finished_at(self) -> float | None:
         return self.books["model"].first_finished_at
 

@@ -91,11 +91,10 @@ class ProgressPrinter:
     """Tells the user how the job goes from a background thread, every `interval` seconds: on a terminal, one bar
     rewritten in place; elsewhere (a log), a new line of counts each time."""
 
-    def __init__(self, tally: Tally, listing, out: TextIO, interval: float, waiting=None, finished=None):
+    def __init__(self, tally: Tally, listing, out: TextIO, interval: float, waiting=None):
         self.tally = tally
         self.listing = listing  # callable -> {"listed", "skipped", "done"} or None
         self.waiting = waiting  # callable -> what the job waits for (nodes), or None while it is not waiting
-        self.finished = finished  # callable -> inputs the model has finished, ahead of the rows the driver has
         self.out = out
         self.interval = interval
         self.live = is_terminal(out)
@@ -157,13 +156,8 @@ class ProgressPrinter:
         return f"  [{t.elapsed:6.1f}s] {done:,} done, {t.failed:,} failed, {remaining}, {rate:.1f} images/s"
 
     def done(self, listing: dict | None) -> int:
-        """Inputs done so far: the model's count when it is ahead of the driver's, never more than were listed
-        (a batch Ray ran again after a lost node ends twice)."""
-        done = self.tally.done
-        if self.finished is not None:
-            ahead = self.finished()
-            done = max(done, min(ahead, listing["listed"]) if listing is not None else ahead)
-        return done
+        """Inputs done: rows the driver has. A batch a model actor finished can still be lost with its process."""
+        return self.tally.done
 
 
 def before_first_input(listing: dict) -> str:
