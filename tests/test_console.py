@@ -60,7 +60,7 @@ def test_a_run_prints_our_lines_from_the_start_and_none_of_rays(tmp_path, s3_ser
     """A model actor dies mid-batch (its batch is redone): Ray has plenty to say, in its logs, not on the console."""
     put_photos(tmp_path / "in", 8)
     env = env_with(tmp_path, PIPELINE_TEST_DIE_ONCE=str(tmp_path / "died"))
-    run = subprocess.run(pipeline_run(tmp_path), env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(pipeline_run(tmp_path), env=env, capture_output=True, text=True, timeout=300)
 
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert (tmp_path / "died").exists()  # an actor did die

@@ -390,18 +390,18 @@ def start_ray(address: str | None, console: Console | None = None) -> str:
         where = "a new local Ray" if address == "local" else address
         raise UserError(f"compute.ray_address: cannot start or join Ray at {where} "
                         f"({type(exc).__name__}: {exc}); check RAY_ADDRESS / compute.ray_address") from None
-    session_dir = context.address_info["session_dir"]
-    if address == "local":
+    session_dir = getattr(context, "address_info", {}).get("session_dir")  # none through a Ray Client (ray://)
+    if address == "local" and session_dir:
         _REAPERS.append(start_reaper(session_dir))
-    if console is not None:
+    if console is not None and session_dir:
         console.divert(os.path.join(session_dir, "logs"))
         # Ray's deprecation notices are for this package's developers (the tests show them), not a job's user.
         warnings.filterwarnings("ignore", category=RayDeprecationWarning)
     resources = ray.cluster_resources()
     size = ", ".join(f"{resources[key]:g} {name}" for key, name in (("CPU", "CPUs"), ("GPU", "GPUs"))
                      if resources.get(key))
-    return f"{'a new local Ray' if address == 'local' else address}, {size or 'no CPUs yet'}; its logs in " \
-           f"{session_dir}/logs"
+    return f"{'a new local Ray' if address == 'local' else address}, {size or 'no CPUs yet'}" + \
+        (f"; its logs in {session_dir}/logs" if session_dir else "")
 
 
 _REAPERS: list = []  # one per local Ray this process started: each ends its session when this process ends
