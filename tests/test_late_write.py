@@ -50,7 +50,8 @@ def rows(objects, attempt: str) -> pa.Table:
                      "error_type": ["read.io_error" if f else None for f in failed]})
 
 
-def attempt(output: str, fmt: str, name: str, storage: Storage, catalog_db: str | None, out=None) -> dict:
+def attempt(output: str, fmt: str, name: str, storage: Storage, catalog_db: str | None, out=None,
+            before_commit=lambda: None) -> dict:
     """One attempt at the job: stage what is not staged yet, five rows a batch, then commit."""
     from pipeline.output import open_output
     from pipeline.spec.rows import OUTPUT_SCHEMA
@@ -62,6 +63,7 @@ def attempt(output: str, fmt: str, name: str, storage: Storage, catalog_db: str 
         for start in range(0, len(todo), 5):
             sink.add(rows(todo[start:start + 5], name))
         sink.flush()
+        before_commit()
         return side.commit(sink)
 
 
@@ -72,16 +74,19 @@ def first_driver(output: str, fmt: str, proxy_url: str, catalog_db: str | None) 
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def data_file_put(fmt: str):
-    """A predicate for the proxy: the HOLD[fmt]-th PUT of a data file under the output."""
-    seen = []
+def first_driver_put(fmt: str, held: str):
+    """A predicate for the proxy: the HOLD[fmt]-th PUT of a data file under the output, or (`held` "record") the
+    first PUT of a commit record after a data file (a claim comes before them)."""
+    parts = []
 
     def accept(method: str, target: str) -> bool:
         path = target.split("?", 1)[0]
-        if method != "PUT" or not path.endswith(".parquet") or "/_staging/" in path:
+        if method != "PUT" or "/_staging/" in path:
             return False
-        seen.append(path)
-        return len(seen) == HOLD[fmt]
+        if path.endswith(".parquet"):
+            parts.append(path)
+            return held == "part" and len(parts) == HOLD[fmt]
+        return held == "record" and "/_commits/" in path and bool(parts)
     return accept
 
 
@@ -121,24 +126,32 @@ def visible_rows(output: str, fmt: str, storage: Storage, catalog_db: str | None
             "pyarrow dataset": [tuple(r.values()) for r in globbed.to_pylist()]}
 
 
-@pytest.mark.parametrize("fmt", ["parquet", "delta", "iceberg"])
-def test_a_put_that_lands_after_another_driver_committed_changes_nothing(fmt, s3_server, bucket, storage, tmp_path,
-                                                                         monkeypatch):
+@pytest.mark.parametrize("fmt, held", [("parquet", "part"), ("delta", "part"), ("iceberg", "part"),
+                                       ("parquet", "record")])
+def test_a_put_that_lands_after_another_driver_took_over_changes_nothing(fmt, held, s3_server, bucket, storage,
+                                                                         tmp_path, monkeypatch):
+    """A held part lands after the second driver committed; a held commit record (the folder's), after the
+    second driver resumed the run but before it commits."""
     monkeypatch.setattr("pipeline.output.lease.LEASE_TTL_S", LEASE_TTL_S)
     monkeypatch.setattr("pipeline.output.lease.RENEW_EVERY_S", RENEW_EVERY_S)
     output, catalog_db = f"s3://{bucket}/late", (str(tmp_path / "catalog.db") if fmt == "iceberg" else None)
     with FaultyProxy(s3_server.endpoint_url, fail_rate=0, stall_rate=0, reset_rate=0) as proxy:
-        proxy.hold = data_file_put(fmt)
+        proxy.hold = first_driver_put(fmt, held)
         first = first_driver(output, fmt, proxy.url, catalog_db)
         try:
             assert proxy.held.wait(120), first.communicate(timeout=60)
             first.send_signal(signal.SIGSTOP)  # between its lease check and the PUT's answer, for a long while
             wait_until_expired(storage, output)
             printed = io.StringIO()
-            second = attempt(output, fmt, "second", storage, catalog_db, printed)
+
+            def land_the_held_put():
+                proxy.release()
+                assert proxy.held_answered.wait(60)
+            second = attempt(output, fmt, "second", storage, catalog_db, printed,
+                             before_commit=land_the_held_put if held == "record" else lambda: None)
             assert "Resuming run" in printed.getvalue() and "tried again" in printed.getvalue()
-            proxy.release()  # the first driver's PUT lands now, after the run committed
-            assert proxy.held_answered.wait(60)
+            if held == "part":
+                land_the_held_put()  # after the run committed
         finally:
             first.send_signal(signal.SIGCONT)
         try:
