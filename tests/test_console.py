@@ -12,8 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from conftest import encode, photo
 from pipeline.ray.progress import ProgressPrinter, Tally
 

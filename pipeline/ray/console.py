@@ -68,10 +68,6 @@ class Console:
             raise JobFailed(f"Ray failed the job ({type(exc).__name__}: {first}); its traceback is in "
                             f"{self.log_path}, Ray's logs beside it") from None
 
-    def flush(self) -> None:
-        for stream in (self.out, self.err):
-            stream.flush()
-
 
 def is_ray_failure(exc: BaseException) -> bool:
     """An error of Ray's (a task or actor that failed, a lost object, a dead node), user code's included."""

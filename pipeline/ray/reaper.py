@@ -73,13 +73,14 @@ def reap(session_dir: str) -> None:
         now = time.monotonic()
         for pid in alive:
             first = signalled.setdefault(pid, now)
-            _signal(pid, signal.SIGTERM if now == first else signal.SIGKILL if now - first >= GRACE_S else 0)
+            if first == now:
+                _signal(pid, signal.SIGTERM)
+            elif now - first >= GRACE_S:
+                _signal(pid, signal.SIGKILL)
         time.sleep(0.1)
 
 
 def _signal(pid: int, sig: int) -> None:
-    if not sig:
-        return
     try:
         os.kill(pid, sig)
     except OSError:  # gone meanwhile
