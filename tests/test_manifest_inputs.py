@@ -88,3 +88,14 @@ def test_seen_keys_keeps_the_first_of_each(batch):
         kept += [k for k, new in zip(part, seen.first_seen(part)) if new]
     assert kept == [f"s3://b/{i}.jpg" for i in range(2500)] + ["ü/é"]
     assert len(seen) == 2501
+
+
+def test_a_key_holding_version_id_text_is_read_as_written(storage, bucket):
+    """s3fs reads `k?versionId=v` as version v of `k`: it fetched `k` (another object) or "not found"."""
+    storage.s3_client.put_object(Bucket=bucket, Key="k.jpg?versionId=7", Body=b"the odd key")
+    storage.s3_client.put_object(Bucket=bucket, Key="k.jpg", Body=b"the plain key")
+    odd, plain, absent = (f"s3://{bucket}/k.jpg?versionId=7", f"s3://{bucket}/k.jpg",
+                          f"s3://{bucket}/gone.jpg?versionId=7")
+    assert storage.read_many([odd, plain])[:2] == [b"the odd key", b"the plain key"]
+    assert isinstance(storage.read_many([absent])[0], FileNotFoundError)
+    assert storage.exists(odd) and not storage.exists(absent) and storage.read_bytes(odd) == b"the odd key"
