@@ -59,7 +59,7 @@ Checkpoints and maintenance:
 
 The parts, which `DeltaFormat` composes: `delta_table` (the table's location, delta-rs options, the Delta
 schema), `delta_log` (run records and data files, read from the log), `delta_checks` (before a run),
-`delta_commit` (the commit).
+`delta_commit` (the commit), `delta_rows` (the live rows, read by delta-rs's scan).
 """
 
 from __future__ import annotations

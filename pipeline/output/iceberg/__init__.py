@@ -62,7 +62,8 @@ data-file compaction. Users should schedule, e.g. weekly, with Spark/Trino/Athen
 
 The parts, which `IcebergFormat` composes: `iceberg_catalog` (the table in its catalog), `iceberg_snapshots`
 (run records and live files, read from the snapshots), `iceberg_checks` (before a run: checks and recovery),
-`iceberg_write` (a run's data files), `iceberg_commit` (the snapshot).
+`iceberg_write` (a run's data files), `iceberg_commit` (the snapshot), `iceberg_rows` (the live rows, read by
+pyiceberg's scan).
 """
 
 from __future__ import annotations
