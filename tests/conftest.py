@@ -28,10 +28,12 @@ os.environ["TORCH_HOME"] = TORCH_HOME
 # (whole jobs on a local Ray or `pipeline ...` in a subprocess), `kill` (SIGKILLs and crashes mid-job, then the
 # rerun), `cluster` (`ray start` nodes, the autoscaler) and `browser` (reports in headless Chromium). All but `unit`
 # are also `slow`: a developer runs `pytest -m "not slow"` in a few minutes, the README's `pytest` runs every lane.
-# A file named nowhere below is `e2e`, until it is listed as `unit`.
+# A file named nowhere below is `e2e`, until it is listed as `unit`; in a unit file, a test on the session's Ray is
+# `e2e`, and a test may name its own lane (`@pytest.mark.kill`).
 LANES = {
     "unit": ("test_cli_errors", "test_config", "test_decode", "test_dicom", "test_faults_proxy", "test_folding",
-             "test_format_delta", "test_format_iceberg", "test_layout", "test_model", "test_progress",
+             "test_format_delta", "test_format_iceberg", "test_layout", "test_model", "test_odd_files",
+             "test_progress",
              "test_progress_bar", "test_report_truth", "test_sink", "test_storage"),
     "cluster": ("test_autoscaling", "test_cluster", "test_submit"),
     "kill": ("test_crash", "test_incremental", "test_backfill_medical", "test_privacy", "test_faults",
@@ -50,8 +52,12 @@ SPREAD = ("test_output", "test_odd_files", "test_pipeline", "test_cli_errors", "
 
 
 def lane_of(item: pytest.Item) -> str:
+    named = [lane for lane in LANE_ORDER if item.get_closest_marker(lane)]
+    if named:
+        return named[0]
     module = item.module.__name__
-    return next((lane for lane, modules in LANES.items() if module in modules), "e2e")
+    lane = next((lane for lane, modules in LANES.items() if module in modules), "e2e")
+    return "e2e" if lane == "unit" and "ray_session" in item.fixturenames else lane
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
