@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import io
 import os
+import shutil
 import tempfile
 import uuid
 
@@ -20,6 +22,7 @@ from pipeline.io.storage import Storage
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 # A private torchvision weights cache, set before Ray starts so its workers share it (see torch_home).
 TORCH_HOME = tempfile.mkdtemp(prefix="pipeline-tests-torch-home-")
+atexit.register(shutil.rmtree, TORCH_HOME, ignore_errors=True)  # up to 200 MB of weights per test process
 os.environ["TORCH_HOME"] = TORCH_HOME
 
 
