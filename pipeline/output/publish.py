@@ -162,10 +162,7 @@ class Publication:
             self.fenced.append(path)
 
     def _intent_pages(self):
-        try:
-            yield from self.storage.list_pages(self.intents_uri)
-        except FileNotFoundError:
-            return
+        return self.storage.list_pages(self.intents_uri)  # nothing, where there is no such folder
 
     def drop_intents(self) -> None:
         self.storage.delete([obj.uri for page in self._intent_pages() for obj in page])
