@@ -66,8 +66,10 @@ def list_folder(storage: Storage, root: str) -> FolderListing:
                 record = read_record(storage, obj.uri, ("run_id",))
                 if is_open(record):
                     listing.claims[record["run_id"]] = record
+                elif "committed_at" in record and "files" in record:
+                    listing.commits[record["run_id"]] = record
                 else:
-                    listing.commits[record["run_id"]] = read_record(storage, obj.uri, ("run_id", "committed_at", "files"))
+                    read_record(storage, obj.uri, ("run_id", "committed_at", "files"))  # raises, saying what is wrong
             elif rel.startswith(STAGING + "/"):
                 parts = rel.split("/")
                 listing.staged.add(parts[1])
