@@ -271,7 +271,7 @@ def test_runs_lists_history_staged_run_lease_and_next_run(outputs, storage, caps
             (photos / name).unlink()
     assert first.run_id in held and second.run_id in held and "2 committed run(s)" in held
     assert re.search(rf"{second.run_id}\s+\S+ \S+\s+append\s+resnet18\s+\S+\s+12\s+2\s+1", held)
-    assert "3 rows staged in 1 chunk(s)" in held and f"lease held by run {staged.run_id}" in held
+    assert "3 rows of 3 inputs staged in 1 chunk(s)" in held and f"lease held by run {staged.run_id}" in held
     # 12 listed before: 10 photos (one now changed) and 2 broken files, whose error rows count as done.
     assert "2 new, 1 changed or to retry, 11 unchanged" in held
     assert "lease free" in free and "Next run" not in free and "resumes after the staged rows" in free

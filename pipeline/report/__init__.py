@@ -58,7 +58,6 @@ def page(table: OutputFormat, record: dict, facts: RunFacts, changes: tuple[str,
         return [{"src": shown.get(s), "caption": s.caption, "name": _name(s), "missing": missing} for s in items]
 
     other = len(facts.labels) - LABEL_BARS
-    tries = attempts(record)
     return {
         "run": record, "task": facts.task + (" (DICOM)" if facts.dicom else ""), "output": table.uri,
         "output_format": table.name, "facts": run_facts(record, facts), "provenance": provenance(table, record),
@@ -76,11 +75,7 @@ def page(table: OutputFormat, record: dict, facts: RunFacts, changes: tuple[str,
         "sheet": [{"label": label, "count": f"{facts.labels[label]:,}" if label in facts.labels else "",
                    "thumbs": thumbs(facts.samples.items(label))} for label in sheet_labels],
         "sheet_note": sheet_note(facts, withheld, len(sheet_labels)),
-        "throughput_chart": charts.throughput(record.get("progress") or [], "rows written over the run" if
-                                              len(tries) == 1 else f"rows written by the last attempt ({len(tries)})"),
-        "attempts": [{**a, "rows": "–" if a["rows"] is None else f"{a['rows']:,}",
-                      "elapsed_s": "–" if a["elapsed_s"] is None else f"{a['elapsed_s']:,.1f} s"} for a in tries]
-        if len(tries) > 1 else None,
+        **throughput_section(record),
         "throughput_note": "This run recorded no progress samples (runs before this version, or too short).",
         "against": against_section(changes, thumbs) if changes else None,
         "generated_at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -117,6 +112,16 @@ def run_facts(record: dict, facts: RunFacts) -> list[tuple[str, str]]:
     elif record.get("elapsed_s") is not None:
         shown += [("elapsed", f"{record['elapsed_s']:,.1f} s"), ("images/s", f"{record.get('images_per_s', 0):,.1f}")]
     return shown
+
+
+def throughput_section(record: dict) -> dict:
+    """The chart of rows over the run (its last attempt's), and a resumed run's attempts as table rows."""
+    tries = attempts(record)
+    title = "rows written over the run" if len(tries) == 1 else f"rows written by the last of {len(tries)} attempts"
+    shown = [{**a, "rows": "–" if a["rows"] is None else f"{a['rows']:,}",
+              "elapsed_s": "–" if a["elapsed_s"] is None else f"{a['elapsed_s']:,.1f} s"} for a in tries]
+    return {"throughput_chart": charts.throughput(record.get("progress") or [], title),
+            "attempts": shown if len(tries) > 1 else None}
 
 
 def attempts(record: dict) -> list[dict]:
