@@ -41,8 +41,8 @@ def test_progress_samples_keep_when_rows_arrived_and_reach_the_run_end():
     samples.observe(8.1, 32)
     samples.observe(11.2, 96)
     samples.observe(11.6, 960)  # within a second of the last sample: it used to be dropped
-    progress = samples.record(11.9, 960)["progress"]
-    assert progress[0] == [0.0, 0] and [11.6, 960] in progress and progress[-1] == [11.9, 960]
+    progress = samples.record(12.4, 960)["progress"]
+    assert progress[0] == [0.0, 0] and [11.6, 960] in progress and progress[-1] == [12.4, 960]
 
     quiet_end = ProgressSamples()
     quiet_end.observe(5.0, 100)  # the last rows; then the commit took 25 s

@@ -308,6 +308,6 @@ class ProgressSamples:
     def record(self, seconds: float, rows: int) -> dict:
         """What the run's record keeps: the samples from (0, 0) to the run's end, elapsed and the mean rate."""
         end = [round(seconds, 1), rows]
-        kept = [s for s in self.samples if s[0] < end[0]]  # the end replaces a sample taken in its last 0.1 s
+        kept = [s for s in self.samples if self._slot(s[0]) < self._slot(end[0])]  # the end is its slot's sample
         return {"elapsed_s": round(seconds, 3), "images_per_s": round(rows / seconds, 2) if seconds > 0 else 0.0,
                 "progress": [[0.0, 0], *kept, end]}
