@@ -298,8 +298,10 @@ def build_dataset(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tal
     context.target_max_block_size = DICOM_BLOCK_BYTES if cfg.dicom is not None else BLOCK_BYTES
     rows_leave_each_batch(ModelActor)  # the driver gets rows a model batch at a time: the checkpoint cadence
     try:
-        dataset = _build(cfg, spec, storage, listing_tally, history,
-                         pool or plan_pool(cfg.compute, read_cluster())[0], ledger)
+        with warnings.catch_warnings():  # Ray 2.60 has no other way to bound a task's retries (max_retries=…)
+            warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
+            dataset = _build(cfg, spec, storage, listing_tally, history,
+                             pool or plan_pool(cfg.compute, read_cluster())[0], ledger)
     finally:
         context.target_max_block_size = default_block_size
     return dataset
@@ -309,10 +311,8 @@ def _build(cfg: JobConfig, spec: ModelSpec, storage: Storage, listing_tally,
            history: History | None, pool: PoolPlan, ledger: Ledger | None) -> ray.data.Dataset:
     compute = cfg.compute
     listing = InputListing(cfg.input.uri, storage, cfg.input.extensions, history, exclude=cfg.output.uri)
-    with warnings.catch_warnings():  # Ray 2.60 offers no other way to bound a read task's retries
-        warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
-        dataset = ray.data.read_datasource(ListingDatasource(listing, listing_tally), override_num_blocks=1,
-                                           num_cpus=LIST_CPUS, ray_remote_args={"max_retries": MAX_TASK_ATTEMPTS - 1})
+    dataset = ray.data.read_datasource(ListingDatasource(listing, listing_tally), override_num_blocks=1,
+                                       num_cpus=LIST_CPUS, ray_remote_args={"max_retries": MAX_TASK_ATTEMPTS - 1})
     # A read task walks its block of the listing 64 inputs at a time, fetching each 64 concurrently.
     # Holding no CPU, read tasks are bounded by count instead: each already has 64 fetches in flight.
     # Sized for the cluster as its autoscaler can make it: a head with no CPUs would otherwise get 2 for the night.
