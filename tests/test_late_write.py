@@ -38,6 +38,8 @@ LEASE_TTL_S, RENEW_EVERY_S = 4.0, 0.5  # short, so that the test waits seconds f
 SCORES = {"first": 0.25, "second": 0.75}
 HOLD = {"parquet": 2, "delta": 1, "iceberg": 1}  # which data-file PUT of the first driver is held
 
+pytestmark = pytest.mark.kill  # real processes frozen, thawed and killed (tests/conftest.py: lanes)
+
 
 def rows(objects, attempt: str) -> pa.Table:
     """Rows as the job makes them; in the first attempt, input FAILED's read fails."""
