@@ -24,13 +24,12 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-TESTS = Path(__file__).parent
-sys.path.insert(0, str(TESTS))
+from faults import FaultyProxy
+from output_driver import IDENTITY, inputs, job
+from pipeline.io.storage import Storage
+from readers import duckdb_connection
 
-from faults import FaultyProxy  # noqa: E402
-from output_driver import IDENTITY, inputs, job  # noqa: E402
-from pipeline.io.storage import Storage  # noqa: E402
-from readers import duckdb_connection  # noqa: E402
+TESTS = Path(__file__).parent
 
 N = 20
 FAILED = 2  # the input whose read failed in the first attempt, and that the second one retries
