@@ -11,10 +11,12 @@ import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from conftest import encode, photo
 from counting_model import images_seen
 
+pytestmark = pytest.mark.kill  # the driver is SIGKILLed mid-job
 TESTS = Path(__file__).parent
 INPUTS, BATCH = 160, 4  # 40 model batches, a checkpoint every 8: 5 chunks of 32 rows
 

@@ -400,6 +400,7 @@ def test_racing_commits_on_s3_never_take_the_same_version(s3_server, s3_bucket, 
     assert uris(table) == ["s3://in/a.jpg", "s3://in/b.jpg", "s3://in/c.jpg"]
 
 
+@pytest.mark.e2e  # `pipeline run` in a subprocess (it stops at the spec, before Ray)
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_a_path_delta_rs_would_read_as_a_url_is_one_line(tmp_path, bucket, where):
     """delta-rs decodes `%25` (and cuts at `?` and `#`): the table would land under another path than the lease,

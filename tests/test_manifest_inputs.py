@@ -27,6 +27,7 @@ def pipeline_run(manifest: str, output: str) -> subprocess.CompletedProcess:
                           env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.e2e
 def test_a_manifest_on_s3_gives_one_row_per_input(storage, bucket, tmp_path):
     """Three spellings of one object, a repeated URI, a key holding `?versionId=` (s3fs's syntax for a version,
     which cut such keys short: "object not found") and an unquoted comma in the first line (refused as an
@@ -54,6 +55,7 @@ def test_a_manifest_on_s3_gives_one_row_per_input(storage, bucket, tmp_path):
     assert "unchanged   3" in again.stdout and "inputs      0" in again.stdout, again.stdout
 
 
+@pytest.mark.unit
 def test_local_spellings_of_one_file_are_one_entry(tmp_path):
     (tmp_path / "img.jpg").write_bytes(b"x")
     (tmp_path / "sub").mkdir()
@@ -67,6 +69,7 @@ def test_local_spellings_of_one_file_are_one_entry(tmp_path):
     assert sum(dropped) == 6
 
 
+@pytest.mark.unit
 def test_an_unquoted_comma_is_skipped_wherever_it_is(tmp_path, caplog):
     """The same line first and far past the first MiB: skipped both times, and counted."""
     filler = [f"{i:07d}-a-long-enough-file-name-to-fill-a-mebibyte-quickly.jpg" for i in range(40_000)]
@@ -79,6 +82,7 @@ def test_an_unquoted_comma_is_skipped_wherever_it_is(tmp_path, caplog):
     assert "2 line(s) skipped in all" in caplog.text
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("batch", [1, 7, 1000])
 def test_seen_keys_keeps_the_first_of_each(batch):
     keys = [f"s3://b/{i % 2500}.jpg" for i in range(10_000)] + ["ü/é", "ü/é"]
@@ -90,6 +94,7 @@ def test_seen_keys_keeps_the_first_of_each(batch):
     assert len(seen) == 2501
 
 
+@pytest.mark.unit
 def test_a_key_holding_version_id_text_is_read_as_written(storage, bucket):
     """s3fs reads `k?versionId=v` as version v of `k`: it fetched `k` (another object) or "not found"."""
     storage.s3_client.put_object(Bucket=bucket, Key="k.jpg?versionId=7", Body=b"the odd key")
