@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None, own_streams: bool = False) -> int:
         if args.command in ("report", "runs"):
             return _report(args) if args.command == "report" else _runs(args)
         from pipeline.dev.demo import run_demo
-        return run_demo(keep=args.keep)
+        return run_demo(keep=args.keep, own_streams=own_streams)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

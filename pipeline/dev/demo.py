@@ -15,6 +15,7 @@ import io
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext, redirect_stdout
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -48,9 +49,13 @@ def build_lenet(num_classes: int = 10) -> nn.Module:
     )
 
 
-def run_demo(keep: str | None = None) -> int:
+def run_demo(keep: str | None = None, own_streams: bool = False) -> int:
+    """`own_streams`: this process is the `pipeline` command, whose console stays free of Ray's output."""
     from pipeline.ray import stop_ray
+    from pipeline.ray.console import Console
     from pipeline.ray.runner import run_job
+
+    console = Console.of_this_process() if own_streams else None
 
     with local_bucket(BUCKET) as (server, storage):
         print(f"S3-compatible server (moto) on {server.endpoint_url}, bucket s3://{BUCKET}")
@@ -64,12 +69,15 @@ def run_demo(keep: str | None = None) -> int:
         uploaded = upload_images(storage, test)
         print(f"Uploaded {uploaded:,} PNGs ({len(BROKEN_FILES)} deliberately broken) to s3://{BUCKET}/digits/")
 
-        summary = run_job(demo_job(), progress_interval=1.0)
-        table = read_predictions(storage, summary.files)
-        report_accuracy(table)
-        write_report(storage, summary.run_id, REPORT_FILE)
-        if keep:
-            copy_output(table, keep)
+        with console.ray_failures() if console is not None else nullcontext():
+            summary = run_job(demo_job(), out=console.out if console is not None else None, progress_interval=1.0,
+                              console=console)
+        with redirect_stdout(console.out) if console is not None else nullcontext():  # Ray's went to its logs
+            table = read_predictions(storage, summary.files)
+            report_accuracy(table)
+            write_report(storage, summary.run_id, REPORT_FILE)
+            if keep:
+                copy_output(table, keep)
     stop_ray()
     return 0
 
