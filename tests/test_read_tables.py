@@ -15,9 +15,11 @@ import struct
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
@@ -108,7 +110,11 @@ def table_rows(storage: Storage, w: Written) -> list[dict]:
         con = duckdb_connection(storage, "delta")
         return [dict(zip(columns, row)) for row in
                 con.execute(f"SELECT {', '.join(columns)} FROM delta_scan('{w.output}')").fetchall()]
-    return iceberg_table(storage, w).scan(selected_fields=tuple(columns)).to_arrow().to_pylist()
+    # DuckDB's iceberg_scan, which applies position deletes
+    con = duckdb_connection(storage, "iceberg")
+    metadata = iceberg_table(storage, w).metadata_location
+    return [dict(zip(columns, row)) for row in
+            con.execute(f"SELECT {', '.join(columns)} FROM iceberg_scan('{metadata}')").fetchall()]
 
 
 def iceberg_table(storage: Storage, w: Written):
@@ -162,24 +168,25 @@ def partition_files(storage: Storage, w: Written) -> list[str]:
 
 @pytest.mark.parametrize("fmt", ["delta", "iceberg"])
 def test_rows_another_engine_deleted_are_gone_and_redone(fmt, written, tmp_path):
-    """Delta: one row deleted by delta-rs (`DeltaTable.delete` rewrites its file), another by a deletion vector as
-    Spark and Databricks write them (delta-rs 1.6 writes none); Iceberg: pyiceberg's `Table.delete`."""
+    """One row deleted by the format's library (delta-rs's `DeltaTable.delete`, pyiceberg's `Table.delete`: both
+    rewrite the row's file), another as Spark deletes with merge-on-read, which neither library writes (1.6, 0.12):
+    a Delta deletion vector, an Iceberg position delete file."""
     w = written(fmt)
     storage = Storage.from_env()
     by_library = next(u for u in w.inputs if u.endswith("/green.jpg"))  # a "cat": its partition keeps another row
-    gone = {by_library: "cat"}
+    by_position = next(u for u in w.inputs if u.endswith("/photo0.jpg"))
+    gone = {by_library: "cat", by_position: "dog"}
     if fmt == "delta":
         from deltalake import DeltaTable
 
         table = DeltaTable(w.output, storage_options=storage_options(storage, w.output))
         assert table.delete(f"uri = '{by_library}'")["num_deleted_rows"] == 1
-        by_vector = next(u for u in w.inputs if u.endswith("/photo0.jpg"))
-        delete_by_deletion_vector(storage, w.output, by_vector)
-        gone[by_vector] = "dog"
+        delete_by_deletion_vector(storage, w.output, by_position)
     else:
         from pyiceberg.expressions import EqualTo
 
         iceberg_table(storage, w).delete(EqualTo("uri", by_library))
+        delete_by_position(iceberg_table(storage, w), by_position)
     assert not set(gone) & {r["uri"] for r in table_rows(storage, w)}
 
     page = report(w, tmp_path / "report.html")
@@ -194,6 +201,62 @@ def test_rows_another_engine_deleted_are_gone_and_redone(fmt, written, tmp_path)
     assert sorted(r["uri"] for r in rows) == sorted(w.inputs)  # one row per input, the deleted ones again
     first_run_id = next(r["run_id"] for r in rows if r["uri"] not in gone)
     assert {r["uri"]: r["label"] for r in rows if r["run_id"] != first_run_id} == gone
+
+
+def delete_by_position(table, uri: str) -> None:
+    """Delete `uri`'s row as Spark does in merge-on-read mode: a position delete file (file_path, pos) in a delete
+    manifest of a new snapshot (Iceberg spec, "Position Delete Files"); pyiceberg writes the files."""
+    from pyiceberg.manifest import DataFile, DataFileContent, FileFormat
+    from pyiceberg.table.snapshots import Operation
+
+    for task in table.scan().plan_files():
+        with table.io.new_input(task.file.file_path).open() as f:
+            uris = pq.read_table(f, columns=["uri"])["uri"].to_pylist()
+        if uri in uris:
+            break
+    else:
+        raise AssertionError(f"{uri} is in no live data file")
+    deletes = pa.table({"file_path": [task.file.file_path], "pos": [uris.index(uri)]}, schema=pa.schema([
+        pa.field("file_path", pa.string(), False, metadata={"PARQUET:field_id": "2147483546"}),
+        pa.field("pos", pa.int64(), False, metadata={"PARQUET:field_id": "2147483545"})]))
+    path = f"{table.location()}/data/deletes-{uuid.uuid4()}.parquet"
+    with table.io.new_output(path).create() as out:
+        pq.write_table(deletes, out)
+    delete_file = DataFile.from_args(content=DataFileContent.POSITION_DELETES, file_path=path,
+                                     file_format=FileFormat.PARQUET, partition=task.file.partition, record_count=1,
+                                     file_size_in_bytes=len(table.io.new_input(path)))
+    delete_file.spec_id = task.file.spec_id
+    with table.transaction() as tx:
+        producer = _position_deletes_producer()(Operation.DELETE, tx, tx._table.io)
+        producer.append_data_file(delete_file)
+        producer.commit()
+
+
+def _position_deletes_producer():
+    """pyiceberg's fast append, writing its added files into a delete manifest instead of a data manifest."""
+    from pyiceberg.manifest import ManifestContent, ManifestEntry, ManifestEntryStatus, ManifestWriterV2
+    from pyiceberg.table.update.snapshot import _FastAppendFiles
+
+    class DeleteManifestWriter(ManifestWriterV2):
+        def content(self) -> ManifestContent:
+            return ManifestContent.DELETES
+
+        @property
+        def _meta(self) -> dict[str, str]:
+            return {**super()._meta, "content": "deletes"}
+
+    class AddPositionDeletes(_FastAppendFiles):
+        def _manifests(self):
+            writer = DeleteManifestWriter(self._transaction.table_metadata.spec(), self.schema(),
+                                          self.new_manifest_output(), self._snapshot_id, self._compression)
+            with writer:
+                for delete_file in self._added_data_files:
+                    writer.add(ManifestEntry.from_args(status=ManifestEntryStatus.ADDED, snapshot_id=self._snapshot_id,
+                                                       sequence_number=None, file_sequence_number=None,
+                                                       data_file=delete_file))
+            return [writer.to_manifest_file()] + self._existing_manifests()
+
+    return AddPositionDeletes
 
 
 Z85 = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#"
