@@ -1,6 +1,7 @@
 """An output is read as its readers read it: `pipeline report`, `pipeline runs` and the next incremental run see
-a partition column that lives only in folder names or the Delta log, and do not see rows that the format's own
-library deleted.
+a partition column that lives only in folder names or the Delta log, and do not see rows that another engine
+deleted: by the format's own library (files rewritten) or as Spark's merge-on-read deletes (a Delta deletion
+vector, an Iceberg position delete file). Rows are read back by DuckDB, which applies both.
 
 One real `pipeline run` per format (a subprocess, as a user runs it) writes a label-partitioned output on the
 test S3 server; the tests of a format share it, and the delete test runs after the read-only one (file order).
