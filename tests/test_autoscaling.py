@@ -23,6 +23,7 @@ import torchvision
 from conftest import TORCH_HOME, cache_torchvision_weights, ensure_bucket, photo_jpeg
 from counting_model import images_seen, nodes_seen
 from ray_cluster import AutoscalingHead, TwoNodeCluster
+from ray_cluster import _free_port as free_port
 from test_crash import staged_rows
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -213,9 +214,10 @@ def test_a_node_drained_and_reclaimed_mid_job_loses_nothing(cluster, storage, bu
           f"{next(l for l in out.splitlines() if 'nodes left' in l).strip()}", file=sys.stderr)
 
 
-def test_a_run_without_an_address_never_joins_a_cluster_it_finds(tmp_path, s3_server, classifier_files):
-    """A `ray start` left on the machine (its address in Ray's ray_current_cluster file), then the same file
-    pointing at a cluster that has died: `pipeline run` without an address starts its own Ray both times."""
+def test_a_run_without_an_address_never_joins_a_cluster_it_finds(tmp_path, cluster, classifier_files):
+    """A `ray start` left on the machine (its address in Ray's ray_current_cluster file: this module's running
+    head), then the file pointing where nothing listens, as a cluster that has died leaves it: `pipeline run` without
+    an address starts its own Ray both times."""
     images = tmp_path / "images"
     images.mkdir()
     for i in range(3):
@@ -225,16 +227,15 @@ def test_a_run_without_an_address_never_joins_a_cluster_it_finds(tmp_path, s3_se
     # Ray looks for ray_current_cluster under $TMPDIR/ray/ (short: Ray's socket paths live below it).
     ray_tmp = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
     (ray_tmp / "ray").mkdir()
-    with TwoNodeCluster(head_cpus=1) as foreign:
-        (ray_tmp / "ray" / "ray_current_cluster").write_text(foreign.address)
-        env = {**foreign.env, "TMPDIR": str(ray_tmp)}
-        jobs_before = len(foreign._gcs_client().get_all_job_info(timeout=10))
-        run = subprocess.run([sys.executable, "-m", "pipeline", "run", *args, "--output", str(tmp_path / "a")],
-                             env=env, capture_output=True, text=True, timeout=300)
-        assert run.returncode == 0, run.stderr[-3000:]
-        assert len(foreign._gcs_client().get_all_job_info(timeout=10)) == jobs_before  # no driver joined it
-        dead_address = foreign.address
-    (ray_tmp / "ray" / "ray_current_cluster").write_text(dead_address)  # stale: nothing listens there now
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_NAMESPACE")}, "TMPDIR": str(ray_tmp)}
+    (ray_tmp / "ray" / "ray_current_cluster").write_text(cluster.address)
+    jobs_before = len(cluster._gcs_client().get_all_job_info(timeout=10))
+    run = subprocess.run([sys.executable, "-m", "pipeline", "run", *args, "--output", str(tmp_path / "a")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert len(cluster._gcs_client().get_all_job_info(timeout=10)) == jobs_before  # no driver joined it
+    dead_address = f"127.0.0.1:{free_port()}"
+    (ray_tmp / "ray" / "ray_current_cluster").write_text(dead_address)  # stale: nothing listens there
     run = subprocess.run([sys.executable, "-m", "pipeline", "run", *args, "--output", str(tmp_path / "b")],
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
