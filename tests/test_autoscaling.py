@@ -146,9 +146,10 @@ def test_shipped_nightly_spec_scales_to_a_gpu_actor_per_node(cluster, storage, n
     assert "model actors: 1..2, 1 GPU each (autoscaler: gpu-group 0..2 x 1 GPU)" in out
     actors = model_actors(cluster)
     assert all(a["resources"].get("GPU") == 1.0 for a in actors), actors
-    # The pool asked for its second GPU actor and the autoscaler started a second GPU node for it. Whether that
-    # actor is up before the last batch is done is a race the machine's load decides, so it is not asserted.
-    assert len(actors) >= 2 and len(nodes_up) == 2, (actors, nodes_up)
+    # Ray Data asked the autoscaler for the pool's second GPU and a second GPU node came up for it. Whether the pool
+    # also starts that actor before the last batch is a race the machine's speed decides (on a quiet 2-core machine
+    # this 30-second job ended first), so it is not asserted.
+    assert actors and len(nodes_up) == 2, (actors, nodes_up)
     assert nodes_used and nodes_used <= nodes_up and cluster.head_node_id not in nodes_used
     table = read_output(storage, f"s3://{BUCKET}/labels/")
     assert table.num_rows == inputs and len(set(table["uri"].to_pylist())) == inputs
