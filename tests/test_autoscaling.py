@@ -113,7 +113,7 @@ def read_output(storage, uri: str):
 
 
 def test_shipped_nightly_spec_scales_to_a_gpu_actor_per_node(cluster, storage, nightly_bucket, resnet50_weights):
-    inputs = 200
+    inputs = 500  # about a minute on one CPU-run actor: time for the autoscaler to bring up the second node
     for i in range(inputs):
         storage.s3_client.put_object(Bucket=BUCKET, Key=f"incoming/{i:04d}.jpg", Body=photo_jpeg(i))
     started = time.monotonic()
