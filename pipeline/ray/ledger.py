@@ -86,7 +86,10 @@ class RayLedger:
         self.actor.finish.remote(self.stage, self.worker(), uris)
 
     def building(self) -> None:
-        failure = ray.get(self.actor.building.remote(ray.get_runtime_context().get_actor_id()))
+        try:
+            failure = ray.get(self.actor.building.remote(ray.get_runtime_context().get_actor_id()))
+        except ray.exceptions.RayActorError:  # the job that asked for this actor has ended: nothing to bound
+            return
         if failure is not None:
             raise ModelBuildCrashed(failure)
 
