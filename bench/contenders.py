@@ -192,7 +192,7 @@ def torch_loop(spec: dict) -> dict:
 def pipeline(spec: dict) -> dict:
     import io
 
-    from pipeline.spec.config import load_job
+    from pipeline.job.config import load_job
     from pipeline.ray.runner import run_job, start_ray
 
     cfg = load_job(None, {"input": spec["input"], "output": spec["output"], "model": spec["model"],

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pipeline.dev.local_s3 import local_bucket  # noqa: E402
 from pipeline.io.storage import Storage  # noqa: E402
 from pipeline.models.resolve import resolve_model  # noqa: E402
-from pipeline.spec.config import load_job  # noqa: E402
+from pipeline.job.config import load_job  # noqa: E402
 
 
 def upload(storage: Storage, bucket: str, count: int) -> None:
@@ -56,7 +56,7 @@ def main() -> None:
         full_listing = time.monotonic() - started
 
         cfg = load_job(None, {"input": "s3://bench/images/", "output": "/tmp/unused",
-                              "model": "pipeline.demo:build_lenet", "batch_size": 64})
+                              "model": "pipeline.dev.demo:build_lenet", "batch_size": 64})
         cfg.model.preprocess.resize_size = cfg.model.preprocess.crop_size = 32
         spec = resolve_model(cfg.model, storage)
         start_ray(None)

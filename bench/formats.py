@@ -28,8 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline.io.storage import ObjectInfo, Storage  # noqa: E402
 from pipeline.output import RunIdentity, make_format, open_output  # noqa: E402
-from pipeline.spec.config import load_job  # noqa: E402
-from pipeline.spec.rows import OUTPUT_SCHEMA  # noqa: E402
+from pipeline.job.config import load_job  # noqa: E402
+from pipeline.job.rows import OUTPUT_SCHEMA  # noqa: E402
 
 IDENTITY = RunIdentity(job_key="bench", model_key="bench-model", model="resnet18", weights="IMAGENET1K_V1")
 MODIFIED = datetime(2026, 11, 1, tzinfo=timezone.utc)

@@ -45,8 +45,8 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 from images import photo_jpeg  # noqa: E402
 from pipeline.io.storage import Storage  # noqa: E402
 from pipeline.output import RunIdentity, open_output  # noqa: E402
-from pipeline.spec.config import load_job  # noqa: E402
-from pipeline.spec.rows import output_schema  # noqa: E402
+from pipeline.job.config import load_job  # noqa: E402
+from pipeline.job.rows import output_schema  # noqa: E402
 
 PIPELINE = os.path.join(ROOT, ".venv", "bin", "pipeline")
 DISTINCT_IMAGES = 200

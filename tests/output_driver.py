@@ -20,8 +20,8 @@ import pyarrow as pa
 from pipeline.io.storage import ObjectInfo, Storage
 from pipeline.output import RunIdentity, open_output
 from pipeline.output.sink import StagingSink
-from pipeline.spec.config import load_job
-from pipeline.spec.rows import OUTPUT_SCHEMA
+from pipeline.job.config import load_job
+from pipeline.job.rows import OUTPUT_SCHEMA
 
 IDENTITY = RunIdentity(job_key="job-1", model_key="model-1", model="counting", weights="sha256:0")
 MODIFIED = datetime(2026, 11, 1, tzinfo=timezone.utc)

@@ -10,8 +10,8 @@ import yaml
 
 from pipeline.ray.cluster import ClusterView, NodeType, node_types_from_autoscaling_config, plan_pool, read_cluster, \
     waiting_for
-from pipeline.spec.config import ComputeConfig, load_job
-from pipeline.spec.errors import UserError
+from pipeline.job.config import ComputeConfig, load_job
+from pipeline.job.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30

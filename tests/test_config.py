@@ -5,8 +5,8 @@ import re
 import pytest
 import yaml
 
-from pipeline.spec.config import JobConfig, is_weights_name, load_job
-from pipeline.spec.errors import UserError
+from pipeline.job.config import JobConfig, is_weights_name, load_job
+from pipeline.job.errors import UserError
 
 MINIMAL = {"input": "s3://bucket/images/", "output": "/tmp/out", "model": "resnet50", "weights": "DEFAULT"}
 

@@ -25,7 +25,7 @@ from PIL import Image
 from conftest import encode, photo, photo_jpeg
 from pipeline.ray.isolation import BuildBook, LedgerBook
 from pipeline.ray.runner import run_job
-from pipeline.spec.config import load_job
+from pipeline.job.config import load_job
 from counting_model import images_seen
 
 TESTS = Path(__file__).parent

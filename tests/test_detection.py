@@ -20,9 +20,9 @@ from pipeline.models.detect import Detector
 from pipeline.models.resolve import ModelSpec, detection_models, resolve_model
 from pipeline.ray.actors import ModelActor
 from pipeline.ray.runner import run_job
-from pipeline.spec.config import DetectionConfig, ModelConfig, load_job
-from pipeline.spec.errors import UserError
-from pipeline.spec.rows import output_schema
+from pipeline.job.config import DetectionConfig, ModelConfig, load_job
+from pipeline.job.errors import UserError
+from pipeline.job.rows import output_schema
 
 FRCNN = "fasterrcnn_mobilenet_v3_large_320_fpn"
 PATCH_COLORS = {"red": (230, 20, 20), "green": (20, 230, 20), "blue": (20, 20, 230)}
@@ -223,7 +223,7 @@ def test_every_torchvision_detector_runs_in_the_stage(name):
     ({"name": "fasterrcnn_resnet_fpn"}, "is not a torchvision classification or detection model; did you mean"),
     ({"name": "resnet18", "task": "detection"}, "is a torchvision classification model, but model.task is 'detection'"),
     ({"name": FRCNN, "task": "classification"}, "is a torchvision detection model"),
-    ({"name": "pipeline.demo:build_lenet", "task": "detection", "weights": None}, "fails on a list with one 3x96x128 image"),
+    ({"name": "pipeline.dev.demo:build_lenet", "task": "detection", "weights": None}, "fails on a list with one 3x96x128 image"),
 ])
 def test_detector_config_mistakes_are_one_line(model, message):
     with pytest.raises(UserError, match=message):

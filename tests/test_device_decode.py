@@ -19,7 +19,7 @@ from pipeline.io.storage import Storage
 from pipeline.models.classify import Classifier
 from pipeline.models.resolve import resolve_model
 from pipeline.ray.actors import ModelActor
-from pipeline.spec.config import ComputeConfig, ModelConfig
+from pipeline.job.config import ComputeConfig, ModelConfig
 
 PREPROCESS = Preprocess(resize_size=64, crop_size=56, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 needs_gpu = pytest.mark.gpu
@@ -224,8 +224,8 @@ def test_gpu_actor_decodes_jpegs_on_the_gpu(spec):
 def test_gpu_decoding_without_gpus_is_refused_in_one_line(ray_session, tmp_path, classifier_files):
     import io
 
-    from pipeline.spec.config import load_job
-    from pipeline.spec.errors import UserError
+    from pipeline.job.config import load_job
+    from pipeline.job.errors import UserError
     from pipeline.ray.runner import run_job
 
     (tmp_path / "in").mkdir()

@@ -286,7 +286,7 @@ def test_a_one_channel_model_sees_the_sixteen_bit_values_normalised(tmp_path):
     import torch
     import torchvision
 
-    from pipeline.spec.config import ModelConfig
+    from pipeline.job.config import ModelConfig
     from pipeline.models.resolve import _fit_stem, build_model, resolve_model
     from pipeline.models.classify import Classifier
     from pipeline.io.storage import Storage

@@ -19,9 +19,9 @@ from pipeline.io.storage import Storage
 from pipeline.models.classify import Classifier
 from pipeline.models.resolve import resolve_model
 from pipeline.ray.runner import run_job
-from pipeline.spec.config import ModelConfig, load_job
-from pipeline.spec.errors import UserError
-from pipeline.spec.rows import output_schema
+from pipeline.job.config import ModelConfig, load_job
+from pipeline.job.errors import UserError
+from pipeline.job.rows import output_schema
 
 PREPROCESS = {"resize_size": 72, "crop_size": 64}
 

@@ -19,7 +19,7 @@ from deltalake import DeltaTable
 from pipeline.io.storage import Storage
 from pipeline.output.delta import DeltaFormat, storage_options
 from pipeline.output.formats import Commit, Partitioning
-from pipeline.spec.errors import UserError
+from pipeline.job.errors import UserError
 from readers import duckdb_connection
 
 SCHEMA = pa.schema([

@@ -12,7 +12,7 @@ import pytest
 from pipeline.io.storage import Storage
 from pipeline.output.formats import RECORD_KEY, RUN_ID_KEY, Commit, Partitioning
 from pipeline.output.iceberg import IcebergFormat
-from pipeline.spec.errors import UserError
+from pipeline.job.errors import UserError
 from readers import duckdb_connection
 
 SCHEMA = pa.schema([

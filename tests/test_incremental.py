@@ -20,7 +20,7 @@ from conftest import encode, photo
 from pipeline.io.storage import Storage
 from pipeline.output.lease import Holder, OutputLease, _machine
 from pipeline.ray.runner import run_job
-from pipeline.spec.errors import UserError
+from pipeline.job.errors import UserError
 from test_pipeline import job, put_objects
 
 pytestmark = pytest.mark.usefixtures("ray_session")

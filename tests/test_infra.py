@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from conftest import encode, photo
-from pipeline.spec.config import load_job
+from pipeline.job.config import load_job
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBERAY = ROOT / "infra" / "kuberay"

@@ -55,7 +55,7 @@ def attempt(output: str, fmt: str, name: str, storage: Storage, catalog_db: str 
             before_commit=lambda: None) -> dict:
     """One attempt at the job: stage what is not staged yet, five rows a batch, then commit."""
     from pipeline.output import open_output
-    from pipeline.spec.rows import OUTPUT_SCHEMA
+    from pipeline.job.rows import OUTPUT_SCHEMA
 
     cfg = job(output, fmt, catalog_db=catalog_db)
     with open_output(cfg, storage, IDENTITY, OUTPUT_SCHEMA, out or io.StringIO()) as side:
@@ -107,7 +107,7 @@ def visible_rows(output: str, fmt: str, storage: Storage, catalog_db: str | None
     """(uri, score, error, run_id) of every row, by reader: the folder's commit records and two globs, or the
     table's reader (a table is read through its format: a glob of its files is no reader of it)."""
     from pipeline.output import make_format
-    from pipeline.spec.rows import OUTPUT_SCHEMA
+    from pipeline.job.rows import OUTPUT_SCHEMA
 
     table = make_format(job(output, fmt, catalog_db=catalog_db), storage, OUTPUT_SCHEMA)
     select = "SELECT uri, score, error, run_id FROM {} ORDER BY uri"

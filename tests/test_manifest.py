@@ -22,7 +22,7 @@ from conftest import encode, photo
 from pipeline.cli.commands import main
 from pipeline.io.manifest import cast_batch, read_manifest
 from pipeline.io.storage import ObjectInfo, Storage, join
-from pipeline.spec.rows import SOURCE_SCHEMA
+from pipeline.job.rows import SOURCE_SCHEMA
 from test_cli_errors import assert_one_line
 
 pytestmark = pytest.mark.usefixtures("ray_session")

@@ -7,8 +7,8 @@ import torch
 from pipeline.io.storage import Storage
 from pipeline.models.classify import Classifier
 from pipeline.models.resolve import resolve_model
-from pipeline.spec.config import ModelConfig
-from pipeline.spec.errors import UserError
+from pipeline.job.config import ModelConfig
+from pipeline.job.errors import UserError
 
 
 def test_weights_metadata_sets_preprocessing_and_labels(cached_imagenet_resnet18):
@@ -49,7 +49,7 @@ def test_training_checkpoints_are_unwrapped(tmp_path, classifier_files):
 
 
 def test_custom_model_without_labels_names_classes_by_index():
-    spec = resolve_model(ModelConfig(name="pipeline.demo:build_lenet",
+    spec = resolve_model(ModelConfig(name="pipeline.dev.demo:build_lenet",
                                      preprocess={"resize_size": 32, "crop_size": 32}), Storage.from_env())
     assert spec.labels == tuple(str(i) for i in range(10)) and spec.weights_id == "none"
 
@@ -99,8 +99,8 @@ def test_labels_that_do_not_match_the_model(tmp_path, cached_imagenet_resnet18):
 
 
 def test_input_size_the_model_rejects():
-    cfg = ModelConfig(name="pipeline.demo:build_lenet", preprocess={"resize_size": 64, "crop_size": 64})
-    with pytest.raises(UserError, match="model.preprocess: pipeline.demo:build_lenet fails on a 3x64x64 input"):
+    cfg = ModelConfig(name="pipeline.dev.demo:build_lenet", preprocess={"resize_size": 64, "crop_size": 64})
+    with pytest.raises(UserError, match="model.preprocess: pipeline.dev.demo:build_lenet fails on a 3x64x64 input"):
         resolve_model(cfg, Storage.from_env())
 
 

@@ -20,8 +20,8 @@ from output_driver import job, run_once
 from pipeline.io.storage import Storage
 from pipeline.output import make_format
 from pipeline.output.lease import Holder, check_conditional_writes
-from pipeline.spec.errors import UserError
-from pipeline.spec.rows import OUTPUT_SCHEMA
+from pipeline.job.errors import UserError
+from pipeline.job.rows import OUTPUT_SCHEMA
 from readers import duckdb_connection
 
 TESTS = Path(__file__).parent

@@ -24,8 +24,8 @@ from pipeline.io.listing import InputListing
 from pipeline.io.storage import Storage
 from pipeline.models.resolve import build_model, resolve_model
 from pipeline.ray.runner import run_job
-from pipeline.spec.config import load_job
-from pipeline.spec.errors import JobStopped
+from pipeline.job.config import load_job
+from pipeline.job.errors import JobStopped
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

@@ -29,7 +29,7 @@ from pipeline.io.storage import Storage
 from pipeline.output.lease import OutputLease
 from pipeline.output.staging import RunInfo, StagedRun, Staging
 from pipeline.ray.runner import run_job
-from pipeline.spec.config import load_job
+from pipeline.job.config import load_job
 from test_report_truth import DOLLAR_LABELS, svg_texts
 
 pytestmark = pytest.mark.usefixtures("ray_session")

@@ -19,7 +19,7 @@ from pipeline.output import make_format
 from pipeline.ray.progress import ProgressSamples
 from pipeline.report import against_section, charts
 from pipeline.report.facts import compare
-from pipeline.spec.rows import OUTPUT_SCHEMA
+from pipeline.job.rows import OUTPUT_SCHEMA
 
 DOLLAR_LABELS = ["price_$_tag_$", "$\\foo$", "cost $5 to $10"]
 

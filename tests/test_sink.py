@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 from pipeline.io.storage import Storage
 from pipeline.output.sink import StagingSink, to_output_table
 from pipeline.output.staging import Staging
-from pipeline.spec.rows import OUTPUT_SCHEMA
+from pipeline.job.rows import OUTPUT_SCHEMA
 
 PROVENANCE = {"model": "resnet18", "weights": "sha256:abc", "run_id": "r1"}
 

@@ -14,7 +14,7 @@ import sys
 from contextlib import nullcontext
 
 from pipeline.ray import stop_ray
-from pipeline.spec.errors import JobFailed, JobStopped, UserError
+from pipeline.job.errors import JobFailed, JobStopped, UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None, own_streams: bool = False) -> int:
 
 
 def _run(args: argparse.Namespace, own_streams: bool = False) -> int:
-    from pipeline.spec.config import load_job
+    from pipeline.job.config import load_job
 
     cfg = load_job(args.spec, _overrides(args))
     console = None
@@ -168,7 +168,7 @@ def _runs(args: argparse.Namespace) -> int:
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    from pipeline.spec.config import OVERRIDES
+    from pipeline.job.config import OVERRIDES
 
     return {flag: getattr(args, flag, None) for flag in OVERRIDES}
 

@@ -26,7 +26,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from pipeline.decode.image import Decoder, pixel_limit
-from pipeline.spec.rows import error_columns
+from pipeline.job.rows import error_columns
 
 try:  # imported once per process (in the model actor), so this warns once
     from torchcodec.decoders import decode_jpeg

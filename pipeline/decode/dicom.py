@@ -34,9 +34,9 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, iter_
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from pipeline.spec.phi import IDENTIFYING  # noqa: F401 - where the runner and tests look for it
-from pipeline.spec.rows import StageFailure
-from pipeline.spec.safe_errors import class_name
+from pipeline.job.phi import IDENTIFYING  # noqa: F401 - where the runner and tests look for it
+from pipeline.job.rows import StageFailure
+from pipeline.job.safe_errors import class_name
 
 KEY_TAGS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality")
 # Text value representations: what a person's name, an ID, a date or free text can hide in.

@@ -32,8 +32,8 @@ from functools import partial
 import numpy as np
 from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from pipeline.spec.rows import StageFailure, error_columns, fail
-from pipeline.spec.safe_errors import exception_text
+from pipeline.job.rows import StageFailure, error_columns, fail
+from pipeline.job.safe_errors import exception_text
 
 _NO_PIXELS = np.zeros((0, 0, 3), dtype=np.uint8)
 _RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
@@ -59,7 +59,7 @@ class Decoder:
     `pixels` is one (N, crop, crop, channels) array, or without a `Preprocess` an object array of (H, W, 3)
     arrays (0 x 0 for a failed row). With DICOM enabled (`dicom` settings) it also adds `frame`, the DICOM key
     and allow-listed tag columns and `rows_of_input`, one row per selected frame.
-    `safe_errors` (privacy.pseudonymize): messages built from known-safe parts only (spec/safe_errors.py).
+    `safe_errors` (privacy.pseudonymize): messages built from known-safe parts only (job/safe_errors.py).
     """
 
     def __init__(self, preprocess: Preprocess | None, max_image_pixels: int, channels: int = 3, dicom=None,

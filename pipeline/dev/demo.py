@@ -26,7 +26,7 @@ from torch import nn
 from pipeline.decode.image import Decoder, Preprocess
 from pipeline.dev.local_s3 import local_bucket
 from pipeline.io.storage import Storage
-from pipeline.spec.config import JobConfig
+from pipeline.job.config import JobConfig
 
 BUCKET = "demo"
 REPORT_FILE = "demo-report.html"
@@ -40,7 +40,7 @@ BROKEN_FILES = {
 
 
 def build_lenet(num_classes: int = 10) -> nn.Module:
-    """LeNet-5 for 3x32x32 inputs; the demo's custom model (`pipeline.demo:build_lenet`)."""
+    """LeNet-5 for 3x32x32 inputs; the demo's custom model (`pipeline.dev.demo:build_lenet`)."""
     return nn.Sequential(
         nn.Conv2d(3, 6, 5), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
@@ -99,7 +99,7 @@ def demo_job() -> JobConfig:
         "input": {"uri": f"s3://{BUCKET}/digits/"},
         "output": {"uri": f"s3://{BUCKET}/predictions/"},
         "model": {
-            "name": "pipeline.demo:build_lenet",
+            "name": "pipeline.dev.demo:build_lenet",
             "weights": f"s3://{BUCKET}/models/lenet.pt",
             "labels": f"s3://{BUCKET}/models/labels.txt",
             "top_k": 3,

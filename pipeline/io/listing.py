@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from pipeline.io.manifest import is_manifest, read_manifest
 from pipeline.io.storage import ObjectInfo, Storage, extension
-from pipeline.spec.rows import SOURCE_SCHEMA
+from pipeline.job.rows import SOURCE_SCHEMA
 
 # (to do, skipped for their extension, skipped as done by an earlier run, a manifest's repeated entries dropped)
 # for each page

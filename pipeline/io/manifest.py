@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from pipeline.io.distinct import SeenKeys
 from pipeline.io.storage import ObjectInfo, Storage, is_s3
-from pipeline.spec.rows import SOURCE_SCHEMA
+from pipeline.job.rows import SOURCE_SCHEMA
 
 logger = logging.getLogger(__name__)
 

@@ -7,13 +7,13 @@ from functools import partial
 import numpy as np
 
 from pipeline.io.storage import BODY_READ_ATTEMPTS, Storage, is_transient
-from pipeline.spec.rows import StageFailure, fail
-from pipeline.spec.safe_errors import exception_text
+from pipeline.job.rows import StageFailure, fail
+from pipeline.job.safe_errors import exception_text
 
 
 class Reader:
     """Batch function: adds `bytes`, `error`, `error_type` to rows of `uri` (and listed `size`).
-    `safe_errors` (privacy.pseudonymize): messages built from known-safe parts only (spec/safe_errors.py)."""
+    `safe_errors` (privacy.pseudonymize): messages built from known-safe parts only (job/safe_errors.py)."""
 
     def __init__(self, storage: Storage, max_file_bytes: int, safe_errors: bool = False):
         self.storage = storage

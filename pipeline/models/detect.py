@@ -24,7 +24,7 @@ from torch import nn
 from pipeline.io.storage import Storage
 from pipeline.models.resolve import ModelSpec
 from pipeline.models.stage import ModelStage
-from pipeline.spec.config import DetectionConfig
+from pipeline.job.config import DetectionConfig
 
 
 class Detector(ModelStage):

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.spec.errors import UserError
+from pipeline.job.errors import UserError
 
 HEAD_NAMES = ("fc", "classifier", "head", "heads")
 

@@ -21,8 +21,8 @@ from torch import nn
 from pipeline.decode.image import Preprocess
 from pipeline.io.storage import Storage
 from pipeline.models.embedding import EmbeddingTap
-from pipeline.spec.config import IMAGENET_MEAN, IMAGENET_STD, DetectionConfig, EmbeddingConfig, ModelConfig
-from pipeline.spec.errors import UserError
+from pipeline.job.config import IMAGENET_MEAN, IMAGENET_STD, DetectionConfig, EmbeddingConfig, ModelConfig
+from pipeline.job.errors import UserError
 
 IMAGENET_PREPROCESS = Preprocess(resize_size=256, crop_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 

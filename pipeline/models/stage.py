@@ -22,7 +22,7 @@ from pipeline.io.storage import Storage
 from pipeline.models.embedding import EmbeddingTap
 from pipeline.models.folding import fold_batch_norms
 from pipeline.models.resolve import ModelSpec, build_model
-from pipeline.spec.rows import error_columns
+from pipeline.job.rows import error_columns
 
 _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 log = logging.getLogger(__name__)

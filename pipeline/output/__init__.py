@@ -25,12 +25,12 @@ from pipeline.output.formats import Commit, OutputFormat, Partitioning
 from pipeline.output.history import History
 from pipeline.output.lease import OutputLease, check_conditional_writes
 from pipeline.output.privacy import Pseudonymizer
-from pipeline.output.runs import (attempt_so_far, check_pseudonyms, interrupted, new_run_id, note_interrupted_attempt,
+from pipeline.output.identity import (attempt_so_far, check_pseudonyms, interrupted, new_run_id, note_interrupted_attempt,
                                   partition_column)
 from pipeline.output.sink import StagingSink
 from pipeline.output.staging import FORMAT, STAGING, RunInfo, RunStats, StagedRun, Staging, now_precise
-from pipeline.spec.config import JobConfig
-from pipeline.spec.errors import JobFailed, UserError
+from pipeline.job.config import JobConfig
+from pipeline.job.errors import JobFailed, UserError
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,8 @@ from pipeline.output.hive import split_by_partition
 from pipeline.output.publish import COMMITS, PUBLISH, Publication, is_open
 from pipeline.output.rows import FolderRows
 from pipeline.output.staging import FORMAT, STAGING, read_record
-from pipeline.spec.errors import UserError
-from pipeline.spec.rows import OUTPUT_SCHEMA
+from pipeline.job.errors import UserError
+from pipeline.job.rows import OUTPUT_SCHEMA
 
 # part-<run_id>-<n>.parquet (before parts were named per attempt) or part-<run_id>-<attempt>-<n>.parquet
 _PART_RE = re.compile(r"(?:^|/)part-(?P<run_id>\d{8}T\d{6}Z-[0-9a-f]{8})-(?:[0-9a-f]{8}-)?\d+\.parquet$")

@@ -25,7 +25,7 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 from pipeline.io.storage import Storage, error_code, is_s3, join, precondition_failed, split_s3
-from pipeline.spec.errors import UserError
+from pipeline.job.errors import UserError
 
 LEASE_TTL_S = 60.0
 RENEW_EVERY_S = 10.0

@@ -6,7 +6,7 @@ key (or the mapping file) can re-identify, so this is pseudonymisation, not anon
 environment variable or a secret file, never the spec, and no message, record or log ever shows it.
 
 On the driver, `RowPseudonymizer` replaces the columns before a row is staged. The stages of such a job build their
-error messages from known-safe parts only (spec/safe_errors.py: no library text, which may spell the path in any
+error messages from known-safe parts only (job/safe_errors.py: no library text, which may spell the path in any
 way); as a last line, the sink also removes every spelling of the input's path and folders from them. `PseudonymMap` writes token -> uri pairs only where `privacy.mapping_uri` says, each ahead of the staged
 chunk holding its rows, so a resumed run's mapping is complete. The listing tokenises what it lists
 (`history.DoneFilter`), because the output holds no raw URI to compare against.
@@ -27,8 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.io.storage import Storage, is_s3, join, split_s3
-from pipeline.spec.config import PrivacyConfig
-from pipeline.spec.errors import UserError
+from pipeline.job.config import PrivacyConfig
+from pipeline.job.errors import UserError
 
 TOKEN_PREFIX = "hmac:"
 MIN_KEY_BYTES = 32

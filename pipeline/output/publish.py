@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from pipeline.io.storage import Storage, join, read_versioned, stat
 from pipeline.output.staging import FORMAT, STAGING
-from pipeline.spec.errors import JobFailed
+from pipeline.job.errors import JobFailed
 
 COMMITS = "_commits"
 PUBLISH = "publish"  # under _staging/<run_id>/: the parts each attempt announced

@@ -16,8 +16,8 @@ import pyarrow.compute as pc
 
 import pipeline.output.failpoints as failpoints
 from pipeline.output.staging import RunStats, Staging
-from pipeline.spec.errors import JobFailed
-from pipeline.spec.rows import OUTPUT_SCHEMA
+from pipeline.job.errors import JobFailed
+from pipeline.job.rows import OUTPUT_SCHEMA
 
 
 class StagingSink:

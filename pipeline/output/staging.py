@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from pipeline.io.storage import Storage, is_s3, join
 from pipeline.output.history import KEY_DTYPE, table_keys
-from pipeline.spec.errors import UserError
+from pipeline.job.errors import UserError
 
 FORMAT = 1  # of _run.json and commit records; a newer one is refused rather than misread
 STAGING = "_staging"

@@ -21,7 +21,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 
-from pipeline.spec.errors import UserError
+from pipeline.job.errors import UserError
 
 GIB = 2**30
 KUBERAY_SA_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"

@@ -21,7 +21,7 @@ import traceback
 from contextlib import contextmanager
 from typing import Iterator, TextIO
 
-from pipeline.spec.errors import JobFailed
+from pipeline.job.errors import JobFailed
 
 
 class Console:

@@ -13,7 +13,7 @@ from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.io.listing import InputListing
 from pipeline.ray.progress import ListingCounts
-from pipeline.spec.rows import SOURCE_SCHEMA
+from pipeline.job.rows import SOURCE_SCHEMA
 
 ListingTally = ray.remote(num_cpus=0)(ListingCounts)  # on its own, for a dataset built without the runner
 

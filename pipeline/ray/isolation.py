@@ -25,7 +25,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from pipeline.spec.rows import error_columns
+from pipeline.job.rows import error_columns
 
 BUILD_DEATHS = 2  # an actor whose process died this many times building the model ends the job (one line)
 BUILD_CRASH_MESSAGE = ("a model actor's process died {deaths} times while building the model (a native crash, "

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 
 from pipeline.io.manifest import BadManifest, check_first_batch, is_manifest, manifest_columns
 from pipeline.io.storage import Storage, is_s3, join, split_s3
-from pipeline.spec.config import JobConfig
-from pipeline.spec.errors import UserError
+from pipeline.job.config import JobConfig
+from pipeline.job.errors import UserError
 
 
 if TYPE_CHECKING:

@@ -12,7 +12,7 @@ from typing import TextIO
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.spec.errors import JobStopped
+from pipeline.job.errors import JobStopped
 
 
 class Tally:

@@ -29,7 +29,7 @@ from pipeline.decode.image import Decoder, column_name
 from pipeline.output import RunIdentity, open_output
 from pipeline.output.history import History
 from pipeline.output.lease import OutputLease
-from pipeline.output.runs import job_key, job_schema, model_key
+from pipeline.output.identity import job_key, job_schema, model_key
 from pipeline.output.sink import StagingSink
 from pipeline.ray.cluster import ClusterWatch, PoolPlan, plan_pool, read_cluster
 from pipeline.ray.console import Console
@@ -38,8 +38,8 @@ from pipeline.ray.ledger import BatchLedger, RayLedger
 from pipeline.ray.metrics import RunMetrics
 from pipeline.ray.preflight import check_model, check_storage
 from pipeline.ray.reaper import start_reaper
-from pipeline.spec.config import JobConfig
-from pipeline.spec.errors import JobFailed, JobStopped, UserError
+from pipeline.job.config import JobConfig
+from pipeline.job.errors import JobFailed, JobStopped, UserError
 from pipeline.output.privacy import (PseudonymMap, Pseudonymizer, RowPseudonymizer, load_pseudonymizer,
                               pseudonymized_columns)
 from pipeline.io.listing import InputListing

@@ -24,8 +24,8 @@ from typing import Any, TextIO
 
 import yaml
 
-from pipeline.spec.config import merged_spec, validate_spec
-from pipeline.spec.errors import UserError
+from pipeline.job.config import merged_spec, validate_spec
+from pipeline.job.errors import UserError
 
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION")
 SPEC_NAME = "job.yaml"

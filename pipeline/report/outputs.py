@@ -11,7 +11,7 @@ import pyarrow as pa
 from pipeline.io.storage import Storage, absolute, is_s3, join
 from pipeline.output.formats import OutputFormat
 from pipeline.output.staging import STAGING
-from pipeline.spec.errors import UserError
+from pipeline.job.errors import UserError
 
 
 def open_output_for_reading(storage: Storage, uri: str, catalog: dict[str, str] | None = None,

@@ -13,10 +13,10 @@ from pipeline.io.storage import extension
 from pipeline.output.formats import OutputFormat
 from pipeline.output.history import KEY_DTYPE, History, KeySet, object_keys, table_keys
 from pipeline.output.lease import lease_status
-from pipeline.output.runs import interrupted
+from pipeline.output.identity import interrupted
 from pipeline.output.staging import StagedRun, Staging
 from pipeline.report.outputs import run_rows
-from pipeline.spec.config import InputConfig
+from pipeline.job.config import InputConfig
 
 COLUMNS = [("run id", 25), ("committed (UTC)", 19), ("mode", 9), ("model", 20), ("weights", 18),
            ("rows", 9), ("errors", 7), ("fmt", 3)]

@@ -9,7 +9,7 @@ import pyarrow as pa
 from pipeline.io.storage import is_s3
 from pipeline.output.delta.table import RUN_DATE, DeltaLocation, delta_schema, partition_by, with_run_date_field
 from pipeline.output.formats import Partitioning
-from pipeline.spec.errors import UserError
+from pipeline.job.errors import UserError
 
 
 class DeltaChecks:

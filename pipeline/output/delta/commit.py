@@ -11,7 +11,7 @@ from pipeline.output.delta.checks import check_partitioning
 from pipeline.output.delta.log import DeltaHistory
 from pipeline.output.delta.table import RUN_DATE, DeltaLocation, app_id, delta_schema, partition_by, with_run_date_field
 from pipeline.output.formats import RECORD_KEY, RUN_ID_KEY, Commit, record_json
-from pipeline.spec.errors import JobFailed
+from pipeline.job.errors import JobFailed
 
 COMMIT_ATTEMPTS = 10  # a version taken by another writer is retried at the next, the lease checked before each
 

@@ -10,7 +10,7 @@ import pyarrow as pa
 
 from pipeline.io.storage import Storage, is_s3, join
 from pipeline.output.formats import Partitioning
-from pipeline.spec.errors import UserError
+from pipeline.job.errors import UserError
 
 DEFAULT_NAMESPACE = "default"
 FSSPEC_IO = "pyiceberg.io.fsspec.FsspecFileIO"

@@ -11,7 +11,7 @@ from pipeline.output.formats import Commit, Partitioning
 from pipeline.output.iceberg.catalog import RUN_DATE, CatalogTable
 from pipeline.output.iceberg.snapshots import IcebergSnapshots
 from pipeline.output.iceberg.write import FILE_RE
-from pipeline.spec.errors import UserError
+from pipeline.job.errors import UserError
 
 logger = logging.getLogger(__name__)
 

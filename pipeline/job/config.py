@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.spec.errors import UserError
+from pipeline.job.errors import UserError
 
 DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "avif")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -391,7 +391,7 @@ class JobConfig(_Section):
         tags = self.dicom.include_tags if self.dicom is not None and self.privacy.pseudonymize else []
         if not tags:
             return self
-        from pipeline.spec.phi import IDENTIFYING
+        from pipeline.job.phi import IDENTIFYING
 
         flagged = [t for t in tags if t in IDENTIFYING]
         if flagged:

@@ -13,9 +13,9 @@ import pyarrow as pa
 
 from pipeline.decode.image import column_name
 from pipeline.output.staging import StagedRun, Staging
-from pipeline.spec.config import JobConfig
-from pipeline.spec.errors import UserError
-from pipeline.spec.rows import output_schema
+from pipeline.job.config import JobConfig
+from pipeline.job.errors import UserError
+from pipeline.job.rows import output_schema
 
 if TYPE_CHECKING:  # the output side never loads torch
     from pipeline.models.resolve import ModelSpec
