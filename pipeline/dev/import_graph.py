@@ -1,8 +1,8 @@
 """The package's import graph from its source (`ast`, nothing imported): `python -m pipeline.dev.import_graph`.
 
-Prints each module's imports of the package (`->`; lazy imports inside functions count too), the same between
-its folders, the modules that import Ray, and every cycle (a strongly connected component of more than one module,
-or of more than one folder).
+Prints each module's imports of the package (`->`; lazy imports inside functions count too, those under
+`if TYPE_CHECKING:` do not: they name types and run nowhere), the same between its folders, the modules that
+import Ray, and every cycle (a strongly connected component of more than one module, or of more than one folder).
 Exits 1 when there is a cycle or Ray is imported outside `pipeline.ray`.
 """
 
@@ -22,7 +22,7 @@ def module_name(path: Path, root: Path) -> str:
 
 def imported_names(tree: ast.AST, module: str, is_package: bool) -> set[str]:
     names: set[str] = set()
-    for node in ast.walk(tree):
+    for node in _runtime_nodes(tree):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -33,6 +33,23 @@ def imported_names(tree: ast.AST, module: str, is_package: bool) -> set[str]:
             names.add(base)
             names.update(f"{base}.{alias.name}" for alias in node.names)
     return names
+
+
+def _runtime_nodes(tree: ast.AST):
+    """Every node that may run, leaving out the bodies of `if TYPE_CHECKING:` (their `else:` runs)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            stack.extend(node.orelse)
+        else:
+            stack.extend(ast.iter_child_nodes(node))
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
+        (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
 def graph(root: Path = PACKAGE) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
