@@ -75,7 +75,7 @@ def shipped_identifying_values(archive: dict[str, bytes]) -> set[str]:
     """Names, IDs, institutions and free text that pydicom's own files carry in identifying attributes."""
     from pydicom import dcmread
 
-    from pipeline.decode.dicom import IDENTIFYING
+    from pipeline.privacy.identifying import IDENTIFYING
 
     values = set()
     for uri, data in archive.items():

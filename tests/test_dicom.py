@@ -13,7 +13,8 @@ from pydicom.uid import JPEGLosslessSV1
 
 from conftest import encode, encoded_batch, photo
 from dicom_files import PHI, dicom_bytes, png16, shipped
-from pipeline.decode.dicom import DicomSettings, Window, read_dicom, scrub
+from pipeline.decode.dicom import DicomSettings, Window, read_dicom
+from pipeline.privacy.redact import redact_dicom_values
 from pipeline.decode.image import Decoder, Preprocess
 
 MAX = 10**8
@@ -228,8 +229,8 @@ def test_messages_never_quote_patient_data():
 
     ds = dcmread(io.BytesIO(dicom_bytes(STORED, phi=True)))
     message = f"bad value {PHI['PatientName']} in {PHI['InstitutionName']}, id {PHI['PatientID']}"
-    scrubbed = scrub(message, ds)
-    assert not any(value in scrubbed for value in PHI.values()) and scrubbed.startswith("bad value")
+    redacted = redact_dicom_values(message, ds)
+    assert not any(value in redacted for value in PHI.values()) and redacted.startswith("bad value")
 
 
 def test_tags_are_only_the_keys_unless_allow_listed():

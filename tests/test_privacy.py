@@ -30,7 +30,7 @@ from torch import nn
 import counting_model
 from dicom_files import PHI, dicom_bytes
 from pipeline.cli.commands import main
-from pipeline.output.privacy import Pseudonymizer, RowPseudonymizer
+from pipeline.privacy.pseudonyms import Pseudonymizer, RowPseudonymizer
 
 KEY = "test-only-pseudonym-key-3f9c1e7a5b2d4c6e8a0b"
 KEY_ENV = "PIPELINE_PSEUDONYM_KEY"

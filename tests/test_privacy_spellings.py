@@ -32,7 +32,7 @@ from faults import FaultyProxy
 from pipeline.decode.image import Decoder, describe_decode_error
 from pipeline.io.read import Reader
 from pipeline.io.storage import Storage
-from pipeline.job.safe_errors import exception_text
+from pipeline.privacy.safe_errors import exception_text
 
 TESTS = Path(__file__).parent
 KEY = "test-only-pseudonym-key-3f9c1e7a5b2d4c6e8a0b"

@@ -34,13 +34,13 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, iter_
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from pipeline.job.phi import IDENTIFYING  # noqa: F401 - where the runner and tests look for it
 from pipeline.job.rows import StageFailure
-from pipeline.job.safe_errors import class_name
+from pipeline.privacy.identifying import KEY_TAGS
+# Re-exported for ray/runner.py alone, until it imports them from pipeline.privacy (issue 27): then delete.
+from pipeline.privacy.identifying import IDENTIFYING, instance_uid_tags  # noqa: F401
+from pipeline.privacy.redact import redact_dicom_values
+from pipeline.privacy.safe_errors import class_name
 
-KEY_TAGS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality")
-# Text value representations: what a person's name, an ID, a date or free text can hide in.
-_TEXT_VRS = {"PN", "LO", "SH", "LT", "ST", "UT", "UC", "DA", "DT", "TM", "AS", "AE", "UR", "CS", "UI"}
 # What `pip install` names the decoders pydicom's plugins ask for.
 _PACKAGES = {"gdcm": "python-gdcm", "pylibjpeg-libjpeg": "pylibjpeg-libjpeg", "pylibjpeg-openjpeg":
              "pylibjpeg-openjpeg", "pylibjpeg-rle": "pylibjpeg-rle", "pyjpegls": "pyjpegls",
@@ -80,15 +80,6 @@ def dicom_settings(cfg) -> DicomSettings | None:
 class DicomImage:
     frames: list[tuple[int, np.ndarray, tuple[int, int]]]  # (frame index, prepared pixels, (width, height))
     tags: dict[str, str | None]  # KEY_TAGS and the allow-listed ones
-
-
-def instance_uid_tags(keywords) -> list[str]:
-    """The UID-valued keywords among `keywords` that a pseudonymised job writes as tokens: every UI attribute but
-    the standard's own constants (SOP class, transfer syntax, coding scheme), which identify no one."""
-    from pydicom.datadict import dictionary_VR, keyword_dict
-
-    return [k for k in keywords if dictionary_VR(keyword_dict[k]) == "UI"
-            and not k.endswith(("ClassUID", "TransferSyntaxUID", "CodingSchemeUID"))]
 
 
 def is_dicom(data: bytes) -> bool:
@@ -313,7 +304,7 @@ def tag_text(ds: Dataset, keyword: str) -> str | None:
 
 
 def describe_dicom_error(exc: Exception, ds: Dataset | None, safe: bool = False) -> tuple[str, str]:
-    """(kind, message) with every text value of the dataset scrubbed out of pydicom's message; `safe`: without
+    """(kind, message) with every text value of the dataset redacted from pydicom's message; `safe`: without
     pydicom's message, our words and the exception's class only."""
     text = " ".join(str(exc).split())
     if isinstance(exc, pydicom.errors.InvalidDicomError):
@@ -322,7 +313,7 @@ def describe_dicom_error(exc: Exception, ds: Dataset | None, safe: bool = False)
         # Installed decoders tried and failed (Pillow and 12-bit JPEG, a damaged codestream): say which
         # syntax, why, and which decoder the job does not have yet.
         syntax = ds.file_meta.get("TransferSyntaxUID") if ds is not None and hasattr(ds, "file_meta") else None
-        reason = "no installed decoder could decode it" if safe else scrub(text.split(":", 1)[1].strip(), ds)
+        reason = "no installed decoder could decode it" if safe else redact_dicom_values(text.split(":", 1)[1].strip(), ds)
         missing = _packages(get_decoder(syntax).missing_dependencies) if syntax is not None else []
         other = f"; not installed: {' or '.join(missing)}" if missing else ""
         return "undecodable", f"{_syntax(syntax) if syntax else 'pixel data'}: {reason}{other}"[:400]
@@ -333,17 +324,5 @@ def describe_dicom_error(exc: Exception, ds: Dataset | None, safe: bool = False)
     if safe:
         what = "pixel data shorter than its header says" if kind == "truncated" else "a damaged file"
         return kind, f"{class_name(exc)} ({what})"
-    return kind, f"{type(exc).__name__}: {scrub(text, ds)}"[:300]
+    return kind, f"{type(exc).__name__}: {redact_dicom_values(text, ds)}"[:300]
 
-
-def scrub(text: str, ds: Dataset | None) -> str:
-    if ds is None:
-        return text
-    values: set[str] = set()
-    for element in ds.iterall():
-        if element.VR in _TEXT_VRS and element.value not in (None, ""):
-            items = element.value if isinstance(element.value, pydicom.multival.MultiValue) else [element.value]
-            values.update(s for v in items if len(s := str(v).strip()) >= 2)
-    for value in sorted(values, key=len, reverse=True):
-        text = text.replace(value, "[value]")
-    return text

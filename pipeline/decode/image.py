@@ -33,7 +33,8 @@ import numpy as np
 from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from pipeline.job.rows import StageFailure, error_columns, fail
-from pipeline.job.safe_errors import exception_text
+from pipeline.privacy.identifying import KEY_TAGS, column_name
+from pipeline.privacy.safe_errors import exception_text
 
 _NO_PIXELS = np.zeros((0, 0, 3), dtype=np.uint8)
 _RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
@@ -313,18 +314,11 @@ def tiff_fallback(data: bytes, error: Exception) -> Image.Image:
 
 def dicom_columns(settings, frames: list[int | None], tags: list[dict], rows_of_input: np.ndarray) -> dict:
     """The DICOM columns of a decoded batch: frame (NaN: none), key and allow-listed tags, rows per input."""
-    from pipeline.decode.dicom import KEY_TAGS
-
     columns = {"frame": np.array([np.nan if f is None else f for f in frames], dtype=np.float64),
                "rows_of_input": rows_of_input.astype(np.int64)}
     for keyword in KEY_TAGS + settings.tags:
         columns[column_name(keyword)] = np.array([t.get(keyword) for t in tags], dtype=object)
     return columns
-
-
-def column_name(keyword: str) -> str:
-    """A DICOM keyword as a column name: SOPInstanceUID -> sop_instance_uid."""
-    return re.sub(r"([a-z\d])([A-Z])", r"\1_\2", re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", keyword)).lower()
 
 
 def resize_and_crop(image: Image.Image, p: Preprocess) -> Image.Image:

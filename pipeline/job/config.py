@@ -7,6 +7,7 @@ checkpoint loads is checked by `preflight`, which needs the network and the mode
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -16,6 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.job.errors import UserError
+from pipeline.privacy.identifying import KEY_TAGS, identifying
+from pipeline.privacy.pseudonyms import KEY_HINT, MIN_KEY_BYTES
 
 DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "avif")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -290,7 +293,7 @@ class DicomConfig(_Section):
                 hint = difflib.get_close_matches(keyword, list(keyword_dict), n=1)
                 raise ValueError(f"'{keyword}' is not a DICOM keyword" + (f"; did you mean '{hint[0]}'?" if hint
                                                                           else " (see pydicom's data dictionary)"))
-            if keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality"):
+            if keyword in KEY_TAGS:
                 raise ValueError(f"'{keyword}' is always written (a key column); remove it from include_tags")
             if set(dictionary_VR(keyword_dict[keyword]).split(" or ")) & {"SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN"}:
                 raise ValueError(f"'{keyword}' is a sequence or binary attribute; only single values can be columns")
@@ -312,7 +315,7 @@ class ErrorPolicy(_Section):
 
 
 class PrivacyConfig(_Section):
-    """Keyed pseudonymisation: see pipeline/output/privacy.py. The key itself never appears in a spec."""
+    """Keyed pseudonymisation: see pipeline/privacy/pseudonyms.py. The key itself never appears in a spec."""
     pseudonymize: bool = Field(
         False, description="write the input uri, the DICOM study/series/SOP instance UIDs and allow-listed UID tags "
         "as keyed HMAC-SHA256 tokens (hmac:<hex>); error messages never quote the input's path")
@@ -353,6 +356,30 @@ class PrivacyConfig(_Section):
             raise ValueError("mapping_uri is set but pseudonymize is off; set pseudonymize: true or remove it")
         return self
 
+    def read_key(self) -> bytes:
+        """The pseudonymisation key, from where the spec says (on the driver, when the job starts); a missing or
+        weak key is one UserError line. No message, record or log ever shows it."""
+        if self.key_env:
+            value = os.environ.get(self.key_env)
+            if value is None:
+                raise UserError(f"privacy.key_env: environment variable {self.key_env} is not set; export the "
+                                f"pseudonymisation key in it ({KEY_HINT})")
+            return _usable_key(value.strip().encode("utf-8"), "privacy.key_env", f"environment variable {self.key_env}")
+        try:
+            data = Path(self.key_file).expanduser().read_bytes()  # a mounted secret on the driver's machine, not data
+        except OSError as exc:
+            raise UserError(f"privacy.key_file: cannot read {self.key_file} ({exc.strerror}); check the path and that "
+                            "this user may read it") from None
+        return _usable_key(data.strip(), "privacy.key_file", f"file {self.key_file}")
+
+
+def _usable_key(key: bytes, field: str, where: str) -> bytes:
+    if not key:
+        raise UserError(f"{field}: {where} is empty; put the pseudonymisation key in it ({KEY_HINT})")
+    if len(key) < MIN_KEY_BYTES:
+        raise UserError(f"{field}: the key in {where} is too short ({len(key)} bytes); use {KEY_HINT}")
+    return key
+
 
 # Keys of `privacy` that would put the secret itself in the spec.
 SECRET_KEYS = {"key", "secret", "hmac_key", "pseudonym_key", "password", "key_value"}
@@ -388,12 +415,8 @@ class JobConfig(_Section):
     @model_validator(mode="after")
     def _pseudonymized_tags(self) -> "JobConfig":
         """Pseudonymised output promises no identifying value: an allow-listed one would break that promise."""
-        tags = self.dicom.include_tags if self.dicom is not None and self.privacy.pseudonymize else []
-        if not tags:
-            return self
-        from pipeline.job.phi import IDENTIFYING
-
-        flagged = [t for t in tags if t in IDENTIFYING]
+        pseudonymized = self.dicom is not None and self.privacy.pseudonymize
+        flagged = identifying(self.dicom.include_tags) if pseudonymized else []
         if flagged:
             raise ValueError(f"dicom.include_tags: '{flagged[0]}' identifies the patient, and privacy.pseudonymize "
                              "promises output without identifying values; remove it from include_tags")

@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.io.storage import ObjectInfo, Storage
-from pipeline.output.privacy import Pseudonymizer
+from pipeline.privacy.pseudonyms import Pseudonymizer
 from pipeline.output.rows import TableRows
 
 KEY_DTYPE = "S16"

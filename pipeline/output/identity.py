@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from pipeline.decode.image import column_name
 from pipeline.output.staging import StagedRun, Staging
 from pipeline.job.config import JobConfig
 from pipeline.job.errors import UserError
 from pipeline.job.rows import output_schema
+from pipeline.privacy.identifying import column_name
 
 if TYPE_CHECKING:  # the output side never loads torch
     from pipeline.models.resolve import ModelSpec
