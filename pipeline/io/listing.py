@@ -21,14 +21,16 @@ from pipeline.job.rows import SOURCE_SCHEMA
 PageCounts = Callable[[int, int, int, int], None]
 
 
-class Done(Protocol):
-    """What earlier runs did (`pipeline.output.history.History`): the listing leaves those inputs out."""
+class EarlierRuns(Protocol):
+    """What earlier runs did (`pipeline.output.history.History`): loaded, the filter that leaves their inputs out."""
     pseudonymizer: object | None  # set: the inputs' paths are personal data, never quoted in a log line
 
-    def load(self, storage: Storage) -> "Todo": ...
+    def load(self, storage: Storage) -> "SkipFilter": ...
 
 
-class Todo(Protocol):
+class SkipFilter(Protocol):
+    """The inputs of a page still to do (`pipeline.output.history.DoneFilter`)."""
+
     def todo(self, objects: list[ObjectInfo]) -> list[ObjectInfo]: ...
 
 
@@ -36,7 +38,7 @@ class InputListing:
     """The job's inputs, a page at a time; see the module docstring."""
 
     def __init__(self, uri: str, storage: Storage, extensions: list[str] | None,
-                 history: Done | None = None, exclude: str | None = None):
+                 history: EarlierRuns | None = None, exclude: str | None = None):
         self.uri = uri
         self.storage = storage
         self.extensions = set(extensions) if extensions is not None else None

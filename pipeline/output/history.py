@@ -36,18 +36,19 @@ KEY_DTYPE = "S16"
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
-def _digest(*parts: object) -> bytes:
+def _fields_digest(*parts: object) -> bytes:
+    """16 bytes for an object's fields (None as empty), the form the output's done-sets keep."""
     return hashlib.blake2b("\0".join("" if p is None else str(p) for p in parts).encode(), digest_size=16).digest()
 
 
 def uri_key(uri: str) -> bytes:
-    return _digest(uri)
+    return _fields_digest(uri)
 
 
 def version_key(uri: str, etag: str | None, last_modified_us: int | None, size: int | None) -> bytes:
     if etag is None and last_modified_us is None:
-        return _digest(uri)
-    return _digest(uri, etag, last_modified_us, size)
+        return _fields_digest(uri)
+    return _fields_digest(uri, etag, last_modified_us, size)
 
 
 def micros(value: datetime | None) -> int | None:

@@ -36,7 +36,7 @@ def model_key(cfg: JobConfig, spec: "ModelSpec") -> str:
     identity = {"model": model, "weights": spec.weights_id, "decode": decode}
     if cfg.dicom is not None:  # windowing and frame choice change the pixels; absent, keys stay as they were
         identity["dicom"] = cfg.dicom.model_dump()
-    return _digest(identity)
+    return _identity_digest(identity)
 
 
 def job_key(cfg: JobConfig, spec: "ModelSpec", key_id: str | None = None) -> str:
@@ -46,10 +46,11 @@ def job_key(cfg: JobConfig, spec: "ModelSpec", key_id: str | None = None) -> str
                 "overwrite": cfg.output.overwrite}
     if key_id is not None:  # absent when off, so jobs' keys stay as they were
         identity["pseudonyms"] = key_id
-    return _digest(identity)
+    return _identity_digest(identity)
 
 
-def _digest(identity: dict) -> str:
+def _identity_digest(identity: dict) -> str:
+    """16 hex characters naming a run's identity (a dict of its spec's parts, in JSON with sorted keys)."""
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

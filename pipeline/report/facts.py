@@ -161,11 +161,11 @@ def compare(old: Iterable[pa.Table], new: Iterable[pa.Table]) -> Changes:
     for table in old:
         for row in table.to_pylist():
             label, topk = row_label(row), row.get("topk_labels") or ()
-            before[_digest(row)] = (sys.intern(label), tuple(sys.intern(t) for t in topk))
+            before[_row_key_digest(row)] = (sys.intern(label), tuple(sys.intern(t) for t in topk))
     changes = Changes()
     for row in _rows(new):
         key = f"{row['uri']}#{row.get('frame')}"
-        earlier = before.pop(_digest(row), None)
+        earlier = before.pop(_row_key_digest(row), None)
         if earlier is None:
             changes.only_new += 1
             continue
@@ -183,7 +183,7 @@ def compare(old: Iterable[pa.Table], new: Iterable[pa.Table]) -> Changes:
     return changes
 
 
-def _digest(row: dict) -> bytes:
+def _row_key_digest(row: dict) -> bytes:
     """An input's key in 8 bytes (a URI is ~40-200): collisions are ~1 in 10^7 at 1M inputs."""
     return hashlib.blake2b(f"{row['uri']}#{row.get('frame')}".encode(), digest_size=8).digest()
 
