@@ -12,7 +12,7 @@ from PIL import Image
 
 import pipeline.decode
 from conftest import encode, encoded_batch as as_batch, photo
-from pipeline.decode import device as gpu_decode
+from pipeline.decode import device as device_decode
 from pipeline.decode.device import DeviceDecoder
 from pipeline.decode.image import Decoder, Preprocess
 from pipeline.io.storage import Storage
@@ -73,7 +73,7 @@ def check_agrees_with_cpu_decoder(device: str, device_decoder=DeviceDecoder) -> 
 def test_device_decoder_on_cpu_agrees_with_the_pillow_decoder():
     """Every row accounted for: JPEGs decoded by TorchCodec in one batch, the rest (CMYK, PNG, broken) through
     Pillow."""
-    assert gpu_decode.BACKEND == "torchcodec", "torchcodec did not load: the device path runs on torchvision's"
+    assert device_decode.BACKEND == "torchcodec", "torchcodec did not load: the device path runs on torchvision's"
     check_agrees_with_cpu_decoder("cpu")
 
 
@@ -82,7 +82,7 @@ def test_without_torchcodec_the_device_decoder_falls_back_to_torchvision(monkeyp
     monkeypatch.setitem(sys.modules, "torchcodec", None)  # None in sys.modules: the import fails
     monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)
     monkeypatch.delitem(sys.modules, "pipeline.decode.device")  # restored, with the package attribute, afterwards
-    monkeypatch.setattr(pipeline.decode, "device", gpu_decode)
+    monkeypatch.setattr(pipeline.decode, "device", device_decode)
     with pytest.warns(RuntimeWarning, match="torchcodec did not load") as warned:
         fallback = importlib.import_module("pipeline.decode.device")
     assert fallback.BACKEND == "torchvision" and len(warned) == 1
@@ -111,7 +111,7 @@ def test_one_broken_jpeg_does_not_fail_the_batched_decode():
     good = [encode(photo(96, 72, seed=s), "JPEG") for s in range(3)]
     broken = good[0][:200] + b"\xff\xd9"  # a header that opens, then no image data
     with pytest.raises(RuntimeError, match="incomplete or truncated"):  # TorchCodec fails the whole call
-        gpu_decode.decode_jpeg([good[0], broken], device="cpu")
+        device_decode.decode_jpeg([good[0], broken], device="cpu")
     batch = DeviceDecoder(Decoder(PREPROCESS, 10**8), torch.device("cpu"))(as_batch([good[0], broken, good[1], good[2]]))
     pixels = batch.pop("pixels")
     assert [e is None for e in batch["error"]] == [True, False, True, True]

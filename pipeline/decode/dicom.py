@@ -36,8 +36,6 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 
 from pipeline.job.rows import StageFailure
 from pipeline.privacy.identifying import KEY_TAGS
-# Re-exported for ray/runner.py alone, until it imports them from pipeline.privacy (issue 27): then delete.
-from pipeline.privacy.identifying import IDENTIFYING, instance_uid_tags  # noqa: F401
 from pipeline.privacy.redact import redact_dicom_values
 from pipeline.privacy.safe_errors import class_name
 

@@ -4,7 +4,7 @@ batch at a time, so that one of 100M rows streams like a listing.
 Manifests come from ordinary tools (pandas, Spark, spreadsheets), so each column is cast to SOURCE_SCHEMA
 leniently: timestamps of any unit (nanoseconds truncated to microseconds), naive ones taken as UTC, ISO 8601
 text with or without `T`, `Z` or an offset; sizes of any integer or float type or as text; an etag of any type
-as text; blank cells as null. A value that still cannot be read is a `BadValue`: preflight refuses the job on
+as text; blank cells as null. A value that still cannot be read is a `BadValue`: the checks before a run refuse the job on
 the first batch's (`check_first_batch`); later in the listing it becomes null and a warning, since one cell
 must not kill a job hours into its manifest. A CSV line with the wrong number of fields (an unquoted comma) is
 skipped wherever it is, with a warning that counts such lines.

@@ -19,8 +19,9 @@ from typing import Iterator
 import fsspec
 
 from pipeline.io.clients import StoreClients
-from pipeline.io.uris import ObjectInfo, absolute, extension, is_s3, join, split_s3  # noqa: F401 - re-exported
-from pipeline.io.walk import list_local, list_s3, printable  # noqa: F401 - re-exported
+from pipeline.io.uris import ObjectInfo, absolute, is_s3, split_s3
+from pipeline.io.uris import extension, join  # noqa: F401 - callers take a URI's helpers from here with Storage
+from pipeline.io.walk import list_local, list_s3
 
 BODY_READ_ATTEMPTS = 4
 

@@ -1,7 +1,7 @@
 """The job spec: one validated object, loaded from YAML and command-line overrides.
 
 Validation here is about shape (types, ranges, URI syntax, unknown keys). Whether a bucket exists or a
-checkpoint loads is checked by `preflight`, which needs the network and the model code.
+checkpoint loads is checked before a run starts, which needs the network and the model code.
 """
 
 from __future__ import annotations
