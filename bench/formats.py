@@ -27,7 +27,7 @@ import pyarrow as pa
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline.io.storage import ObjectInfo, Storage  # noqa: E402
-from pipeline.output import RunIdentity, make_format, open_output  # noqa: E402
+from pipeline.output import RunIdentity, RunPolicy, make_format, open_output  # noqa: E402
 from pipeline.job.config import load_job  # noqa: E402
 from pipeline.job.rows import OUTPUT_SCHEMA  # noqa: E402
 
@@ -54,7 +54,7 @@ def rows_for(objects: list[ObjectInfo]) -> pa.Table:
 def one_run(output: str, fmt: str, start: int, n: int, storage: Storage) -> dict[str, float]:
     cfg = load_job(None, {"input": "s3://archive/2026/", "output": output, "format": fmt, "model": "resnet18"})
     times = {}
-    with open_output(cfg, storage, IDENTITY, OUTPUT_SCHEMA, io.StringIO()) as side:
+    with open_output(cfg.output, RunPolicy.of(cfg), storage, IDENTITY, OUTPUT_SCHEMA, io.StringIO()) as side:
         began = time.perf_counter()
         done = side.history().load(storage)
         todo = done.todo(listed(0, start + n))
@@ -68,7 +68,7 @@ def one_run(output: str, fmt: str, start: int, n: int, storage: Storage) -> dict
         sink.flush()
         times["stage_s"] = time.perf_counter() - began
         began = time.perf_counter()
-        side.commit(sink)
+        side.on_write_complete(sink)
         times["commit_s"] = time.perf_counter() - began
     return times
 
@@ -104,8 +104,8 @@ def main() -> None:
         small = [one_run(output, fmt, args.rows + i * args.rows_per_run, args.rows_per_run, storage)
                  for i in range(args.runs)]
         size = footprint(output)
-        table = make_format(load_job(None, {"input": "s3://archive/", "output": output, "format": fmt, "model": "resnet18"}),
-                            storage, OUTPUT_SCHEMA)
+        cfg = load_job(None, {"input": "s3://archive/", "output": output, "format": fmt, "model": "resnet18"})
+        table = make_format(cfg.output, storage, OUTPUT_SCHEMA)
         assert len(table.committed()) == args.runs + 1
         print(f"| {fmt} | {big['commit_s']:.2f} | {big['stage_s']:.2f} | {small[0]['commit_s']:.3f} | "
               f"{small[-1]['commit_s']:.3f} | {small[-1]['skip_set_s']:.2f} | {size['data_files']} / "

@@ -6,7 +6,7 @@ process, on an output of N rows built without Ray or a model.
 For each N: N inputs that are real JPEGs (200 distinct 640x480 photo-like files, each input its own path, a
 hardlink to one of them; `--linked K` links only the first K and leaves the other URIs missing, which the
 report shows as placeholders), written to a local output through the project's own output code
-(pipeline.output.open_output, its sink and commit, as tests/output_driver.py drives it) in the classification
+(pipeline.output.open_output, its sink and on_write_complete, as tests/output_driver.py drives it) in the classification
 schema: labels from ImageNet's 1,000 classes with a Zipf-like spread, scores, top-5 lists, ~1% error rows of a
 few kinds, size/etag/last_modified. Two runs: the first, then a "model upgrade" (another model_key, so every
 input is processed again) whose label differs for ~10% of the inputs, mostly to one of the first run's top-5.
@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 from images import photo_jpeg  # noqa: E402
 from pipeline.io.storage import Storage  # noqa: E402
-from pipeline.output import RunIdentity, open_output  # noqa: E402
+from pipeline.output import RunIdentity, RunPolicy, open_output  # noqa: E402
 from pipeline.job.config import load_job  # noqa: E402
 from pipeline.job.rows import output_schema  # noqa: E402
 
@@ -152,14 +152,14 @@ def one_run(output: str, fmt: str, identity: RunIdentity, uris: list[str], colum
             sizes: np.ndarray, storage: Storage) -> str:
     cfg = load_job(None, {"input": os.path.dirname(os.path.dirname(uris[0])) + "/", "output": output, "format": fmt,
                           "model": identity.model})
-    with open_output(cfg, storage, identity, output_schema(), io.StringIO()) as side:
+    with open_output(cfg.output, RunPolicy.of(cfg), storage, identity, output_schema(), io.StringIO()) as side:
         assert not side.history().committed_runs  # another model_key: every input is processed again
         sink = side.sink({"model": identity.model, "weights": identity.weights, "run_id": side.run_id},
                          checkpoint_rows=CHECKPOINT_ROWS)
         for at in range(0, len(uris), STAGE_ROWS):
             sink.add(rows_for(uris, at, columns, names, sizes))
         sink.flush()
-        record = side.commit(sink)
+        record = side.on_write_complete(sink)
     assert record["rows"] == len(uris), record
     return record["run_id"]
 

@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 import pyarrow as pa
 
 from pipeline.io.storage import ObjectInfo, Storage
-from pipeline.output import RunIdentity, open_output
+from pipeline.output import RunIdentity, RunPolicy, open_output
 from pipeline.output.sink import StagingSink
 from pipeline.job.config import load_job
 from pipeline.job.rows import OUTPUT_SCHEMA
@@ -60,7 +60,7 @@ def run_once(output: str, fmt: str, n: int, changed: int = 0, overwrite: bool = 
     storage = storage or Storage.from_env()
     out = out or io.StringIO()
     identity = replace(IDENTITY, job_key=job_key + ("-overwrite" if overwrite else ""))
-    with open_output(cfg, storage, identity, OUTPUT_SCHEMA, out) as output_side:
+    with open_output(cfg.output, RunPolicy.of(cfg), storage, identity, OUTPUT_SCHEMA, out) as output_side:
         done = output_side.history().load(storage)
         todo = done.todo(inputs(n, changed))
         sink: StagingSink = output_side.sink({"model": "counting", "weights": "sha256:0", "run_id": output_side.run_id},
@@ -68,7 +68,7 @@ def run_once(output: str, fmt: str, n: int, changed: int = 0, overwrite: bool = 
         for start in range(0, len(todo), 5):
             sink.add(rows_for(todo[start:start + 5]))
         sink.flush()
-        record = output_side.commit(sink)
+        record = output_side.on_write_complete(sink)
     return {"run_id": record["run_id"], "processed": len(todo), "rows": record["rows"]}
 
 

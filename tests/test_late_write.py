@@ -54,18 +54,18 @@ def rows(objects, attempt: str) -> pa.Table:
 def attempt(output: str, fmt: str, name: str, storage: Storage, catalog_db: str | None, out=None,
             before_commit=lambda: None) -> dict:
     """One attempt at the job: stage what is not staged yet, five rows a batch, then commit."""
-    from pipeline.output import open_output
+    from pipeline.output import RunPolicy, open_output
     from pipeline.job.rows import OUTPUT_SCHEMA
 
     cfg = job(output, fmt, catalog_db=catalog_db)
-    with open_output(cfg, storage, IDENTITY, OUTPUT_SCHEMA, out or io.StringIO()) as side:
+    with open_output(cfg.output, RunPolicy.of(cfg), storage, IDENTITY, OUTPUT_SCHEMA, out or io.StringIO()) as side:
         todo = side.history().load(storage).todo(inputs(N))
         sink = side.sink({"model": "counting", "weights": "sha256:0", "run_id": side.run_id}, checkpoint_rows=10)
         for start in range(0, len(todo), 5):
             sink.add(rows(todo[start:start + 5], name))
         sink.flush()
         before_commit()
-        return side.commit(sink)
+        return side.on_write_complete(sink)
 
 
 def first_driver(output: str, fmt: str, proxy_url: str, catalog_db: str | None) -> subprocess.Popen:
@@ -109,7 +109,7 @@ def visible_rows(output: str, fmt: str, storage: Storage, catalog_db: str | None
     from pipeline.output import make_format
     from pipeline.job.rows import OUTPUT_SCHEMA
 
-    table = make_format(job(output, fmt, catalog_db=catalog_db), storage, OUTPUT_SCHEMA)
+    table = make_format(job(output, fmt, catalog_db=catalog_db).output, storage, OUTPUT_SCHEMA)
     select = "SELECT uri, score, error, run_id FROM {} ORDER BY uri"
     if fmt == "delta":
         return {"delta_scan": duckdb_connection(storage, "delta").execute(

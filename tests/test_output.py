@@ -38,7 +38,7 @@ def place(request, tmp_path):
 
 
 def output_format(output: str, fmt: str, storage: Storage, catalog_db: str | None = None):
-    return make_format(job(output, fmt, catalog_db=catalog_db), storage, OUTPUT_SCHEMA)
+    return make_format(job(output, fmt, catalog_db=catalog_db).output, storage, OUTPUT_SCHEMA)
 
 
 def current_rows(output: str, fmt: str, storage: Storage, catalog_db: str | None = None) -> list[tuple]:
@@ -190,10 +190,11 @@ def test_readers_polling_during_a_commit_see_the_old_version_or_the_new(fmt, pla
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_a_second_driver_is_refused_while_a_run_holds_the_output(fmt, place, storage):
     output, catalog_db = place
-    from pipeline.output import open_output
+    from pipeline.output import RunPolicy, open_output
     from output_driver import IDENTITY
 
-    with open_output(job(output, fmt, catalog_db=catalog_db), storage, IDENTITY, OUTPUT_SCHEMA, io.StringIO()):
+    cfg = job(output, fmt, catalog_db=catalog_db)
+    with open_output(cfg.output, RunPolicy.of(cfg), storage, IDENTITY, OUTPUT_SCHEMA, io.StringIO()):
         with pytest.raises(UserError, match="is in use by run"):
             run_once(output, fmt, 5, catalog_db=catalog_db, storage=storage)
     assert run_once(output, fmt, 5, catalog_db=catalog_db, storage=storage)["processed"] == 5
@@ -204,10 +205,11 @@ def test_a_driver_whose_lease_was_taken_over_commits_nothing(fmt, bucket, tmp_pa
     """A driver paused past its lease (a long GC, a frozen VM) finds on waking that another took the output
     over: the fence before every visible write stops it."""
     from output_driver import IDENTITY, inputs, rows_for
-    from pipeline.output import open_output
+    from pipeline.output import RunPolicy, open_output
 
     output, catalog_db = f"s3://{bucket}/preds", str(tmp_path / "catalog.db")
-    with open_output(job(output, fmt, catalog_db=catalog_db), storage, IDENTITY, OUTPUT_SCHEMA, io.StringIO()) as side:
+    cfg = job(output, fmt, catalog_db=catalog_db)
+    with open_output(cfg.output, RunPolicy.of(cfg), storage, IDENTITY, OUTPUT_SCHEMA, io.StringIO()) as side:
         sink = side.sink({"model": "m", "weights": "w", "run_id": side.run_id}, checkpoint_rows=10)
         sink.add(rows_for(inputs(10)))
         sink.flush()
@@ -215,7 +217,7 @@ def test_a_driver_whose_lease_was_taken_over_commits_nothing(fmt, bucket, tmp_pa
                                      Body=Holder("20261129T000000Z-00000000", "other", 1, "elsewhere", time.time()).to_bytes())
         side.lease._renew_once()  # what its renewer thread does next
         with pytest.raises(UserError, match="lost the lease"):
-            side.commit(sink)
+            side.on_write_complete(sink)
     assert current_rows(output, fmt, storage, catalog_db) == []
 
 

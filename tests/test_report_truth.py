@@ -92,7 +92,7 @@ def test_runs_names_each_runs_table_version_and_the_metadata_file(fmt, tmp_path,
         versions = {run: str(v) for v, run in enumerate(runs)}
         assert f"delta_scan('{output}', version => 1)" in text
     else:
-        table = make_format(job(output, fmt), storage, OUTPUT_SCHEMA)
+        table = make_format(job(output, fmt).output, storage, OUTPUT_SCHEMA)
         versions = {r["run_id"]: str(r["snapshot_id"]) for r in table.committed()}
         assert {s.snapshot_id for s in table.load().snapshots()} == {int(v) for v in versions.values()}
         assert f"metadata file: {table.metadata_location}\n" in text

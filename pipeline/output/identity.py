@@ -6,19 +6,30 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
 from pipeline.output.staging import StagedRun, Staging
-from pipeline.job.config import JobConfig
+from pipeline.job.config import JobConfig, OutputConfig
 from pipeline.job.errors import UserError
 from pipeline.job.rows import output_schema
 from pipeline.privacy.identifying import column_name
 
 if TYPE_CHECKING:  # the output side never loads torch
     from pipeline.models.resolve import ModelSpec
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What a run is, decided before it starts (`job_key`, `model_key`)."""
+    job_key: str
+    model_key: str
+    model: str
+    weights: str
+    pseudonyms: str | None = None  # the pseudonymisation key's id
 
 
 def new_run_id() -> str:
@@ -92,16 +103,16 @@ def note_interrupted_attempt(run: StagedRun, attempt: dict) -> None:
     run.info.interrupted_attempts.append({**attempt, "rows": max(run.resumed_rows - before, 0)})
 
 
-def check_pseudonyms(live: list[dict], cfg: JobConfig, key_id: str | None) -> None:
+def check_pseudonyms(live: list[dict], output: OutputConfig, key_id: str | None) -> None:
     """Raw and pseudonymised rows, or tokens under two keys, never share an output (an overwrite replaces them all).
 
     `key_id` names this job's pseudonymisation key (None: off); a commit record holds its run's as `pseudonyms`."""
-    if cfg.output.overwrite:
+    if output.overwrite:
         return
     other = next((c.get("pseudonyms") for c in live if c.get("pseudonyms") != key_id), False)
     if other is False:
         return
-    where = f"output.uri: {cfg.output.uri}"
+    where = f"output.uri: {output.uri}"
     if key_id is None:
         raise UserError(f"{where} holds pseudonymised runs; turn privacy.pseudonymize on with their key, or write "
                         "to another folder")
@@ -116,7 +127,7 @@ def job_schema(cfg: JobConfig, spec: "ModelSpec") -> pa.Schema:
     """The job's output schema; a partitioning column must be one of its string columns."""
     tags = [column_name(keyword) for keyword in cfg.dicom.include_tags] if cfg.dicom is not None else None
     schema = output_schema(spec.task, spec.wants_predictions, spec.embedding_dim, tags)
-    column = partition_column(cfg)
+    column = partition_column(cfg.output)
     if column is not None and (column not in schema.names or schema.field(column).type != pa.string()):
         strings = [f.name for f in schema if f.type == pa.string() and f.name not in ("uri", "error", "run_id")]
         raise UserError(f"output.partitioning: '{column}' is not a string column of this job's output; use none, "
@@ -124,5 +135,6 @@ def job_schema(cfg: JobConfig, spec: "ModelSpec") -> pa.Schema:
     return schema
 
 
-def partition_column(cfg: JobConfig) -> str | None:
-    return None if cfg.output.partitioning in ("none", "run_date") else cfg.output.partitioning
+def partition_column(output: OutputConfig) -> str | None:
+    """The string column the output is partitioned by, if any (`output.partitioning` names it)."""
+    return None if output.partitioning in ("none", "run_date") else output.partitioning

@@ -26,7 +26,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.decode.dicom import IDENTIFYING, KEY_TAGS, dicom_settings, instance_uid_tags
 from pipeline.decode.image import Decoder, column_name
-from pipeline.output import RunIdentity, open_output
+from pipeline.output import RunIdentity, RunPolicy, open_output
 from pipeline.output.history import History
 from pipeline.output.lease import OutputLease
 from pipeline.output.identity import job_key, job_schema, model_key
@@ -149,7 +149,7 @@ def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float 
     schema = job_schema(cfg, spec)
     identity = RunIdentity(job_key=job_key(cfg, spec, key_id), model_key=model_key(cfg, spec), model=spec.name,
                            weights=spec.weights_id, pseudonyms=key_id)
-    with open_output(cfg, storage, identity, schema, out) as output:
+    with open_output(cfg.output, RunPolicy.of(cfg), storage, identity, schema, out) as output:
         timeline.mark("output_opened")
         cluster = read_cluster()
         pool, request = plan_pool(cfg.compute, cluster)
@@ -179,7 +179,7 @@ def run_job(cfg: JobConfig, out: TextIO | None = None, progress_interval: float 
             sink.flush()
         timeline.mark("last_row")
         progress = samples.record(tally.elapsed, tally.rows)
-        record = output.commit(sink, progress) if status == "completed" else None
+        record = output.on_write_complete(sink, progress) if status == "completed" else None
         timeline.mark("committed")
         first_batch_at = ray.get(ledger.model_first_finished_at.remote())
         if first_batch_at is not None:
