@@ -193,7 +193,8 @@ def pipeline(spec: dict) -> dict:
     import io
 
     from pipeline.job.config import load_job
-    from pipeline.ray.runner import run_job, start_ray
+    from pipeline.ray.executor import run_on_ray
+    from pipeline.ray.session import start_ray
 
     cfg = load_job(None, {"input": spec["input"], "output": spec["output"], "model": spec["model"],
                           "weights": spec["checkpoint"], "labels": spec["labels"],
@@ -208,7 +209,7 @@ def pipeline(spec: dict) -> dict:
     first = FirstFile(lambda: any(o.uri.endswith(".staged") for page in storage.list_pages(staging) for o in page))
     started = time.monotonic()
     first.start(started)
-    summary = run_job(cfg, out=io.StringIO())
+    summary = run_on_ray(cfg, out=io.StringIO())
     seconds = time.monotonic() - started
     return {"images": summary.committed_rows, "seconds": seconds, "first_row_s": first.stop(),
             "spilled_mib": spilled_mib()}

@@ -43,8 +43,10 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
-    from pipeline.ray.runner import build_dataset, start_ray
+    from pipeline.ray.adapter import dataset_for
     from pipeline.ray.datasource import ListingTally
+    from pipeline.ray.executor import RayExecutor
+    from pipeline.run.plan import plan_stages
 
     with local_bucket("bench") as (server, storage):
         started = time.monotonic()
@@ -59,9 +61,10 @@ def main() -> None:
                               "model": "pipeline.dev.demo:build_lenet", "batch_size": 64})
         cfg.model.preprocess.resize_size = cfg.model.preprocess.crop_size = 32
         spec = resolve_model(cfg.model, storage)
-        start_ray(None)
+        executor = RayExecutor()
+        executor.start()
         tally = ListingTally.remote()
-        dataset = build_dataset(cfg, spec, storage, tally)
+        dataset = dataset_for(plan_stages(cfg, spec, storage, executor.pool(cfg.compute)), tally)
         started = time.monotonic()
         first = None
         rows = 0

@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 from conftest import encode, photo
-from pipeline.ray.progress import ProgressPrinter, Tally
+from pipeline.run.counts import Tally
+from pipeline.run.progress import ProgressPrinter
 
 TESTS = Path(__file__).parent
 

@@ -23,8 +23,8 @@ import pytest
 from PIL import Image
 
 from conftest import encode, photo, photo_jpeg
-from pipeline.ray.isolation import BuildBook, LedgerBook
-from pipeline.ray.runner import run_job
+from pipeline.run.isolation import BuildBook, LedgerBook
+from pipeline.ray.executor import run_on_ray
 from pipeline.job.config import load_job
 from counting_model import images_seen
 
@@ -171,7 +171,7 @@ def test_an_input_that_kills_its_model_actor_becomes_an_error_row(tmp_path, ray_
     (folder / "photo07_poison.png").write_bytes(encode(MAGENTA, "PNG"))
     cfg = load_job(None, {"input": str(folder), "output": str(tmp_path / "out"), "model": "counting_model:build",
                           "batch_size": 8})
-    summary = run_job(cfg, out=io.StringIO())
+    summary = run_on_ray(cfg, out=io.StringIO())
 
     rows = {r["uri"].rsplit("/", 1)[1]: r for r in pads.dataset(str(tmp_path / "out")).to_table().to_pylist()}
     assert len(rows) == 16 and summary.inputs == 16
@@ -259,7 +259,7 @@ def test_a_rerun_batch_goes_one_input_at_a_time_and_skips_the_input_that_killed_
     """Isolated over the decode stage (as CPU decode tasks run it for GPU actors), with the ledger's state in
     this process: after two deaths the poison input is an error row, the others decode, the order is kept."""
     from pipeline.decode.image import Decoder
-    from pipeline.ray.isolation import Isolated
+    from pipeline.run.isolation import Isolated
 
     class LocalLedger:  # what runner.RayLedger does over an actor, for one worker
         def __init__(self, book, worker):

@@ -18,8 +18,9 @@ from pipeline.decode.image import Decoder
 from pipeline.io.storage import Storage
 from pipeline.models.detect import Detector
 from pipeline.models.resolve import ModelSpec, detection_models, resolve_model
-from pipeline.ray.actors import ModelActor
-from pipeline.ray.runner import run_job
+from pipeline.job.stage import Resources
+from pipeline.models.inference import ModelInference
+from pipeline.ray.executor import run_on_ray
 from pipeline.job.config import DetectionConfig, ModelConfig, load_job
 from pipeline.job.errors import UserError
 from pipeline.job.rows import output_schema
@@ -38,7 +39,7 @@ def scene(width: int, height: int, patches: dict[str, tuple[int, int, int, int]]
 
 
 def detect(spec: ModelSpec, encoded: list[bytes], **options) -> dict[str, np.ndarray]:
-    stage = ModelActor(Detector, spec, Storage.from_env(), decoder=Decoder(None, 10**8), **options)
+    stage = model_stage(spec, decoder=Decoder(None, 10**8), **options)
     return stage(as_batch(encoded))
 
 
@@ -166,7 +167,7 @@ def test_pipeline_detections_equal_a_direct_model_call(frcnn_files, bucket, stor
                           "model": FRCNN, "weights": f"s3://{bucket}/model/weights",
                           "labels": f"s3://{bucket}/model/labels", "batch_size": 4})
     cfg.model.detection = DetectionConfig(score_threshold=0.3, max_detections=20)
-    summary = run_job(cfg, out=io.StringIO())
+    summary = run_on_ray(cfg, out=io.StringIO())
     assert (summary.predicted, summary.errors, summary.errors_by_type) == (6, 1, {"decode.truncated": 1})
 
     table_of_rows = pads.dataset(f"s3://{bucket}/detections/", format="parquet").to_table()
@@ -309,15 +310,23 @@ def test_detector_on_gpu_decodes_there_and_agrees_with_the_cpu(frcnn_files, colo
     """nvJPEG decode, backbone under bf16 autocast, heads in float32: boxes within a pixel of the CPU's."""
     photos = photos_of_mixed_sizes()
     color = color_spec(color_files)
-    on_gpu = ModelActor(Detector, color, Storage.from_env(), precision="bf16", decoder=Decoder(None, 10**8),
+    on_gpu = model_stage(color, precision="bf16", decoder=Decoder(None, 10**8),
                         decode_on_device=True)
-    assert on_gpu.stage.device.type == "cuda"
+    assert on_gpu.model.device.type == "cuda"
     gpu_rows = on_gpu(as_batch(photos))
     cpu_rows = detect(color, photos)
     for got, expected in zip(gpu_rows["detections"], cpu_rows["detections"]):
         assert [d["label"] for d in got] == [d["label"] for d in expected] == ["red"]
         np.testing.assert_allclose(as_array(got)[1], as_array(expected)[1], atol=1.5)
     spec = resolve_model(ModelConfig(**frcnn_files, detection={"score_threshold": 0.0}), Storage.from_env())
-    out = ModelActor(Detector, spec, Storage.from_env(), precision="bf16", decoder=Decoder(None, 10**8),
+    out = model_stage(spec, precision="bf16", decoder=Decoder(None, 10**8),
                      decode_on_device=True)(as_batch(photos))
     assert all(n > 0 for n in out["num_detections"])
+
+
+def model_stage(spec, decoder, decode_on_device: bool = False, **options) -> ModelInference:
+    """The model stage as a model process runs it, set up: on a GPU process when `decode_on_device`."""
+    stage = ModelInference(spec, Storage.from_env(), Resources(gpus=1.0 if decode_on_device else 0.0), decoder,
+                           **options)
+    stage.setup()
+    return stage

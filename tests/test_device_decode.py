@@ -18,7 +18,8 @@ from pipeline.decode.image import Decoder, Preprocess
 from pipeline.io.storage import Storage
 from pipeline.models.classify import Classifier
 from pipeline.models.resolve import resolve_model
-from pipeline.ray.actors import ModelActor
+from pipeline.job.stage import Resources
+from pipeline.models.inference import ModelInference
 from pipeline.job.config import ComputeConfig, ModelConfig
 
 PREPROCESS = Preprocess(resize_size=64, crop_size=56, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
@@ -159,7 +160,7 @@ def test_actor_that_decodes_for_itself_predicts_like_decode_tasks(spec):
     inputs = list(mixed_inputs().values())
     decoder = Decoder(spec.preprocess, 10**8)
     separate = Classifier(spec, Storage.from_env())(decoder(as_batch(inputs)))
-    inside = ModelActor(Classifier, spec, Storage.from_env(), decoder=decoder, decode_on_device=True)(as_batch(inputs))
+    inside = model_stage(spec, decoder=decoder, decode_on_device=True)(as_batch(inputs))
     assert list(inside["error_type"]) == list(separate["error_type"])
     assert list(inside["label"]) == list(separate["label"])
     ok = [e is None for e in separate["error"]]
@@ -212,7 +213,7 @@ def test_device_decoder_on_gpu_agrees_with_the_pillow_decoder():
 @gpu_only
 def test_gpu_actor_decodes_jpegs_on_the_gpu(spec):
     inputs = list(mixed_inputs().values())
-    classifier = ModelActor(Classifier, spec, Storage.from_env(), decoder=Decoder(spec.preprocess, 10**8),
+    classifier = model_stage(spec, decoder=Decoder(spec.preprocess, 10**8),
                             decode_on_device=True)
     assert isinstance(classifier.decode, DeviceDecoder)
     out = classifier(as_batch(inputs))
@@ -226,11 +227,19 @@ def test_gpu_decoding_without_gpus_is_refused_in_one_line(ray_session, tmp_path,
 
     from pipeline.job.config import load_job
     from pipeline.job.errors import UserError
-    from pipeline.ray.runner import run_job
+    from pipeline.ray.executor import run_on_ray
 
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.jpg").write_bytes(encode(photo(), "JPEG"))
     cfg = load_job(None, {"input": str(tmp_path / "in"), "output": str(tmp_path / "out"), **classifier_files})
     cfg.decode.device = "gpu"
     with pytest.raises(UserError, match=r"decode.device: 'gpu' but the model actors get no GPU"):
-        run_job(cfg, out=io.StringIO())
+        run_on_ray(cfg, out=io.StringIO())
+
+
+def model_stage(spec, decoder, decode_on_device: bool = False, **options) -> ModelInference:
+    """The model stage as a model process runs it, set up: on a GPU process when `decode_on_device`."""
+    stage = ModelInference(spec, Storage.from_env(), Resources(gpus=1.0 if decode_on_device else 0.0), decoder,
+                           **options)
+    stage.setup()
+    return stage

@@ -18,7 +18,7 @@ from pipeline.decode.image import Decoder
 from pipeline.io.storage import Storage
 from pipeline.models.classify import Classifier
 from pipeline.models.resolve import resolve_model
-from pipeline.ray.runner import run_job
+from pipeline.ray.executor import run_on_ray
 from pipeline.job.config import ModelConfig, load_job
 from pipeline.job.errors import UserError
 from pipeline.job.rows import output_schema
@@ -114,7 +114,7 @@ def test_embedding_only_job_on_s3_and_a_nearest_neighbour_query(checkpoints, sto
                           "model": "resnet18", "weights": files["weights"], "labels": files["labels"]})
     cfg.model.outputs = ["embedding"]
     cfg.model.preprocess = PREPROCESS
-    summary = run_job(cfg, out=io.StringIO())
+    summary = run_on_ray(cfg, out=io.StringIO())
     assert (summary.predicted, summary.errors) == (8, 1)
 
     table = pads.dataset(f"s3://{bucket}/embeddings/", format="parquet").to_table()

@@ -13,7 +13,7 @@ import pytest
 from conftest import encode, photo
 from faults import FaultyProxy
 from pipeline.io.storage import Storage
-from pipeline.ray.runner import run_job
+from pipeline.ray.executor import run_on_ray
 from test_pipeline import job, put_objects
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -27,7 +27,7 @@ def test_a_job_through_a_faulty_s3_loses_and_duplicates_nothing(s3_server, stora
         cfg = job(classifier_files, f"s3://{bucket}/photos/", f"s3://{bucket}/out",
                   storage={"endpoint_url": proxy.url, "read_timeout_s": 1.0, "connect_timeout_s": 1.0},
                   output={"checkpoint_rows": 8, "rows_per_file": 25})
-        summary = run_job(cfg, out=io.StringIO())
+        summary = run_on_ray(cfg, out=io.StringIO())
         stats = proxy.stats
     assert stats["fail"] > 5 and stats["reset"] > 0 and stats["stall"] > 0, stats
     assert summary.errors == 0 and summary.committed_rows == 60
@@ -51,9 +51,9 @@ def test_reads_that_keep_failing_become_error_rows_and_are_retried_later(s3_serv
                   storage={"endpoint_url": proxy.url, "max_attempts": 2})
         proxy.cut_rate = 1.0  # every object GET is reset mid-body; the listing (a GET with list-type) still works
         proxy.only = lambda method, target: method == "GET" and "list-type" not in target
-        first = run_job(cfg, out=io.StringIO())
+        first = run_on_ray(cfg, out=io.StringIO())
         proxy.cut_rate = 0.0
-        second = run_job(cfg, out=io.StringIO())
+        second = run_on_ray(cfg, out=io.StringIO())
     assert first.errors == 4 and set(first.errors_by_type) == {"read.io_error"}
     assert second.inputs == 4 and second.errors == 0 and second.already_done == 0
 

@@ -29,7 +29,7 @@ def test_the_import_graph_has_no_cycles_and_ray_stays_in_its_adapter():
 def test_the_import_graph_command_prints_the_graph_and_passes():
     result = subprocess.run([sys.executable, "-m", "pipeline.dev.import_graph"], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-2000:]
-    assert "pipeline.ray.runner -> " in result.stdout and "cycles (modules, then folders): 0" in result.stdout
+    assert "pipeline.ray.executor -> " in result.stdout and "cycles (modules, then folders): 0" in result.stdout
 
 
 def test_no_class_is_over_120_lines():

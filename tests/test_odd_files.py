@@ -20,7 +20,7 @@ from PIL import Image
 from conftest import encode, photo
 from pipeline.decode.image import Decoder
 from test_pipeline import job
-from pipeline.ray.runner import run_job
+from pipeline.ray.executor import run_on_ray
 
 CORPUS = os.path.join(os.path.dirname(__file__), "odd_files")
 
@@ -134,7 +134,7 @@ def test_a_job_over_the_whole_corpus_gives_each_file_one_row(tmp_path, classifie
         expected[str(path)] = outcome
     cfg = job(classifier_files, str(folder), str(tmp_path / "out"), input={"extensions": None},
               errors={"max_error_rate": 1.0})
-    summary = run_job(cfg, out=io.StringIO())
+    summary = run_on_ray(cfg, out=io.StringIO())
 
     rows = duckdb.sql(f"SELECT uri, error_type, label FROM read_parquet('{tmp_path}/out/**/*.parquet')").fetchall()
     assert len(rows) == len(expected) == summary.inputs  # every file once

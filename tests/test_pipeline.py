@@ -23,7 +23,7 @@ from pipeline.decode.image import Decoder
 from pipeline.io.listing import InputListing
 from pipeline.io.storage import Storage
 from pipeline.models.resolve import build_model, resolve_model
-from pipeline.ray.runner import run_job
+from pipeline.ray.executor import run_on_ray
 from pipeline.job.config import load_job
 from pipeline.job.errors import JobStopped
 
@@ -92,7 +92,7 @@ def test_s3_round_trip_mixed_bucket(storage, bucket, classifier_files):
     good, bad = good_images(), bad_images()
     put_objects(storage, bucket, "in/", {**good, **{k: v for k, (v, _) in bad.items()},
                                          "notes.txt": b"not listed: extension filter"})
-    summary = run_job(job(classifier_files, f"s3://{bucket}/in/", f"s3://{bucket}/out/"), out=io.StringIO())
+    summary = run_on_ray(job(classifier_files, f"s3://{bucket}/in/", f"s3://{bucket}/out/"), out=io.StringIO())
 
     table = read_back(f"s3://{bucket}/out/")
     rows = {r["uri"]: r for r in table.to_pylist()}
@@ -120,7 +120,7 @@ def test_local_round_trip_readers_see_exactly_the_rows(tmp_path, classifier_file
     write_files(tmp_path / "in", {**good_images(), **{k: v for k, (v, _) in bad_images().items()}})
     out = tmp_path / "out"
     cfg = job(classifier_files, str(tmp_path / "in"), str(out), output={"rows_per_file": 4})
-    summary = run_job(cfg, out=io.StringIO())
+    summary = run_on_ray(cfg, out=io.StringIO())
 
     n = len(good_images()) + len(bad_images())
     assert len(summary.files) == -(-n // 4)  # several files, so the globs below really glob
@@ -146,7 +146,7 @@ def test_predictions_equal_a_direct_model_call(tmp_path, classifier_files):
     images = {f"img{i}.png": encode(photo(60 + 37 * i, 200 - 23 * i, seed=20 + i), "PNG") for i in range(6)}
     write_files(tmp_path / "in", images)
     cfg = job(classifier_files, str(tmp_path / "in"), str(tmp_path / "out"), compute={"batch_size": 4})
-    run_job(cfg, out=io.StringIO())
+    run_on_ray(cfg, out=io.StringIO())
     rows = {os.path.basename(r["uri"]): r for r in read_back(str(tmp_path / "out")).to_pylist()}
 
     spec = resolve_model(cfg.model, Storage.from_env())
@@ -177,7 +177,7 @@ def test_manifest_input(tmp_path, storage, bucket, classifier_files):
 
     for manifest in ("list.parquet", "list.csv"):
         out = tmp_path / f"out-{manifest}"
-        run_job(job(classifier_files, str(tmp_path / manifest), str(out)), out=io.StringIO())
+        run_on_ray(job(classifier_files, str(tmp_path / manifest), str(out)), out=io.StringIO())
         rows = {r["uri"]: r for r in read_back(str(out)).to_pylist()}
         assert len(rows) == 4
         assert rows[f"s3://{bucket}/m/missing.jpg"]["error_type"] == "read.not_found"
@@ -189,7 +189,7 @@ def test_oversized_objects_are_not_downloaded(storage, bucket, classifier_files,
     put_objects(storage, bucket, "big/", {"small.png": encode(photo(8, 8), "PNG"),
                                           "large.png": encode(photo(400, 400), "PNG")})
     cfg = job(classifier_files, f"s3://{bucket}/big/", str(tmp_path / "out"), input={"max_file_bytes": 2000})
-    run_job(cfg, out=io.StringIO())
+    run_on_ray(cfg, out=io.StringIO())
     rows = {r["uri"].rsplit("/", 1)[1]: r for r in read_back(str(tmp_path / "out")).to_pylist()}
     assert rows["small.png"]["error"] is None
     assert rows["large.png"]["error_type"] == "read.too_large"
@@ -201,7 +201,7 @@ def test_error_rate_threshold_stops_the_job(tmp_path, classifier_files):
     cfg = job(classifier_files, str(tmp_path / "in"), str(tmp_path / "out"),
               errors={"max_error_rate": 0.5, "min_inputs": 5})
     with pytest.raises(JobStopped, match=r"over errors.max_error_rate=0.5; most common: decode.not_an_image"):
-        run_job(cfg, out=io.StringIO())
+        run_on_ray(cfg, out=io.StringIO())
     summary = json.loads((tmp_path / "out" / "_summary.json").read_text())
     assert summary["status"] == "stopped" and summary["committed_rows"] == 0
     assert not list((tmp_path / "out").glob("**/*.parquet"))  # a stopped run publishes nothing
@@ -210,7 +210,7 @@ def test_error_rate_threshold_stops_the_job(tmp_path, classifier_files):
     write_files(tmp_path / "in", {name: encode(photo(seed=i), "PNG") for i, name in enumerate(bad)})
     cfg.errors.max_error_rate = 1.0
     printed = io.StringIO()
-    resumed = run_job(cfg, out=printed)
+    resumed = run_on_ray(cfg, out=printed)
     assert resumed.run_id == summary["run_id"] and resumed.resumed == summary["inputs"] - summary["errors"]
     assert resumed.inputs == 31 - resumed.resumed and "inputs that failed are tried again" in printed.getvalue()
     written = read_back(str(tmp_path / "out"))
@@ -223,9 +223,9 @@ def test_error_rate_threshold_stops_the_job(tmp_path, classifier_files):
 def test_overwrite_replaces_earlier_output(tmp_path, classifier_files):
     write_files(tmp_path / "in", {"a.png": encode(photo(), "PNG")})
     cfg = job(classifier_files, str(tmp_path / "in"), str(tmp_path / "out"))
-    run_job(cfg, out=io.StringIO())
+    run_on_ray(cfg, out=io.StringIO())
     cfg.output.overwrite = True
-    second = run_job(cfg, out=io.StringIO())
+    second = run_on_ray(cfg, out=io.StringIO())
     table = read_back(str(tmp_path / "out"))
     assert table.num_rows == 1 and table["run_id"].to_pylist() == [second.run_id]
 
@@ -267,7 +267,7 @@ def test_torchvision_weights_by_name(tmp_path, cached_imagenet_resnet18):
     write_files(tmp_path / "in", {"a.jpg": encode(photo(320, 240), "JPEG")})
     cfg = load_job(None, {"input": str(tmp_path / "in"), "output": str(tmp_path / "out"), "model": "resnet18",
                           "weights": "IMAGENET1K_V1"})
-    summary = run_job(cfg, out=io.StringIO())
+    summary = run_on_ray(cfg, out=io.StringIO())
     row = read_back(str(tmp_path / "out")).to_pylist()[0]
     assert summary.weights == row["weights"] == "ResNet18_Weights.IMAGENET1K_V1"
     assert row["error"] is None and row["label"] in cached_imagenet_resnet18.meta["categories"]
@@ -276,14 +276,17 @@ def test_torchvision_weights_by_name(tmp_path, cached_imagenet_resnet18):
 
 def test_predictions_stream_to_the_driver_in_many_batches(tmp_path, storage, bucket, classifier_files):
     """Ray must not merge the work into one block: rows reach the driver while work is still going on.
-    Blocks are runner.BLOCK_BYTES of encoded images, about 11 of these photos."""
-    from pipeline.ray.runner import build_dataset
+    Blocks are plan.BLOCK_BYTES of encoded images, about 11 of these photos."""
+    from pipeline.ray.adapter import dataset_for
     from pipeline.ray.datasource import ListingTally
+    from pipeline.ray.executor import RayExecutor
+    from pipeline.run.plan import plan_stages
 
     put_objects(storage, bucket, "stream/", {f"{i:04d}.jpg": photo_jpeg(i) for i in range(80)})
     cfg = job(classifier_files, f"s3://{bucket}/stream/", str(tmp_path / "out"), compute={"batch_size": 8})
     spec = resolve_model(cfg.model, storage)
-    batches = [b.num_rows for b in build_dataset(cfg, spec, storage, ListingTally.remote()).iter_batches(
+    plan = plan_stages(cfg, spec, storage, RayExecutor().pool(cfg.compute))
+    batches = [b.num_rows for b in dataset_for(plan, ListingTally.remote()).iter_batches(
         batch_format="pyarrow", batch_size=None)]
     assert sum(batches) == 80
     assert len(batches) >= 4
@@ -294,7 +297,7 @@ def test_manifest_on_s3_with_relative_entries(storage, bucket, classifier_files,
     buffer = io.BytesIO()
     pq.write_table(pa.table({"uri": ["images/x y.png", f"s3://{bucket}/data/images/x y.png"]}), buffer)
     storage.write_bytes(f"s3://{bucket}/data/manifest.parquet", buffer.getvalue())
-    run_job(job(classifier_files, f"s3://{bucket}/data/manifest.parquet", str(tmp_path / "out")), out=io.StringIO())
+    run_on_ray(job(classifier_files, f"s3://{bucket}/data/manifest.parquet", str(tmp_path / "out")), out=io.StringIO())
     rows = read_back(str(tmp_path / "out")).to_pylist()
     assert [r["uri"] for r in rows] == [f"s3://{bucket}/data/images/x y.png"]  # one input, listed twice: one row
     assert all(r["error"] is None for r in rows)
@@ -304,7 +307,7 @@ def test_empty_input_finishes_with_a_hint(tmp_path, classifier_files):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "notes.txt").write_text("no images here")
     printed = io.StringIO()
-    summary = run_job(job(classifier_files, str(tmp_path / "in"), str(tmp_path / "out")), out=printed)
+    summary = run_on_ray(job(classifier_files, str(tmp_path / "in"), str(tmp_path / "out")), out=printed)
     assert (summary.inputs, summary.skipped_by_extension, summary.files) == (0, 1, [])
     assert "nothing to do under" in printed.getvalue()
     assert json.loads((tmp_path / "out" / "_summary.json").read_text())["inputs"] == 0
@@ -328,9 +331,9 @@ def test_manifest_metadata_columns_are_carried_and_drive_incremental_runs(tmp_pa
                         "imgs/a.png,e1,10,2026-11-01T10:00:00Z\n"
                         "imgs/b.png,e2,20,2026-11-01T10:00:00Z\n")
     cfg = job(classifier_files, str(manifest), str(tmp_path / "out"))
-    assert run_job(cfg, out=io.StringIO()).inputs == 2
+    assert run_on_ray(cfg, out=io.StringIO()).inputs == 2
     rows = {r["uri"].rsplit("/", 1)[1]: r for r in read_back(str(tmp_path / "out")).to_pylist()}
     assert rows["a.png"]["etag"] == "e1" and rows["a.png"]["last_modified"].isoformat() == "2026-11-01T10:00:00+00:00"
     manifest.write_text(manifest.read_text().replace("e2,20", "e3,20"))  # b changed upstream
-    again = run_job(cfg, out=io.StringIO())
+    again = run_on_ray(cfg, out=io.StringIO())
     assert again.inputs == 1 and again.already_done == 1

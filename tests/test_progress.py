@@ -6,8 +6,9 @@ import io
 
 import pyarrow as pa
 
-from pipeline.ray.isolation import LedgerBook
-from pipeline.ray.progress import ProgressPrinter, Tally
+from pipeline.run.isolation import LedgerBook
+from pipeline.run.counts import Tally
+from pipeline.run.progress import ProgressPrinter
 
 
 def printer(tally: Tally, listing: dict | None) -> ProgressPrinter:

@@ -14,7 +14,8 @@ import time
 import pyarrow as pa
 import pytest
 
-from pipeline.ray.progress import ProgressPrinter, RecentRate, Tally, bar_line
+from pipeline.run.counts import Tally
+from pipeline.run.progress import ProgressPrinter, RecentRate, bar_line
 
 STATES = {
     "starting": dict(done=0, total=0, total_final=False, failed=0, rate=0.0),
@@ -156,7 +157,7 @@ def test_a_log_still_gets_the_plain_lines():
 
 
 def test_progress_samples_stay_few_and_spread_over_a_long_run():
-    from pipeline.ray.progress import ProgressSamples
+    from pipeline.run.progress import ProgressSamples
 
     samples = ProgressSamples(limit=60)
     for second in range(1, 8 * 3600):  # a night of one batch a second, 10 rows each

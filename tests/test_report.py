@@ -28,7 +28,7 @@ from pipeline.cli.commands import main
 from pipeline.io.storage import Storage
 from pipeline.output.lease import OutputLease
 from pipeline.output.staging import RunInfo, StagedRun, Staging
-from pipeline.ray.runner import run_job
+from pipeline.ray.executor import run_on_ray
 from pipeline.job.config import load_job
 from test_report_truth import DOLLAR_LABELS, svg_texts
 
@@ -42,7 +42,7 @@ SCREENSHOTS = os.environ.get("PIPELINE_SCREENSHOTS")
 def run(spec: dict, folder: Path, name: str):
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
-    return run_job(load_job(str(path), {}), out=io.StringIO())
+    return run_on_ray(load_job(str(path), {}), out=io.StringIO())
 
 
 def boxes_photo(seed: int) -> bytes:
@@ -357,7 +357,7 @@ def resumed(tmp_path_factory, s3_server):
     (root / "plain.txt").write_text("a\nb\nc\n")
     (root / "dollars.txt").write_text("\n".join(DOLLAR_LABELS) + "\n")
     output = str(root / "out")
-    first = run_job(load_job(str(counting_job(root, "plain.txt", output)), {}), out=io.StringIO())
+    first = run_on_ray(load_job(str(counting_job(root, "plain.txt", output)), {}), out=io.StringIO())
     upgrade = counting_job(root, "dollars.txt", output)
     env = {**os.environ, "PIPELINE_FAILPOINTS": "chunk_written:2",
            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
@@ -369,7 +369,7 @@ def resumed(tmp_path_factory, s3_server):
     stats = staging.count(staged)
     between = runs_text(output)
     printed = io.StringIO()
-    second = run_job(load_job(str(upgrade), {}), out=printed)
+    second = run_on_ray(load_job(str(upgrade), {}), out=printed)
     return {"output": output, "first": first, "second": second, "staged_rows": stats.rows,
             "staged_inputs": staged.resumed_inputs, "runs_between": between, "summary": printed.getvalue()}
 

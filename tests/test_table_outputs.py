@@ -16,7 +16,7 @@ import torchvision
 
 from conftest import encode, photo
 from pipeline.cli.commands import main
-from pipeline.ray.runner import run_job
+from pipeline.ray.executor import run_on_ray
 from readers import duckdb_connection
 from test_pipeline import job, put_objects
 
@@ -55,7 +55,7 @@ def test_nightly_runs_and_a_model_upgrade_into_a_table(fmt, tmp_path, storage, b
         settings["catalog"] = {"type": "sql", "uri": f"sqlite:///{tmp_path}/catalog.db"}
     cfg = job(classifier_files, f"s3://{bucket}/in/", output, output=settings)
     printed = io.StringIO()
-    first = run_job(cfg, out=printed)
+    first = run_on_ray(cfg, out=printed)
     assert first.inputs == 6
     assert ("Delta table version 0" if fmt == "delta" else "Iceberg snapshot") in printed.getvalue()
 
@@ -63,7 +63,7 @@ def test_nightly_runs_and_a_model_upgrade_into_a_table(fmt, tmp_path, storage, b
     # into each format are tests/test_output.py's.)
     put_objects(storage, bucket, "in/", images(6, 7))
     cfg.model.weights = upgraded_weights(tmp_path)
-    upgrade = run_job(cfg, out=io.StringIO())
+    upgrade = run_on_ray(cfg, out=io.StringIO())
     assert upgrade.inputs == 8
 
     con = duckdb_connection(storage, fmt)

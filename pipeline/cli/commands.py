@@ -117,11 +117,11 @@ def _run(args: argparse.Namespace, own_streams: bool = False) -> int:
     out = console.out if console is not None else sys.stdout
     # Importing Ray and Arrow takes seconds: say what is coming first.
     print(f"Job: {cfg.input.uri} -> {cfg.output.uri}\n  loading Ray …", file=out, flush=True)
-    from pipeline.ray.runner import run_job
+    from pipeline.ray.executor import run_on_ray
 
     try:
         with console.ray_failures() if console is not None else nullcontext():
-            run_job(cfg, out=out, console=console)
+            run_on_ray(cfg, out=out, console=console)
     finally:
         out.flush()
     return 0

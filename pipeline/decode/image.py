@@ -33,6 +33,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from pipeline.job.rows import StageFailure, error_columns, fail
+from pipeline.job.stage import Batch, Resources, Stage
 from pipeline.privacy.identifying import KEY_TAGS, column_name
 from pipeline.privacy.safe_errors import exception_text
 
@@ -54,7 +55,7 @@ class Preprocess:
     interpolation: str = "bilinear"
 
 
-class Decoder:
+class Decoder(Stage):
     """Batch function: adds `pixels`, `image_width`, `image_height`; drops `bytes`.
 
     `pixels` is one (N, crop, crop, channels) array, or without a `Preprocess` an object array of (H, W, 3)
@@ -62,6 +63,11 @@ class Decoder:
     and allow-listed tag columns and `rows_of_input`, one row per selected frame.
     `safe_errors` (privacy.pseudonymize): messages built from known-safe parts only (job/safe_errors.py).
     """
+    # As a stage of its own (ahead of GPU model processes), a decoder takes a core per block; an input that kills
+    # its process (a native crash in a codec) becomes that input's error row.
+    name = "decode"
+    isolates_crashes = True
+    resources = Resources(cpus=1)
 
     def __init__(self, preprocess: Preprocess | None, max_image_pixels: int, channels: int = 3, dicom=None,
                  safe_errors: bool = False):
@@ -71,7 +77,7 @@ class Decoder:
         self.dicom = dicom  # dicom.DicomSettings, or None: DICOM files are reported, not read
         self.safe_errors = safe_errors
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def process(self, batch: Batch) -> Batch:
         ImageFile.LOAD_TRUNCATED_IMAGES = False  # a global Pillow reads at decode time, in this worker
         errors, error_types = error_columns(batch)
         rows: list[list[tuple[int | None, np.ndarray | None, tuple[int, int]]]] = []  # per input: its frames

@@ -53,7 +53,7 @@ def run_demo(keep: str | None = None, own_streams: bool = False) -> int:
     """`own_streams`: this process is the `pipeline` command, whose console stays free of Ray's output."""
     from pipeline.ray import stop_ray
     from pipeline.ray.console import Console
-    from pipeline.ray.runner import run_job
+    from pipeline.ray.executor import run_on_ray
 
     console = Console.of_this_process() if own_streams else None
 
@@ -70,7 +70,7 @@ def run_demo(keep: str | None = None, own_streams: bool = False) -> int:
         print(f"Uploaded {uploaded:,} PNGs ({len(BROKEN_FILES)} deliberately broken) to s3://{BUCKET}/digits/")
 
         with console.ray_failures() if console is not None else nullcontext():
-            summary = run_job(demo_job(), out=console.out if console is not None else None, progress_interval=1.0,
+            summary = run_on_ray(demo_job(), out=console.out if console is not None else None, progress_interval=1.0,
                               console=console)
         with redirect_stdout(console.out) if console is not None else nullcontext():  # Ray's went to its logs
             table = read_predictions(storage, summary.files)

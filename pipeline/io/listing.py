@@ -8,17 +8,14 @@ record batches) and yields a block per page, the inputs earlier runs finished le
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Protocol
+from typing import Iterator, Protocol
 
 import pyarrow as pa
 
 from pipeline.io.manifest import is_manifest, read_manifest
 from pipeline.io.storage import ObjectInfo, Storage, extension
 from pipeline.job.rows import SOURCE_SCHEMA
-
-# (to do, skipped for their extension, skipped as done by an earlier run, a manifest's repeated entries dropped)
-# for each page
-PageCounts = Callable[[int, int, int, int], None]
+from pipeline.job.stage import PageCounts, Resources, Source
 
 
 class EarlierRuns(Protocol):
@@ -34,8 +31,10 @@ class SkipFilter(Protocol):
     def todo(self, objects: list[ObjectInfo]) -> list[ObjectInfo]: ...
 
 
-class InputListing:
-    """The job's inputs, a page at a time; see the module docstring."""
+class InputListing(Source):
+    """The job's inputs, a page at a time; see the module docstring. One process lists, waiting on storage."""
+    name = "ListInputs"
+    resources = Resources(cpus=0, concurrency=1)
 
     def __init__(self, uri: str, storage: Storage, extensions: list[str] | None,
                  history: EarlierRuns | None = None, exclude: str | None = None):

@@ -1,4 +1,4 @@
-"""Read stage: fetch each row's bytes from storage, concurrently within the batch, inside a Ray task."""
+"""Read stage: fetch each row's bytes from storage, 64 at a time, concurrently within the batch."""
 
 from __future__ import annotations
 
@@ -8,19 +8,28 @@ import numpy as np
 
 from pipeline.io.storage import BODY_READ_ATTEMPTS, Storage, is_transient
 from pipeline.job.rows import StageFailure, fail
+from pipeline.job.stage import Batch, Resources, Stage
 from pipeline.job.safe_errors import exception_text
 
 
-class Reader:
-    """Batch function: adds `bytes`, `error`, `error_type` to rows of `uri` (and listed `size`).
-    `safe_errors` (privacy.pseudonymize): messages built from known-safe parts only (job/safe_errors.py)."""
+# A read task fetches its batch's objects concurrently; the memory it reserves is roughly what it holds in flight.
+READ_BATCH = 64
+READ_MEMORY = 256 * 2**20
 
-    def __init__(self, storage: Storage, max_file_bytes: int, safe_errors: bool = False):
+
+class Reader(Stage):
+    """Adds `bytes`, `error`, `error_type` to rows of `uri` (and listed `size`).
+    `safe_errors` (privacy.pseudonymize): messages built from known-safe parts only (job/safe_errors.py).
+    Reading waits on storage, so it holds no logical CPU: `processes` bounds it instead."""
+    name = "read"
+
+    def __init__(self, storage: Storage, max_file_bytes: int, safe_errors: bool = False, processes: int = 2):
         self.storage = storage
         self.max_file_bytes = max_file_bytes
         self.describe = partial(describe_read_error, safe=safe_errors)
+        self.resources = Resources(cpus=0, memory=READ_MEMORY, batch_size=READ_BATCH, concurrency=processes)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def process(self, batch: Batch) -> Batch:
         n = len(batch["uri"])
         errors = np.full(n, None, dtype=object)
         error_types = np.full(n, None, dtype=object)

@@ -93,9 +93,11 @@ class PoolPlan:
     max_actors: int
     why: str
     cluster_cpus: float = 0  # the CPUs the cluster has, or can have once its autoscaler has added every node
+    cpus_each: float = 1
 
-    def describe(self, request: ActorRequest) -> str:
-        each = f"{_num(self.num_gpus)} GPU each" if self.num_gpus else f"{_num(request.cpus)} CPU each, no GPU"
+    def describe(self, request: ActorRequest | None = None) -> str:
+        cpus = request.cpus if request is not None else self.cpus_each
+        each = f"{_num(self.num_gpus)} GPU each" if self.num_gpus else f"{_num(cpus)} CPU each, no GPU"
         return f"model actors: {self.min_actors}..{self.max_actors}, {each} ({self.why})"
 
 
@@ -126,7 +128,7 @@ def plan_pool(compute, view: ClusterView) -> tuple[PoolPlan, ActorRequest]:
     if min_actors > capacity:
         raise UserError(f"compute.min_actors: {min_actors} model actors of {request.describe()} each never fit "
                         f"this cluster (at most {capacity}: {why}); lower compute.min_actors or leave it 'auto'")
-    return PoolPlan(num_gpus, min_actors, max_actors, why, view.max_cpus), request
+    return PoolPlan(num_gpus, min_actors, max_actors, why, view.max_cpus, request.cpus), request
 
 
 def infeasible_message(request: ActorRequest, view: ClusterView) -> str:

@@ -12,7 +12,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.io.listing import InputListing
-from pipeline.ray.progress import ListingCounts
+from pipeline.run.counts import ListingCounts
 from pipeline.job.rows import SOURCE_SCHEMA
 
 ListingTally = ray.remote(num_cpus=0)(ListingCounts)  # on its own, for a dataset built without the runner
@@ -25,7 +25,7 @@ class ListingDatasource(Datasource):
         self.tally = tally
 
     def get_name(self) -> str:
-        return "ListInputs"
+        return self.listing.name
 
     @property
     def supports_distributed_reads(self) -> bool:

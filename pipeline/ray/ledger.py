@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import ray
 
-from pipeline.ray.isolation import BuildBook, LedgerBook, ModelBuildCrashed
-from pipeline.ray.progress import ListingCounts
+from pipeline.run.isolation import BuildBook, LedgerBook, ModelBuildCrashed
+from pipeline.run.counts import ListingCounts
 
 
 @ray.remote(num_cpus=0)

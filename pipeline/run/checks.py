@@ -18,11 +18,6 @@ if TYPE_CHECKING:
     from pipeline.models.resolve import ModelSpec
 
 
-def preflight(cfg: JobConfig, storage: Storage) -> ModelSpec:
-    check_storage(cfg, storage)
-    return check_model(cfg, storage)
-
-
 def check_storage(cfg: JobConfig, storage: Storage) -> None:
     """Input, output and mapping locations: quick, so a wrong bucket is refused before anything starts."""
     check_input(cfg.input.uri, storage, quote=not cfg.privacy.pseudonymize)
@@ -35,8 +30,8 @@ def check_storage(cfg: JobConfig, storage: Storage) -> None:
 
 
 def check_model(cfg: JobConfig, storage: Storage) -> ModelSpec:
-    """The model built once on the CPU: architecture, weights, labels. Imports torch (seconds), so the runner
-    does it while Ray starts."""
+    """The model built once on the CPU: architecture, weights, labels. Imports torch (seconds), so the run does
+    it while the engine starts."""
     from pipeline.models.resolve import resolve_model
 
     return resolve_model(cfg.model, storage)

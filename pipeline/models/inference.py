@@ -1,0 +1,67 @@
+"""Model stage: the model built once per process (`setup`), then each batch decoded where the plan says and run.
+
+A batch arrives decoded (`pixels`, from a decode stage ahead of GPU processes) or encoded (`bytes`). An encoded
+batch is decoded here: on the GPU through nvJPEG (`DeviceDecoder`, pixels staying on the device), or on this
+process's own core when there is no GPU, so one process per core decodes and infers without handing pixels
+between processes (where decoding runs: run/plan.py, measured in docs/performance.md).
+Building this stage is cheap and imports no torch: the driver plans with it; `setup` does the work.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+from pipeline.decode.image import Decoder
+from pipeline.io.storage import Storage
+from pipeline.job.stage import Batch, Resources, Stage
+
+if TYPE_CHECKING:
+    from pipeline.models.resolve import ModelSpec
+    from pipeline.models.stage import ModelStage
+
+
+class ModelInference(Stage):
+    """Predictions for a batch: decode (when this stage decodes), then the classifier or detector."""
+    name = "model"
+    isolates_crashes = True
+
+    def __init__(self, spec: ModelSpec, storage: Storage, resources: Resources, decoder: Decoder | None = None,
+                 **options):
+        self.spec = spec
+        self.storage = storage
+        self.resources = resources
+        self.decoder = decoder  # None: decoded by a stage of its own, upstream
+        self.options = options  # precision, channels_last, num_threads, max_batch_megapixels (ModelStage's)
+        self.model: ModelStage | None = None
+        self.decode: Callable[[Batch], Batch] | None = None
+
+    @property
+    def model_class(self) -> type[ModelStage]:
+        if self.spec.task == "detection":
+            from pipeline.models.detect import Detector
+
+            return Detector
+        from pipeline.models.classify import Classifier
+
+        return Classifier
+
+    def setup(self) -> None:
+        self.model = self.model_class(self.spec, self.storage, **self.options)
+        self.decode = decoder_on(self.model, self.decoder, on_device=self.resources.gpus > 0)
+
+    def process(self, batch: Batch) -> Batch:
+        if self.model is None:
+            self.setup()
+        if self.decode is not None:
+            batch = self.decode(batch)
+        return self.model(batch)
+
+
+def decoder_on(model: ModelStage, decoder: Decoder | None, on_device: bool) -> Callable[[Batch], Batch] | None:
+    """Pillow's decoder on this process's core, or nvJPEG on its GPU for a 3-channel model; None when decoded
+    upstream."""
+    if decoder is not None and on_device and model.device.type == "cuda" and decoder.channels == 3:
+        from pipeline.decode.device import DeviceDecoder
+
+        return DeviceDecoder(decoder, model.device)
+    return decoder
