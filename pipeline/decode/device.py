@@ -1,18 +1,7 @@
-"""Decode on the model's device: batched JPEG decode (nvJPEG on a GPU), resize and crop there too.
-
-A CPU cannot keep a fast GPU fed with Pillow (about 3 CPU-ms per 500x375 JPEG), so a GPU actor takes the
-encoded bytes and decodes its whole batch with one TorchCodec `decode_jpeg` call (nvJPEG, EXIF orientation
-applied as Pillow's `exif_transpose` does). Pillow still reads each header (microseconds): that applies the
-pixel limit before anything is decoded, and routes whatever the device decoder is not trusted with (other
-formats; CMYK, whose inverted Adobe samples nvJPEG is not known to convert as Pillow does; broken files) to the
-CPU `Decoder`, one image at a time, which also writes their error rows. A batch the device decoder refuses
-is retried image by image, so a bad file costs only itself. Resampling on the device matches Pillow's
-antialiased resize to within a few grey levels, not bit for bit. A 16-bit image widens the batch to uint16.
-A DICOM job's batches go to the CPU decoder whole (nvJPEG reads no DICOM syntax, and frames become rows).
-
-If TorchCodec does not load (not installed, or its CUDA 13 libraries do not match the torch build), the
-process warns once and uses torchvision's decoder, deprecated since torchvision 0.29 but still shipped.
-"""
+"""Decode on the model's device: batched JPEG decode (nvJPEG on a GPU through TorchCodec, else torchvision's),
+resize and crop there too. Pillow still reads each header (the pixel limit) and the CPU `Decoder` takes what the
+device is not trusted with (other formats, CMYK, broken files, DICOM), one image at a time; a refused batch is
+retried image by image. Why, and how close to Pillow: docs/design-notes.md ("On the model's device")."""
 
 from __future__ import annotations
 

@@ -1,20 +1,8 @@
-"""DICOM: encoded bytes -> frames of display values at full depth, and the tags a row may carry.
-
-Each frame goes through the order PS3.3 C.11 defines: stored values -> modality LUT (RescaleSlope and
-RescaleIntercept, or a Modality LUT Sequence: Hounsfield units for CT) -> VOI (a window from the job
-spec, else the file's window or VOI LUT, else the frame's own range) -> MONOCHROME1 inverted, so that
-high always means bright. The result is uint16 over the whole 0..65535 range: a window of 1,500 HU
-keeps ~40 levels per HU, and the model's normalisation is the first thing that sees floats. Colour
-frames (RGB, YBR converted by pydicom, palette colour) skip windowing and keep their bit depth.
-
-Enhanced (multi-frame) objects keep rescale and window per frame in the functional groups; a frame's own
-group wins over the shared one, which wins over the top-level attribute.
-
-Patient data: a row carries only the keys (study, series and SOP instance UIDs), the modality and the
-tags the job allow-lists. Messages never quote a value read from the file: pydicom's own messages are
-scrubbed of every text value the dataset holds, its warnings are silenced, and its validation does not
-log values.
-"""
+"""DICOM: encoded bytes -> frames of display values at full depth (uint16 after windowing; colour keeps its
+depth), and the tags a row may carry. Each frame goes stored values -> modality LUT -> VOI window ->
+MONOCHROME1 inverted, per frame for enhanced objects (docs/design-notes.md, "DICOM"). A row carries only the
+keys, the modality and the allow-listed tags (`pipeline.privacy.identifying`); messages never quote a value read
+from the file."""
 
 from __future__ import annotations
 

@@ -1,22 +1,9 @@
 """Decode stage: encoded bytes -> pixels ready for the model, height x width x channels.
 
-Every image goes through the same steps: header check against the pixel limit, first frame, full decode,
-EXIF orientation, mode -> the model's channels, resize of the shorter side, center crop. For a detector
-(no `Preprocess`) the image keeps its size after EXIF orientation: the detector resizes it itself and
-reports boxes in these pixels. Whatever goes wrong becomes the row's error ("decode: image file is
-truncated"); the batch carries on.
-
-Depth is kept: 8-bit images decode to uint8; 16-bit PNG and TIFF (grey or colour) and windowed DICOM
-frames (dicom.py) to uint16, so values above 255 reach the model's own normalisation. A batch with any
-uint16 image is uint16 throughout (an 8-bit image x 257, exact). Grey images are replicated to 3
-channels for a 3-channel model; a 1-channel model gets colour images as luma (ITU-R 601-2, Pillow's "L").
-
-A DICOM file can hold many frames: each selected frame becomes its own row (`frame`), with the input's
-other columns repeated and `rows_of_input` saying how many rows the input made, so the sink can keep
-a file's rows together.
-
-Pixels stay height x width x channel, as every image library lays them out: the model stage views that
-memory as a channels-last NCHW tensor without a copy.
+Header check against the pixel limit, first frame, EXIF orientation, the model's channels, resize and center
+crop (a detector's images keep their size); 16-bit images and windowed DICOM frames stay uint16, and each
+selected DICOM frame becomes a row. Whatever goes wrong becomes the row's error ("decode: image file is
+truncated"); the batch carries on. Steps and depth: docs/design-notes.md ("Steps and depth").
 """
 
 from __future__ import annotations

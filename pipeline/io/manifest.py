@@ -1,18 +1,8 @@
 """Manifests: a Parquet or CSV file of inputs (`uri`; optional `size`, `etag`, `last_modified`), read a record
-batch at a time, so that one of 100M rows streams like a listing.
-
-Manifests come from ordinary tools (pandas, Spark, spreadsheets), so each column is cast to SOURCE_SCHEMA
-leniently: timestamps of any unit (nanoseconds truncated to microseconds), naive ones taken as UTC, ISO 8601
-text with or without `T`, `Z` or an offset; sizes of any integer or float type or as text; an etag of any type
-as text; blank cells as null. A value that still cannot be read is a `BadValue`: the checks before a run refuse the job on
-the first batch's (`check_first_batch`); later in the listing it becomes null and a warning, since one cell
-must not kill a job hours into its manifest. A CSV line with the wrong number of fields (an unquoted comma) is
-skipped wherever it is, with a warning that counts such lines.
-
-Entries are normalised (a relative entry joined to the manifest's folder, `./` and `a/../` resolved in local
-paths, `file://` dropped; S3 keys kept as written, since `./` is part of a key); `InputListing` then keeps the
-first entry of each input (`pipeline.io.distinct`).
-"""
+batch at a time, so that one of 100M rows streams like a listing. Columns are cast to SOURCE_SCHEMA leniently (as
+pandas, Spark or a spreadsheet write them); a value that still cannot be read is a `BadValue`, refused in the
+first batch (`check_first_batch`) and null with a warning later; entries are normalised so that one input is one
+entry. What is accepted: the README's "Input"."""
 
 from __future__ import annotations
 

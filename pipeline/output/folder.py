@@ -1,23 +1,7 @@
-"""The plain Parquet folder (output.format: parquet), and what it can honestly promise.
-
-    <output>/
-      [run_date=YYYY-MM-DD/ or <column>=<value>/]part-<run_id>-<attempt>-<n>.parquet   committed rows
-      _commits/<run_id>.json                            one commit record per committed run: the strict
-                                                        reader's list of a run's files (or, while a run
-                                                        publishes, its claim: see publish.py)
-
-Each part file appears whole (a local rename, one S3 PUT); a run's files appear over its publish window,
-not at one instant; a publish killed midway is completed or rolled back by the next run. A glob reader
-(`read_parquet('out/**/*.parquet')`) may therefore see part of a run for that window, or until the next
-run after a killed publish; a strict reader takes the file lists of `_commits/`. Readers that need a run to
-appear at once use output.format delta or iceberg.
-
-Publishing (publish.py) claims the run's record key, retires what the run's earlier attempts sent (each of
-their parts becomes an empty part), compacts the staged chunks, in order, into announced parts created only
-if absent, then writes the commit record over the claim, then deletes what an overwrite replaced. The lease
-is checked before each of those writes, and nothing a driver sent before it lost the lease can land on a name
-that counts afterwards (docs/commit-protocol.md, "A request that arrives late").
-"""
+"""The plain Parquet folder (output.format: parquet): part files, each whole, and `_commits/<run_id>.json`, the
+strict reader's list of a run's files. A run's files appear over its publish window, not at one instant
+(publish.py); readers that need a run at once use delta or iceberg. Layout, promises and the protocol:
+docs/commit-protocol.md."""
 
 from __future__ import annotations
 

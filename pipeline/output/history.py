@@ -1,20 +1,8 @@
-"""What earlier runs already did, as compact sets of input keys the listing filters against.
-
-Two kinds of key, each a 16-byte BLAKE2b digest held in one sorted numpy array (10M inputs: 160 MB, one
-copy, in the single listing task rather than in every read task):
-
-- a *version* key, from uri + ETag + last-modified + size: an object that changed gets a new key. Earlier
-  committed runs of the same model and weights contribute these, so an incremental run skips unchanged
-  inputs. A manifest entry with neither ETag nor last-modified keys on the uri alone; one with either keeps
-  the size it was listed with, none included (read.Reader fills in only what the key ignores).
-- a *uri* key: the rows an interrupted attempt of this same run already staged, skipped on resume whatever
-  happened to the object since, so the run ends with exactly one row per input.
-
-A pseudonymised job's rows hold tokens, not URIs: the listing then keys each listed object by its token.
-
-Earlier runs' rows are read through the output's format (`OutputFormat.rows`: partition values, other engines'
-deletes applied), the key columns only, a record batch at a time: a row another engine deleted is not done.
-"""
+"""What earlier runs already did, as compact sets of input keys the listing filters against: 16-byte digests
+in sorted numpy arrays. A *version* key (uri + ETag + last-modified + size) skips unchanged inputs of earlier
+committed runs of the same model; a *uri* key skips what an interrupted attempt of this run already staged.
+Rows are read through the output's format (`OutputFormat.rows`). docs/commit-protocol.md (step 5) and
+docs/design-notes.md ("What is done") say more."""
 
 from __future__ import annotations
 

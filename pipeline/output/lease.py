@@ -1,16 +1,7 @@
-"""One run at a time per output folder: a lease held for the whole run.
-
-Local folders use an advisory `flock` on `<output>/_lock`: the kernel drops it the moment the holder dies,
-even by SIGKILL. S3 has no locks, so the lease is an object, `<output>/_lock.json`, created only if absent
-(`If-None-Match: *`) and renewed every few seconds only if unchanged since our last write (`If-Match`), so
-at most one driver can hold it. A holder that stops renewing (killed, partitioned) is taken over once its
-last write is older than LEASE_TTL_S by the server's clock, or at once when it ran on this machine and its
-process is gone. A driver that finds its lease rewritten, or cannot renew it for TTL/2, has lost it and must
-stop before it publishes anything.
-
-`OutputLease.for_output` gives the lease that fits an output: a `FileLease` (the flock) or an `S3Lease` (the
-object and its heartbeat); both share the holder record (`Holder`), the busy message and `check()`.
-"""
+"""One run at a time per output folder: a lease held for the whole run. `OutputLease.for_output` gives the one
+that fits: a `FileLease` (an advisory `flock` on `<output>/_lock`, dropped by the kernel when the holder dies)
+or an `S3Lease` (`<output>/_lock.json`, created If-None-Match, renewed If-Match, taken over after LEASE_TTL_S
+by the server's clock). A driver that lost its lease publishes nothing more. docs/commit-protocol.md, step 2."""
 
 from __future__ import annotations
 

@@ -1,21 +1,7 @@
-"""Publishing a run into a Parquet folder so that no request of a stale attempt can change it afterwards.
-
-A driver may lose its lease while a request it sent is still on its way (held by the network, a proxy or its
-retries, or the driver frozen between its lease check and the PUT); such a request can land at any later time.
-docs/commit-protocol.md ("A request that arrives late") says why these three rules are enough:
-
-- **Parts are announced, then created only if absent**, under names unique to the attempt
-  (`part-<run_id>-<attempt>-<n>.parquet`). Before sending a part the attempt creates
-  `_staging/<run_id>/publish/<attempt>-<n>.json` naming it, and checks its lease again after that: so every part
-  an attempt ever sent was announced before its lease could expire.
-- **The run's record key `_commits/<run_id>.json` changes only by compare-and-swap.** An attempt first claims it
-  (an `open` marker, If-None-Match or If-Match on what it read), then commits with If-Match on its claim. A later
-  attempt's claim changes the ETag, so an earlier attempt's record can no longer land.
-- **Other attempts' parts are retired after the claim:** each part they announced or left visible is replaced
-  by an empty Parquet file (the same columns, no rows), If-Match on what is there or If-None-Match where nothing
-  is yet. A part that arrives late finds its name taken and is refused. The record lists them under `fenced`;
-  they are never deleted.
-"""
+"""Publishing a run into a Parquet folder so that no request of a stale attempt can change it afterwards: parts
+announced, then created only if absent under names unique to the attempt; the record key changed only by
+compare-and-swap; other attempts' parts retired (emptied, listed under `fenced`) after the claim.
+docs/commit-protocol.md ("A request that arrives late") says why these three rules are enough."""
 
 from __future__ import annotations
 

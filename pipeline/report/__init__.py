@@ -1,18 +1,7 @@
 """`pipeline report OUTPUT`: one self-contained HTML page about a committed run (its facts and provenance,
 labels and scores, errors with examples, a contact sheet of thumbnails, its throughput, and with `--against`
-the inputs whose label changed since another run). Reads the output as any reader would, without Ray.
-
-    outputs.py     which format an output is, its runs, a run's rows a batch at a time
-    facts.py       one streaming pass over a run's rows: counts, score bins, samples (bounded memory)
-    thumbnails.py  samples fetched from the input storage, upright, small, boxes drawn, DICOM windowed
-    charts.py      matplotlib charts as inline SVG
-    report.html.j2 the page (jinja2, autoescaped: URIs, labels and messages are data, never markup)
-    runs.py        `pipeline runs OUTPUT`: the output's history as text
-
-Why these libraries: matplotlib draws static charts to SVG that embed in the page with no script and no
-network (plotly would add ~3.5 MB of JavaScript to every report); jinja2 keeps the page's markup in one
-template with escaping on by default.
-"""
+the inputs whose label changed since another run). Reads the output as any reader would, without Ray. The
+modules: pipeline/ARCHITECTURE.md; why matplotlib and jinja2: docs/design-notes.md."""
 
 from __future__ import annotations
 
