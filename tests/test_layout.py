@@ -1,5 +1,6 @@
-"""The package's shape, as ARCHITECTURE.md describes it: folders by stage, Ray only in its adapter, no import
-cycles, classes of one job (none over ~120 lines), and the public names job specs and docs use still there."""
+"""The package's shape, as ARCHITECTURE.md describes it: folders by stage, Ray only in pipeline/ray/, no import
+cycles, stages that declare what they need, classes of one job (none over 120 lines), functions of one step (none
+over 50)."""
 
 import ast
 import signal
@@ -10,10 +11,11 @@ from pipeline.dev.import_graph import PACKAGE, cycles, graph
 from pipeline.dev.local_s3 import LocalS3Server
 
 MAX_CLASS_LINES = 120
+MAX_FUNCTION_LINES = 50
 
 
 # Each folder imports only the folders before it: the flow's stages, then what runs them, then what people type.
-LAYERS = ["job", "io", "decode", "models", "output", "report", "ray", "dev", "cli"]
+LAYERS = ["privacy", "job", "io", "decode", "models", "output", "report", "run", "ray", "dev", "cli"]
 
 
 def test_the_import_graph_has_no_cycles_and_ray_stays_in_its_adapter():
@@ -24,6 +26,50 @@ def test_the_import_graph_has_no_cycles_and_ray_stays_in_its_adapter():
     upward = [f"{m} -> {i}" for m, imported in edges.items() for i in imported
               if folder(m) in LAYERS and folder(i) in LAYERS and LAYERS.index(folder(i)) > LAYERS.index(folder(m))]
     assert upward == []
+
+
+def test_the_run_s_story_and_the_stages_import_no_engine():
+    """Only pipeline/ray/ imports Ray, and nothing outside it imports pipeline/ray/ but the command line and the demo."""
+    edges, external = graph()
+    users = sorted(m for m, imported in edges.items() if not m.startswith(("pipeline.ray", "pipeline.cli", "pipeline.dev"))
+                   and any(i.startswith("pipeline.ray") for i in imported))
+    assert users == []
+    assert [m for m in edges if m.startswith("pipeline.run") and "ray" in external.get(m, ())] == []
+
+
+def test_every_stage_declares_what_it_needs():
+    """Each Stage or Source of the package says its name and its resources (in its class or its __init__), and the
+    Ray adapter builds the dataset from those declarations alone: it imports no stage's module."""
+    stages = {}
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and {getattr(b, "id", None) for b in node.bases} & {"Stage", "Source"}:
+                stages[f"{path.relative_to(PACKAGE.parent)}:{node.name}"] = declared(node)
+    assert len(stages) >= 4, stages  # the listing, reading, decoding and the model
+    assert {where: said for where, said in stages.items() if said != {"name", "resources"}} == {}
+    edges, _ = graph()
+    assert [i for i in edges["pipeline.ray.adapter"] if i.split(".")[1] in ("io", "decode", "models", "output")] == []
+
+
+def declared(cls: ast.ClassDef) -> set[str]:
+    """The names among `name` and `resources` that a class assigns in its body or on self in its methods."""
+    names = set()
+    for node in ast.walk(cls):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) \
+            else []
+        for target in targets:
+            if isinstance(target, ast.Name) or (isinstance(target, ast.Attribute) and
+                                                getattr(target.value, "id", None) == "self"):
+                names.add(target.id if isinstance(target, ast.Name) else target.attr)
+    return names & {"name", "resources"}
+
+
+def test_no_function_is_over_50_lines():
+    long = [f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})"
+            for path in PACKAGE.rglob("*.py") for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+    assert long == []
 
 
 def test_the_import_graph_command_prints_the_graph_and_passes():
