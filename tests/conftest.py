@@ -134,7 +134,7 @@ def photo(width: int = 96, height: int = 72, seed: int = 0) -> Image.Image:
 
 
 def photo_jpeg(seed: int) -> bytes:
-    """A photo-sized JPEG (~95 KB). The model actors take whole blocks of encoded files (runner.BLOCK_BYTES,
+    """A photo-sized JPEG (~95 KB). The model actors take whole blocks of encoded files (run/plan.BLOCK_BYTES,
     about 11 of these), so tests that need rows to arrive over many blocks use these, not thumbnails."""
     return encode(photo(480, 360, seed=seed), "JPEG", quality=90)
 

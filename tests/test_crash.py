@@ -261,7 +261,7 @@ def test_a_rerun_batch_goes_one_input_at_a_time_and_skips_the_input_that_killed_
     from pipeline.decode.image import Decoder
     from pipeline.run.isolation import Isolated
 
-    class LocalLedger:  # what runner.RayLedger does over an actor, for one worker
+    class LocalLedger:  # what ray/ledger.RayLedger does over an actor, for one worker
         def __init__(self, book, worker):
             self.book, self.worker = book, worker
 

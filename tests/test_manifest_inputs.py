@@ -75,7 +75,7 @@ def test_an_unquoted_comma_is_skipped_wherever_it_is(tmp_path, caplog):
     filler = [f"{i:07d}-a-long-enough-file-name-to-fill-a-mebibyte-quickly.jpg" for i in range(40_000)]
     (tmp_path / "list.csv").write_text("\n".join(["uri", "a, b.jpg", *filler, "a, b.jpg"]) + "\n")
     assert (tmp_path / "list.csv").stat().st_size > 2 * 2**20
-    assert manifest_columns(str(tmp_path / "list.csv"), Storage()) == ["uri"]  # preflight's look at the header
+    assert manifest_columns(str(tmp_path / "list.csv"), Storage()) == ["uri"]  # the checks' look at the header before a run
     with caplog.at_level("WARNING", logger="pipeline.io.manifest"):
         uris = [o.uri for page in read_manifest(str(tmp_path / "list.csv"), Storage()) for o in page]
     assert len(uris) == 40_000

@@ -1,4 +1,4 @@
-"""The progress line: counts a person can trust while a job runs (no Ray; runner.py feeds it from Ray)."""
+"""The progress line: counts a person can trust while a job runs (no Ray; pipeline/run/ feeds it, from Ray or inline)."""
 
 from __future__ import annotations
 
