@@ -337,3 +337,28 @@ def test_manifest_metadata_columns_are_carried_and_drive_incremental_runs(tmp_pa
     manifest.write_text(manifest.read_text().replace("e2,20", "e3,20"))  # b changed upstream
     again = run_on_ray(cfg, out=io.StringIO())
     assert again.inputs == 1 and again.already_done == 1
+
+
+def test_a_new_stage_runs_on_ray_from_its_declarations_alone(tmp_path, classifier_files):
+    """The stage test_run.py adds, run by the Ray adapter unchanged: its operator, its batches, its error rows."""
+    from pipeline.ray.adapter import dataset_for
+    from pipeline.ray.datasource import ListingTally
+    from pipeline.ray.executor import RayExecutor
+    from pipeline.run.plan import plan_stages
+    from test_run import Stamp
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(7):
+        (folder / f"{i:02d}.png").write_bytes(encode(photo(seed=i), "PNG"))
+    cfg = job(classifier_files, str(folder), str(tmp_path / "out"))
+    storage = Storage.from_env()
+    executor = RayExecutor()
+    executor.start()
+    plan = plan_stages(cfg, resolve_model(cfg.model, storage), storage, executor.pool(cfg.compute))
+    plan.stages.insert(1, Stamp())
+    dataset = dataset_for(plan, ListingTally.remote())
+    rows = [row for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None) for row in table.to_pylist()]
+    assert len(rows) == 7 and all(row["stamp"] == len(row["uri"]) for row in rows)
+    assert [row["uri"].rsplit("/", 1)[1] for row in rows if row["error"]] == ["03.png"]
+    assert "Stamp" in dataset.stats()

@@ -48,7 +48,7 @@ class Decoder(Stage):
     `pixels` is one (N, crop, crop, channels) array, or without a `Preprocess` an object array of (H, W, 3)
     arrays (0 x 0 for a failed row). With DICOM enabled (`dicom` settings) it also adds `frame`, the DICOM key
     and allow-listed tag columns and `rows_of_input`, one row per selected frame.
-    `safe_errors` (privacy.pseudonymize): messages built from known-safe parts only (job/safe_errors.py).
+    `safe_errors` (privacy.pseudonymize): messages built from known-safe parts only (privacy/safe_errors.py).
     """
     # As a stage of its own (ahead of GPU model processes), a decoder takes a core per block; an input that kills
     # its process (a native crash in a codec) becomes that input's error row.

@@ -9,7 +9,7 @@ import numpy as np
 from pipeline.io.storage import BODY_READ_ATTEMPTS, Storage, is_transient
 from pipeline.job.rows import StageFailure, fail
 from pipeline.job.stage import Batch, Resources, Stage
-from pipeline.job.safe_errors import exception_text
+from pipeline.privacy.safe_errors import exception_text
 
 
 # A read task fetches its batch's objects concurrently; the memory it reserves is roughly what it holds in flight.
@@ -19,7 +19,7 @@ READ_MEMORY = 256 * 2**20
 
 class Reader(Stage):
     """Adds `bytes`, `error`, `error_type` to rows of `uri` (and listed `size`).
-    `safe_errors` (privacy.pseudonymize): messages built from known-safe parts only (job/safe_errors.py).
+    `safe_errors` (privacy.pseudonymize): messages built from known-safe parts only (privacy/safe_errors.py).
     Reading waits on storage, so it holds no logical CPU: `processes` bounds it instead."""
     name = "read"
 

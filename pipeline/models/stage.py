@@ -2,8 +2,8 @@
 
 `ModelStage` holds what every model shares; `Classifier` (classify.py) and `Detector` (detect.py) say only how
 a batch of pixels becomes their columns. A stage takes a decoded batch: `pixels` as numpy arrays, or tensors
-already on the device when the GPU decoded them; who decodes, and where, is the Ray adapter's choice
-(pipeline/ray/actors.py).
+already on the device when the GPU decoded them; who decodes, and where, is the plan's choice
+(pipeline/run/plan.py; the stage that runs it is models/inference.py).
 
 The device is chosen here, on the worker: a GPU when Ray gave this process one, the CPU otherwise. Rows that
 already failed pass through untouched; pixels are dropped as soon as the model has used them. A CUDA

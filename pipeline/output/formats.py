@@ -1,6 +1,6 @@
 """What every output format implements: where committed runs' rows live, and how one run commits.
 
-The runner never sees a format: `pipeline/output/__init__.py` (the front door) stages a run's rows in
+The run never sees a format: the front door (`output/run_output.py`) stages a run's rows in
 `<output>/_staging/`, holds the lease, and at the end hands the staged rows to the job's format in one
 `commit` call. A format keeps its own record of committed runs (the folder: `_commits/*.json`; Delta: its
 log's commitInfo; Iceberg: snapshot summaries), so the table itself is the one source of truth for what

@@ -1,7 +1,7 @@
-"""Running a job, on Ray: the only part of the package that imports Ray. The checks before a run (preflight.py),
-the dataset wiring and the driver's loop (runner.py) with its progress (progress.py), the listing's datasource,
-what a model actor runs (actors.py), the cluster's shape, the run's ledger actor, crash isolation, metrics and
-`pipeline submit`. The stages it wires (pipeline.io, pipeline.decode, pipeline.models) are plain Python."""
+"""Running a job on Ray: the only part of the package that imports Ray. `executor` (`RayExecutor`: start or join
+Ray, plan the pool, run a plan and hand rows back), `adapter` (stages into Ray Data operators, from their
+declarations), `session` (starting Ray), `datasource` (the listing as one read task), `ledger` (the run's small
+actor), `cluster` (nodes, autoscaler groups, `plan_pool`), `blocks`, `metrics`, `console`, `reaper`, `submit`."""
 
 import sys
 

@@ -1,7 +1,7 @@
 """Prediction rows leave a model actor a batch at a time, so the driver stages them at the README's cadence.
 
 Ray Data merges what a map task yields into blocks of up to `target_max_block_size` bytes (one setting per
-dataset: runner.BLOCK_BYTES, sized for the encoded images the read tasks hand on) and a block reaches the driver
+dataset: run/plan.BLOCK_BYTES, sized for the encoded images the read tasks hand on) and a block reaches the driver
 only whole. Prediction rows are a few hundred bytes, so a model actor handed one block of ~800 thumbnails sent
 all 800 rows at its end: a run of 790 inputs at batch size 8 staged twice, both at the end, where the README
 promises a checkpoint every 8 model batches (`output.checkpoint_rows`). Ray 2.60 has no public per-operator

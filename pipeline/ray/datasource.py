@@ -1,6 +1,6 @@
 """The listing as a Ray `Datasource`: one read task that streams `InputListing.blocks`, its counts kept in a small
 actor (the run's ledger, or a `ListingTally`) so the driver can show progress and, once listing ends, what remains.
-Ray's streaming executor hands each page's block on while the listing goes on (see runner.BLOCK_BYTES)."""
+Ray's streaming executor hands each page's block on while the listing goes on (see run/plan.BLOCK_BYTES)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pipeline.io.listing import InputListing
 from pipeline.run.counts import ListingCounts
 from pipeline.job.rows import SOURCE_SCHEMA
 
-ListingTally = ray.remote(num_cpus=0)(ListingCounts)  # on its own, for a dataset built without the runner
+ListingTally = ray.remote(num_cpus=0)(ListingCounts)  # on its own, for a dataset built without an executor
 
 
 class ListingDatasource(Datasource):

@@ -1,7 +1,7 @@
 """The run's ledger, served from one small Ray actor on the driver's node: what the model actors and decode tasks
-start and end (isolation.LedgerBook, one per stage) and the listing's counts (progress.ListingCounts).
+start and end (run/isolation.LedgerBook, one per stage) and the listing's counts (run/counts.ListingCounts).
 
-It lives apart from runner.py on purpose: an actor's process imports the module that defines its class, and
+It lives apart from executor.py on purpose: an actor's process imports the module that defines its class, and
 this one needs Ray, numpy and Arrow, not Ray Data, pydantic and the output formats (a second or two of start-up).
 """
 

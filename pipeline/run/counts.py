@@ -63,7 +63,7 @@ class Tally:
 
 class ListingCounts:
     """How many inputs the listing has produced, skipped and found already done, and whether it has finished.
-    Kept in a small actor on the driver's node (runner.BatchLedger, which keeps the model's counts too)."""
+    Kept in a small actor on the driver's node (ray/ledger.BatchLedger, which keeps the model's counts too)."""
 
     def __init__(self):
         self.listed = 0

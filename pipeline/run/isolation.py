@@ -14,7 +14,7 @@ rows it has received:
   a row with error type `<stage>.worker_crashed`, and the batch goes on with the rest.
 
 So a poison input costs two process deaths, and a batch that was only unlucky (its node was preempted) is merely
-taken slowly once. Ray's own retries are bounded too (runner.MAX_TASK_ATTEMPTS): the worst case is a one-line
+taken slowly once. Ray's own retries are bounded too (ray/adapter.MAX_TASK_ATTEMPTS): the worst case is a one-line
 failure, never a stall.
 """
 
@@ -104,7 +104,7 @@ def concat(columns: list[np.ndarray]) -> np.ndarray:
 
 
 class LedgerBook:
-    """The ledger's state, apart from Ray (runner.BatchLedger serves it from an actor, one book per stage).
+    """The ledger's state, apart from Ray (ray/ledger.BatchLedger serves it from an actor, one book per stage).
 
     Keyed by input, not by batch: Ray may regroup a lost batch's rows when it hands them out again. `worker` is
     the process calling, so an input is blamed only if its process died while handling it alone. An input stays
