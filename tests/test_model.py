@@ -124,5 +124,5 @@ def test_preprocessing_follows_each_weights_metadata():
     from pipeline.models.resolve import _resolve_preprocess
 
     weights = torchvision.models.EfficientNet_B3_Weights.IMAGENET1K_V1
-    p = _resolve_preprocess(ModelConfig(name="efficientnet_b3"), weights)
+    p = _resolve_preprocess({}, weights)
     assert (p.resize_size, p.crop_size, p.interpolation) == (320, 300, "bicubic")

@@ -148,6 +148,11 @@ class OutputConfig(_Section):
                              "'modality' or 'label'")
         return value
 
+    @property
+    def partition_column(self) -> str | None:
+        """The string column the output is partitioned by, if any."""
+        return None if self.partitioning in ("none", "run_date") else self.partitioning
+
 
 class PreprocessConfig(_Section):
     """Any field left unset comes from the weights' metadata, else the ImageNet defaults."""

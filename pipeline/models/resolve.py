@@ -61,20 +61,22 @@ def detection_models() -> list[str]:
     return torchvision.models.list_models(module=torchvision.models.detection)
 
 
-def resolve_task(cfg: ModelConfig) -> str:
-    if cfg.task != "auto":
-        return cfg.task
-    return "detection" if cfg.name in detection_models() else "classification"
+def resolve_task(task: str, name: str) -> str:
+    if task != "auto":
+        return task
+    return "detection" if name in detection_models() else "classification"
 
 
 def resolve_model(cfg: ModelConfig, storage: Storage) -> ModelSpec:
-    task = resolve_task(cfg)
-    _check_name(cfg, task)
-    weights_enum = _torchvision_weights(cfg) if cfg.weights and not cfg.checkpoint else None
+    task = resolve_task(cfg.task, cfg.name)
+    _check_name(cfg.name, cfg.is_custom, task, task_given=cfg.task != "auto")
+    weights_enum = _torchvision_weights(cfg.name, cfg.weights, cfg.is_custom) if cfg.weights and not cfg.checkpoint \
+        else None
     if cfg.checkpoint and cfg.labels is None:
         raise UserError("model.labels: required with a checkpoint; give a text file with one class name per "
                         "line (its line count sets num_classes)")
     labels = _read_labels(cfg.labels, storage) if cfg.labels else None
+    preprocess = cfg.preprocess.model_dump(exclude_none=True)  # the job's own settings, over the weights' ones
     if labels is None and weights_enum is not None:
         labels = tuple(weights_enum.meta["categories"])
     if labels is None and not cfg.is_custom:
@@ -87,7 +89,8 @@ def resolve_model(cfg: ModelConfig, storage: Storage) -> ModelSpec:
         checkpoint=cfg.checkpoint,
         weights_id=weights_id or (str(weights_enum) if weights_enum is not None else "none"),
         labels=labels or (),
-        preprocess=_resolve_preprocess(cfg, weights_enum) if task == "classification" else _no_preprocess(cfg),
+        preprocess=_resolve_preprocess(preprocess, weights_enum) if task == "classification" else
+        _no_preprocess(preprocess),
         top_k=cfg.top_k,
         task=task,
         outputs=tuple(cfg.outputs),
@@ -99,7 +102,7 @@ def resolve_model(cfg: ModelConfig, storage: Storage) -> ModelSpec:
         raise UserError("model.input_channels: torchvision detectors take 3 channels (grey images are replicated); "
                         "remove input_channels or set it to 3")
     model = _instantiate(spec, state_dict)
-    spec = _with_channels(spec, model, cfg)
+    spec = _with_channels(spec, model, mean_or_std_given="mean" in preprocess or "std" in preprocess)
     if task == "detection":
         _probe_detector(model, spec)
         _check_classes(spec)
@@ -115,22 +118,22 @@ def resolve_model(cfg: ModelConfig, storage: Storage) -> ModelSpec:
     return spec
 
 
-def _check_name(cfg: ModelConfig, task: str) -> None:
-    if cfg.is_custom:
+def _check_name(name: str, is_custom: bool, task: str, task_given: bool) -> None:
+    if is_custom:
         return
     known = classification_models() if task == "classification" else detection_models()
-    if cfg.name in known:
+    if name in known:
         return
-    if cfg.name in detection_models() + classification_models():
+    if name in detection_models() + classification_models():
         other = "detection" if task == "classification" else "classification"
-        raise UserError(f"model.name: '{cfg.name}' is a torchvision {other} model, but model.task is '{task}'; "
+        raise UserError(f"model.name: '{name}' is a torchvision {other} model, but model.task is '{task}'; "
                         f"set model.task to '{other}' or 'auto'")
     everything = classification_models() + detection_models()
-    wanted = cfg.name.lower().replace("-", "_")
+    wanted = name.lower().replace("-", "_")
     close = [m for m in everything if wanted in m] or difflib.get_close_matches(wanted, everything, n=3, cutoff=0.75)
     hint = f"did you mean {', '.join(close[:5])}?" if close else "see torchvision.models.list_models()"
-    kind = task if cfg.task != "auto" else "classification or detection"
-    raise UserError(f"model.name: '{cfg.name}' is not a torchvision {kind} model; {hint} "
+    kind = task if task_given else "classification or detection"
+    raise UserError(f"model.name: '{name}' is not a torchvision {kind} model; {hint} "
                     "(a custom model is 'module.path:build_fn')")
 
 
@@ -199,7 +202,7 @@ def _fit_stem(model: nn.Module, channels: int | None, state_dict: dict | None) -
     setattr(model.get_submodule(parent_name) if parent_name else model, attr, stem)
 
 
-def _with_channels(spec: ModelSpec, model: nn.Module, cfg: ModelConfig) -> ModelSpec:
+def _with_channels(spec: ModelSpec, model: nn.Module, mean_or_std_given: bool) -> ModelSpec:
     """The spec with the model's input channels, and mean/std with one value per channel."""
     _, conv = first_conv(model)
     channels = conv.in_channels if conv is not None and conv.in_channels in (1, 3) else 3
@@ -208,7 +211,7 @@ def _with_channels(spec: ModelSpec, model: nn.Module, cfg: ModelConfig) -> Model
                         f"{spec.input_channels}; set input_channels to 'auto' or {channels}")
     p = spec.preprocess
     if p is not None and len(p.mean) != channels:
-        if cfg.preprocess.mean is not None or cfg.preprocess.std is not None:
+        if mean_or_std_given:
             raise UserError(f"model.preprocess: mean and std need {channels} value(s), one per input channel of "
                             f"{spec.name}")
         # Defaults (ImageNet's) for a grey model: the average over the colour channels.
@@ -237,21 +240,21 @@ def _build_custom(target: str, num_classes: int | None) -> nn.Module:
     return model
 
 
-def _torchvision_weights(cfg: ModelConfig):
-    if cfg.is_custom:
-        raise UserError(f"model.weights: '{cfg.weights}' is a torchvision weights name, but a custom model needs "
+def _torchvision_weights(name: str, weights: str, is_custom: bool):
+    if is_custom:
+        raise UserError(f"model.weights: '{weights}' is a torchvision weights name, but a custom model needs "
                         "a checkpoint file (local path or s3://)")
     try:
-        if "." in cfg.weights:
-            return torchvision.models.get_weight(cfg.weights)
-        return torchvision.models.get_model_weights(cfg.name)[cfg.weights]
+        if "." in weights:
+            return torchvision.models.get_weight(weights)
+        return torchvision.models.get_model_weights(name)[weights]
     except (KeyError, ValueError) as exc:
         try:
-            names = ", ".join(torchvision.models.get_model_weights(cfg.name).__members__)
+            names = ", ".join(torchvision.models.get_model_weights(name).__members__)
         except (KeyError, ValueError):
-            raise UserError(f"model.name: '{cfg.name}' is not a torchvision classification model; "
+            raise UserError(f"model.name: '{name}' is not a torchvision classification model; "
                             "see torchvision.models.list_models()") from exc
-        raise UserError(f"model.weights: '{cfg.weights}' is not a weights name of {cfg.name}; "
+        raise UserError(f"model.weights: '{weights}' is not a weights name of {name}; "
                         f"choose one of {names}, or give a checkpoint path") from None
 
 
@@ -294,14 +297,14 @@ def _unwrap_state_dict(loaded, uri: str) -> dict:
     return {k.removeprefix("module."): v for k, v in loaded.items()}
 
 
-def _resolve_preprocess(cfg: ModelConfig, weights_enum) -> Preprocess:
+def _resolve_preprocess(override: dict, weights_enum) -> Preprocess:
+    """The weights' own preprocessing (ImageNet's without weights metadata), with the job's `override` on top."""
     base = IMAGENET_PREPROCESS
     if weights_enum is not None:
         t = weights_enum.transforms()
         if all(hasattr(t, a) for a in ("resize_size", "crop_size", "mean", "std")):
             base = Preprocess(resize_size=int(t.resize_size[0]), crop_size=int(t.crop_size[0]),
                               mean=tuple(t.mean), std=tuple(t.std), interpolation=t.interpolation.value)
-    override = cfg.preprocess.model_dump(exclude_none=True)
     resolved = Preprocess(**{**base.__dict__, **override})
     if resolved.crop_size > resolved.resize_size:
         raise UserError(f"model.preprocess: crop_size {resolved.crop_size} is larger than resize_size "
@@ -309,8 +312,8 @@ def _resolve_preprocess(cfg: ModelConfig, weights_enum) -> Preprocess:
     return resolved
 
 
-def _no_preprocess(cfg: ModelConfig) -> None:
-    if cfg.preprocess.model_dump(exclude_none=True):
+def _no_preprocess(override: dict) -> None:
+    if override:
         raise UserError("model.preprocess: a detector resizes and normalises with its own transform; remove "
                         "model.preprocess from a detection job")
     return None

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 
 from pipeline.output.staging import StagedRun, Staging
-from pipeline.job.config import JobConfig, OutputConfig
+from pipeline.job.config import JobConfig
 from pipeline.job.errors import UserError
 from pipeline.job.rows import output_schema
 from pipeline.privacy.identifying import column_name
@@ -37,27 +37,23 @@ def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
 
 
-def model_key(cfg: JobConfig, spec: "ModelSpec") -> str:
-    """What decides an input's row: rows of an earlier run count as done only under the same model key."""
+def run_identity(cfg: JobConfig, spec: "ModelSpec", key_id: str | None = None) -> RunIdentity:
+    """Who a run is. Its model key decides which earlier rows count as done; its job key which interrupted attempt
+    it resumes (same inputs, model key, mode and pseudonym key). `key_id`: the pseudonymisation key's id."""
     # Where decoding runs changes pixels by resampling noise only: moving a job to GPUs does not redo it.
-    decode = cfg.decode.model_dump(exclude={"device"})
-    # Settings added since outputs were first written join the key only when set, so upgrading the pipeline
-    # does not make an incremental job redo its whole archive.
-    model = cfg.model.model_dump(exclude={"input_channels"} if cfg.model.input_channels == "auto" else None)
-    identity = {"model": model, "weights": spec.weights_id, "decode": decode}
-    if cfg.dicom is not None:  # windowing and frame choice change the pixels; absent, keys stay as they were
-        identity["dicom"] = cfg.dicom.model_dump()
-    return _identity_digest(identity)
-
-
-def job_key(cfg: JobConfig, spec: "ModelSpec", key_id: str | None = None) -> str:
-    """An interrupted attempt is resumed only by the same job: same inputs, model key, mode and pseudonym key."""
-    identity = {"input": cfg.input.uri.rstrip("/"), "extensions": cfg.input.extensions,
-                "max_file_bytes": cfg.input.max_file_bytes, "model": model_key(cfg, spec),
-                "overwrite": cfg.output.overwrite}
-    if key_id is not None:  # absent when off, so jobs' keys stay as they were
-        identity["pseudonyms"] = key_id
-    return _identity_digest(identity)
+    # Settings added since outputs were first written join a key only when set, so upgrading the pipeline does not
+    # make an incremental job redo its whole archive.
+    model = {"model": cfg.model.model_dump(exclude={"input_channels"} if cfg.model.input_channels == "auto" else None),
+             "weights": spec.weights_id, "decode": cfg.decode.model_dump(exclude={"device"})}
+    if cfg.dicom is not None:  # windowing and frame choice change the pixels
+        model["dicom"] = cfg.dicom.model_dump()
+    model_key = _identity_digest(model)
+    job = {"input": cfg.input.uri.rstrip("/"), "extensions": cfg.input.extensions,
+           "max_file_bytes": cfg.input.max_file_bytes, "model": model_key, "overwrite": cfg.output.overwrite}
+    if key_id is not None:
+        job["pseudonyms"] = key_id
+    return RunIdentity(job_key=_identity_digest(job), model_key=model_key, model=spec.name,
+                       weights=spec.weights_id, pseudonyms=key_id)
 
 
 def _identity_digest(identity: dict) -> str:
@@ -103,16 +99,16 @@ def note_interrupted_attempt(run: StagedRun, attempt: dict) -> None:
     run.info.interrupted_attempts.append({**attempt, "rows": max(run.resumed_rows - before, 0)})
 
 
-def check_pseudonyms(live: list[dict], output: OutputConfig, key_id: str | None) -> None:
+def check_pseudonyms(live: list[dict], uri: str, overwrite: bool, key_id: str | None) -> None:
     """Raw and pseudonymised rows, or tokens under two keys, never share an output (an overwrite replaces them all).
 
     `key_id` names this job's pseudonymisation key (None: off); a commit record holds its run's as `pseudonyms`."""
-    if output.overwrite:
+    if overwrite:
         return
     other = next((c.get("pseudonyms") for c in live if c.get("pseudonyms") != key_id), False)
     if other is False:
         return
-    where = f"output.uri: {output.uri}"
+    where = f"output.uri: {uri}"
     if key_id is None:
         raise UserError(f"{where} holds pseudonymised runs; turn privacy.pseudonymize on with their key, or write "
                         "to another folder")
@@ -127,7 +123,7 @@ def job_schema(cfg: JobConfig, spec: "ModelSpec") -> pa.Schema:
     """The job's output schema; a partitioning column must be one of its string columns."""
     tags = [column_name(keyword) for keyword in cfg.dicom.include_tags] if cfg.dicom is not None else None
     schema = output_schema(spec.task, spec.wants_predictions, spec.embedding_dim, tags)
-    column = partition_column(cfg.output)
+    column = cfg.output.partition_column
     if column is not None and (column not in schema.names or schema.field(column).type != pa.string()):
         strings = [f.name for f in schema if f.type == pa.string() and f.name not in ("uri", "error", "run_id")]
         raise UserError(f"output.partitioning: '{column}' is not a string column of this job's output; use none, "
@@ -135,6 +131,3 @@ def job_schema(cfg: JobConfig, spec: "ModelSpec") -> pa.Schema:
     return schema
 
 
-def partition_column(output: OutputConfig) -> str | None:
-    """The string column the output is partitioned by, if any (`output.partitioning` names it)."""
-    return None if output.partitioning in ("none", "run_date") else output.partitioning

@@ -24,7 +24,7 @@ from pipeline.job.errors import JobFailed, UserError
 from pipeline.output.formats import Commit, OutputFormat, Partitioning
 from pipeline.output.history import History
 from pipeline.output.identity import (RunIdentity, attempt_so_far, check_pseudonyms, interrupted, new_run_id,
-                                      note_interrupted_attempt, partition_column)
+                                      note_interrupted_attempt)
 from pipeline.output.lease import OutputLease, check_conditional_writes
 from pipeline.output.sink import StagingSink
 from pipeline.output.staging import FORMAT, RunInfo, RunStats, StagedRun, Staging, now_precise
@@ -70,13 +70,7 @@ def make_format(output: OutputConfig, storage: Storage, schema: pa.Schema) -> Ou
 def layout(output: OutputConfig, run_date: str = "(today)") -> Partitioning:
     """How the output lays rows out; the run's date is known only once it starts (formats compare the kind)."""
     return Partitioning(run_date=run_date if output.partitioning == "run_date" else None,
-                        column=partition_column(output))
-
-
-def check_existing(table: OutputFormat, output: OutputConfig) -> None:
-    """Refuse, before any input is read, an output the job must not write to (UserError: one line, exit 2)."""
-    table.check_existing(output.overwrite)
-    check_folder_layout(table, layout(output), output.overwrite)
+                        column=output.partition_column)
 
 
 def check_folder_layout(table: OutputFormat, partitioning: Partitioning, overwrite: bool) -> None:
@@ -159,8 +153,10 @@ class RunOutput:
         for run in [r for r in staged.values() if r.run_id in done or r.info is None]:
             self.staging.drop(run)  # committed before its staging was dropped, or killed before it began
         staged = {k: r for k, r in staged.items() if k not in done and r.info is not None}
-        check_existing(self.table, self.output)
-        check_pseudonyms(self.table.live(), self.output, identity.pseudonyms)
+        # Refused before any input is read: an output this job must not write to (one line, exit 2).
+        self.table.check_existing(self.output.overwrite)
+        check_folder_layout(self.table, layout(self.output), self.output.overwrite)
+        check_pseudonyms(self.table.live(), self.output.uri, self.output.overwrite, identity.pseudonyms)
         self.run = self._start_or_resume(staged, committed, identity)
 
     def _start_or_resume(self, staged: dict[str, StagedRun], committed: list[dict], identity: RunIdentity) -> StagedRun:

@@ -18,38 +18,29 @@ Prepare = Callable[[pa.Table], pa.Table]
 
 
 def stream_rows(rows: Rows, sink: StagingSink, lease: OutputLease, errors: ErrorPolicy, out: TextIO,
-                interval: float, prepare: Prepare | None, timeline: Timeline,
-                samples: ProgressSamples) -> tuple[Tally, str, str | None]:
-    """Drain `rows` under the progress line; (tally, status, message), the last rows staged and flushed."""
-    tally = Tally()
+                interval: float, prepare: Prepare | None = None, timeline: Timeline | None = None,
+                samples: ProgressSamples | None = None) -> tuple[Tally, str, str | None]:
+    """Every row into the sink, once, counted under the progress line; (tally, status, message) once the last
+    rows are staged, or at the error-rate stop. `prepare` turns each batch into what is written (pseudonymised)
+    before anything stages or counts it."""
+    tally, status, message = Tally(), "completed", None
     # The line counts rows the driver has: a batch a model process finished can still be lost with it.
     with ProgressPrinter(tally, rows.listing, out, interval, rows.waiting):
-        status, message = drain(rows, sink, tally, errors, lease, prepare, timeline, samples)
+        try:
+            for batch in rows:
+                lease.check()
+                rows.received(batch.column("uri").unique().to_pylist())  # only the driver's receipt settles it
+                if timeline is not None:
+                    timeline.mark("first_row")
+                inputs, failed = tally.add(sink.add(prepare(batch) if prepare is not None else batch))
+                if samples is not None:
+                    samples.observe(tally.elapsed, tally.rows)
+                rows.progress(inputs, failed, tally.rate)
+                tally.check_error_rate(errors.max_error_rate, errors.min_inputs)
+        except JobStopped as exc:
+            status, message = "stopped", f"{exc} (rows so far stay staged; rerunning the job resumes after them)"
         leftover = sink.release_partial()
         if leftover is not None:
             tally.add(leftover)
         sink.flush()
     return tally, status, message
-
-
-def drain(rows: Rows, sink: StagingSink, tally: Tally, errors: ErrorPolicy, lease: OutputLease,
-          prepare: Prepare | None = None, timeline: Timeline | None = None,
-          samples: ProgressSamples | None = None) -> tuple[str, str | None]:
-    """Every row into the sink, once; (status, message) at the end or at the error-rate stop. `prepare` turns
-    each batch into what is written (pseudonymised) before anything stages or counts it."""
-    try:
-        for batch in rows:
-            lease.check()
-            rows.received(batch.column("uri").unique().to_pylist())  # only the driver's receipt settles an input
-            if timeline is not None:
-                timeline.mark("first_row")
-            if prepare is not None:
-                batch = prepare(batch)
-            inputs, failed = tally.add(sink.add(batch))
-            if samples is not None:
-                samples.observe(tally.elapsed, tally.rows)
-            rows.progress(inputs, failed, tally.rate)
-            tally.check_error_rate(errors.max_error_rate, errors.min_inputs)
-    except JobStopped as exc:
-        return "stopped", f"{exc} (rows so far stay staged; rerunning the job resumes after them)"
-    return "completed", None

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, TextIO
 from pipeline.io.storage import Storage, absolute
 from pipeline.job.config import JobConfig
 from pipeline.job.errors import JobStopped
-from pipeline.output import RunIdentity, RunOutput, RunPolicy, open_output
-from pipeline.output.identity import job_key, job_schema, model_key
+from pipeline.output import RunOutput, RunPolicy, open_output
+from pipeline.output.identity import job_schema, run_identity
 from pipeline.output.sink import StagingSink
 from pipeline.privacy.pseudonyms import (PseudonymMap, Pseudonymizer, RowPseudonymizer, load_pseudonymizer,
                                          row_pseudonymizer)
@@ -40,8 +40,8 @@ def run_job(cfg: JobConfig, executor: Executor, out: TextIO, progress_interval: 
     timeline.mark("storage_checked")
     spec = start_and_check_model(cfg, storage, executor, out, timeline)
     schema = job_schema(cfg, spec)
-    with open_output(cfg.output, RunPolicy.of(cfg), storage, run_identity(cfg, spec, pseudonymizer), schema,
-                     out) as output:
+    identity = run_identity(cfg, spec, pseudonymizer.key_id if pseudonymizer else None)
+    with open_output(cfg.output, RunPolicy.of(cfg), storage, identity, schema, out) as output:
         timeline.mark("output_opened")
         pool = executor.pool(cfg.compute)
         say(out, pool.describe())
@@ -89,12 +89,6 @@ def open_sink(cfg: JobConfig, spec: ModelSpec, storage: Storage, output: RunOutp
                        before_chunk=mapping.flush if mapping else None)
     tags = cfg.dicom.include_tags if cfg.dicom is not None else ()
     return sink, row_pseudonymizer(pseudonymizer, schema, tags, mapping)
-
-
-def run_identity(cfg: JobConfig, spec: ModelSpec, pseudonymizer: Pseudonymizer | None) -> RunIdentity:
-    key_id = pseudonymizer.key_id if pseudonymizer else None
-    return RunIdentity(job_key=job_key(cfg, spec, key_id), model_key=model_key(cfg, spec), model=spec.name,
-                       weights=spec.weights_id, pseudonyms=key_id)
 
 
 def storage_for(cfg: JobConfig) -> Storage:
