@@ -16,7 +16,7 @@ import pytest
 from output_driver import job, run_once
 from pipeline.cli.commands import main
 from pipeline.output import make_format
-from pipeline.ray.progress import ProgressSamples
+from pipeline.run.progress import ProgressSamples
 from pipeline.report import against_section, charts
 from pipeline.report.facts import compare
 from pipeline.job.rows import OUTPUT_SCHEMA

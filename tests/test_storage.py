@@ -99,7 +99,7 @@ def test_local_walk_survives_a_symlink_loop(tmp_path):
 
 def test_spec_endpoint_wins_over_the_environment(s3_server, bucket, monkeypatch):
     """storage.endpoint_url in the job spec is used even when AWS_ENDPOINT_URL points elsewhere."""
-    from pipeline.ray.preflight import check_bucket
+    from pipeline.run.checks import check_bucket
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     storage = Storage.from_env(endpoint_url=s3_server.endpoint_url)
