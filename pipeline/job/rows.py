@@ -6,6 +6,7 @@ A row that failed keeps flowing with `error` ("decode: image file is truncated")
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Callable
 
 import numpy as np
@@ -87,3 +88,21 @@ def error_columns(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]
         return np.array([v if isinstance(v, str) else None for v in column], dtype=object)
 
     return clean(batch["error"]), clean(batch["error_type"])
+
+
+class RowCounts:
+    """Rows and error rows by type: counted once, the same way, for the progress line, the summary and the run's
+    commit record (run/counts.py's `Tally`, output/staging.py's `RunStats`)."""
+
+    def __init__(self):
+        self.rows = 0
+        self.errors = 0
+        self.errors_by_type: Counter[str] = Counter()
+
+    def add(self, table: pa.Table) -> int:
+        """Counts the table's rows; returns how many are errors."""
+        types = table["error_type"].drop_null().to_pylist()
+        self.rows += table.num_rows
+        self.errors += len(types)
+        self.errors_by_type.update(types)
+        return len(types)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Iterator
@@ -26,6 +25,7 @@ import pyarrow.parquet as pq
 from pipeline.io.storage import Storage, is_s3, join
 from pipeline.output.history import KEY_DTYPE, table_keys
 from pipeline.job.errors import UserError
+from pipeline.job.rows import RowCounts
 
 FORMAT = 1  # of _run.json and commit records; a newer one is refused rather than misread
 STAGING = "_staging"
@@ -151,24 +151,20 @@ class Staging:
         self.storage.remove_folder(self.folder(run.run_id))
 
 
-class RunStats:
+class RunStats(RowCounts):
     """Counts and an order-independent fingerprint (XOR of version keys) of a run's rows."""
     COLUMNS = ["uri", "etag", "last_modified", "size", "error_type"]
 
     def __init__(self):
-        self.rows = 0
-        self.errors = 0
-        self.errors_by_type: Counter[str] = Counter()
+        super().__init__()
         self._xor = np.zeros(2, dtype=np.uint64)
 
-    def add(self, table: pa.Table) -> None:
-        self.rows += table.num_rows
-        types = table["error_type"].drop_null().to_pylist()
-        self.errors += len(types)
-        self.errors_by_type.update(types)
+    def add(self, table: pa.Table) -> int:
+        errors = super().add(table)
         keys = table_keys(table, "version").astype(KEY_DTYPE)
         if len(keys):
             self._xor ^= np.bitwise_xor.reduce(np.frombuffer(keys.tobytes(), dtype=np.uint64).reshape(-1, 2))
+        return errors
 
     def as_record(self) -> dict:
         return {"rows": self.rows, "predicted": self.rows - self.errors, "errors": self.errors,

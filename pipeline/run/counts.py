@@ -6,42 +6,38 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.job.errors import JobStopped
+from pipeline.job.rows import RowCounts
 
 
-class Tally:
-    """Counts of finished rows, updated by the driver loop, read by the progress printer."""
+class Tally(RowCounts):
+    """The rows the driver has (one per input, or per frame of a multi-frame DICOM) and the inputs they make,
+    updated by the driver loop, read by the progress printer."""
 
     def __init__(self):
+        super().__init__()
         self.started = time.monotonic()
         self.done = 0  # inputs
-        self.rows = 0  # one per input, or per frame of a multi-frame DICOM
-        self.failed = 0  # error rows (a failed input is one row)
-        self.errors_by_type: Counter[str] = Counter()
         self.detections: int | None = None  # a detection job's boxes, and the images with any
         self.images_with_detections = 0
         self._lock = threading.Lock()
 
     def add(self, batch: pa.Table) -> tuple[int, int]:
         """Counts the batch; returns its (inputs, failed rows)."""
-        types = batch["error_type"].drop_null().to_pylist()
         inputs = pc.count_distinct(batch["uri"]).as_py() if "rows_of_input" in batch.column_names else batch.num_rows
         with self._lock:
             self.done += inputs
-            self.rows += batch.num_rows
-            self.failed += len(types)
-            self.errors_by_type.update(types)
+            errors = super().add(batch)
             if "num_detections" in batch.column_names:
                 counts = pc.fill_null(batch["num_detections"].cast("float64"), 0)
                 counts = pc.if_else(pc.is_nan(counts), 0, counts)  # numpy's NaN for a failed row
                 self.detections = (self.detections or 0) + int(pc.sum(counts).as_py() or 0)
                 self.images_with_detections += int(pc.sum(pc.greater(counts, 0)).as_py() or 0)
-        return inputs, len(types)
+        return inputs, errors
 
     @property
     def elapsed(self) -> float:
@@ -53,11 +49,11 @@ class Tally:
 
     def check_error_rate(self, max_error_rate: float, min_inputs: int) -> None:
         """Raise JobStopped once enough rows are in and too many of them failed."""
-        if self.done < min_inputs or self.failed <= max_error_rate * self.done:
+        if self.done < min_inputs or self.errors <= max_error_rate * self.done:
             return
         common = ", ".join(f"{kind} ({n})" for kind, n in self.errors_by_type.most_common(3))
-        raise JobStopped(f"stopped: {self.failed:,} of {self.done:,} inputs failed "
-                         f"({self.failed / self.done:.0%}), over errors.max_error_rate={max_error_rate}; most "
+        raise JobStopped(f"stopped: {self.errors:,} of {self.done:,} inputs failed "
+                         f"({self.errors / self.done:.0%}), over errors.max_error_rate={max_error_rate}; most "
                          f"common: {common}. Fix the inputs, or raise errors.max_error_rate in the job spec")
 
 

@@ -59,10 +59,10 @@ class ProgressPrinter:
         waiting = self.waiting() if self.waiting is not None else None
         if waiting is not None:
             return f"{done:,} done, {waiting}"[:width]
-        if done == 0 and self.tally.failed == 0 and listing is not None:
+        if done == 0 and self.tally.errors == 0 and listing is not None:
             return before_first_input(listing)[:width]  # an empty bar at 0 % would say nothing more
         return bar_line(width, done=done, total=listing["listed"] if listing is not None else None,
-                        total_final=listing is not None and listing["done"], failed=self.tally.failed, rate=rate,
+                        total_final=listing is not None and listing["done"], failed=self.tally.errors, rate=rate,
                         ascii_only=self.ascii_only)
 
     def line(self) -> str:
@@ -79,7 +79,7 @@ class ProgressPrinter:
         else:
             remaining = f"{max(listing['listed'] - done, 0):,}+ remaining (still listing)"
         rate = done / t.elapsed if t.elapsed > 0 else 0.0
-        return f"  [{t.elapsed:6.1f}s] {done:,} done, {t.failed:,} failed, {remaining}, {rate:.1f} images/s"
+        return f"  [{t.elapsed:6.1f}s] {done:,} done, {t.errors:,} failed, {remaining}, {rate:.1f} images/s"
 
     def done(self, listing: dict | None) -> int:
         """Inputs done: rows the driver has. A batch a model actor finished can still be lost with its process."""

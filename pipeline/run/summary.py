@@ -70,8 +70,8 @@ def summarise(cfg: JobConfig, model: str, weights: str, output: RunOutput, tally
         run_id=run.run_id, status=status, input=cfg.input.uri, output=cfg.output.uri, model=model,
         weights=weights, inputs=tally.done, rows=tally.rows,
         # A committed run counts every row it holds, the ones an interrupted attempt staged included.
-        predicted=record["predicted"] if record else tally.rows - tally.failed,
-        errors=record["errors"] if record else tally.failed,
+        predicted=record["predicted"] if record else tally.rows - tally.errors,
+        errors=record["errors"] if record else tally.errors,
         errors_by_type=record["errors_by_type"] if record else dict(tally.errors_by_type.most_common()),
         resumed=run.resumed_inputs, already_done=max(0, listing["already_done"] - run.resumed_inputs),
         skipped_by_extension=listing["skipped"], duplicates=listing.get("duplicates", 0),
