@@ -1,13 +1,9 @@
-"""`pipeline demo`: the whole product on one machine, offline, in about a minute.
-
-1. Start an S3-compatible server on 127.0.0.1 and a local Ray.
-2. Train a LeNet-style CNN on scikit-learn's handwritten digits (train split), upload its checkpoint and labels.
-3. Upload the held-out digits as PNG files (some with spaces and unicode in their keys), plus a few broken
-   files, which must come out as error rows.
-4. Run a real job from s3:// to Parquet on s3://, then read the Parquet back and score it against the digit
-   each file's key names, and write the run's HTML report (`pipeline report`) to demo-report.html here.
-   Everything else is torn down at the end.
-"""
+"""`pipeline demo`: the whole product on one machine, offline, in about a minute. Starts an S3-compatible server on
+127.0.0.1 and a local Ray; trains a LeNet-style CNN on scikit-learn's handwritten digits (train split) and uploads
+its checkpoint and labels; uploads the held-out digits as PNG files (some with spaces and unicode in their keys),
+plus a few broken files, which must come out as error rows; runs a real job from s3:// to Parquet on s3://, reads
+the Parquet back, scores it against the digit each file's key names, and writes the run's HTML report
+(`pipeline report`) to demo-report.html here. Everything else is torn down at the end."""
 
 from __future__ import annotations
 

@@ -1,15 +1,9 @@
-"""Detection stage: images at their own size -> boxes in those pixels, one list of detections per image.
-
-torchvision's detectors take a list of images of any sizes: their own transform resizes each (shorter side
-to min_size, longer side at most max_size, or a fixed size for SSD), pads them into one tensor, and maps
-the boxes back to each input's pixels. The input here is the decoded image after EXIF orientation, so
-boxes come out in the coordinates a viewer of the photo sees.
-
-Padding makes a detector's output depend a little on the other images of its batch, so images are
-grouped by the padded size they would get alone: every image then gets exactly the result it would get
-on its own, whatever it is batched with. A model call takes at most `batch_size` images and at most
+"""Detection stage (`Detector`): images at their own size (decoded, after EXIF orientation) -> one list of boxes
+per image, in those pixels. torchvision's transform resizes each (shorter side to min_size, longer at most max_size,
+or a fixed size for SSD), pads them into one tensor and maps boxes back; images are grouped by the padded size they
+would get alone, so each gets exactly its own result. A model call takes at most `batch_size` images and at most
 `max_batch_megapixels` of decoded pixels.
-"""
+Why: pipeline/ARCHITECTURE.md#detection-images-at-their-own-size-batches-that-never-change-a-result"""
 
 from __future__ import annotations
 

@@ -1,14 +1,7 @@
 """Batch norms folded into the convolutions before them, for inference: the same function, fewer passes over
-memory. A BatchNorm2d in eval mode is an affine map per channel, so `bn(conv(x))` equals one convolution with
-scaled weights and a bias (`torch.nn.utils.fusion.fuse_conv_bn_eval`); on a CPU core that is 25 to 40 % of a
-ResNet's or a MobileNet's forward time (docs/performance.md). Results agree to float rounding (1e-6).
-
-The pairs are found by tracing the model with torch.fx, so a block that calls `self.bn1(self.conv1(x))` is
-found as surely as one built from nn.Sequential; the model itself keeps its modules and their names (the
-folded batch norm becomes nn.Identity), so forward hooks (embedding.py) and state dicts still line up. A model
-fx cannot trace (detectors, with their data-dependent control flow) is left as it is. Tracing runs forward()'s
-Python once, so the model stage folds torchvision's own classifiers only, never a custom `module:build_fn`.
-"""
+memory (`fold_batch_norms`). Pairs are found by a torch.fx trace; the model keeps its modules and names (a folded
+batch norm becomes nn.Identity), and a model fx cannot trace is left as it is. The model stage folds torchvision's
+own classifiers only. Why: docs/design-notes.md#pipelinemodelsfoldingpy; measured: docs/performance.md"""
 
 from __future__ import annotations
 

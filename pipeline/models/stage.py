@@ -1,14 +1,9 @@
 """Model stage: callable classes built once per process (one model per actor) and reused for every batch.
-
-`ModelStage` holds what every model shares; `Classifier` (classify.py) and `Detector` (detect.py) say only how
-a batch of pixels becomes their columns. A stage takes a decoded batch: `pixels` as numpy arrays, or tensors
-already on the device when the GPU decoded them; who decodes, and where, is the plan's choice
-(pipeline/run/plan.py; the stage that runs it is models/inference.py).
-
-The device is chosen here, on the worker: a GPU when Ray gave this process one, the CPU otherwise. Rows that
-already failed pass through untouched; pixels are dropped as soon as the model has used them. A CUDA
-out-of-memory error halves the stage's model calls and retries; at one image it becomes the rows' error.
-"""
+`ModelStage` holds what every model shares; `Classifier` (classify.py) and `Detector` (detect.py) say only how a
+batch of pixels (numpy arrays, or tensors already on the device) becomes their columns. The device is chosen here,
+on the worker; failed rows pass through untouched; pixels are dropped once used; a CUDA out-of-memory error halves
+the model calls (at one image it becomes the rows' error). Who decodes, and where, is the plan's choice
+(run/plan.py; the stage that runs it is models/inference.py): pipeline/ARCHITECTURE.md#where-decoding-runs"""
 
 from __future__ import annotations
 

@@ -1,12 +1,7 @@
-"""Hive-style partition folders (`modality=CT/`), named the way Spark names them, so that Spark, Athena,
-DuckDB and pyarrow all read the same value back.
-
-Spark escapes only ASCII control characters and `"#%'*/:=?\\{[]^` (ExternalCatalogUtils.escapePathName)
-and leaves every other character, non-ASCII included, as it is; reading, it turns each `%XX` back into one
-character. Percent-encoding a value's UTF-8 bytes (`%C3%BC` for `ü`) would therefore come back from Spark as
-two characters (`Ã¼`), while DuckDB and pyarrow decode it as UTF-8; Spark's own escaping reads the same
-everywhere.
-"""
+"""Hive-style partition folders (`modality=CT/`), named the way Spark names them (ExternalCatalogUtils.escapePathName:
+only ASCII control characters and `"#%'*/:=?\\{[]^` become `%XX`), so that Spark, Athena, DuckDB and pyarrow all
+read the same value back; a null value goes to `__HIVE_DEFAULT_PARTITION__`.
+Why: docs/design-notes.md#pipelineoutputhivepy"""
 
 from __future__ import annotations
 

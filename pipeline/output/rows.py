@@ -1,15 +1,9 @@
-"""A table's live rows read the way its readers read them, for the report, `pipeline runs` and the skip set.
-
-A format's rows are not its data files: a folder or Delta table partitioned by `label` keeps that column only
-in folder names or the Delta log, and rows another engine deleted (Delta deletion vectors, Iceberg position or
-equality deletes, a `DELETE FROM` that rewrote files) are gone for every reader though the files may remain.
-So each format reads through its own reader: pyarrow's hive partitioning for the folder (here),
-delta-rs's scan (`pipeline/output/delta/rows.py`), pyiceberg's scan (`pipeline/output/iceberg/rows.py`).
-
-A `TableRows` is a small picklable description (where, which runs), opened where it is read: the listing task
-builds the skip set on whichever node runs it. Reads stream record batches of the asked columns only, so
-memory stays bounded by a few batches whatever the table's size.
-"""
+"""A table's live rows read the way its readers read them, for the report, `pipeline runs` and the skip set: here the
+folder's (`FolderRows`, pyarrow's hive partitioning); Delta's and Iceberg's in `output/delta/rows.py` and
+`output/iceberg/rows.py`. A `TableRows` is a small picklable description (where, which runs), opened where it is
+read: the listing task builds the skip set on whichever node runs it. Reads stream record batches of the asked
+columns only, so memory stays bounded by a few batches whatever the table's size.
+Why each format reads through its own reader: docs/commit-protocol.md#a-run-step-by-step (step 5)."""
 
 from __future__ import annotations
 

@@ -1,13 +1,8 @@
 """The output's front door: one run on it, through the steps of Ray Data's `Datasink` (docs/commit-protocol.md).
-
-    with open_output(cfg.output, RunPolicy.of(cfg), storage, identity, schema, out) as output:
-        output.history(pseudonymizer)              # what to skip
-        sink = output.sink(provenance, ...)         # `write`: rows staged in chunks, the resume checkpoint
-        output.on_write_complete(sink, progress)    # one visible version, in output.format
-        output.write_summary(text)
-
-`open_output` probes the store, takes the lease and calls `on_write_start` (recover, check, start or resume).
-"""
+`with open_output(cfg.output, RunPolicy.of(cfg), storage, identity, schema, out) as output:` probes the store, takes
+the lease and calls `on_write_start` (recover, check, start or resume); then `output.history(pseudonymizer)` (what
+to skip), `output.sink(provenance, ...)` (`write`: rows staged in chunks, the resume checkpoint),
+`output.on_write_complete(sink, progress)` (one visible version, in output.format), `output.write_summary(text)`."""
 
 from __future__ import annotations
 

@@ -1,12 +1,7 @@
-"""A run in progress: `<output>/_staging/<run_id>/`, the same for every output format.
-
-    _staging/<run_id>/_run.json                     the run: its job key, model key, start, attempts
-    _staging/<run_id>/chunk-<n>.parquet.staged      its rows so far, a few batches per chunk
-
-A chunk is the unit of durable progress: written whole or not at all, and created only if absent (a
-conditional put), so two drivers that both believe they run the same run cannot both stage a chunk. The
-set of chunks *is* the resume checkpoint: there is no window between "written" and "checkpointed".
-"""
+"""A run in progress: `<output>/_staging/<run_id>/`, the same for every output format: `_run.json` (the run: its job
+key, model key, start, attempts) and `chunk-<n>.parquet.staged` (its rows so far, a few batches per chunk). A chunk
+is written whole or not at all and created only if absent (a conditional put); the set of chunks *is* the resume
+checkpoint. Why: docs/commit-protocol.md#a-run-step-by-step (step 6)."""
 
 from __future__ import annotations
 

@@ -1,12 +1,8 @@
-"""Keyed pseudonymisation (`privacy.pseudonymize`): input URIs and DICOM instance UIDs become HMAC-SHA256 tokens.
-
-A token is `hmac:` + the hex HMAC-SHA256 of the value's UTF-8 bytes under the job's key: the same value under the
-same key is always the same token, so joins across runs, incremental runs and resume keep working. Whoever holds the
-key (or the mapping) can re-identify: this is pseudonymisation, not anonymisation. On the driver `RowPseudonymizer`
-replaces the columns before a row is staged, and `PseudonymMap` writes token -> uri pairs ahead of each staged
-chunk; the listing tokenises what it lists (`history.DoneFilter`). The README's "Paths that name patients"
-says what a user sees.
-"""
+"""Keyed pseudonymisation (`privacy.pseudonymize`): input URIs and DICOM instance UIDs become HMAC-SHA256 tokens,
+`hmac:` + the hex HMAC-SHA256 of the value's UTF-8 bytes under the job's key (the same value, the same token).
+On the driver `RowPseudonymizer` replaces the columns before a row is staged, and `PseudonymMap` writes token -> uri
+pairs ahead of each staged chunk; the listing tokenises what it lists (`history.DoneFilter`). Why, and what a user
+sees: README.md#paths-that-name-patients-pseudonymised-output."""
 
 from __future__ import annotations
 

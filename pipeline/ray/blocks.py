@@ -1,14 +1,7 @@
-"""Prediction rows leave a model actor a batch at a time, so the driver stages them at the README's cadence.
-
-Ray Data merges what a map task yields into blocks of up to `target_max_block_size` bytes (one setting per
-dataset: run/plan.BLOCK_BYTES, sized for the encoded images the read tasks hand on) and a block reaches the driver
-only whole. Prediction rows are a few hundred bytes, so a model actor handed one block of ~800 thumbnails sent
-all 800 rows at its end: a run of 790 inputs at batch size 8 staged twice, both at the end, where the README
-promises a checkpoint every 8 model batches (`output.checkpoint_rows`). Ray 2.60 has no public per-operator
-block size, so `RowsPerBatch` (a physical-plan rule, Ray's DeveloperAPI `get_physical_ruleset`) caps the model
-operator's output blocks at its batch size as well; the sink (output/sink.py) then writes a chunk every
-`checkpoint_rows` rows as they arrive. Other operators keep Ray's byte-sized blocks.
-"""
+"""Prediction rows leave a model actor a batch at a time, so the driver stages them at the README's cadence:
+`rows_leave_each_batch(udf)` registers `RowsPerBatch`, a physical-plan rule that caps the output blocks of that
+UDF's operator at its batch size; other operators keep Ray's byte-sized blocks.
+Why: docs/design-notes.md#pipelinerayblockspy"""
 
 from __future__ import annotations
 

@@ -1,18 +1,8 @@
-"""What the Ray cluster offers the model actors: the nodes up now and, on a cluster with an autoscaler, the
-node types it can add. `compute`'s `auto` settings are decided from this, so that a cluster which scales from
-zero gets a GPU pool sized for what it can become, not for the empty cluster of second zero.
-
-Where the node types come from, first found wins:
-  1. Ray's cluster config in the GCS (`ClusterConfig`), which the autoscalers that report it fill in;
-  2. on KubeRay, the RayCluster resource, read and translated exactly as KubeRay's in-tree autoscaler does
-     (the head knows its cluster from RAY_CLUSTER_NAME / RAY_CLUSTER_NAMESPACE, which infra/kuberay sets);
-  3. the autoscaling config file the head's autoscaler (Ray's monitor process) was started with, when the
-     driver runs on the head (`ray up` clusters: ~/ray_bootstrap_config.yaml).
-Ray 2.60's open-source autoscalers do not report (1), hence (2) and (3).
-
-`plan_pool` turns that and the job's `compute` section into the pool Ray Data runs; `ClusterWatch` tells the
-progress line what the job is waiting for and counts the nodes that leave while it runs.
-"""
+"""What the Ray cluster offers the model actors: the nodes up now and, on a cluster with an autoscaler, the node
+types it can add (from the GCS, the KubeRay RayCluster or the head's autoscaling config). `plan_pool` turns that
+and the job's `compute` section into the pool Ray Data runs (`compute`'s `auto` settings sized for what the cluster
+can become); `ClusterWatch` tells the progress line what the job is waiting for and counts the nodes that leave
+while it runs. Why: docs/design-notes.md#pipelinerayclusterpy"""
 
 from __future__ import annotations
 

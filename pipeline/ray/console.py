@@ -1,16 +1,8 @@
-"""The `pipeline` command's console while a job runs, and where Ray's own output goes instead.
-
-Ray writes into its driver's standard streams from several places: the C++ core worker logs its errors to file
-descriptor 2 ("core_worker.cc:… the actor restart will fail" on every run), a thread prints what the raylet pushes
-("(raylet) A worker died …") to sys.stdout, and its Python loggers write to the sys.stderr they were made with.
-None of that is for the person running a job that goes on, and all of it is in the session's logs already (or
-belongs there). So once Ray has started, the command's descriptors 1 and 2 point into a file of the session's logs,
-and the command talks to its user through its own copies of the original streams: Console.out, and Console.err,
-which sys.stderr becomes, so that a warning or an unexpected traceback still shows. A job that Ray fails ends with
-one line naming that file, which holds the traceback.
-
-Only the `pipeline` process does this (commands.entry): a caller of run_job keeps its process's streams as they are.
-"""
+"""The `pipeline` command's console while a job runs, and where Ray's own output goes instead. Once Ray has
+started, the process's descriptors 1 and 2 point into a file of the session's logs and the command talks to its
+user through `Console.out` and `Console.err` (which sys.stderr becomes); a job that Ray fails ends with one line
+naming that file. Only the `pipeline` process does this (commands.entry): a caller of run_job keeps its streams.
+Why: docs/design-notes.md#pipelinerayconsolepy"""
 
 from __future__ import annotations
 

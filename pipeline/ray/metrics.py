@@ -1,14 +1,9 @@
-"""Prometheus metrics, exported through Ray's own metrics agent on every node (`/metrics` on the node's
-metrics export port, which Ray's Prometheus service discovery and Grafana dashboards already scrape).
-
-    ray_pipeline_images_done_total{output}             inputs finished, predicted or failed (driver)
-    ray_pipeline_images_failed_total{output}           inputs that became error rows (driver; absent until one)
-    ray_pipeline_images_per_second{output}             the run's rate so far (driver)
-    ray_pipeline_batch_latency_seconds_bucket{stage}   one model-actor batch: decode (if the actor decodes) + model
-
-Metrics are best effort: if Ray's metrics agent is absent (a minimal install), nothing is recorded and the
-job runs the same.
-"""
+"""Prometheus metrics through Ray's own metrics agent on every node (`/metrics` on its metrics export port, which
+Ray's Prometheus service discovery and Grafana dashboards already scrape): `RunMetrics` on the driver
+(`ray_pipeline_images_done_total`, `..._failed_total`, absent until one, `..._per_second`, by `output`),
+`BatchLatency` in model actors (`ray_pipeline_batch_latency_seconds{stage}`: decode, if the actor decodes, + model).
+Best effort: without the agent (a minimal install) nothing is recorded and the job runs the same.
+The list and queries: infra/README.md#observe"""
 
 from __future__ import annotations
 

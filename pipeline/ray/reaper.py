@@ -1,16 +1,7 @@
 """Ends what a local Ray session left running once the process that started it is gone, however it went.
-
-Ray ties the processes ray.init starts (GCS, raylet, dashboard, monitors) to the driver with PR_SET_PDEATHSIG, and
-its workers leave when their raylet does. The raylet's agents (ray::DashboardAgent, ray::RuntimeEnvAgent) see it die
-too, but then spend a minute or more reporting that to the GCS, which died with it: after a `kill -9` of the driver
-they outlive it under PID 1. Ray's own reaper (ray_process_reaper.py) would need the driver to lead its own process
-group, which takes it out of the terminal's foreground (no more Ctrl-C).
-
-So the driver starts `python -m pipeline.ray.reaper SESSION_DIR` with a pipe on its stdin, and holds the other end.
-At end of file (the driver exited, or was killed), every process that holds a file open under SESSION_DIR (each of
-the session's processes keeps its log files there) gets SIGTERM, then SIGKILL if it is still there a second later.
-Linux only, like PR_SET_PDEATHSIG; elsewhere nothing is started.
-"""
+The driver starts `python -m pipeline.ray.reaper SESSION_DIR` (`start_reaper`) with a pipe on its stdin; at end of
+file every process holding a file open under SESSION_DIR gets SIGTERM, then SIGKILL if still there a second later.
+Linux only; elsewhere nothing is started. Why: docs/design-notes.md#pipelinerayreaperpy"""
 
 from __future__ import annotations
 

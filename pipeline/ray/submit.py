@@ -1,16 +1,8 @@
-"""`pipeline submit JOB.yaml --address http://HEAD:8265`: the same job, run on an existing Ray cluster.
-
-The spec (with any command-line overrides applied) is validated here, then shipped as the job's working
-directory through Ray's job-submission API; the cluster runs `pipeline run job.yaml` as the job's driver,
-with the pipeline installed in its image. Resources (actors, GPUs per actor, memory) come from the spec's
-`compute` section, as in a local run. This command streams the job's output and exits with its exit code:
-0 done, 2 a problem in the spec or its inputs (the driver's one line), 1 otherwise.
-
-Nothing secret travels with the job: of the environment only the S3 endpoint and region are forwarded
-(`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_DEFAULT_REGION`); the cluster brings its own credentials (an IAM role
-for its service account). Ray's auth token for the dashboard, when the cluster uses one, is read from
-`RAY_AUTH_TOKEN` by Ray's client.
-"""
+"""`pipeline submit JOB.yaml --address http://HEAD:8265`: the same job, run on an existing Ray cluster. The spec
+(with any command-line overrides applied) is validated here, then shipped as the job's working directory through
+Ray's job-submission API; the cluster runs `pipeline run job.yaml` as the job's driver, with the pipeline installed
+in its image. This command streams the job's output and exits with its exit code: 0 done, 2 a problem in the spec
+or its inputs (the driver's one line), 1 otherwise. What travels: docs/design-notes.md#pipelineraysubmitpy"""
 
 from __future__ import annotations
 

@@ -1,22 +1,8 @@
-"""Poison inputs: an input that kills the process handling it (a native decoder crash, memory blown past what
-the node has, a model that aborts) becomes an error row instead of stalling the job.
-
-Ray runs a lost batch again on a restarted actor (or task), so one such input would hold the job. `Isolated` wraps
-a stage's batch function and reports to a ledger, a small record kept outside the worker (a Ray actor in
-ledger.py; any object with the methods here), as each batch starts and ends; the driver tells it which inputs'
-rows it has received:
-
-- An input started again before the driver has its row is a rerun: its batch, or the output of its batch, was
-  lost with a process. Only the driver's receipt settles an input: a process can die after its batch returned and
-  before Ray handed the rows on, and Ray then runs the batch again. A rerun is taken one input at a time (every
-  row of a DICOM file together), each input announced to the ledger before it is touched.
-- An input that was the last one its process handled alone when the process died is not tried again: it becomes
-  a row with error type `<stage>.worker_crashed`, and the batch goes on with the rest.
-
-So a poison input costs two process deaths, and a batch that was only unlucky (its node was preempted) is merely
-taken slowly once. Ray's own retries are bounded too (ray/adapter.MAX_TASK_ATTEMPTS): the worst case is a one-line
-failure, never a stall.
-"""
+"""Poison inputs: an input that kills the process handling it (a native crash, memory beyond the node) becomes a
+`<stage>.worker_crashed` error row instead of stalling the job. `Isolated` wraps a stage's batch function and reports
+each batch's start and end to a `Ledger` (ray/ledger.py serves a `LedgerBook` from an actor); the driver tells it
+which inputs' rows it has received. A poison input costs two process deaths. `BuildBook` counts the deaths of
+actors building their stage. Why: docs/design-notes.md#pipelinerunisolationpy"""
 
 from __future__ import annotations
 
