@@ -97,3 +97,36 @@ def test_the_local_s3_server_command_runs_and_stops_cleanly():
         server.wait(timeout=30)
     assert lines[0].startswith("S3-compatible server running")
     assert any(line.strip().startswith("export AWS_ENDPOINT_URL=http://127.0.0.1:") for line in lines)
+
+
+STARTS_A_SERVER_THEN_SLEEPS = """
+import sys, time
+from pipeline.dev.local_s3 import LocalS3Server
+print(LocalS3Server().start()._process.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_local_s3_server_ends_with_the_process_that_started_it_even_when_that_is_sigkilled():
+    """`pipeline demo` (or a test's worker) SIGKILLed by a timeout cannot stop its moto server: the server goes
+    by itself instead of running on under PID 1 after the suite."""
+    import os
+    import time
+
+    starter = subprocess.Popen([sys.executable, "-c", STARTS_A_SERVER_THEN_SLEEPS], stdout=subprocess.PIPE, text=True)
+    try:
+        moto_pid = int(starter.stdout.readline())
+    finally:
+        starter.kill()
+        starter.wait(timeout=30)
+    def running() -> bool:
+        try:
+            with open(f"/proc/{moto_pid}/cmdline", "rb") as f:
+                return b"moto.server" in f.read()  # empty once it is a zombie
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 60  # it looks every 0.5 s; a busy machine may take a while to run it
+    while running():
+        assert time.monotonic() < deadline, f"moto server {moto_pid} still running 60 s after its starter's SIGKILL"
+        time.sleep(0.2)

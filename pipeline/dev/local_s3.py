@@ -20,6 +20,20 @@ from pipeline.io.storage import Storage
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
 
+# `python -m moto.server`, plus a thread that ends it once the process that started it is gone. stop() ends it on
+# every path that runs Python's cleanup; this covers the rest: a demo or test process SIGKILLed (a subprocess
+# timeout, pytest-timeout, CI cancelling) or SIGTERMed left its moto server running under PID 1, serving nobody.
+_MOTO_WITH_PARENT = """\
+import os, runpy, sys, threading, time
+parent = int(sys.argv.pop(1))
+def end_with_parent():
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(0)
+threading.Thread(target=end_with_parent, name="end-with-parent", daemon=True).start()
+runpy.run_module("moto.server", run_name="__main__", alter_sys=True)
+"""
+
 
 class LocalS3Server:
     def __init__(self, port: int | None = None, environ: dict[str, str] | None = None):
@@ -32,7 +46,7 @@ class LocalS3Server:
 
     def start(self) -> "LocalS3Server":
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            [sys.executable, "-c", _MOTO_WITH_PARENT, str(os.getpid()), "-H", "127.0.0.1", "-p", str(self.port)],
             env={**os.environ, **self.server_environ}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
