@@ -81,6 +81,30 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: module_rank[item.module.__name__])
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadgroup` with the groups above, read from the test ids: a file whole on one worker, a SPREAD file's
+    tests one by one.
+
+    pytest-xdist 3.8 groups by appending `@group` to an item's `_nodeid`, which pytest 9.2 no longer reads (its
+    nodeid is `_id`): every xdist_group mark was ignored and each test went to whichever worker was free, so a
+    module-scoped fixture ran once per worker (test_report's runs twice, two autoscaling clusters at once on two
+    cores). The controller sees only ids, so the scope is computed from the id's file here; an id that does carry
+    `@group` (a pytest where xdist's suffix works) is grouped by xdist's own rule, which gives the same groups."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class FileGroups(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            if nodeid.rfind("@") > nodeid.rfind("]"):
+                return super()._split_scope(nodeid)
+            path = nodeid.split("::", 1)[0]
+            return nodeid if os.path.splitext(os.path.basename(path))[0] in SPREAD else path
+
+    return FileGroups(config, log)
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     with LocalS3Server() as server:
