@@ -403,13 +403,19 @@ class AutoscalingHead(TwoNodeCluster):
 
     def kill_node(self, node_id: str) -> list[int]:
         """SIGKILL every process of one fake worker node (the provider starts them with the node's id in their
-        environment), as a cloud does to a reclaimed machine."""
+        environment), as a cloud does to a reclaimed machine.
+
+        Only this cluster's processes (the head's session and its descendants) are looked at: the fake provider
+        numbers its nodes the same way in every cluster (fff...00001, fff...00002), so another autoscaling cluster
+        on the machine (another pytest worker's, another checkout's suite) has nodes with these very ids."""
+        if self._head is None:
+            return []
         pids = []
-        for entry in filter(str.isdigit, os.listdir("/proc")):
+        for pid in _session_pids(self._head.pid):
             try:
-                with open(f"/proc/{entry}/environ", "rb") as f:
+                with open(f"/proc/{pid}/environ", "rb") as f:
                     if f"RAY_OVERRIDE_NODE_ID_FOR_TESTING={node_id}".encode() in f.read().split(b"\0"):
-                        pids.append(int(entry))
+                        pids.append(pid)
             except OSError:
                 continue
         for pid in pids:
