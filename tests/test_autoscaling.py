@@ -93,10 +93,31 @@ def nightly_bucket(storage):
     empty()
 
 
+DRIVERS: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def no_driver_outlives_its_test():
+    """A driver a failed test leaves running (an assert in its wait loop, communicate()'s timeout) would hold the
+    cluster's nodes, and its resource request, into the next test: it is killed with its test."""
+    yield
+    while DRIVERS:
+        output_of(DRIVERS.pop())
+
+
+def output_of(driver: subprocess.Popen) -> tuple[str, str]:
+    """The driver's (stdout, stderr), killed first if it still runs (a failed wait's message must not wait on it)."""
+    if driver.poll() is None:
+        driver.kill()
+    return driver.communicate()
+
+
 def run_pipeline(args: list[str], cluster: TwoNodeCluster, extra_env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipeline", "run", *args, "--ray-address", cluster.address],
-                            env={**cluster.env, **(extra_env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    driver = subprocess.Popen([sys.executable, "-m", "pipeline", "run", *args, "--ray-address", cluster.address],
+                              env={**cluster.env, **(extra_env or {})}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    DRIVERS.append(driver)
+    return driver
 
 
 def model_actors(cluster: AutoscalingHead) -> list[dict]:
@@ -198,7 +219,7 @@ def test_a_node_drained_and_reclaimed_mid_job_loses_nothing(cluster, storage, bu
     driver = run_pipeline([str(spec)], cluster)
     deadline = time.monotonic() + 300
     while len(nodes_seen(calls)) < 2 or staged_rows(f"s3://{bucket}/out", storage) < inputs // 5:
-        assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()
+        assert driver.poll() is None and time.monotonic() < deadline, output_of(driver)
         time.sleep(0.2)
     assert staged_rows(f"s3://{bucket}/out", storage) < inputs  # the reclaim lands mid-job
     victim = sorted(nodes_seen(calls) - {cluster.head_node_id})[0]

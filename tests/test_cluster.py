@@ -39,13 +39,16 @@ def test_job_survives_losing_a_node_mid_run(tmp_path, s3_server, storage, bucket
         driver = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(spec), "--ray-address",
                                    cluster.address], env={**cluster.env}, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 240
-        while len(nodes_seen(calls)) < 2 or staged_rows(f"s3://{bucket}/out", storage) < INPUTS // 4:
-            assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()
-            time.sleep(0.2)
-        assert staged_rows(f"s3://{bucket}/out", storage) < INPUTS  # the kill lands mid-job
-        cluster.kill_worker()
-        out, err = driver.communicate(timeout=300)
+        try:
+            deadline = time.monotonic() + 240
+            while len(nodes_seen(calls)) < 2 or staged_rows(f"s3://{bucket}/out", storage) < INPUTS // 4:
+                assert driver.poll() is None and time.monotonic() < deadline, stopped(driver)
+                time.sleep(0.2)
+            assert staged_rows(f"s3://{bucket}/out", storage) < INPUTS  # the kill lands mid-job
+            cluster.kill_worker()
+            out, err = driver.communicate(timeout=300)
+        finally:  # a failed wait leaves no driver behind, dialling a cluster that is gone
+            stopped(driver)
     assert driver.returncode == 0, err[-3000:]
     assert nodes_seen(calls) == {cluster.head_node_id, cluster.worker_node_id}
 
@@ -65,3 +68,10 @@ def test_job_survives_losing_a_node_mid_run(tmp_path, s3_server, storage, bucket
     assert summary["nodes_left"] == {"died": 1}
     assert "nodes left  1 died" in out
     assert not summary["redone"] or f"redone      {summary['redone']:,} inputs" in out
+
+
+def stopped(driver: subprocess.Popen) -> tuple[str, str]:
+    """The driver's (stdout, stderr), killed first if it still runs (a failed wait's message must not wait on it)."""
+    if driver.poll() is None:
+        driver.kill()
+    return driver.communicate()
