@@ -117,6 +117,17 @@ def read_all(fd: int) -> str:
     return data.decode("utf-8")
 
 
+def read_until(fd: int, text: str, so_far: bytes = b"", timeout: float = 60.0) -> bytes:
+    """What the terminal received, read until `text` is in it: the printer's thread draws every 0.05 s, and on a
+    busy machine a thread can wait far longer than that for a core (a fixed sleep then saw no render)."""
+    deadline = time.monotonic() + timeout
+    while text.encode() not in so_far:
+        assert time.monotonic() < deadline, f"{text!r} never drawn in {timeout} s: {so_far.decode()!r}"
+        if select.select([fd], [], [], 0.2)[0]:
+            so_far += os.read(fd, 65536)
+    return so_far
+
+
 def test_on_a_terminal_the_printer_rewrites_one_line_and_ends_it_on_stop():
     cols = 72
     master, slave = pseudo_terminal(24, cols)
@@ -127,11 +138,11 @@ def test_on_a_terminal_the_printer_rewrites_one_line_and_ends_it_on_stop():
             listing = {"listed": 10, "skipped": 0, "already_done": 0, "done": False}
             with ProgressPrinter(tally, lambda: listing, out, interval=0.05):
                 tally.add(rows(4, failed=1))
-                time.sleep(0.2)
+                drawn = read_until(master, "4/10+")  # a render while the listing was still going
                 listing["done"] = True
                 tally.add(rows(6))
-                time.sleep(0.2)
-        screen = read_all(master)
+                drawn = read_until(master, "10/10 ", drawn)  # redrawn in place before the stop
+        screen = (drawn + read_all(master).encode()).decode("utf-8")
     finally:
         os.close(master)
         os.close(slave)
@@ -149,7 +160,10 @@ def test_a_log_still_gets_the_plain_lines():
     tally = Tally()
     tally.add(rows(3, failed=1))
     with ProgressPrinter(tally, lambda: {"listed": 10, "done": True}, out, interval=0.05):
-        time.sleep(0.2)
+        deadline = time.monotonic() + 60  # a line every 0.05 s, once the printer's thread gets a core
+        while not out.getvalue():
+            assert time.monotonic() < deadline, "no line printed in 60 s"
+            time.sleep(0.05)
     lines = out.getvalue().splitlines()
     assert lines and "\r" not in out.getvalue() and "\x1b" not in out.getvalue()
     for line in lines:
