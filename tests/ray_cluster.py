@@ -48,13 +48,16 @@ class TwoNodeCluster:
     def __init__(self, head_cpus: float = 1, worker_cpus: float = 2, env: dict[str, str] | None = None,
                  head_resources: dict[str, float] | None = None, worker_resources: dict[str, float] | None = None,
                  object_store_bytes: int = 256 * 2**20, system_config: dict | None = None,
-                 startup_timeout: float = 60.0):
+                 startup_timeout: float = 240.0):
         self.head_cpus = head_cpus
         self.worker_cpus = worker_cpus
         self.head_resources = {"head_node": 1, **(head_resources or {})}
         self.worker_resources = {"second_node": 1, **(worker_resources or {})}
         self.object_store_bytes = object_store_bytes
         self.system_config = FAST_HEALTH_CHECK if system_config is None else system_config
+        # A `ray start` is up in a few seconds on an idle machine, but it is a dozen processes to start; beside other
+        # test runs (load 30 on two cores) a minute leaves no margin, and a cluster that fails to start fails its
+        # whole module. A deadline, not a wait: a node that is up is seen at once.
         self.startup_timeout = startup_timeout
         self.env = dict(os.environ)
         for name in ("RAY_ADDRESS", "RAY_NAMESPACE"):  # would redirect `ray start` or the drivers elsewhere
