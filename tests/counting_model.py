@@ -1,7 +1,7 @@
 """A tiny classifier for crash tests that records every forward pass, so a test can tell work redone.
 
 It is also a model that crashes on one kind of input, as a native library can: a batch holding a solid magenta
-image (an impossible photo) kills its process with a segmentation fault, in a model actor. With
+image (an impossible photo) kills its process with a segmentation fault, in a model actor (or the local executor's model process). With
 PIPELINE_TEST_CRASH_IN_ACTOR_BUILD set, building it crashes every model actor.
 
 Each call appends "<batch size> <Ray node id>" to the file named by PIPELINE_TEST_CALLS (O_APPEND: whole
@@ -18,7 +18,15 @@ from torch import nn
 
 
 def in_model_actor() -> bool:
+    """In a process serving the job's batches: a Ray model actor, or the local executor's model process once it
+    runs the job's stages (not while it checks the model)."""
+    if os.environ.get("PIPELINE_SERVING") == "1":
+        return True
     return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+
+
+def node_id() -> str:
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
 
 class CountingNet(nn.Module):
@@ -33,7 +41,7 @@ class CountingNet(nn.Module):
         calls = os.environ.get("PIPELINE_TEST_CALLS")
         if calls and in_model_actor():  # not the driver's up-front probe (which runs while Ray starts)
             fd = os.open(calls, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            os.write(fd, f"{x.shape[0]} {ray.get_runtime_context().get_node_id()}\n".encode())
+            os.write(fd, f"{x.shape[0]} {node_id()}\n".encode())
             os.close(fd)
             time.sleep(float(os.environ.get("PIPELINE_TEST_DELAY_S", "0")))  # a slower model, to kill mid-job
             _maybe_die()

@@ -42,9 +42,12 @@ def put_inputs(storage, bucket: str, prefix: str = "in") -> list[str]:
     return uris
 
 
-def pipeline_cmd(input_uri: str, output_uri: str, *extra: str) -> list[str]:
+EXECUTORS = pytest.mark.parametrize("executor", ["local", "ray"])
+
+
+def pipeline_cmd(input_uri: str, output_uri: str, *extra: str, executor: str = "auto") -> list[str]:
     return [sys.executable, "-m", "pipeline", "run", "--input", input_uri, "--output", output_uri,
-            "--model", "counting_model:build", "--batch-size", "8", *extra]
+            "--model", "counting_model:build", "--batch-size", "8", "--executor", executor, *extra]
 
 
 def spec_file(tmp_path: Path, **output) -> str:
@@ -90,13 +93,14 @@ def staged_rows(output: Path | str, storage) -> int:
 @pytest.mark.parametrize("failpoint, on_s3", [
     ("chunk_written:3", True),      # mid-run, right after a checkpoint; rows past it in the driver's hands
 ])
-def test_killed_driver_resumes_with_exactly_one_row_per_input(failpoint, on_s3, tmp_path, storage, bucket):
+@EXECUTORS
+def test_killed_driver_resumes_with_exactly_one_row_per_input(executor, failpoint, on_s3, tmp_path, storage, bucket):
     uris = put_inputs(storage, bucket)
     output = f"s3://{bucket}/out" if on_s3 else str(tmp_path / "out")
     calls = tmp_path / "calls.txt"
     spec = spec_file(tmp_path)
 
-    killed = subprocess.run([*pipeline_cmd(f"s3://{bucket}/in", output), spec],
+    killed = subprocess.run([*pipeline_cmd(f"s3://{bucket}/in", output, executor=executor), spec],
                             env=env_for(calls, failpoint), capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     wait_until_quiet(calls)  # the killed driver's actors can finish a batch before Ray reaps them
@@ -104,7 +108,7 @@ def test_killed_driver_resumes_with_exactly_one_row_per_input(failpoint, on_s3, 
     durable = staged_rows(output, storage)
     calls.unlink(missing_ok=True)
 
-    rerun = subprocess.run([*pipeline_cmd(f"s3://{bucket}/in", output), spec], env=env_for(calls),
+    rerun = subprocess.run([*pipeline_cmd(f"s3://{bucket}/in", output, executor=executor), spec], env=env_for(calls),
                            capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     table = committed_rows(output, storage)
@@ -121,13 +125,14 @@ def test_killed_driver_resumes_with_exactly_one_row_per_input(failpoint, on_s3, 
     assert staged_rows(output, storage) == 0  # staging cleaned up
 
 
-def test_kill_while_listing_then_rerun(tmp_path, storage, bucket):
+@EXECUTORS
+def test_kill_while_listing_then_rerun(executor, tmp_path, storage, bucket):
     """An external SIGKILL as soon as the run has started (listing in progress), not at a chosen point."""
     uris = put_inputs(storage, bucket)
     output = tmp_path / "out"
     calls = tmp_path / "calls.txt"
     spec = spec_file(tmp_path)
-    proc = subprocess.Popen([*pipeline_cmd(f"s3://{bucket}/in", str(output)), spec], env=env_for(calls),
+    proc = subprocess.Popen([*pipeline_cmd(f"s3://{bucket}/in", str(output), executor=executor), spec], env=env_for(calls),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not list(output.glob("_staging/*/_run.json")) and time.monotonic() < deadline and proc.poll() is None:
@@ -136,19 +141,20 @@ def test_kill_while_listing_then_rerun(tmp_path, storage, bucket):
     proc.wait()
     assert not list(output.glob("**/*.parquet"))  # nothing visible from the killed run
 
-    rerun = subprocess.run([*pipeline_cmd(f"s3://{bucket}/in", str(output)), spec], env=env_for(calls),
+    rerun = subprocess.run([*pipeline_cmd(f"s3://{bucket}/in", str(output), executor=executor), spec], env=env_for(calls),
                            capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     rows = duckdb.sql(f"SELECT uri, count(*) AS n FROM read_parquet('{output}/**/*.parquet') GROUP BY uri").fetchall()
     assert sorted(u for u, _ in rows) == sorted(uris) and {n for _, n in rows} == {1}
 
 
-def test_a_model_actor_that_dies_mid_batch_is_replaced_and_its_batch_redone_once(tmp_path, storage, bucket):
+@EXECUTORS
+def test_a_model_actor_that_dies_mid_batch_is_replaced_and_its_batch_redone_once(executor, tmp_path, storage, bucket):
     uris = put_inputs(storage, bucket)
     output = str(tmp_path / "out")
     calls = tmp_path / "calls.txt"
     env = {**env_for(calls), "PIPELINE_TEST_DIE_ONCE": str(tmp_path / "died")}
-    run = subprocess.run([*pipeline_cmd(f"s3://{bucket}/in", output), spec_file(tmp_path)], env=env,
+    run = subprocess.run([*pipeline_cmd(f"s3://{bucket}/in", output, executor=executor), spec_file(tmp_path)], env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert (tmp_path / "died").exists()  # an actor did die, after running its batch through the model
@@ -182,7 +188,8 @@ def test_an_input_that_kills_its_model_actor_becomes_an_error_row(tmp_path, ray_
     assert summary.redone > 0  # the batches lost with the crashed processes were taken again
 
 
-def test_inputs_that_kill_their_process_become_error_rows_through_the_cli(tmp_path, storage, bucket):
+@EXECUTORS
+def test_inputs_that_kill_their_process_become_error_rows_through_the_cli(executor, tmp_path, storage, bucket):
     """The user's path: `pipeline run` in its own process and its own local Ray, inputs on the S3 server, two
     poison inputs among photos: they become error rows, every other input is predicted once, the job ends."""
     for i in range(22):
@@ -190,7 +197,7 @@ def test_inputs_that_kill_their_process_become_error_rows_through_the_cli(tmp_pa
     for name, fmt in (("magenta 1.png", "PNG"), ("magenta 2.jpg", "JPEG")):
         storage.s3_client.put_object(Bucket=bucket, Key=f"in/{name}", Body=encode(MAGENTA.resize((480, 360)), fmt))
     output = str(tmp_path / "out")
-    run = subprocess.run(pipeline_cmd(f"s3://{bucket}/in", output), env=env_for(tmp_path / "calls.txt"),
+    run = subprocess.run(pipeline_cmd(f"s3://{bucket}/in", output, executor=executor), env=env_for(tmp_path / "calls.txt"),
                          capture_output=True, text=True, timeout=420)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = {r["uri"].rsplit("/", 1)[1]: r for r in committed_rows(output, storage).to_pylist()}
@@ -202,7 +209,8 @@ def test_inputs_that_kill_their_process_become_error_rows_through_the_cli(tmp_pa
     assert done == sorted(done) and all(n <= 24 for n in done)  # rows the driver has, never batches lost since
 
 
-def test_a_model_that_crashes_every_actor_building_it_ends_the_job_in_one_line(tmp_path):
+@EXECUTORS
+def test_a_model_that_crashes_every_actor_building_it_ends_the_job_in_one_line(executor, tmp_path):
     """A model that takes its process down as it loads (in the actor, not in the driver's check): Ray would
     restart the actor for ever; the job stops with one line instead."""
     folder = tmp_path / "in"
@@ -211,7 +219,7 @@ def test_a_model_that_crashes_every_actor_building_it_ends_the_job_in_one_line(t
         (folder / f"photo{i}.jpg").write_bytes(encode(photo(seed=i), "JPEG"))
     env = {**env_for(tmp_path / "calls.txt"), "PIPELINE_TEST_CRASH_IN_ACTOR_BUILD": "1"}
     run = subprocess.run([sys.executable, "-m", "pipeline", "run", "--input", str(folder), "--output",
-                          str(tmp_path / "out"), "--model", "counting_model:build"], env=env,
+                          str(tmp_path / "out"), "--model", "counting_model:build", "--executor", executor], env=env,
                          capture_output=True, text=True, timeout=420)
     assert run.returncode == 1, run.stderr[-3000:]
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]

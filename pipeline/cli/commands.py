@@ -1,5 +1,5 @@
-"""Command line: `pipeline run [JOB.yaml] [--flags]`, `pipeline submit JOB.yaml --address URL`, `pipeline report
-OUTPUT`, `pipeline runs OUTPUT` and `pipeline demo`.
+"""Command line: `pipeline run [JOB.yaml] [--flags]` (on this machine, or on Ray), `pipeline submit JOB.yaml
+--address URL`, `pipeline report OUTPUT`, `pipeline runs OUTPUT` and `pipeline demo`.
 
 A problem the user can fix (UserError) is one line on stderr and exit code 2; a job that stopped itself
 on its error-rate threshold exits 1 after printing what it did.
@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run a job: images in, Parquet predictions out")
     add_job_flags(run)
     run.add_argument("--ray-address", help="join this Ray cluster (default RAY_ADDRESS, else a local Ray)")
+    run.add_argument("--executor", choices=["auto", "ray", "local"],
+                     help="local: this machine without Ray; ray: Ray Data (a local Ray or the cluster); auto "
+                          "(default): local unless a cluster is named or the machine has several GPUs")
 
     submit = commands.add_parser("submit", help="run a job on an existing Ray cluster through its job API, "
                                                 "following its output; exits with the job's exit code")
@@ -107,8 +110,15 @@ def main(argv: list[str] | None = None, own_streams: bool = False) -> int:
 
 def _run(args: argparse.Namespace, own_streams: bool = False) -> int:
     from pipeline.job.config import load_job
+    from pipeline.run.executor import choose_executor
 
     cfg = load_job(args.spec, _overrides(args))
+    if choose_executor(cfg.compute) == "local":
+        from pipeline.local.executor import run_locally
+
+        print(f"Job: {cfg.input.uri} -> {cfg.output.uri}", flush=True)
+        run_locally(cfg, out=sys.stdout)
+        return 0
     console = None
     if own_streams:
         from pipeline.ray.console import Console

@@ -23,6 +23,7 @@ from pipeline.decode.image import Decoder, Preprocess
 from pipeline.dev.local_s3 import local_bucket
 from pipeline.io.storage import Storage
 from pipeline.job.config import JobConfig
+from pipeline.run.executor import choose_executor
 
 BUCKET = "demo"
 REPORT_FILE = "demo-report.html"
@@ -48,10 +49,12 @@ def build_lenet(num_classes: int = 10) -> nn.Module:
 def run_demo(keep: str | None = None, own_streams: bool = False) -> int:
     """`own_streams`: this process is the `pipeline` command, whose console stays free of Ray's output."""
     from pipeline.ray import stop_ray
-    from pipeline.ray.console import Console
-    from pipeline.ray.executor import run_on_ray
 
-    console = Console.of_this_process() if own_streams else None
+    console = None
+    if own_streams and choose_executor(demo_job().compute) == "ray":
+        from pipeline.ray.console import Console
+
+        console = Console.of_this_process()
 
     with local_bucket(BUCKET) as (server, storage):
         print(f"S3-compatible server (moto) on {server.endpoint_url}, bucket s3://{BUCKET}")
@@ -65,9 +68,7 @@ def run_demo(keep: str | None = None, own_streams: bool = False) -> int:
         uploaded = upload_images(storage, test)
         print(f"Uploaded {uploaded:,} PNGs ({len(BROKEN_FILES)} deliberately broken) to s3://{BUCKET}/digits/")
 
-        with console.ray_failures() if console is not None else nullcontext():
-            summary = run_on_ray(demo_job(), out=console.out if console is not None else None, progress_interval=1.0,
-                              console=console)
+        summary = run_demo_job(console)
         with redirect_stdout(console.out) if console is not None else nullcontext():  # Ray's went to its logs
             table = read_predictions(storage, summary.files)
             report_accuracy(table)
@@ -76,6 +77,19 @@ def run_demo(keep: str | None = None, own_streams: bool = False) -> int:
                 copy_output(table, keep)
     stop_ray()
     return 0
+
+
+def run_demo_job(console):
+    """On the executor `compute.executor: auto` picks (this machine, unless RAY_ADDRESS names a cluster)."""
+    if console is None and choose_executor(demo_job().compute) == "local":
+        from pipeline.local.executor import run_locally
+
+        return run_locally(demo_job(), progress_interval=1.0)
+    from pipeline.ray.executor import run_on_ray
+
+    with console.ray_failures() if console is not None else nullcontext():
+        return run_on_ray(demo_job(), out=console.out if console is not None else None, progress_interval=1.0,
+                          console=console)
 
 
 def write_report(storage: Storage, run_id: str, path: str) -> None:

@@ -247,6 +247,10 @@ class ComputeConfig(_Section):
         48.0, gt=0, description="detection: a model call takes at most this many decoded pixels (in millions) "
         "however many images batch_size allows, so a batch of large photos is split instead of exhausting memory")
     ray_address: str | None = Field(None, description="existing cluster; default RAY_ADDRESS or a local Ray")
+    executor: Literal["auto", "ray", "local"] = Field(
+        "auto", description="local: this machine, no Ray (one model process, reading and decoding in threads); "
+        "ray: Ray Data, local or a cluster; auto: local unless a cluster is named (ray_address, RAY_ADDRESS) or "
+        "the machine has several GPUs")
 
     @field_validator("max_actors")
     @classmethod
@@ -442,6 +446,7 @@ OVERRIDES = {
     "partitioning": "output.partitioning",
     "format": "output.format",
     "ray_address": "compute.ray_address",
+    "executor": "compute.executor",
 }
 
 

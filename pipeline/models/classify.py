@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from pipeline.io.storage import Storage
-from pipeline.models.resolve import ModelSpec
+from pipeline.models.spec import ModelSpec
 from pipeline.models.stage import ModelStage
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from pipeline.io.storage import Storage
-from pipeline.models.resolve import ModelSpec
+from pipeline.models.spec import ModelSpec
 from pipeline.models.stage import ModelStage
 from pipeline.job.config import DetectionConfig
 

@@ -16,7 +16,7 @@ from pipeline.io.storage import Storage
 from pipeline.job.stage import Batch, Resources, Stage
 
 if TYPE_CHECKING:
-    from pipeline.models.resolve import ModelSpec
+    from pipeline.models.spec import ModelSpec
     from pipeline.models.stage import ModelStage
 
 

@@ -19,7 +19,7 @@ from pipeline.job.rows import output_schema
 from pipeline.privacy.identifying import column_name
 
 if TYPE_CHECKING:  # the output side never loads torch
-    from pipeline.models.resolve import ModelSpec
+    from pipeline.models.spec import ModelSpec
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,7 @@ class PoolPlan:
     why: str
     cluster_cpus: float = 0  # the CPUs the cluster has, or can have once its autoscaler has added every node
     cpus_each: float = 1
+    cpu_decode_apart: bool = False  # without a GPU, each actor decodes its own batches on its own core
 
     def describe(self, request: ActorRequest | None = None) -> str:
         cpus = request.cpus if request is not None else self.cpus_each

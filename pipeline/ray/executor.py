@@ -1,4 +1,5 @@
-"""The Ray executor: runs a plan of stages as one streaming Ray Data dataset and hands its rows to the driver.
+"""The Ray executor: checks the model in a thread of the driver while Ray starts, runs a plan of stages as one
+streaming Ray Data dataset and hands its rows to the driver.
 
 The driver consumes prediction rows (a few hundred bytes each) with `iter_batches`; one small actor on the
 driver's node, the run's ledger (ledger.py), keeps the listing's counts and the crash-isolation books.
@@ -7,12 +8,14 @@ driver's node, the run's ledger (ledger.py), keeps the listing's counts and the 
 from __future__ import annotations
 
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterator, TextIO
 
 import pyarrow as pa
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from pipeline.io.storage import Storage
 from pipeline.job.config import ComputeConfig, JobConfig
 from pipeline.job.errors import JobFailed
 from pipeline.ray.adapter import MAX_TASK_ATTEMPTS, dataset_for
@@ -21,6 +24,7 @@ from pipeline.ray.console import Console
 from pipeline.ray.ledger import BatchLedger, RayLedger
 from pipeline.ray.metrics import RunMetrics
 from pipeline.ray.session import session_logs, start_ray
+from pipeline.run.checks import check_model
 from pipeline.run.executor import EngineFacts
 from pipeline.run.job import run_job
 from pipeline.run.summary import RunSummary
@@ -28,10 +32,21 @@ from pipeline.run.plan import StagePlan
 
 
 class RayExecutor:
+    name = "Ray"
+
     def __init__(self, address: str | None = None, console: Console | None = None):
         self.address = address
         self.console = console
         self.watch: ClusterWatch | None = None
+
+    def check_model(self, cfg: JobConfig, storage: Storage) -> Future:
+        """In a thread of the driver while Ray starts in this one (its processes are tied to the thread that
+        launched them)."""
+        checking = ThreadPoolExecutor(1, thread_name_prefix="model-check")
+        try:
+            return checking.submit(check_model, cfg, storage)
+        finally:
+            checking.shutdown(wait=False)
 
     def start(self) -> str:
         return start_ray(self.address, self.console)

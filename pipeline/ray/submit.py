@@ -32,6 +32,10 @@ def submit(spec_path: str | None, overrides: dict[str, Any], address: str | None
              if value and not value.startswith("s3://")]
     if local:
         print(f"note: {', '.join(local)} will be read on the cluster's nodes, not on this machine", file=out)
+    if cfg.compute.executor == "local":
+        raise UserError("compute.executor: local runs a job on this machine; `pipeline submit` runs it on a Ray "
+                        "cluster: drop the setting (or run `pipeline run` here)")
+    raw["compute"] = {**(raw.get("compute") or {}), "executor": "ray"}  # on the cluster, as its driver
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
         raise UserError("--address: give the Ray cluster's dashboard, e.g. --address http://HEAD:8265 (or set "

@@ -15,7 +15,7 @@ from pipeline.job.errors import UserError
 
 
 if TYPE_CHECKING:
-    from pipeline.models.resolve import ModelSpec
+    from pipeline.models.spec import ModelSpec
 
 
 def check_storage(cfg: JobConfig, storage: Storage) -> None:

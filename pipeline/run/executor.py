@@ -1,15 +1,21 @@
-"""What the story of a run asks of an engine (pipeline/ray/executor.py is the one there is): start, say what pool
-of model processes the job gets, and run a plan of stages, handing rows back as they arrive."""
+"""What the story of a run asks of an engine (pipeline/ray/executor.py, pipeline/local/executor.py): start, check
+the model where it will run, say what pool of model processes the job gets, and run a plan of stages, handing rows
+back as they arrive. `choose_executor` picks one for a job."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol
+from typing import TYPE_CHECKING, Iterator, Literal, Protocol
 
 import pyarrow as pa
 
-from pipeline.job.config import ComputeConfig
+from pipeline.io.storage import Storage
+from pipeline.job.config import ComputeConfig, JobConfig
 from pipeline.run.plan import Pool, StagePlan
+
+if TYPE_CHECKING:
+    from pipeline.models.spec import ModelSpec
 
 
 @dataclass
@@ -42,7 +48,17 @@ class Rows(Protocol):
     def facts(self) -> EngineFacts: ...
 
 
+class ModelCheck(Protocol):
+    def result(self) -> ModelSpec:
+        """The model, resolved and built; raises UserError (one line) when it cannot be."""
+
+
 class Executor(Protocol):
+    name: str  # for the console: "Ray", "the local executor"
+
+    def check_model(self, cfg: JobConfig, storage: Storage) -> ModelCheck:
+        """Start checking the model where it will run; its answer comes while the engine starts."""
+
     def start(self) -> str:
         """Start or join the engine; a line for the console saying what it is."""
 
@@ -51,3 +67,25 @@ class Executor(Protocol):
 
     def run(self, plan: StagePlan, output_uri: str) -> Rows:
         """Start the plan; `output_uri` tags what the engine exports about the run."""
+
+
+def choose_executor(compute: ComputeConfig) -> Literal["ray", "local"]:
+    """`auto`: this machine without Ray, unless the job names a cluster or the machine has several GPUs (a model
+    process per GPU is Ray's to schedule)."""
+    if compute.executor != "auto":
+        return compute.executor
+    if compute.ray_address or os.environ.get("RAY_ADDRESS"):
+        return "ray"
+    return "ray" if visible_gpus() > 1 else "local"
+
+
+def visible_gpus() -> int:
+    """NVIDIA GPUs this process may use, from the driver's /proc entries and CUDA_VISIBLE_DEVICES: no torch."""
+    try:
+        present = len(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        return 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return present
+    return min(present, len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"]))

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 
-from pipeline.job.config import ComputeConfig
+from pipeline.io.storage import Storage
+from pipeline.job.config import ComputeConfig, JobConfig
 from pipeline.job.stage import Batch, Stage
+from pipeline.run.checks import check_model
 from pipeline.run.counts import ListingCounts
 from pipeline.run.executor import EngineFacts
 from pipeline.run.plan import StagePlan
@@ -25,12 +28,21 @@ class InlinePool:
     min_actors: int = 1
     max_actors: int = 1
     num_gpus: float = 0.0  # this executor runs models on the CPU
+    cpus_each: float = 1.0
+    cpu_decode_apart: bool = False
 
     def describe(self) -> str:
         return "model: in this process, on the CPU"
 
 
 class InlineExecutor:
+    name = "the inline executor"
+
+    def check_model(self, cfg: JobConfig, storage: Storage) -> Future:
+        done = Future()
+        done.set_result(check_model(cfg, storage))
+        return done
+
     def start(self) -> str:
         return f"this process, {os.cpu_count()} CPUs"
 

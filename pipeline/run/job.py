@@ -1,9 +1,8 @@
 """The story of one run, read this first: check, open the output, plan the stages, stream rows, commit, summarise.
-The engine is the `executor`'s business (pipeline/ray/executor.py); nothing here imports it."""
+The engine is the `executor`'s business (pipeline/ray/ or pipeline/local/); nothing here imports it."""
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, TextIO
 
 from pipeline.io.storage import Storage, absolute
@@ -14,15 +13,15 @@ from pipeline.output.identity import job_schema, run_identity
 from pipeline.output.sink import StagingSink
 from pipeline.privacy.pseudonyms import (PseudonymMap, Pseudonymizer, RowPseudonymizer, load_pseudonymizer,
                                          row_pseudonymizer)
-from pipeline.run.checks import check_model, check_storage
+from pipeline.run.checks import check_storage
 from pipeline.run.drain import stream_rows
 from pipeline.run.executor import Executor
 from pipeline.run.plan import plan_stages
 from pipeline.run.progress import ProgressSamples, Timeline
 from pipeline.run.summary import RunSummary, print_summary, summarise
 
-if TYPE_CHECKING:  # the model modules import torch (seconds): the driver does so while the engine starts
-    from pipeline.models.resolve import ModelSpec
+if TYPE_CHECKING:
+    from pipeline.models.spec import ModelSpec
 
 CHECKPOINT_BATCHES = 8  # default durability granularity, in model batches
 
@@ -67,15 +66,13 @@ def run_job(cfg: JobConfig, executor: Executor, out: TextIO, progress_interval: 
 
 def start_and_check_model(cfg: JobConfig, storage: Storage, executor: Executor, out: TextIO,
                           timeline: Timeline) -> ModelSpec:
-    """The engine starts in this thread (the processes it launches are tied to the thread that launched them)
-    while another checks the model, which imports torch and builds it (seconds each)."""
-    with ThreadPoolExecutor(1, thread_name_prefix="model-check") as pool:
-        say(out, f"starting Ray and checking the model {cfg.model.name} …")
-        model_check = pool.submit(check_model, cfg, storage)
-        say(out, f"Ray ready: {executor.start()}")
-        timeline.mark("ray_ready")
-        spec = model_check.result()
-        timeline.mark("model_checked")
+    """The engine starts while the model is checked where it will run (imports torch, builds it: seconds each)."""
+    say(out, f"starting {executor.name} and checking the model {cfg.model.name} …")
+    model_check = executor.check_model(cfg, storage)
+    say(out, f"{executor.name} ready: {executor.start()}")
+    timeline.mark("ray_ready")
+    spec = model_check.result()
+    timeline.mark("model_checked")
     say(out, f"model {spec.name} ready" + (f", {len(spec.labels):,} labels" if spec.labels else ""))
     return spec
 

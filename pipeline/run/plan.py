@@ -2,8 +2,9 @@
 
     ListInputs (one process) -> Read (processes waiting on storage) -> [Decode (a core each)] -> Model (a pool)
 
-Decoding runs inside the model processes (on their own core, or through nvJPEG on their GPU) unless GPU processes
-are told to leave it to the CPUs (`decode.device: cpu`): then it is a stage of its own. The table of choices and
+On Ray, decoding runs inside the model processes (on their own core, or through nvJPEG on their GPU) unless GPU
+processes are told to leave it to the CPUs (`decode.device: cpu`): then it is a stage of its own, as it always is
+on the local executor's CPU (threads beside the one model process). The table of choices and
 their measurements: pipeline/ARCHITECTURE.md and docs/performance.md.
 """
 
@@ -23,7 +24,7 @@ from pipeline.job.stage import Resources, Source, Stage
 from pipeline.models.inference import ModelInference
 
 if TYPE_CHECKING:
-    from pipeline.models.resolve import ModelSpec
+    from pipeline.models.spec import ModelSpec
     from pipeline.output.history import History
 
 # A hand-off between stages carries up to this many bytes: ~10k listed keys or ~14 photos. Larger blocks would
@@ -40,6 +41,8 @@ class Pool(Protocol):
     max_actors: int
     num_gpus: float  # per model process
     cluster_cpus: float  # the CPUs the cluster has or can scale to
+    cpus_each: float  # per model process: its torch threads on a CPU
+    cpu_decode_apart: bool  # without a GPU, decoding is a stage of its own (threads beside the model) or not
 
 
 @dataclass
@@ -52,7 +55,7 @@ class StagePlan:
 def plan_stages(cfg: JobConfig, spec: ModelSpec, storage: Storage, pool: Pool,
                 history: History | None = None) -> StagePlan:
     """The source and stages of this job, each declaring what it needs."""
-    decode_apart = pool.num_gpus > 0 and cfg.decode.device == "cpu"
+    decode_apart = cfg.decode.device == "cpu" if pool.num_gpus > 0 else pool.cpu_decode_apart
     if cfg.decode.device == "gpu" and pool.num_gpus == 0:
         raise UserError("decode.device: 'gpu' but the model actors get no GPU (the Ray cluster has none, or "
                         "compute.num_gpus_per_actor is 0); use 'auto' or 'cpu'")
@@ -70,13 +73,13 @@ def plan_stages(cfg: JobConfig, spec: ModelSpec, storage: Storage, pool: Pool,
 def model_stage(cfg: JobConfig, spec: ModelSpec, storage: Storage, pool: Pool, decoder: Decoder | None) -> Stage:
     compute = cfg.compute
     options = {"precision": compute.precision, "channels_last": compute.channels_last,
-               "num_threads": max(1, int(compute.num_cpus_per_actor))}
+               "num_threads": max(1, int(pool.cpus_each))}
     if spec.task == "detection":
         options["max_batch_megapixels"] = compute.max_batch_megapixels
     # A detector on a CPU core spends seconds on one block (~14 photos): a queue would pile a small job's few
     # blocks onto one process while the others idle. Elsewhere the engine's default queue hides the hand-offs.
     queue = 1 if spec.task == "detection" and pool.num_gpus == 0 else None
-    resources = Resources(cpus=compute.num_cpus_per_actor, gpus=pool.num_gpus,
+    resources = Resources(cpus=pool.cpus_each, gpus=pool.num_gpus,
                           memory=int(compute.memory_per_actor_gb * 2**30), batch_size=compute.batch_size,
                           concurrency=(pool.min_actors, pool.max_actors), stateful=True, queue=queue)
     return ModelInference(spec, storage, resources, decoder, **options)

@@ -1,0 +1,1 @@
+"""Running a job on this machine without Ray: `executor` (the driver's side), `worker` (the model process)."""

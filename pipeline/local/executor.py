@@ -1,0 +1,331 @@
+"""The local executor: a job on this machine without Ray. This process lists the inputs and writes the rows; one
+model process (worker.py) reads, decodes (in threads) and runs the model over chunks of inputs, using every core.
+
+An input that kills the model process becomes its error row, as on Ray (run/isolation.py): the chunks in flight
+when the process died are run again one input at a time, and an input that kills it alone is not tried again.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING, Iterator
+
+import pyarrow as pa
+
+from pipeline.io.storage import Storage
+from pipeline.job.config import ComputeConfig, JobConfig
+from pipeline.job.errors import JobFailed, UserError
+from pipeline.job.stage import Stage
+from pipeline.run.counts import ListingCounts
+from pipeline.run.executor import EngineFacts
+from pipeline.run.isolation import BUILD_CRASH_MESSAGE, BUILD_DEATHS
+from pipeline.run.plan import StagePlan
+
+if TYPE_CHECKING:
+    from pipeline.models.spec import ModelSpec
+
+# Inputs that killed the model process one after another, each alone, before the job stops: a process that dies
+# whatever it is given (memory, a broken driver) would otherwise be restarted once for every input.
+MAX_DEATHS_IN_A_ROW = 8
+CHUNKS_AHEAD = 2  # chunks waiting per preparing thread, so the model never waits for a read or a decode
+
+
+class WorkerDied(Exception):
+    pass
+
+
+class WorkerProcess:
+    """The model process and its socket; its output goes to a log file, not the console."""
+
+    def __init__(self, log_dir: str):
+        self.log_path = os.path.join(log_dir, f"worker-{time.strftime('%H%M%S')}-{os.getpid()}.log")
+        ours, theirs = socket.socketpair()
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "pipeline.local.worker", str(theirs.fileno())],
+                                            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=log,
+                                            stderr=log)
+        theirs.close()
+        self.conn = Connection(ours.detach())
+
+    def send(self, *message) -> None:
+        """A process that died is not noticed here: the next `receive` raises WorkerDied."""
+        try:
+            self.conn.send(message)
+        except OSError:
+            pass
+
+    def receive(self) -> tuple:
+        try:
+            message = self.conn.recv()
+        except (EOFError, OSError):
+            raise WorkerDied() from None
+        if message[0] == "error":
+            _, kind, text = message
+            if kind == "user":
+                raise UserError(text)
+            raise JobFailed(f"the model process failed: {text} (its log: {self.log_path})")
+        return message
+
+    def stop(self) -> None:
+        self.conn.close()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+@dataclass(frozen=True)
+class LocalPool:
+    cluster_cpus: float
+    num_gpus: float
+    min_actors: int = 1
+    max_actors: int = 1
+    cpu_decode_apart: bool = True  # decoding in threads beside the model, not in the model's thread
+
+    @property
+    def cpus_each(self) -> float:
+        return self.cluster_cpus
+
+    def describe(self) -> str:
+        where = "a GPU" if self.num_gpus else f"{self.cluster_cpus:g} CPU threads, no GPU"
+        return f"model: one process on this machine, {where}; reading and decoding in threads beside it"
+
+
+class LocalExecutor:
+    name = "the local executor"
+
+    def __init__(self):
+        self.log_dir = tempfile.mkdtemp(prefix="pipeline-local-")
+        self.worker: WorkerProcess | None = None
+        self.gpus = 0
+
+    def start(self) -> str:
+        self.worker = self.worker or WorkerProcess(self.log_dir)
+        return f"this machine, {os.cpu_count()} CPUs, no Ray; the model process's log in {self.log_dir}"
+
+    def check_model(self, cfg: JobConfig, storage: Storage) -> "CheckedModel":
+        self.start()
+        request = ("check", cfg.model, storage)
+        self.worker.send(*request)
+        return CheckedModel(self, request)
+
+    def pool(self, compute: ComputeConfig) -> LocalPool:
+        gpus = min(self.gpus, 1) if compute.num_gpus_per_actor == "auto" else float(compute.num_gpus_per_actor)
+        return LocalPool(cluster_cpus=float(os.cpu_count() or 1), num_gpus=gpus)
+
+    def run(self, plan: StagePlan, output_uri: str) -> "LocalRows":
+        return LocalRows(plan, self)
+
+    def fresh_worker(self) -> WorkerProcess:
+        if self.worker is not None:
+            self.worker.stop()
+        self.worker = WorkerProcess(self.log_dir)
+        return self.worker
+
+
+class CheckedModel:
+    """The model check's answer, awaited when the story needs it (run/job.py); a process that dies checking it is
+    given one more try, as a Ray actor building it would be."""
+
+    def __init__(self, executor: LocalExecutor, request: tuple):
+        self.executor = executor
+        self.request = request
+
+    def result(self) -> ModelSpec:
+        for deaths in range(1, BUILD_DEATHS + 1):
+            try:
+                _, spec, gpus = self.executor.worker.receive()
+                self.executor.gpus = gpus
+                return spec
+            except WorkerDied:
+                if deaths == BUILD_DEATHS:
+                    raise JobFailed(f"{BUILD_CRASH_MESSAGE.format(deaths=deaths)} (the model process's log: "
+                                    f"{self.executor.worker.log_path})") from None
+                self.executor.fresh_worker().send(*self.request)
+
+
+@dataclass
+class Chunk:
+    id: int
+    table: pa.Table
+    alone: bool = False
+    crashed: tuple[str, int] | None = None  # (stage, deaths): write it as that stage's crash error row
+
+
+class LocalRows:
+    """The plan's rows from the model process, restarting it when it dies (run/executor.py's `Rows`)."""
+
+    def __init__(self, plan: StagePlan, executor: LocalExecutor):
+        self.plan = plan
+        self.executor = executor
+        self.counts = ListingCounts()
+        self.threads = max(2, os.cpu_count() or 1)
+        self.chunk_rows = next((s.resources.batch_size for s in plan.stages if s.resources.stateful), None) or 32
+        self.ids = itertools.count(1)
+        self.in_flight: dict[int, Chunk] = {}
+        self.triage = Triage(self.ids, plan.stages[-1].name)
+        self.build_deaths = 0
+        self.ready = False
+        self.clock = ModelClock()
+
+    def __iter__(self) -> Iterator[pa.Table]:
+        chunks = self.chunks()
+        self.send_stages(self.executor.worker)
+        try:
+            while True:
+                self.send_more(chunks)
+                if not self.in_flight and not self.triage.suspects:
+                    return  # the listing is done and every chunk's rows are in
+                try:
+                    message = self.executor.worker.receive()
+                except WorkerDied:
+                    self.after_death()
+                    continue
+                table = self.on_message(message)
+                if table is not None:
+                    yield table
+        finally:
+            self.executor.worker.stop()
+
+    def chunks(self) -> Iterator[Chunk]:
+        for block in self.plan.source.blocks(self.counts.listing_add):
+            for start in range(0, block.num_rows, self.chunk_rows):
+                yield Chunk(next(self.ids), block.slice(start, self.chunk_rows))
+        self.counts.listing_finished()
+
+    def send_stages(self, worker: WorkerProcess) -> None:
+        self.ready = False
+        worker.send("stages", self.plan.stages, self.threads)
+
+    def send_more(self, chunks: Iterator[Chunk]) -> None:
+        """Keep the worker's threads busy; after a death, one suspect at a time."""
+        if self.triage.suspects:
+            if not self.in_flight and self.ready:
+                self.send(self.triage.suspects.popleft())
+            return
+        while len(self.in_flight) < self.threads * CHUNKS_AHEAD:
+            chunk = next(chunks, None)
+            if chunk is None:
+                return
+            self.send(chunk)
+
+    def send(self, chunk: Chunk) -> None:
+        self.in_flight[chunk.id] = chunk
+        self.clock.inputs_started += chunk.table.num_rows
+        self.executor.worker.send("chunk", chunk.id, chunk.table, chunk.alone, chunk.crashed)
+
+    def on_message(self, message: tuple) -> pa.Table | None:
+        kind, *args = message
+        if kind == "ready":
+            self.ready = True
+            self.build_deaths = 0
+        elif kind == "stage":
+            self.triage.stage_of[args[0]] = args[1]
+        elif kind == "rows":
+            chunk_id, table, busy_s = args
+            self.triage.settled(self.in_flight.pop(chunk_id))
+            self.clock.rows_in(busy_s)
+            return table
+        return None
+
+    def after_death(self) -> None:
+        """The model process died: blame what it held, start another."""
+        log = self.executor.worker.log_path
+        if not self.ready:
+            self.build_deaths += 1
+            if self.build_deaths >= BUILD_DEATHS:
+                raise JobFailed(f"{BUILD_CRASH_MESSAGE.format(deaths=self.build_deaths)} (the model process's log: "
+                                f"{log})")
+        self.triage.died(list(self.in_flight.values()), log)
+        self.in_flight.clear()
+        self.send_stages(self.executor.fresh_worker())
+
+    def received(self, uris: list[str]) -> None:
+        pass
+
+    def listing(self) -> dict:
+        return self.counts.listing_get()
+
+    def progress(self, inputs: int, failed: int, rate: float) -> None:
+        pass
+
+    def waiting(self) -> str | None:
+        return None
+
+    def facts(self) -> EngineFacts:
+        return self.clock.facts()
+
+
+class Triage:
+    """Who killed the model process: the chunks it held are run again one input at a time; an input it dies with
+    alone becomes its crash's error row (written by the stage it died in, as on Ray)."""
+
+    def __init__(self, ids: Iterator[int], last_stage: str):
+        self.ids = ids
+        self.last_stage = last_stage
+        self.suspects: deque[Chunk] = deque()  # to run one at a time, before anything else
+        self.stage_of: dict[int, str] = {}  # a chunk run alone -> the stage it was in, as the worker said
+        self.deaths_in_a_row = 0
+
+    def died(self, held: list[Chunk], log: str) -> None:
+        if len(held) == 1 and held[0].alone:
+            self.blame(held[0], log)
+        else:
+            singles = [Chunk(next(self.ids), chunk.table.slice(row, 1), alone=True)
+                       for chunk in held for row in range(chunk.table.num_rows)]
+            self.suspects.extendleft(reversed(singles))
+
+    def blame(self, chunk: Chunk, log: str) -> None:
+        self.deaths_in_a_row += 1
+        if self.deaths_in_a_row > MAX_DEATHS_IN_A_ROW:
+            raise JobFailed(f"the model process died with each of {MAX_DEATHS_IN_A_ROW} inputs in a row, alone: "
+                            "more than inputs that crash it explain (memory, a broken install?); rows so far stay "
+                            f"staged and rerunning the job resumes after them (its log: {log})")
+        stage = self.stage_of.pop(chunk.id, None) or self.last_stage
+        self.suspects.appendleft(Chunk(chunk.id, chunk.table, alone=True, crashed=(stage, 2)))
+
+    def settled(self, chunk: Chunk) -> None:
+        self.stage_of.pop(chunk.id, None)
+        if chunk.alone and chunk.crashed is None:
+            self.deaths_in_a_row = 0
+
+
+@dataclass
+class ModelClock:
+    """How the model process spent the run, for the summary."""
+    inputs_started: int = 0  # sent to the model process, reruns included
+    busy_s: float = 0.0
+    span: tuple[float, float] | None = None
+    first_rows_at: float | None = None
+
+    def rows_in(self, busy_s: float) -> None:
+        now = time.monotonic()
+        self.busy_s += busy_s
+        self.span = ((self.span or (now - busy_s, now))[0], now)
+        self.first_rows_at = self.first_rows_at or time.time()
+
+    def facts(self) -> EngineFacts:
+        busy = None
+        if self.span is not None and self.span[1] > self.span[0]:
+            busy = round(min(1.0, self.busy_s / (self.span[1] - self.span[0])), 3)
+        return EngineFacts(inputs_started=self.inputs_started, model_busy=busy, first_model_batch_at=self.first_rows_at)
+
+
+def run_locally(cfg: JobConfig, out=None, progress_interval: float | None = None):
+    """The job's run (run/job.py) on this machine, without Ray."""
+    from pipeline.run.job import run_job
+
+    if cfg.compute.ray_address:
+        raise UserError("compute.executor: local runs the job on this machine, but compute.ray_address names a "
+                        "cluster; drop one of them (or use --executor ray)")
+    return run_job(cfg, LocalExecutor(), out or sys.stdout, progress_interval)

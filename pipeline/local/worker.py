@@ -1,0 +1,131 @@
+"""The local executor's model process: `python -m pipeline.local.worker FD`, talking to the driver over socket FD.
+
+It checks the model, sets the job's stages up once, then runs every chunk of inputs through them: the stages
+ahead of the model (read, decode) in threads, several chunks at once, the model in the main thread, using the
+machine's cores through torch's own threads. The driver imports no torch; this is the job's only torch.
+Messages, in order: ("check", model, storage) -> ("checked", spec, gpus); ("stages", stages, threads) ->
+("ready",); then ("chunk", id, table, alone, crashed) -> ("rows", id, table, busy_s), preceded by ("stage", id,
+name) before each stage when the chunk runs `alone`; ("error", kind, message) ends the process.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
+from multiprocessing.connection import Connection
+
+
+from pipeline.job.errors import UserError
+from pipeline.job.rows import error_columns
+from pipeline.job.stage import Batch, Stage
+from pipeline.run.inline import in_batches, to_table
+from pipeline.run.isolation import CRASH_MESSAGE
+
+
+class Worker:
+    def __init__(self, conn: Connection):
+        self.conn = conn
+        self.sending = threading.Lock()
+        self.stages: list[Stage] = []
+
+    def send(self, *message) -> None:
+        with self.sending:
+            self.conn.send(message)
+
+    def serve(self) -> None:
+        """The driver's requests until it sends its chunks; then the chunks until it closes the socket."""
+        while True:
+            kind, *args = self.conn.recv()
+            if kind == "check":
+                self.send("checked", *check(*args))
+            elif kind == "stages":
+                self.run_chunks(*args)
+                return
+
+    def run_chunks(self, stages: list[Stage], threads: int) -> None:
+        """Chunks are prepared (the stages ahead of the first stateful one) in `threads` threads while the
+        model's stage is set up, then each goes through the rest here, in the order it came."""
+        os.environ["PIPELINE_SERVING"] = "1"  # for a custom model: serving the job now, no longer being checked
+        first_stateful = next((i for i, s in enumerate(stages) if s.resources.stateful), len(stages))
+        ahead, rest = stages[:first_stateful], stages[first_stateful:]
+        for stage in ahead:
+            stage.setup()
+        prepared: queue.Queue[tuple | None] = queue.Queue()
+        with ThreadPoolExecutor(threads, thread_name_prefix="prepare") as pool:
+            threading.Thread(target=self.receive, args=(pool, ahead, prepared), daemon=True).start()
+            for stage in rest:
+                stage.setup()
+            self.send("ready")
+            while (item := prepared.get()) is not None:
+                chunk_id, alone, crashed, future = item
+                started = time.perf_counter()
+                batch = run_stages(rest, future.result(), self.entering(chunk_id, alone), crashed)
+                self.send("rows", chunk_id, to_table(batch), time.perf_counter() - started)
+
+    def receive(self, pool: ThreadPoolExecutor, ahead: list[Stage], prepared: queue.Queue) -> None:
+        """The driver's chunks, each handed to a thread; the process ends when the driver is gone."""
+        try:
+            while True:
+                kind, chunk_id, table, alone, crashed = self.conn.recv()
+                batch = {name: column.to_numpy(zero_copy_only=False)
+                         for name, column in zip(table.column_names, table.columns)}
+                future = pool.submit(run_stages, ahead, batch, self.entering(chunk_id, alone), crashed)
+                prepared.put((chunk_id, alone, crashed, future))
+        except (EOFError, OSError):
+            os._exit(0)
+
+    def entering(self, chunk_id: int, alone: bool):
+        """For a chunk run alone, tell the driver each stage as it starts: if this process dies, it knows where."""
+        if not alone:
+            return None
+        return lambda stage: self.send("stage", chunk_id, stage.name)
+
+
+def run_stages(stages: list[Stage], batch: Batch, entering, crashed: tuple[str, int] | None) -> Batch:
+    """`batch` through `stages`; `crashed` (stage, deaths): its rows become that stage's crash error row there."""
+    for stage in stages:
+        if entering is not None:
+            entering(stage)
+        if crashed is not None and crashed[0] == stage.name:
+            errors, error_types = error_columns(batch)
+            errors[:] = f"{stage.name}: {CRASH_MESSAGE.format(deaths=crashed[1])}"
+            error_types[:] = f"{stage.name}.worker_crashed"
+            batch.update(error=errors, error_type=error_types)
+        batch = in_batches(stage, batch)
+    return batch
+
+
+def check(model, storage) -> tuple:
+    """The model resolved and built here, where it will run; the GPUs this process sees."""
+    import torch
+
+    from pipeline.models.resolve import resolve_model
+
+    return resolve_model(model, storage), torch.cuda.device_count()
+
+
+def main(fd: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle; this process ends with it
+    worker = Worker(Connection(fd))
+    try:
+        worker.serve()
+    except (EOFError, OSError):
+        pass
+    except UserError as exc:
+        worker.send("error", "user", str(exc))
+    except BaseException as exc:  # noqa: BLE001 - anything else ends the job in one line; the log has the rest
+        traceback.print_exc()
+        worker.send("error", "failed", f"{type(exc).__name__}: {exc}")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]))
