@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import encode, photo
 from pipeline.run.counts import Tally
 from pipeline.run.progress import ProgressPrinter
@@ -55,24 +57,31 @@ def ray_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if any(re.search(p, line) for p in RAY_LINES)]
 
 
-def test_a_run_prints_our_lines_from_the_start_and_none_of_rays(tmp_path, s3_server):
-    """A model actor dies mid-batch (its batch is redone): Ray has plenty to say, in its logs, not on the console."""
+STEPS = {"ray": ("starting Ray and checking the model", "Ray ready: a new local Ray"),
+         "local": ("starting the local executor and checking the model", "the local executor ready: this machine")}
+
+
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_a_run_prints_our_lines_from_the_start_and_none_of_rays(executor, tmp_path, s3_server):
+    """A model process dies mid-batch (its batch is redone): what Ray or the dead process say goes to logs, not to
+    the console."""
     put_photos(tmp_path / "in", 8)
     env = env_with(tmp_path, PIPELINE_TEST_DIE_ONCE=str(tmp_path / "died"))
-    run = subprocess.run(pipeline_run(tmp_path), env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([*pipeline_run(tmp_path), "--executor", executor], env=env, capture_output=True, text=True,
+                         timeout=300)
 
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert (tmp_path / "died").exists()  # an actor did die
-    assert ray_lines(run.stdout + run.stderr) == []
+    assert (tmp_path / "died").exists()  # a model process did die
+    assert ray_lines(run.stdout + run.stderr) == [] and run.stderr == ""
     lines = run.stdout.splitlines()
     first_count = next(i for i, line in enumerate(lines) if re.match(r"  \[ *\d+\.\ds\]|Run \S+ completed", line))
     before = "\n".join(lines[:first_count])
-    for step in ("Job: ", "checking the input and the output", "starting Ray and checking the model",
-                 "Ray ready: a new local Ray", "model counting_model:build ready"):
+    for step in ("Job: ", "checking the input and the output", *STEPS[executor], "model counting_model:build ready"):
         assert step in before, run.stdout
-    # What Ray said went to its session's logs, where the console's line points.
-    logs = re.search(r"its logs in (\S+)", run.stdout).group(1)
-    assert [p.name for p in Path(logs).glob("pipeline-driver-*.log")]
+    assert "redone" in run.stdout
+    # What Ray (or the model process) said went to logs, where the console's line points.
+    logs = Path(re.search(r"(?:its logs|the model process's log) in (\S+)", run.stdout).group(1))
+    assert [p.name for p in logs.glob("pipeline-driver-*.log" if executor == "ray" else "worker-*.log")]
 
 
 def test_before_the_first_input_is_done_the_live_line_says_what_the_job_does():
@@ -161,7 +170,7 @@ def test_after_a_kill_9_of_the_driver_no_process_of_its_ray_session_stays(tmp_pa
     env = env_with(tmp_path, PIPELINE_TEST_DELAY_S="5")  # a slow model: the kill falls while it runs
     calls = tmp_path / "calls.txt"
     with open(tmp_path / "stdout", "w") as out, open(tmp_path / "stderr", "w") as err:
-        proc = subprocess.Popen(pipeline_run(tmp_path), env=env, stdout=out, stderr=err)
+        proc = subprocess.Popen([*pipeline_run(tmp_path), "--executor", "ray"], env=env, stdout=out, stderr=err)
     family: dict[int, int] = {}
     try:
         deadline = time.monotonic() + 300

@@ -7,9 +7,12 @@ those behaviours are (test_crash.py, test_incremental.py, test_pipeline.py); her
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pyarrow.dataset as pads
 import pytest
@@ -88,3 +91,32 @@ def test_auto_runs_locally_unless_a_cluster_is_named_or_there_are_several_gpus(c
         monkeypatch.setenv(name, value)
     monkeypatch.setattr("pipeline.run.executor.visible_gpus", lambda: gpus)
     assert choose_executor(ComputeConfig(**compute)) == expected
+
+
+def test_after_a_kill_9_of_the_driver_its_model_process_ends(tmp_path):
+    """The model process serves its driver only: with the driver SIGKILLed mid-batch, it is gone within seconds."""
+    from test_console import alive, descendants, env_with, pipeline_run, put_photos
+
+    put_photos(tmp_path / "in", 8)
+    env = env_with(tmp_path, PIPELINE_TEST_DELAY_S="5")  # a slow model: the kill falls while it runs
+    calls = tmp_path / "calls.txt"
+    proc = subprocess.Popen([*pipeline_run(tmp_path), "--executor", "local"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    family: dict[int, int] = {}
+    try:
+        deadline = time.monotonic() + 120
+        while not (calls.exists() and calls.stat().st_size) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        family = descendants(proc.pid)
+        assert proc.poll() is None and family
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while any(alive(pid, started) for pid, started in family.items()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(alive(pid, started) for pid, started in family.items())
+    finally:
+        proc.kill()
+        for pid, started in family.items():
+            if alive(pid, started):
+                os.kill(pid, signal.SIGKILL)

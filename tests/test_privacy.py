@@ -229,7 +229,7 @@ def test_killed_pseudonymised_run_resumes_without_redoing_or_losing_the_mapping(
     seen = Seen.options(name=SEEN).remote()
     monkeypatch.setenv(KEY_ENV, KEY)
     capfd.readouterr()
-    assert main(["run", spec]) == 0  # the rerun, in this process
+    assert main(["run", spec, "--executor", "ray"]) == 0  # the rerun, in this process, on the session's Ray
     out, err = capfd.readouterr()
     assert "Resuming run" in out
     fs.invalidate_cache()

@@ -52,7 +52,7 @@ class WorkerProcess:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen([sys.executable, "-m", "pipeline.local.worker", str(theirs.fileno())],
                                             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=log,
-                                            stderr=log)
+                                            stderr=log, env={**os.environ, "PYTHONPATH": driver_path()})
         theirs.close()
         self.conn = Connection(ours.detach())
 
@@ -82,6 +82,12 @@ class WorkerProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+def driver_path() -> str:
+    """This process's import path, so that the model process imports what it does (a custom `module:build_fn`
+    beside the job spec, on a path the caller added)."""
+    return os.pathsep.join(p or os.getcwd() for p in sys.path)
 
 
 @dataclass(frozen=True)
