@@ -272,3 +272,12 @@ if __name__ == "__main__":
     result = CONTENDERS[name](spec)
     with open(result_path, "w") as f:
         json.dump(result, f)
+    # As the `pipeline` command exits: Ray stopped, then os._exit. A normal exit would let the session's reaper
+    # (pipeline/ray/reaper.py, started by start_ray) see its pipe close while this process still holds Ray's log
+    # files, and SIGTERM it: the contender would fail with exit -15 after its result was written.
+    from pipeline.ray import stop_ray
+
+    stop_ray()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

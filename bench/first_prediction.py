@@ -84,5 +84,17 @@ def main() -> None:
           f"{total:.1f} s |")
 
 
+def exit_quickly(code: int) -> None:
+    """As the `pipeline` command exits: Ray stopped, then os._exit. A normal exit would let the session's reaper
+    (pipeline/ray/reaper.py) see its pipe close while this process still holds Ray's log files, and SIGTERM it."""
+    from pipeline.ray import stop_ray
+
+    stop_ray()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
     main()
+    exit_quickly(0)

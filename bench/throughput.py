@@ -184,6 +184,7 @@ def make_model(model: str, folder: str) -> tuple[str, str]:
     import torch
     import torchvision
 
+    os.makedirs(folder, exist_ok=True)
     checkpoint, labels = os.path.join(folder, f"{model}.pt"), os.path.join(folder, "labels.txt")
     if not os.path.exists(checkpoint):
         torch.manual_seed(0)
