@@ -80,7 +80,8 @@ def last_error(log_path: str) -> str:
 
 
 def throughput(specs: dict[int, dict], work: str, pythons: dict[str, str]) -> str:
-    lines = ["| contender | images | whole-process s | images/s | peak PSS MiB |", "|---|---:|---:|---:|---:|"]
+    lines = ["| contender | images | whole-process s | images/s | peak PSS MiB | first row s |",
+             "|---|---:|---:|---:|---:|---:|"]
     for n, spec in specs.items():
         for name in pythons:
             run_spec = {**spec, "output": os.path.join(work, f"out-{name}-{n}")}
@@ -90,10 +91,22 @@ def throughput(specs: dict[int, dict], work: str, pythons: dict[str, str]) -> st
             rows = len(output_rows(run_spec["output"]))
             if rows != n:
                 raise SystemExit(f"{name} wrote {rows} rows for {n} images")
-            print(f"{name}: {n:,} images in {r['seconds']:.1f}s, peak PSS {r['pss_mib']:.0f} MiB", flush=True)
+            first = first_row_s(run_spec["output"]) if name == "pipeline" else None
+            print(f"{name}: {n:,} images in {r['seconds']:.1f}s, peak PSS {r['pss_mib']:.0f} MiB"
+                  + (f", first row at {first:.1f}s" if first is not None else ""), flush=True)
             lines.append(f"| {CONTENDERS[name]} | {n:,} | {r['seconds']:.1f} | {n / r['seconds']:.1f} | "
-                         f"{r['pss_mib']:.0f} |")
+                         f"{r['pss_mib']:.0f} | {'-' if first is None else f'{first:.1f}'} |")
     return "\n".join(lines)
+
+
+def first_row_s(output: str) -> float | None:
+    """When the pipeline's first row reached its driver, in seconds from its process's start (its summary's
+    timeline)."""
+    try:
+        with open(os.path.join(output, "_summary.json")) as f:
+            return json.load(f)["timeline_s"].get("first_row")
+    except (OSError, KeyError):
+        return None
 
 
 def odd_files(spec: dict, work: str, pythons: dict[str, str]) -> str:

@@ -120,3 +120,22 @@ def test_after_a_kill_9_of_the_driver_its_model_process_ends(tmp_path):
         for pid, started in family.items():
             if alive(pid, started):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_both_executors_write_the_same_rows(classifier_files, photos, tmp_path):
+    """The same stages on either executor: the same labels, scores (to float rounding) and error rows."""
+    tables = {}
+    for executor in ("local", "ray"):
+        out = tmp_path / f"out-{executor}"
+        run = subprocess.run([sys.executable, "-m", "pipeline", "run", "--input", str(photos), "--output", str(out),
+                              "--model", classifier_files["model"], "--weights", classifier_files["weights"],
+                              "--labels", classifier_files["labels"], "--executor", executor],
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        tables[executor] = {r["uri"]: r for r in pads.dataset(str(out), format="parquet").to_table().to_pylist()}
+    local, ray = tables["local"], tables["ray"]
+    assert local.keys() == ray.keys() and len(local) == 41
+    for uri, row in local.items():
+        assert (row["label"], row["error_type"], row["image_width"]) == (ray[uri]["label"], ray[uri]["error_type"],
+                                                                       ray[uri]["image_width"])
+        assert row["score"] == pytest.approx(ray[uri]["score"], abs=1e-4) or row["error"] is not None

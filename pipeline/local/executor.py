@@ -36,7 +36,9 @@ if TYPE_CHECKING:
 # Inputs that killed the model process one after another, each alone, before the job stops: a process that dies
 # whatever it is given (memory, a broken driver) would otherwise be restarted once for every input.
 MAX_DEATHS_IN_A_ROW = 8
-CHUNKS_AHEAD = 2  # chunks waiting per preparing thread, so the model never waits for a read or a decode
+# Chunks in the model process at once: enough that the model never waits for a read or a decode (measured:
+# docs/performance.md), few enough that the decoded pixels waiting stay small.
+CHUNKS_IN_FLIGHT = 4
 
 
 class WorkerDied(Exception):
@@ -98,12 +100,10 @@ class LocalPool:
     max_actors: int = 1
     cpu_decode_apart: bool = True  # decoding in threads beside the model, not in the model's thread
 
-    @property
-    def cpus_each(self) -> float:
-        return self.cluster_cpus
+    cpus_each: float = 1  # torch threads to start with: the model process shares the cores out as it runs
 
     def describe(self) -> str:
-        where = "a GPU" if self.num_gpus else f"{self.cluster_cpus:g} CPU threads, no GPU"
+        where = "a GPU" if self.num_gpus else f"{self.cluster_cpus:g} CPUs shared with decoding, no GPU"
         return f"model: one process on this machine, {where}; reading and decoding in threads beside it"
 
 
@@ -175,7 +175,7 @@ class LocalRows:
         self.plan = plan
         self.executor = executor
         self.counts = ListingCounts()
-        self.threads = max(2, os.cpu_count() or 1)
+        self.cores = os.cpu_count() or 1
         self.chunk_rows = next((s.resources.batch_size for s in plan.stages if s.resources.stateful), None) or 32
         self.ids = itertools.count(1)
         self.in_flight: dict[int, Chunk] = {}
@@ -211,7 +211,7 @@ class LocalRows:
 
     def send_stages(self, worker: WorkerProcess) -> None:
         self.ready = False
-        worker.send("stages", self.plan.stages, self.threads)
+        worker.send("stages", self.plan.stages, self.cores)
 
     def send_more(self, chunks: Iterator[Chunk]) -> None:
         """Keep the worker's threads busy; after a death, one suspect at a time."""
@@ -219,7 +219,7 @@ class LocalRows:
             if not self.in_flight and self.ready:
                 self.send(self.triage.suspects.popleft())
             return
-        while len(self.in_flight) < self.threads * CHUNKS_AHEAD:
+        while len(self.in_flight) < max(CHUNKS_IN_FLIGHT, self.cores):
             chunk = next(chunks, None)
             if chunk is None:
                 return
