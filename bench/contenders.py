@@ -193,6 +193,7 @@ def pipeline(spec: dict) -> dict:
     import io
 
     from pipeline.job.config import load_job
+    from pipeline.local.executor import run_locally
     from pipeline.ray.executor import run_on_ray
     from pipeline.ray.session import start_ray
 
@@ -203,16 +204,18 @@ def pipeline(spec: dict) -> dict:
     for field, value in spec.get("model_settings", {}).items():  # task, outputs, detection (bench/tasks.py)
         setattr(cfg.model, field, value)
     cfg = cfg.model_validate(cfg.model_dump())
-    start_ray(None)
+    local = spec.get("executor", "local") == "local"
+    if not local:
+        start_ray(None)
     storage = Storage.from_env()
     staging = spec["output"].rstrip("/") + "/_staging/"
     first = FirstFile(lambda: any(o.uri.endswith(".staged") for page in storage.list_pages(staging) for o in page))
     started = time.monotonic()
     first.start(started)
-    summary = run_on_ray(cfg, out=io.StringIO())
+    summary = (run_locally if local else run_on_ray)(cfg, out=io.StringIO())
     seconds = time.monotonic() - started
     return {"images": summary.committed_rows, "seconds": seconds, "first_row_s": first.stop(),
-            "spilled_mib": spilled_mib()}
+            "spilled_mib": 0.0 if local else spilled_mib()}
 
 
 # --- a detector's own bound (bench/tasks.py) ------------------------------------------------------------

@@ -326,6 +326,8 @@ def main() -> None:
                         help="the python of Daft's own venv (bench/daft-venv.sh); Daft is skipped without it")
     parser.add_argument("--data", default=os.path.join(tempfile.gettempdir(), "pipeline-bench"),
                         help="where generated images and checkpoints are kept between runs")
+    parser.add_argument("--executor", choices=["local", "ray"], default="local",
+                        help="the pipeline's executor (`pipeline run`'s default on one machine: local)")
     args = parser.parse_args()
     if args.s3 is None:
         args.s3 = args.device == "cpu"
@@ -349,7 +351,7 @@ def main() -> None:
             checkpoint, labels = make_model(model, args.data)
             spec = {"model": model, "checkpoint": checkpoint, "labels": labels, "batch_size": args.batch_size,
                     "device": args.device, "precision": args.precision, "cores": os.cpu_count(),
-                    "channels_last": True}
+                    "channels_last": True, "executor": args.executor}
             sized = {n: {**spec, "images": paths[n], "images_count": n, "input": folders[n]} for n in sizes}
             wanted = (["ray_recipe", "torch_loop"] + (["daft", "daft_ray"] if daft_py else []) + ["pipeline"]
                       + (["pipeline_s3"] if args.s3 else []))

@@ -132,8 +132,8 @@ def test_kill_while_listing_then_rerun(executor, tmp_path, storage, bucket):
     output = tmp_path / "out"
     calls = tmp_path / "calls.txt"
     spec = spec_file(tmp_path)
-    proc = subprocess.Popen([*pipeline_cmd(f"s3://{bucket}/in", str(output), executor=executor), spec], env=env_for(calls),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([*pipeline_cmd(f"s3://{bucket}/in", str(output), executor=executor), spec],
+                            env=env_for(calls), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not list(output.glob("_staging/*/_run.json")) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -141,8 +141,8 @@ def test_kill_while_listing_then_rerun(executor, tmp_path, storage, bucket):
     proc.wait()
     assert not list(output.glob("**/*.parquet"))  # nothing visible from the killed run
 
-    rerun = subprocess.run([*pipeline_cmd(f"s3://{bucket}/in", str(output), executor=executor), spec], env=env_for(calls),
-                           capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run([*pipeline_cmd(f"s3://{bucket}/in", str(output), executor=executor), spec],
+                           env=env_for(calls), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     rows = duckdb.sql(f"SELECT uri, count(*) AS n FROM read_parquet('{output}/**/*.parquet') GROUP BY uri").fetchall()
     assert sorted(u for u, _ in rows) == sorted(uris) and {n for _, n in rows} == {1}
@@ -197,8 +197,8 @@ def test_inputs_that_kill_their_process_become_error_rows_through_the_cli(execut
     for name, fmt in (("magenta 1.png", "PNG"), ("magenta 2.jpg", "JPEG")):
         storage.s3_client.put_object(Bucket=bucket, Key=f"in/{name}", Body=encode(MAGENTA.resize((480, 360)), fmt))
     output = str(tmp_path / "out")
-    run = subprocess.run(pipeline_cmd(f"s3://{bucket}/in", output, executor=executor), env=env_for(tmp_path / "calls.txt"),
-                         capture_output=True, text=True, timeout=420)
+    run = subprocess.run(pipeline_cmd(f"s3://{bucket}/in", output, executor=executor),
+                         env=env_for(tmp_path / "calls.txt"), capture_output=True, text=True, timeout=420)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = {r["uri"].rsplit("/", 1)[1]: r for r in committed_rows(output, storage).to_pylist()}
     assert len(rows) == 24
