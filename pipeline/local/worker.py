@@ -100,12 +100,23 @@ class CoreSplit:
         self.cores = cores
         self.model: list[float] = []  # CPU seconds per image of each chunk, in the model's one thread
         self.prepare: list[float] = []  # and in a preparing thread
+        self.preparing = 0  # chunks being prepared now, at most `slots`: the cores torch leaves
+        self.slots = cores
+        self.turn = threading.Condition()
 
     def timed(self, run, stages: list[Stage], batch: Batch, *args) -> Batch:
-        started = time.thread_time()
-        batch = run(stages, batch, *args)
-        self.prepare.append((time.thread_time() - started) / max(1, len(batch["uri"])))
-        return batch
+        with self.turn:
+            self.turn.wait_for(lambda: self.preparing < self.slots)
+            self.preparing += 1
+        try:
+            started = time.thread_time()
+            batch = run(stages, batch, *args)
+            self.prepare.append((time.thread_time() - started) / max(1, len(batch["uri"])))
+            return batch
+        finally:
+            with self.turn:
+                self.preparing -= 1
+                self.turn.notify()
 
     def modelled(self, seconds: float, images: int) -> None:
         self.model.append(seconds / max(1, images))
@@ -115,6 +126,8 @@ class CoreSplit:
             model, prepare = (sum(xs[self.SKIP:]) / len(xs[self.SKIP:]) for xs in (self.model, self.prepare))
             threads = max(1, min(self.cores, round(self.cores * model / max(1e-9, model + prepare))))
             torch.set_num_threads(threads)
+            with self.turn:
+                self.slots = max(1, self.cores - threads)
             print(f"torch threads: {threads} of {self.cores} cores (per image: model {model * 1e3:.1f} ms, reading "
                   f"and decoding {prepare * 1e3:.1f} ms)", file=sys.stderr, flush=True)
 
