@@ -123,7 +123,8 @@ def test_after_a_kill_9_of_the_driver_its_model_process_ends(tmp_path):
 
 
 def test_both_executors_write_the_same_rows(classifier_files, photos, tmp_path):
-    """The same stages on either executor: the same labels, scores (to float rounding) and error rows."""
+    """The same stages on either executor: the same labels, scores (to float rounding) and error rows, and the same
+    model identity (the local executor carries on from a Ray run's output)."""
     tables = {}
     for executor in ("local", "ray"):
         out = tmp_path / f"out-{executor}"
@@ -133,6 +134,11 @@ def test_both_executors_write_the_same_rows(classifier_files, photos, tmp_path):
                              capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr[-3000:]
         tables[executor] = {r["uri"]: r for r in pads.dataset(str(out), format="parquet").to_table().to_pylist()}
+    again = subprocess.run([sys.executable, "-m", "pipeline", "run", "--input", str(photos), "--output",
+                            str(tmp_path / "out-ray"), "--model", classifier_files["model"], "--weights",
+                            classifier_files["weights"], "--labels", classifier_files["labels"], "--executor",
+                            "local"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "unchanged   41" in again.stdout, again.stdout  # one model identity: no redo
     local, ray = tables["local"], tables["ray"]
     assert local.keys() == ray.keys() and len(local) == 41
     for uri, row in local.items():
