@@ -28,6 +28,7 @@ from pipeline.job.stage import Stage
 from pipeline.run.counts import ListingCounts
 from pipeline.run.executor import EngineFacts
 from pipeline.run.isolation import BUILD_CRASH_MESSAGE, BUILD_DEATHS
+from pipeline.run.job import run_job
 from pipeline.run.plan import StagePlan
 
 if TYPE_CHECKING:
@@ -99,7 +100,6 @@ class LocalPool:
     min_actors: int = 1
     max_actors: int = 1
     cpu_decode_apart: bool = True  # decoding in threads beside the model, not in the model's thread
-
     cpus_each: float = 1  # torch threads to start with: the model process shares the cores out as it runs
 
     def describe(self) -> str:
@@ -133,10 +133,14 @@ class LocalExecutor:
         return LocalRows(plan, self)
 
     def fresh_worker(self) -> WorkerProcess:
-        if self.worker is not None:
-            self.worker.stop()
+        self.close()
         self.worker = WorkerProcess(self.log_dir)
         return self.worker
+
+    def close(self) -> None:
+        """The model process ends (it also ends with this process, when its socket closes)."""
+        if self.worker is not None:
+            self.worker.stop()
 
 
 class CheckedModel:
@@ -329,9 +333,11 @@ class ModelClock:
 
 def run_locally(cfg: JobConfig, out=None, progress_interval: float | None = None):
     """The job's run (run/job.py) on this machine, without Ray."""
-    from pipeline.run.job import run_job
-
     if cfg.compute.ray_address:
         raise UserError("compute.executor: local runs the job on this machine, but compute.ray_address names a "
                         "cluster; drop one of them (or use --executor ray)")
-    return run_job(cfg, LocalExecutor(), out or sys.stdout, progress_interval)
+    executor = LocalExecutor()
+    try:
+        return run_job(cfg, executor, out or sys.stdout, progress_interval)
+    finally:
+        executor.close()  # also when the job stops before its rows: a refused output, a bad model

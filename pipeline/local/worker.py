@@ -1,9 +1,9 @@
 """The local executor's model process: `python -m pipeline.local.worker FD`, talking to the driver over socket FD.
 
 It checks the model, sets the job's stages up once, then runs every chunk of inputs through them: the stages
-ahead of the model (read, decode) in threads, several chunks at once, the model in the main thread, using the
-machine's cores through torch's own threads. The driver imports no torch; this is the job's only torch.
-Messages, in order: ("check", model, storage) -> ("checked", spec, gpus); ("stages", stages, threads) ->
+ahead of the model (read, decode) in threads, several chunks at once, the model in the main thread, the cores
+shared between them (`CoreSplit`). The driver imports no torch; this is the job's only torch.
+Messages, in order: ("check", model, storage) -> ("checked", spec, gpus); ("stages", stages, cores) ->
 ("ready",); then ("chunk", id, table, alone, crashed) -> ("rows", id, table, busy_s), preceded by ("stage", id,
 name) before each stage when the chunk runs `alone`; ("error", kind, message) ends the process.
 """
@@ -17,9 +17,8 @@ import sys
 import threading
 import time
 import traceback
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
-
 
 from pipeline.job.errors import UserError
 from pipeline.job.rows import error_columns
@@ -32,7 +31,6 @@ class Worker:
     def __init__(self, conn: Connection):
         self.conn = conn
         self.sending = threading.Lock()
-        self.stages: list[Stage] = []
 
     def send(self, *message) -> None:
         with self.sending:
@@ -93,7 +91,8 @@ class Worker:
 class CoreSplit:
     """The cores between the model's torch threads and the threads preparing its input, in proportion to the CPU
     each spends per image, measured on the first chunks with one torch thread: a light model leaves most cores to
-    decoding, a heavy one takes them (on 2 cores, mobilenet_v3_small runs best with 1, resnet18 with 2)."""
+    decoding, a heavy one takes them (on 2 cores, mobilenet_v3_small runs best with 1, resnet18 with 2). Then only
+    as many chunks are prepared at once as there are cores torch leaves (docs/performance.md)."""
     SKIP, MEASURE = 1, 3  # chunks: warming up, then measured
 
     def __init__(self, cores: int):
