@@ -204,6 +204,8 @@ def test_inputs_that_kill_their_process_become_error_rows_through_the_cli(execut
     assert len(rows) == 24
     assert {n for n, r in rows.items() if r["error_type"] == "model.worker_crashed"} == {"magenta 1.png",
                                                                                         "magenta 2.jpg"}
+    if executor == "local":  # each killed its process twice: with its chunk, then alone, and was not tried again
+        assert all("died 2 times" in rows[n]["error"] for n in ("magenta 1.png", "magenta 2.jpg"))
     assert all(r["error"] is None and r["label"] is not None for n, r in rows.items() if "magenta" not in n)
     done = [int(m.replace(",", "")) for m in re.findall(r"\] ([\d,]+) done", run.stdout)]
     assert done == sorted(done) and all(n <= 24 for n in done)  # rows the driver has, never batches lost since

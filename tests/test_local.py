@@ -14,11 +14,15 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import pyarrow.dataset as pads
 import pytest
 
 from conftest import encode, photo
+from pipeline.io.read import Reader
+from pipeline.io.storage import Storage
 from pipeline.job.config import ComputeConfig
+from pipeline.local.worker import run_stages
 from pipeline.run.executor import choose_executor
 
 
@@ -145,3 +149,13 @@ def test_both_executors_write_the_same_rows(classifier_files, photos, tmp_path):
         assert (row["label"], row["error_type"], row["image_width"]) == (ray[uri]["label"], ray[uri]["error_type"],
                                                                        ray[uri]["image_width"])
         assert row["score"] == pytest.approx(ray[uri]["score"], abs=1e-4) or row["error"] is not None
+
+
+def test_an_input_that_killed_the_model_process_while_read_becomes_its_read_error_row(tmp_path):
+    """The process died twice in the read stage with this input: its row is written there, and it is not read."""
+    (tmp_path / "a.jpg").write_bytes(encode(photo(), "JPEG"))
+    listed = {"uri": np.array([str(tmp_path / "a.jpg")], dtype=object), "size": np.array([None], dtype=object),
+              "etag": np.array([None], dtype=object), "last_modified": np.array([None], dtype=object)}
+    row = run_stages([Reader(Storage.from_env(), max_file_bytes=10**9)], listed, None, ("read", 2))
+    assert row["error_type"][0] == "read.worker_crashed" and "died 2 times" in row["error"][0]
+    assert row["bytes"][0] == b""

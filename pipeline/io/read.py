@@ -7,7 +7,7 @@ from functools import partial
 import numpy as np
 
 from pipeline.io.storage import BODY_READ_ATTEMPTS, Storage, is_transient
-from pipeline.job.rows import StageFailure, fail
+from pipeline.job.rows import StageFailure, error_columns, fail
 from pipeline.job.stage import Batch, Resources, Stage
 from pipeline.privacy.safe_errors import exception_text
 
@@ -31,14 +31,15 @@ class Reader(Stage):
 
     def process(self, batch: Batch) -> Batch:
         n = len(batch["uri"])
-        errors = np.full(n, None, dtype=object)
-        error_types = np.full(n, None, dtype=object)
+        errors, error_types = error_columns(batch)  # a row that failed upstream is passed on, not read
         data = np.full(n, b"", dtype=object)
         # Listed sizes; unknown (NaN or None) for manifest entries until the bytes are read.
         sizes = np.array([None if _missing(s) else int(s) for s in batch["size"]], dtype=object)
         versioned = [not (_missing(e) and _missing(m)) for e, m in zip(batch["etag"], batch["last_modified"])]
         wanted = []
         for i in range(n):
+            if errors[i] is not None:
+                continue
             if sizes[i] is not None and sizes[i] > self.max_file_bytes:
                 errors[i], error_types[i] = fail("read", self._too_large(sizes[i]), self.describe)
             else:

@@ -84,10 +84,12 @@ def error_columns(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]
     A column that is None in every row crosses Ray's object store as Arrow's null type and comes back as
     float NaN, so "no error" is anything that is not a string.
     """
-    def clean(column: np.ndarray) -> np.ndarray:
-        return np.array([v if isinstance(v, str) else None for v in column], dtype=object)
+    def clean(name: str) -> np.ndarray:
+        if name not in batch:  # no stage has run yet
+            return np.full(len(batch["uri"]), None, dtype=object)
+        return np.array([v if isinstance(v, str) else None for v in batch[name]], dtype=object)
 
-    return clean(batch["error"]), clean(batch["error_type"])
+    return clean("error"), clean("error_type")
 
 
 class RowCounts:

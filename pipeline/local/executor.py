@@ -34,9 +34,10 @@ from pipeline.run.plan import StagePlan
 if TYPE_CHECKING:
     from pipeline.models.spec import ModelSpec
 
-# Inputs that killed the model process one after another, each alone, before the job stops: a process that dies
-# whatever it is given (memory, a broken driver) would otherwise be restarted once for every input.
-MAX_DEATHS_IN_A_ROW = 8
+# Deaths of the model process with no good row between them before the job stops: a process that dies whatever
+# it is given (memory, a broken install) would otherwise be restarted once for every input. Each input that kills
+# it costs two, and a chunk may hold several such inputs: 16, as Ray's attempts at one block (ray/adapter.py).
+MAX_DEATHS_IN_A_ROW = 16
 # Chunks in the model process at once: enough that the model never waits for a read or a decode (measured:
 # docs/performance.md), few enough that the decoded pixels waiting stay small.
 CHUNKS_IN_FLIGHT = 4
@@ -117,7 +118,7 @@ class LocalExecutor:
 
     def start(self) -> str:
         self.worker = self.worker or WorkerProcess(self.log_dir)
-        return f"this machine, {os.cpu_count()} CPUs, no Ray; the model process's log in {self.log_dir}"
+        return f"this machine, {usable_cores()} CPUs, no Ray; the model process's log in {self.log_dir}"
 
     def check_model(self, cfg: JobConfig, storage: Storage) -> "CheckedModel":
         self.start()
@@ -127,7 +128,7 @@ class LocalExecutor:
 
     def pool(self, compute: ComputeConfig) -> LocalPool:
         gpus = min(self.gpus, 1) if compute.num_gpus_per_actor == "auto" else float(compute.num_gpus_per_actor)
-        return LocalPool(cluster_cpus=float(os.cpu_count() or 1), num_gpus=gpus)
+        return LocalPool(cluster_cpus=float(usable_cores()), num_gpus=gpus)
 
     def run(self, plan: StagePlan, output_uri: str) -> "LocalRows":
         return LocalRows(plan, self)
@@ -168,7 +169,8 @@ class CheckedModel:
 class Chunk:
     id: int
     table: pa.Table
-    alone: bool = False
+    alone: bool = False  # one input, sent while nothing else is in flight
+    deaths: int = 0  # model processes that died holding it
     crashed: tuple[str, int] | None = None  # (stage, deaths): write it as that stage's crash error row
 
 
@@ -179,7 +181,7 @@ class LocalRows:
         self.plan = plan
         self.executor = executor
         self.counts = ListingCounts()
-        self.cores = os.cpu_count() or 1
+        self.cores = usable_cores()
         self.chunk_rows = next((s.resources.batch_size for s in plan.stages if s.resources.stateful), None) or 32
         self.ids = itertools.count(1)
         self.in_flight: dict[int, Chunk] = {}
@@ -194,7 +196,7 @@ class LocalRows:
         try:
             while True:
                 self.send_more(chunks)
-                if not self.in_flight and not self.triage.suspects:
+                if not (self.in_flight or self.triage.suspects or self.triage.again):
                     return  # the listing is done and every chunk's rows are in
                 try:
                     message = self.executor.worker.receive()
@@ -210,7 +212,7 @@ class LocalRows:
     def chunks(self) -> Iterator[Chunk]:
         for block in self.plan.source.blocks(self.counts.listing_add):
             for start in range(0, block.num_rows, self.chunk_rows):
-                yield Chunk(next(self.ids), block.slice(start, self.chunk_rows))
+                yield Chunk(next(self.ids), rows_of(block, start, self.chunk_rows))
         self.counts.listing_finished()
 
     def send_stages(self, worker: WorkerProcess) -> None:
@@ -218,13 +220,13 @@ class LocalRows:
         worker.send("stages", self.plan.stages, self.cores)
 
     def send_more(self, chunks: Iterator[Chunk]) -> None:
-        """Keep the worker's threads busy; after a death, one suspect at a time."""
-        if self.triage.suspects:
-            if not self.in_flight and self.ready:
+        """Keep the worker's threads busy; after a death, each suspect alone, with nothing else in flight."""
+        if self.triage.suspects or any(chunk.alone for chunk in self.in_flight.values()):
+            if not self.in_flight and self.ready and self.triage.suspects:
                 self.send(self.triage.suspects.popleft())
             return
         while len(self.in_flight) < max(CHUNKS_IN_FLIGHT, self.cores):
-            chunk = next(chunks, None)
+            chunk = self.triage.again.popleft() if self.triage.again else next(chunks, None)
             if chunk is None:
                 return
             self.send(chunk)
@@ -239,6 +241,8 @@ class LocalRows:
         if kind == "ready":
             self.ready = True
             self.build_deaths = 0
+        elif kind == "started":
+            self.triage.started.add(args[0])
         elif kind == "stage":
             self.triage.stage_of[args[0]] = args[1]
         elif kind == "rows":
@@ -277,37 +281,60 @@ class LocalRows:
 
 
 class Triage:
-    """Who killed the model process: the chunks it held are run again one input at a time; an input it dies with
-    alone becomes its crash's error row (written by the stage it died in, as on Ray)."""
+    """Who killed the model process. The chunks it had started are run again one input at a time, each alone; an
+    input it dies with alone becomes its crash's error row (written by the stage it died in, as on Ray). Chunks it
+    had not started go again as they were. Every death is bounded: MAX_DEATHS_IN_A_ROW without a good row."""
 
     def __init__(self, ids: Iterator[int], last_stage: str):
         self.ids = ids
         self.last_stage = last_stage
         self.suspects: deque[Chunk] = deque()  # to run one at a time, before anything else
+        self.again: deque[Chunk] = deque()  # not started when the process died: sent again first
+        self.started: set[int] = set()  # chunks the process said it had begun
         self.stage_of: dict[int, str] = {}  # a chunk run alone -> the stage it was in, as the worker said
-        self.deaths_in_a_row = 0
+        self.deaths_in_a_row = 0  # since the last row that was not a crash's
 
     def died(self, held: list[Chunk], log: str) -> None:
-        if len(held) == 1 and held[0].alone:
-            self.blame(held[0], log)
-        else:
-            singles = [Chunk(next(self.ids), chunk.table.slice(row, 1), alone=True)
-                       for chunk in held for row in range(chunk.table.num_rows)]
-            self.suspects.extendleft(reversed(singles))
-
-    def blame(self, chunk: Chunk, log: str) -> None:
         self.deaths_in_a_row += 1
         if self.deaths_in_a_row > MAX_DEATHS_IN_A_ROW:
-            raise JobFailed(f"the model process died with each of {MAX_DEATHS_IN_A_ROW} inputs in a row, alone: "
-                            "more than inputs that crash it explain (memory, a broken install?); rows so far stay "
-                            f"staged and rerunning the job resumes after them (its log: {log})")
-        stage = self.stage_of.pop(chunk.id, None) or self.last_stage
-        self.suspects.appendleft(Chunk(chunk.id, chunk.table, alone=True, crashed=(stage, 2)))
+            raise JobFailed(f"the model process died {self.deaths_in_a_row} times in a row without a good row: more "
+                            "than inputs that crash it explain (memory, a broken install?); rows so far stay staged "
+                            f"and rerunning the job resumes after them (its log: {log})")
+        for chunk in reversed(held):  # the listing's order kept, at the front of each queue
+            if chunk.alone:
+                deaths = chunk.deaths + 1
+                stage = self.stage_of.pop(chunk.id, None) or self.last_stage
+                self.suspects.appendleft(Chunk(chunk.id, chunk.table, True, deaths, crashed=(stage, deaths)))
+            elif chunk.id in self.started:
+                self.suspects.extendleft(reversed([Chunk(next(self.ids), rows_of(chunk.table, row, 1), True,
+                                                         chunk.deaths + 1) for row in range(chunk.table.num_rows)]))
+            else:
+                self.again.appendleft(chunk)
+        self.started.clear()
 
     def settled(self, chunk: Chunk) -> None:
         self.stage_of.pop(chunk.id, None)
-        if chunk.alone and chunk.crashed is None:
+        self.started.discard(chunk.id)
+        if chunk.crashed is None:
             self.deaths_in_a_row = 0
+
+
+def rows_of(table: pa.Table, start: int, count: int) -> pa.Table:
+    """A copy of `count` rows: a slice would carry its whole block's buffers when it is pickled."""
+    return table.take(list(range(start, min(start + count, table.num_rows))))
+
+
+def usable_cores() -> int:
+    """The cores this process may use: its CPU affinity, within a cgroup's CPU quota (a container's limit)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
 
 
 @dataclass

@@ -4,8 +4,9 @@ It checks the model, sets the job's stages up once, then runs every chunk of inp
 ahead of the model (read, decode) in threads, several chunks at once, the model in the main thread, the cores
 shared between them (`CoreSplit`). The driver imports no torch; this is the job's only torch.
 Messages, in order: ("check", model, storage) -> ("checked", spec, gpus); ("stages", stages, cores) ->
-("ready",); then ("chunk", id, table, alone, crashed) -> ("rows", id, table, busy_s), preceded by ("stage", id,
-name) before each stage when the chunk runs `alone`; ("error", kind, message) ends the process.
+("ready",); then ("chunk", id, table, alone, crashed) -> ("started", id) when its work begins, ("stage", id,
+name) before each stage when the chunk runs `alone`, and ("rows", id, table, busy_s); ("error", kind, message)
+ends the process.
 """
 
 from __future__ import annotations
@@ -27,19 +28,32 @@ from pipeline.run.inline import in_batches, to_table
 from pipeline.run.isolation import CRASH_MESSAGE
 
 
+class DriverGone(Exception):
+    """The socket to the driver closed: the driver ended, or died."""
+
+
 class Worker:
     def __init__(self, conn: Connection):
         self.conn = conn
         self.sending = threading.Lock()
 
     def send(self, *message) -> None:
-        with self.sending:
-            self.conn.send(message)
+        try:
+            with self.sending:
+                self.conn.send(message)
+        except OSError:
+            raise DriverGone() from None
+
+    def recv(self) -> tuple:
+        try:
+            return self.conn.recv()
+        except (EOFError, OSError):
+            raise DriverGone() from None
 
     def serve(self) -> None:
         """The driver's requests until it sends its chunks; then the chunks until it closes the socket."""
         while True:
-            kind, *args = self.conn.recv()
+            kind, *args = self.recv()
             if kind == "check":
                 self.send("checked", *check(*args))
             elif kind == "stages":
@@ -61,7 +75,10 @@ class Worker:
             for stage in rest:
                 stage.setup()
             self.send("ready")
-            while (item := prepared.get()) is not None:
+            while True:
+                item = prepared.get()
+                if isinstance(item, BaseException):
+                    raise item
                 chunk_id, alone, crashed, future = item
                 batch = future.result()
                 started = time.perf_counter()
@@ -70,16 +87,24 @@ class Worker:
                 self.send("rows", chunk_id, to_table(batch), time.perf_counter() - started)
 
     def receive(self, pool: ThreadPoolExecutor, ahead: list[Stage], prepared: queue.Queue, split: CoreSplit) -> None:
-        """The driver's chunks, each handed to a thread; the process ends when the driver is gone."""
+        """The driver's chunks, each handed to a thread; the process ends when the driver is gone, and anything
+        else that goes wrong here is the main thread's to report."""
         try:
             while True:
-                kind, chunk_id, table, alone, crashed = self.conn.recv()
+                kind, chunk_id, table, alone, crashed = self.recv()
                 batch = {name: column.to_numpy(zero_copy_only=False)
                          for name, column in zip(table.column_names, table.columns)}
-                future = pool.submit(split.timed, run_stages, ahead, batch, self.entering(chunk_id, alone), crashed)
+                future = pool.submit(split.timed, run_stages, ahead, batch, self.entering(chunk_id, alone), crashed,
+                                     on_start=self.started(chunk_id))
                 prepared.put((chunk_id, alone, crashed, future))
-        except (EOFError, OSError):
+        except DriverGone:
             os._exit(0)
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread, which waits on `prepared`
+            prepared.put(exc)
+
+    def started(self, chunk_id: int):
+        """Tell the driver a chunk's work has begun: only a started chunk can have killed this process."""
+        return lambda: self.send("started", chunk_id)
 
     def entering(self, chunk_id: int, alone: bool):
         """For a chunk run alone, tell the driver each stage as it starts: if this process dies, it knows where."""
@@ -103,11 +128,12 @@ class CoreSplit:
         self.slots = cores
         self.turn = threading.Condition()
 
-    def timed(self, run, stages: list[Stage], batch: Batch, *args) -> Batch:
+    def timed(self, run, stages: list[Stage], batch: Batch, *args, on_start) -> Batch:
         with self.turn:
             self.turn.wait_for(lambda: self.preparing < self.slots)
             self.preparing += 1
         try:
+            on_start()
             started = time.thread_time()
             batch = run(stages, batch, *args)
             self.prepare.append((time.thread_time() - started) / max(1, len(batch["uri"])))
@@ -156,19 +182,38 @@ def check(model, storage) -> tuple:
 
 def main(fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle; this process ends with it
+    end_with_parent()
     worker = Worker(Connection(fd))
     try:
         worker.serve()
-    except (EOFError, OSError):
+    except DriverGone:
         pass
     except UserError as exc:
-        worker.send("error", "user", str(exc))
+        report(worker, "user", str(exc))
     except BaseException as exc:  # noqa: BLE001 - anything else ends the job in one line; the log has the rest
         traceback.print_exc()
-        worker.send("error", "failed", f"{type(exc).__name__}: {exc}")
+        report(worker, "failed", f"{type(exc).__name__}: {exc}")
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def report(worker: Worker, kind: str, message: str) -> None:
+    try:
+        worker.send("error", kind, message)
+    except DriverGone:
+        pass
+
+
+def end_with_parent() -> None:
+    """Linux: this process is killed when the driver's thread that started it ends (the run's own thread), even
+    while it builds the model and reads no socket."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # elsewhere, the closed socket ends it once it next reads
 
 
 if __name__ == "__main__":
