@@ -26,7 +26,7 @@ from pipeline.job.config import ComputeConfig, JobConfig
 from pipeline.job.errors import JobFailed, UserError
 from pipeline.job.stage import Stage
 from pipeline.run.counts import ListingCounts
-from pipeline.run.executor import EngineFacts
+from pipeline.run.executor import EngineFacts, ListedRows
 from pipeline.run.isolation import BUILD_CRASH_MESSAGE, BUILD_DEATHS
 from pipeline.run.job import run_job
 from pipeline.run.plan import StagePlan
@@ -174,7 +174,7 @@ class Chunk:
     crashed: tuple[str, int] | None = None  # (stage, deaths): write it as that stage's crash error row
 
 
-class LocalRows:
+class LocalRows(ListedRows):
     """The plan's rows from the model process, restarting it when it dies (run/executor.py's `Rows`)."""
 
     def __init__(self, plan: StagePlan, executor: LocalExecutor):
@@ -263,18 +263,6 @@ class LocalRows:
         self.triage.died(list(self.in_flight.values()), log)
         self.in_flight.clear()
         self.send_stages(self.executor.fresh_worker())
-
-    def received(self, uris: list[str]) -> None:
-        pass
-
-    def listing(self) -> dict:
-        return self.counts.listing_get()
-
-    def progress(self, inputs: int, failed: int, rate: float) -> None:
-        pass
-
-    def waiting(self) -> str | None:
-        return None
 
     def facts(self) -> EngineFacts:
         return self.clock.facts()

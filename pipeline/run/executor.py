@@ -12,6 +12,7 @@ import pyarrow as pa
 
 from pipeline.io.storage import Storage
 from pipeline.job.config import ComputeConfig, JobConfig
+from pipeline.run.counts import ListingCounts
 from pipeline.run.plan import Pool, StagePlan
 
 if TYPE_CHECKING:
@@ -46,6 +47,24 @@ class Rows(Protocol):
         """What the run waits for, if anything (a node the autoscaler is starting), for the progress line."""
 
     def facts(self) -> EngineFacts: ...
+
+
+class ListedRows:
+    """What an engine without a cluster says beside its rows: the listing's counts it keeps itself, and nothing to
+    export or wait for (run/inline.py, local/executor.py)."""
+    counts: ListingCounts
+
+    def received(self, uris: list[str]) -> None:
+        pass
+
+    def listing(self) -> dict:
+        return self.counts.listing_get()
+
+    def progress(self, inputs: int, failed: int, rate: float) -> None:
+        pass
+
+    def waiting(self) -> str | None:
+        return None
 
 
 class ModelCheck(Protocol):

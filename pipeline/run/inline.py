@@ -18,7 +18,7 @@ from pipeline.job.config import ComputeConfig, JobConfig
 from pipeline.job.stage import Batch, Stage
 from pipeline.run.checks import check_model
 from pipeline.run.counts import ListingCounts
-from pipeline.run.executor import EngineFacts
+from pipeline.run.executor import EngineFacts, ListedRows
 from pipeline.run.plan import StagePlan
 
 
@@ -53,7 +53,7 @@ class InlineExecutor:
         return InlineRows(plan)
 
 
-class InlineRows:
+class InlineRows(ListedRows):
     def __init__(self, plan: StagePlan):
         self.plan = plan
         self.counts = ListingCounts()
@@ -72,18 +72,6 @@ class InlineRows:
             self.first_model_batch_at = self.first_model_batch_at or time.time()
             yield to_table(batch)
         self.counts.listing_finished()
-
-    def received(self, uris: list[str]) -> None:
-        pass
-
-    def listing(self) -> dict:
-        return self.counts.listing_get()
-
-    def progress(self, inputs: int, failed: int, rate: float) -> None:
-        pass
-
-    def waiting(self) -> str | None:
-        return None
 
     def facts(self) -> EngineFacts:
         return EngineFacts(inputs_started=self.inputs_started, first_model_batch_at=self.first_model_batch_at)
