@@ -83,7 +83,7 @@ def test_shipped_job_specs_are_valid(spec):
 @pytest.mark.parametrize("model, words", [
     ({"outputs": []}, "'model.outputs' must name at least one of: predictions, embedding"),
     ({"outputs": ["labels"]}, "'model.outputs.0' Input should be 'predictions' or 'embedding'"),
-    ({"task": "segmentation"}, "'model.task' Input should be 'auto', 'classification' or 'detection'"),
+    ({"task": "segmentation"}, "'model.task' Input should be 'auto', 'classification', 'detection' or 'zero_shot'"),
     ({"detection": {"score_threshold": 1.5}}, "'model.detection.score_threshold' Input should be less than or equal to 1"),
 ])
 def test_task_and_output_mistakes_name_the_field(tmp_path, model, words):

@@ -121,8 +121,8 @@ def test_any_torchvision_architecture_with_a_checkpoint(tmp_path, name):
 def test_preprocessing_follows_each_weights_metadata():
     import torchvision
 
-    from pipeline.models.resolve import _resolve_preprocess
+    from pipeline.models.resolve import resolve_preprocess
 
     weights = torchvision.models.EfficientNet_B3_Weights.IMAGENET1K_V1
-    p = _resolve_preprocess({}, weights)
+    p = resolve_preprocess({}, weights)
     assert (p.resize_size, p.crop_size, p.interpolation) == (320, 300, "bicubic")

@@ -40,6 +40,7 @@ class Preprocess:
     mean: tuple[float, ...]  # one value per model input channel
     std: tuple[float, ...]
     interpolation: str = "bilinear"
+    resize_mode: str = "shorter"  # shorter side to resize_size, then the centre crop; "exact": to crop x crop
 
 
 class Decoder(Stage):
@@ -316,7 +317,7 @@ def dicom_columns(settings, frames: list[int | None], tags: list[dict], rows_of_
 
 def resize_and_crop(image: Image.Image, p: Preprocess) -> Image.Image:
     width, height = image.size
-    new_size = resized(width, height, p.resize_size)
+    new_size = resized(width, height, p.resize_size) if p.resize_mode == "shorter" else (p.crop_size, p.crop_size)
     if new_size != image.size:
         image = image.resize(new_size, _RESAMPLE[p.interpolation], reducing_gap=None)
     return center_crop(image, p.crop_size)
@@ -325,7 +326,7 @@ def resize_and_crop(image: Image.Image, p: Preprocess) -> Image.Image:
 def resize_and_crop_deep(array: np.ndarray, p: Preprocess) -> np.ndarray:
     """uint16 (H, W, C): each channel resized as 32-bit float by Pillow (the same filter as 8-bit images)."""
     height, width = array.shape[:2]
-    new_size = resized(width, height, p.resize_size)
+    new_size = resized(width, height, p.resize_size) if p.resize_mode == "shorter" else (p.crop_size, p.crop_size)
     planes = []
     for c in range(array.shape[2]):
         plane = Image.fromarray(array[..., c].astype(np.float32), "F")

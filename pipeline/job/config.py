@@ -177,15 +177,60 @@ class EmbeddingConfig(_Section):
         "(fc, classifier, head or heads, else the last Linear), or a detector's backbone output")
 
 
+MODEL_SOURCES = ("torchvision", "timm", "huggingface", "onnx", "exported", "open_clip")
+# Where `name` says what to load; the others load `weights` (a file) and take `name` only for the output's column.
+_NAMED_SOURCES = ("torchvision", "timm", "huggingface", "open_clip")
+
+
+class ZeroShotConfig(_Section):
+    """Open-vocabulary tagging: `model.labels` is the vocabulary, each label put into every template."""
+    templates: list[str] = Field(["a photo of a {}."], min_length=1,
+                                 description="prompts, each with one '{}' for the label; a label's text embedding "
+                                             "is the mean of its prompts'")
+    activation: Literal["auto", "softmax", "sigmoid"] = Field(
+        "auto", description="softmax over the vocabulary (CLIP), or each label on its own (SigLIP); auto: sigmoid "
+                            "for models trained with a sigmoid loss (a logit bias), else softmax")
+    tag_threshold: float | None = Field(
+        None, ge=0, le=1, description="a label whose score reaches this is one of the row's `tags`; default 0.5 "
+                                      "with sigmoid, 0.1 with softmax")
+
+    @field_validator("templates")
+    @classmethod
+    def _one_slot(cls, value: list[str]) -> list[str]:
+        for template in value:
+            if template.count("{}") != 1:
+                raise ValueError(f"'{template}' must hold exactly one '{{}}' where the label goes")
+        return value
+
+
+class OnnxConfig(_Section):
+    input_name: str | None = Field(None, description="the graph input that takes the images; default its only one")
+    layout: Literal["auto", "NCHW", "NHWC"] = Field(
+        "auto", description="the image input's layout; auto: from its shape (channels of 1 or 3 on axis 1 or 3)")
+
+
 class ModelConfig(_Section):
-    name: str = Field(..., description="torchvision architecture (resnet50, fasterrcnn_resnet50_fpn) or custom "
-                                       "'module.path:build_fn'")
-    task: Literal["auto", "classification", "detection"] = Field(
-        "auto", description="'auto': detection for torchvision detection models, else classification; a custom "
-                            "detector says 'detection'")
+    source: Literal[MODEL_SOURCES] = Field(  # type: ignore[valid-type]
+        "torchvision", description="torchvision (an architecture by name or 'module:build_fn'), timm, huggingface "
+        "(a hub id or save_pretrained folder), onnx (an .onnx file), exported (TorchScript or torch.export .pt2), "
+        "open_clip")
+    name: str | None = Field(None, description="torchvision architecture (resnet50, fasterrcnn_resnet50_fpn) or "
+                                               "custom 'module.path:build_fn'; a timm model name; a Hugging Face hub "
+                                               "id or local folder; an open_clip architecture (ViT-B-32)")
+    task: Literal["auto", "classification", "detection", "zero_shot"] = Field(
+        "auto", description="'auto': detection for detection models (torchvision's, a Hugging Face object "
+                            "detector), zero_shot for open_clip, else classification; a custom detector says "
+                            "'detection'")
     weights: str | None = Field(
-        None, description="torchvision weights name (IMAGENET1K_V2, DEFAULT) or a local/s3:// state_dict file")
-    labels: str | None = Field(None, description="text file, one class name per line (local or s3://)")
+        None, description="torchvision weights name (IMAGENET1K_V2, DEFAULT) or a local/s3:// file: a state_dict "
+                          "(torchvision, timm), the .onnx file, the TorchScript/.pt2 archive")
+    labels: str | list[str] | None = Field(
+        None, description="text file, one class name per line (local or s3://); for zero_shot, the vocabulary "
+                          "as a list or such a file")
+    pretrained: str | None = Field(None, description="open_clip: a pretrained tag (laion2b_s34b_b79k) or a local/"
+                                                     "s3:// checkpoint")
+    revision: str | None = Field(None, description="huggingface: the hub revision (branch, tag or commit)")
+    trust_remote_code: bool = Field(False, description="huggingface: run the model repository's own Python code")
     outputs: list[Literal["predictions", "embedding"]] = Field(
         ["predictions"], description="what each row holds: the model's predictions (labels or detections), "
                                      "its embedding (pooled features before the head), or both")
@@ -197,6 +242,8 @@ class ModelConfig(_Section):
     preprocess: PreprocessConfig = PreprocessConfig()
     detection: DetectionConfig = DetectionConfig()
     embedding: EmbeddingConfig = EmbeddingConfig()
+    zero_shot: ZeroShotConfig = ZeroShotConfig()
+    onnx: OnnxConfig = OnnxConfig()
 
     @field_validator("outputs")
     @classmethod
@@ -205,16 +252,43 @@ class ModelConfig(_Section):
             raise ValueError("must name at least one of: predictions, embedding")
         return sorted(set(value), key=["predictions", "embedding"].index)
 
+    @model_validator(mode="after")
+    def _what_to_load(self) -> "ModelConfig":
+        if self.source in _NAMED_SOURCES and not self.name:
+            raise ValueError(f"model.name is required for source {self.source}")
+        if self.source not in _NAMED_SOURCES and not self.weights:
+            raise ValueError(f"model.weights is required for source {self.source}: the model file (local or s3://)")
+        if self.task == "zero_shot" and self.source not in ("open_clip", "huggingface"):
+            raise ValueError("task zero_shot needs source open_clip or huggingface (a CLIP or SigLIP model)")
+        if isinstance(self.labels, list) and not [label for label in self.labels if label.strip()]:
+            raise ValueError("model.labels is an empty vocabulary; give at least one label")
+        return self
+
     @property
     def is_custom(self) -> bool:
-        return ":" in self.name
+        return self.source == "torchvision" and ":" in (self.name or "")
 
     @property
     def checkpoint(self) -> str | None:
         """The weights as a file URI, or None when they name torchvision weights (or are absent)."""
-        if self.weights is None or (is_weights_name(self.weights) and not Path(self.weights).exists()):
+        if self.weights is None or (self.source == "torchvision" and is_weights_name(self.weights)
+                                    and not Path(self.weights).exists()):
             return None
         return self.weights
+
+    @property
+    def display_name(self) -> str:
+        """What the output's `model` column says: the name, else the model file's."""
+        return self.name or Path(urlsplit(self.weights or "").path).name
+
+    def identity(self) -> dict:
+        """The settings that make predictions what they are. Settings added since outputs were first written join
+        only when set, so an upgrade does not make an incremental job redo its archive."""
+        added = {"source", "pretrained", "revision", "trust_remote_code", "zero_shot", "onnx"}
+        unset = {name for name in added if getattr(self, name) == type(self).model_fields[name].default}
+        if self.input_channels == "auto":
+            unset.add("input_channels")
+        return self.model_dump(exclude=unset)
 
 
 def is_weights_name(value: str) -> bool:

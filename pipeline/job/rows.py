@@ -32,6 +32,7 @@ CLASSIFICATION_COLUMNS = [
     pa.field("topk_labels", pa.list_(pa.string())),
     pa.field("topk_scores", pa.list_(pa.float32())),
 ]
+TAGS = pa.field("tags", pa.list_(pa.string()))  # zero-shot: every label scoring at least the threshold, best first
 DETECTION = pa.struct([pa.field("label", pa.string()), pa.field("score", pa.float32()),
                        *(pa.field(name, pa.float32()) for name in ("x1", "y1", "x2", "y2"))])
 DETECTION_COLUMNS = [pa.field("detections", pa.list_(DETECTION)), pa.field("num_detections", pa.int32())]
@@ -47,7 +48,8 @@ def output_schema(task: str = "classification", predictions: bool = True, embedd
                   dicom_tags: list[str] | None = None) -> pa.Schema:
     """The Parquet schema of a row: identity (and DICOM keys), the model's columns, the embedding if any,
     provenance, then the DICOM tags a job allow-lists (`dicom_tags` column names; None: not a DICOM job)."""
-    model_columns = (CLASSIFICATION_COLUMNS if task == "classification" else DETECTION_COLUMNS) if predictions else []
+    model_columns = {"detection": DETECTION_COLUMNS, "zero_shot": CLASSIFICATION_COLUMNS + [TAGS]}.get(
+        task, CLASSIFICATION_COLUMNS) if predictions else []
     embedding = [pa.field("embedding", pa.list_(pa.float32(), embedding_dim))] if embedding_dim else []
     dicom = DICOM_COLUMNS if dicom_tags is not None else []
     tags = [pa.field(name, pa.string()) for name in dicom_tags or []]

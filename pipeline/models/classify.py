@@ -30,22 +30,41 @@ class Classifier(ModelStage):
         if self.spec.wants_predictions:
             columns.update(label=np.full(n, None, dtype=object), score=np.full(n, np.nan, dtype=np.float32),
                            topk_labels=np.full(n, None, dtype=object), topk_scores=np.full(n, None, dtype=object))
+            if self.spec.tag_threshold is not None:
+                columns["tags"] = np.full(n, None, dtype=object)
         return columns
 
     def predict(self, pixels) -> dict[str, Sequence]:
-        scores, indexes, embedding = self.infer(pixels)
+        probabilities, embedding = self.probabilities(pixels)
         values: dict[str, Sequence] = {}
         if self.spec.wants_predictions:
+            scores, indexes = self.top(probabilities)
             values.update(label=self.labels[indexes[:, 0]], score=scores[:, 0],
                           topk_labels=[list(self.labels[i]) for i in indexes],
                           topk_scores=[s.tolist() for s in scores])
+            if self.spec.tag_threshold is not None:
+                values["tags"] = self.tags(probabilities.cpu().numpy())
         if embedding is not None:
             values["embedding"] = embedding
         return values
 
-    @torch.inference_mode()
+    def tags(self, probabilities: np.ndarray) -> list[list[str]]:
+        """Per row, every label scoring at least the threshold, best first."""
+        order = np.argsort(-probabilities, axis=1, kind="stable")
+        return [[self.labels[i] for i in row if p[i] >= self.spec.tag_threshold] for p, row in zip(probabilities, order)]
+
+    def top(self, probabilities: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        top = probabilities.topk(self.top_k, dim=1)
+        return top.values.cpu().numpy(), top.indices.cpu().numpy()
+
     def infer(self, pixels) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """uint8/uint16 (N, H, W, C) -> top-k probabilities and class indexes (N, k), and embeddings (N, D) or None."""
+        probabilities, embedding = self.probabilities(pixels)
+        return *self.top(probabilities), embedding
+
+    @torch.inference_mode()
+    def probabilities(self, pixels) -> tuple[torch.Tensor, np.ndarray | None]:
+        """uint8/uint16 (N, H, W, C) -> class probabilities (N, classes), and embeddings (N, D) or None."""
         x = torch.as_tensor(pixels)
         scale = self.scale[x.dtype]
         if x.device.type != self.device.type:
@@ -53,10 +72,10 @@ class Classifier(ModelStage):
         x = x.permute(0, 3, 1, 2)  # NHWC memory is exactly a channels-last NCHW tensor
         x = x.float().mul_(scale).add_(self.shift).contiguous(memory_format=self.memory_format)
         chunks = self.in_chunks(lambda size: slices(len(x), size), lambda rows: self.model(x[rows[0]:rows[-1] + 1]))
-        probabilities = torch.cat([torch.softmax(logits.float(), dim=1) for _, logits in chunks])
-        top = probabilities.topk(self.top_k, dim=1)
+        activation = torch.sigmoid if self.spec.activation == "sigmoid" else lambda t: torch.softmax(t, dim=1)
+        probabilities = torch.cat([activation(logits.float()) for _, logits in chunks])
         embedding = self.tap.take() if self.tap is not None else None
-        return top.values.cpu().numpy(), top.indices.cpu().numpy(), embedding
+        return probabilities, embedding
 
 
 def slices(n: int, size: int | None) -> list[np.ndarray]:

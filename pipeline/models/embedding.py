@@ -23,7 +23,7 @@ class EmbeddingTap:
     def __init__(self, model: nn.Module, task: str, layer: str | None = None, normalize: bool = True):
         self.normalize = normalize
         self.features: list[torch.Tensor] = []
-        if task == "classification":
+        if task != "detection":
             head = _module(model, layer) if layer else classifier_head(model)
             self.hooks = [head.register_forward_pre_hook(lambda _, args: self.features.append(pool(args[0])))]
         else:

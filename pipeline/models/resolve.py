@@ -7,6 +7,7 @@ one line instead of inside every actor. `build_model` is what each actor calls t
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import importlib
@@ -24,6 +25,11 @@ from pipeline.job.config import ModelConfig
 from pipeline.job.errors import UserError
 from pipeline.models.spec import IMAGENET_PREPROCESS, ModelSpec
 
+def source_module(source: str):
+    """pipeline/models/sources/<source>.py: `resolve(cfg, storage) -> ModelSpec` and `build(spec, storage)`."""
+    return importlib.import_module(f"pipeline.models.sources.{source}")
+
+
 def classification_models() -> list[str]:
     return torchvision.models.list_models(module=torchvision.models)
 
@@ -39,6 +45,8 @@ def resolve_task(task: str, name: str) -> str:
 
 
 def resolve_model(cfg: ModelConfig, storage: Storage) -> ModelSpec:
+    if cfg.source != "torchvision":
+        return source_module(cfg.source).resolve(cfg, storage)
     task = resolve_task(cfg.task, cfg.name)
     _check_name(cfg.name, cfg.is_custom, task, task_given=cfg.task != "auto")
     weights_enum = _torchvision_weights(cfg.name, cfg.weights, cfg.is_custom) if cfg.weights and not cfg.checkpoint \
@@ -46,21 +54,21 @@ def resolve_model(cfg: ModelConfig, storage: Storage) -> ModelSpec:
     if cfg.checkpoint and cfg.labels is None:
         raise UserError("model.labels: required with a checkpoint; give a text file with one class name per "
                         "line (its line count sets num_classes)")
-    labels = _read_labels(cfg.labels, storage) if cfg.labels else None
+    labels = read_labels(cfg.labels, storage) if cfg.labels else None
     preprocess = cfg.preprocess.model_dump(exclude_none=True)  # the job's own settings, over the weights' ones
     if labels is None and weights_enum is not None:
         labels = tuple(weights_enum.meta["categories"])
     if labels is None and not cfg.is_custom:
         raise UserError(f"model.weights: {cfg.name} needs weights: a torchvision weights name (e.g. DEFAULT) "
                         "or a checkpoint with model.labels")
-    weights_id, state_dict = _load_checkpoint(cfg.checkpoint, storage) if cfg.checkpoint else (None, None)
+    weights_id, state_dict = load_checkpoint(cfg.checkpoint, storage) if cfg.checkpoint else (None, None)
     spec = ModelSpec(
         name=cfg.name,
         weights_name=str(weights_enum) if weights_enum is not None else None,
         checkpoint=cfg.checkpoint,
         weights_id=weights_id or (str(weights_enum) if weights_enum is not None else "none"),
         labels=labels or (),
-        preprocess=_resolve_preprocess(preprocess, weights_enum) if task == "classification" else
+        preprocess=resolve_preprocess(preprocess, weights_enum) if task == "classification" else
         _no_preprocess(preprocess),
         top_k=cfg.top_k,
         task=task,
@@ -73,19 +81,28 @@ def resolve_model(cfg: ModelConfig, storage: Storage) -> ModelSpec:
         raise UserError("model.input_channels: torchvision detectors take 3 channels (grey images are replicated); "
                         "remove input_channels or set it to 3")
     model = _instantiate(spec, state_dict)
-    spec = _with_channels(spec, model, mean_or_std_given="mean" in preprocess or "std" in preprocess)
     if task == "detection":
+        spec = with_channels(spec, model, mean_or_std_given=False)
         _probe_detector(model, spec)
         _check_classes(spec)
-    else:
-        num_outputs = _probe(model, spec)
-        if not spec.labels:  # a custom model without a labels file: classes are named by index
-            spec = ModelSpec(**{**spec.__dict__, "labels": tuple(str(i) for i in range(num_outputs))})
-        if num_outputs != len(spec.labels):
-            raise UserError(f"model.labels: {len(spec.labels)} labels, but {spec.name} outputs {num_outputs} "
-                            "classes; give one line per class, in the model's class order")
+        if spec.wants_embedding:
+            spec = dataclasses.replace(spec, embedding_dim=probe_embedding(model, spec))
+        return spec
+    return finish_classifier(spec, model, mean_or_std_given="mean" in preprocess or "std" in preprocess)
+
+
+def finish_classifier(spec: ModelSpec, model: nn.Module, mean_or_std_given: bool) -> ModelSpec:
+    """The spec of a built classifier, checked by one forward pass: its channels, its classes (named by index
+    without labels), its embedding's width."""
+    spec = with_channels(spec, model, mean_or_std_given)
+    num_outputs = probe_classifier(model, spec)
+    if not spec.labels:  # a model without a labels file: classes are named by index
+        spec = dataclasses.replace(spec, labels=tuple(str(i) for i in range(num_outputs)))
+    if num_outputs != len(spec.labels):
+        raise UserError(f"model.labels: {len(spec.labels)} labels, but {spec.name} outputs {num_outputs} "
+                        "classes; give one line per class, in the model's class order")
     if spec.wants_embedding:
-        spec = ModelSpec(**{**spec.__dict__, "embedding_dim": _probe_embedding(model, spec)})
+        spec = dataclasses.replace(spec, embedding_dim=probe_embedding(model, spec))
     return spec
 
 
@@ -110,7 +127,9 @@ def _check_name(name: str, is_custom: bool, task: str, task_given: bool) -> None
 
 def build_model(spec: ModelSpec, storage: Storage) -> nn.Module:
     """Called once per actor: the model in eval mode on the CPU, weights loaded."""
-    state_dict = _load_checkpoint(spec.checkpoint, storage)[1] if spec.checkpoint else None
+    if spec.source != "torchvision":
+        return source_module(spec.source).build(spec, storage)
+    state_dict = load_checkpoint(spec.checkpoint, storage)[1] if spec.checkpoint else None
     return _instantiate(spec, state_dict)
 
 
@@ -173,7 +192,7 @@ def _fit_stem(model: nn.Module, channels: int | None, state_dict: dict | None) -
     setattr(model.get_submodule(parent_name) if parent_name else model, attr, stem)
 
 
-def _with_channels(spec: ModelSpec, model: nn.Module, mean_or_std_given: bool) -> ModelSpec:
+def with_channels(spec: ModelSpec, model: nn.Module, mean_or_std_given: bool) -> ModelSpec:
     """The spec with the model's input channels, and mean/std with one value per channel."""
     _, conv = first_conv(model)
     channels = conv.in_channels if conv is not None and conv.in_channels in (1, 3) else 3
@@ -186,7 +205,7 @@ def _with_channels(spec: ModelSpec, model: nn.Module, mean_or_std_given: bool) -
             raise UserError(f"model.preprocess: mean and std need {channels} value(s), one per input channel of "
                             f"{spec.name}")
         # Defaults (ImageNet's) for a grey model: the average over the colour channels.
-        p = Preprocess(p.resize_size, p.crop_size, (sum(p.mean) / 3,), (sum(p.std) / 3,), p.interpolation)
+        p = dataclasses.replace(p, mean=(sum(p.mean) / 3,), std=(sum(p.std) / 3,))
     if p is not None and len(p.std) != len(p.mean):
         raise UserError("model.preprocess: mean and std need the same number of values")
     return ModelSpec(**{**spec.__dict__, "input_channels": channels, "preprocess": p})
@@ -229,7 +248,10 @@ def _torchvision_weights(name: str, weights: str, is_custom: bool):
                         f"choose one of {names}, or give a checkpoint path") from None
 
 
-def _read_labels(uri: str, storage: Storage) -> tuple[str, ...]:
+def read_labels(uri: str | list[str], storage: Storage) -> tuple[str, ...]:
+    """Class names from a text file (one per line), or a list given in the spec."""
+    if isinstance(uri, list):
+        return tuple(label.strip() for label in uri if label.strip())
     try:
         text = storage.read_bytes(uri).decode("utf-8")
     except Exception as exc:  # noqa: BLE001 - OSError, UnicodeDecodeError, botocore errors...
@@ -241,7 +263,7 @@ def _read_labels(uri: str, storage: Storage) -> tuple[str, ...]:
     return labels
 
 
-def _load_checkpoint(uri: str, storage: Storage) -> tuple[str, dict]:
+def load_checkpoint(uri: str, storage: Storage) -> tuple[str, dict]:
     """(sha256 id, state_dict). Loaded with weights_only=True: a checkpoint cannot run code."""
     try:
         data = storage.read_bytes(uri)
@@ -268,7 +290,7 @@ def _unwrap_state_dict(loaded, uri: str) -> dict:
     return {k.removeprefix("module."): v for k, v in loaded.items()}
 
 
-def _resolve_preprocess(override: dict, weights_enum) -> Preprocess:
+def resolve_preprocess(override: dict, weights_enum) -> Preprocess:
     """The weights' own preprocessing (ImageNet's without weights metadata), with the job's `override` on top."""
     base = IMAGENET_PREPROCESS
     if weights_enum is not None:
@@ -276,8 +298,13 @@ def _resolve_preprocess(override: dict, weights_enum) -> Preprocess:
         if all(hasattr(t, a) for a in ("resize_size", "crop_size", "mean", "std")):
             base = Preprocess(resize_size=int(t.resize_size[0]), crop_size=int(t.crop_size[0]),
                               mean=tuple(t.mean), std=tuple(t.std), interpolation=t.interpolation.value)
-    resolved = Preprocess(**{**base.__dict__, **override})
-    if resolved.crop_size > resolved.resize_size:
+    return preprocess_with(base, override)
+
+
+def preprocess_with(base: Preprocess, override: dict) -> Preprocess:
+    """`base` (the model's own preprocessing) with the job's settings on top, checked."""
+    resolved = dataclasses.replace(base, **override)
+    if resolved.resize_mode == "shorter" and resolved.crop_size > resolved.resize_size:
         raise UserError(f"model.preprocess: crop_size {resolved.crop_size} is larger than resize_size "
                         f"{resolved.resize_size}; make crop_size <= resize_size")
     return resolved
@@ -316,7 +343,7 @@ def _check_classes(spec: ModelSpec) -> None:
         raise UserError(f"model.detection.classes: '{unknown[0]}' is not one of {spec.name}'s labels; {fix}")
 
 
-def _probe_embedding(model: nn.Module, spec: ModelSpec) -> int:
+def probe_embedding(model: nn.Module, spec: ModelSpec) -> int:
     """The embedding's width, from one forward pass with the tap attached."""
     tap = EmbeddingTap(model, spec.task, spec.embedding.layer, spec.embedding.normalize)
     size = spec.preprocess.crop_size if spec.preprocess else 128
@@ -328,7 +355,7 @@ def _probe_embedding(model: nn.Module, spec: ModelSpec) -> int:
     return int(dim)
 
 
-def _probe(model: nn.Module, spec: ModelSpec) -> int:
+def probe_classifier(model: nn.Module, spec: ModelSpec) -> int:
     """One forward pass on a blank image of the configured size: the number of classes, or a clear error."""
     size, channels = spec.preprocess.crop_size, spec.input_channels
     try:

@@ -27,6 +27,10 @@ class ModelSpec:
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     embedding_dim: int | None = None  # set when outputs has "embedding"
     input_channels: int | None = None  # None until resolved: then what the model's first convolution takes
+    source: str = "torchvision"  # which module of pipeline/models/sources/ builds it
+    options: dict = field(default_factory=dict)  # the source's own settings (hub id, revision, ONNX input, prompts)
+    activation: str = "softmax"  # or "sigmoid": each class scored on its own (SigLIP)
+    tag_threshold: float | None = None  # set: each row's `tags` are the classes scoring at least this
 
     @property
     def wants_predictions(self) -> bool:

@@ -35,7 +35,7 @@ class ModelStage:
         self.model = build_model(spec, storage)
         # Folding traces forward(), running its Python: torchvision's own classifiers only, whose forward has no
         # side effects (a custom model's may count or log calls). Detectors trace no better, their norms frozen.
-        if spec.task == "classification" and ":" not in spec.name:
+        if spec.task == "classification" and spec.source == "torchvision" and ":" not in spec.name:
             fold_batch_norms(self.model, keep=frozenset({spec.embedding.layer}) - {None})
         self.model = self.model.to(self.device, memory_format=self.memory_format)
         self.tap = (EmbeddingTap(self.model, spec.task, spec.embedding.layer, spec.embedding.normalize)

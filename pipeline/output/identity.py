@@ -43,7 +43,7 @@ def run_identity(cfg: JobConfig, spec: "ModelSpec", key_id: str | None = None) -
     # Where decoding runs changes pixels by resampling noise only: moving a job to GPUs does not redo it.
     # Settings added since outputs were first written join a key only when set, so upgrading the pipeline does not
     # make an incremental job redo its whole archive.
-    model = {"model": cfg.model.model_dump(exclude={"input_channels"} if cfg.model.input_channels == "auto" else None),
+    model = {"model": cfg.model.identity(),
              "weights": spec.weights_id, "decode": cfg.decode.model_dump(exclude={"device"})}
     if cfg.dicom is not None:  # windowing and frame choice change the pixels
         model["dicom"] = cfg.dicom.model_dump()

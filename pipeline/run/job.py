@@ -67,7 +67,7 @@ def run_job(cfg: JobConfig, executor: Executor, out: TextIO, progress_interval: 
 def start_and_check_model(cfg: JobConfig, storage: Storage, executor: Executor, out: TextIO,
                           timeline: Timeline) -> ModelSpec:
     """The engine starts while the model is checked where it will run (imports torch, builds it: seconds each)."""
-    say(out, f"starting {executor.name} and checking the model {cfg.model.name} …")
+    say(out, f"starting {executor.name} and checking the model {cfg.model.display_name} …")
     model_check = executor.check_model(cfg, storage)
     say(out, f"{executor.name} ready: {executor.start()}")
     timeline.mark("ray_ready")
