@@ -20,6 +20,9 @@ from pipeline.io.storage import Storage
 
 # Tests talk to their own local Ray only; token auth is for clusters (production manifests keep it on).
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# No model hub is reachable here: a stray hub lookup fails at once instead of retrying for 20-46 s (timm,
+# transformers, huggingface_hub read it at import; jobs the tests start inherit it).
+os.environ["HF_HUB_OFFLINE"] = "1"
 # A private torchvision weights cache, set before Ray starts so its workers share it (see torch_home).
 TORCH_HOME = tempfile.mkdtemp(prefix="pipeline-tests-torch-home-")
 atexit.register(shutil.rmtree, TORCH_HOME, ignore_errors=True)  # up to 200 MB of weights per test process

@@ -37,6 +37,12 @@ class ModelInference(Stage):
 
     @property
     def model_class(self) -> type[ModelStage]:
+        if self.spec.source != "torchvision":  # a source may run its own stage (a Hugging Face detector does)
+            from pipeline.models.resolve import source_module
+
+            own = getattr(source_module(self.spec.source), "stage_class", None)
+            if own is not None:
+                return own(self.spec)
         if self.spec.task == "detection":
             from pipeline.models.detect import Detector
 
