@@ -195,7 +195,8 @@ def _fit_stem(model: nn.Module, channels: int | None, state_dict: dict | None) -
 def with_channels(spec: ModelSpec, model: nn.Module, mean_or_std_given: bool) -> ModelSpec:
     """The spec with the model's input channels, and mean/std with one value per channel."""
     _, conv = first_conv(model)
-    channels = conv.in_channels if conv is not None and conv.in_channels in (1, 3) else 3
+    # No convolution to read (an ONNX session, a TorchScript or torch.export module): what the spec says, else 3.
+    channels = conv.in_channels if conv is not None and conv.in_channels in (1, 3) else spec.input_channels or 3
     if spec.input_channels is not None and spec.input_channels != channels:
         raise UserError(f"model.input_channels: {spec.name}'s first convolution takes {channels} channel(s), not "
                         f"{spec.input_channels}; set input_channels to 'auto' or {channels}")
