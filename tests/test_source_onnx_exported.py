@@ -36,19 +36,29 @@ BATCH = {"x": {0: Dim("batch")}}
 
 
 class Tiny(nn.Module):
-    def __init__(self):
+    def __init__(self, channels: int = 3):
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1),
-                                      nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.features = nn.Sequential(nn.Conv2d(channels, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(),
+                                      nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.fc = nn.Linear(16, len(LABELS))
 
     def forward(self, x):
         return self.fc(self.features(x))
 
 
-def _seeded_model() -> Tiny:
+class GreyNhwc(Tiny):
+    """A grey model taking (batch, height, width, 1), as Keras-born models do."""
+
+    def __init__(self):
+        super().__init__(channels=1)
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 3, 1, 2))
+
+
+def _seeded_model(kind: type = Tiny) -> Tiny:
     torch.manual_seed(0)
-    model = Tiny()
+    model = kind()
     with torch.no_grad():  # running statistics that are not the identity, so batch norm matters
         model.features[1].running_mean.uniform_(-0.5, 0.5)
         model.features[1].running_var.uniform_(0.5, 2.0)
@@ -82,7 +92,8 @@ def bucket(s3_server, models) -> str:
     storage, name = Storage.from_env(), f"test-{uuid.uuid4().hex[:12]}"
     storage.s3_client.create_bucket(Bucket=name)
     for i, (width, height) in enumerate(SIZES):
-        storage.s3_client.put_object(Bucket=name, Key=f"in/img-{i:02d}.png", Body=encode(photo(width, height, i), "PNG"))
+        png = encode(photo(width, height, seed=i), "PNG")
+        storage.s3_client.put_object(Bucket=name, Key=f"in/img-{i:02d}.png", Body=png)
     for file in ("stats.onnx", "model.pt2", "external.onnx"):
         storage.s3_client.put_object(Bucket=name, Key=f"models/{file}", Body=(models / file).read_bytes())
     return name
@@ -205,3 +216,15 @@ def test_a_torch_export_for_one_image_or_an_embedding_is_refused(models, tmp_pat
         resolve_model(ModelConfig(source="exported", weights=str(tmp_path / "one.pt2")), storage)
     with pytest.raises(UserError, match="model.outputs: an exported model has no layer to tap"):
         resolve_model(ModelConfig(source="exported", weights=str(models / "model.ts"), outputs=["embedding"]), storage)
+
+
+def test_a_grey_nhwc_onnx_model_takes_its_layout_and_channels_from_its_input(tmp_path):
+    torch.onnx.export(_seeded_model(GreyNhwc), (torch.randn(2, SIDE, SIDE, 1),), tmp_path / "grey.onnx",
+                      dynamic_shapes=BATCH, external_data=False)
+    storage = Storage.from_env()
+    spec = resolve_model(ModelConfig(source="onnx", weights=str(tmp_path / "grey.onnx")), storage)
+    assert spec.input_channels == 1 and spec.options["layout"] == "NHWC"
+    assert spec.preprocess.mean == (sum(IMAGENET_MEAN) / 3,) and spec.preprocess.resize_size == 73
+    x = torch.randn(3, 1, SIDE, SIDE)
+    expected = onnx_call(tmp_path / "grey.onnx")(x.permute(0, 2, 3, 1).contiguous())
+    np.testing.assert_allclose(build_model(spec, storage)(x).numpy(), expected, atol=1e-5)

@@ -80,8 +80,8 @@ def check_dynamic_batch(model, spec, fix: str) -> None:
             logits = model(torch.zeros(2, spec.input_channels, size, size))
     except Exception as exc:  # noqa: BLE001 - guard failures (AssertionError), shape errors, ORT's own...
         detail = " ".join(str(exc).split())[:160]
-        raise UserError(f"model.weights: {spec.name} runs on one image but not on a batch of two ({type(exc).__name__}: "
-                        f"{detail}); its batch size is fixed: {fix}") from None
+        raise UserError(f"model.weights: {spec.name} runs on one image but not on a batch of two "
+                        f"({type(exc).__name__}: {detail}); its batch size is fixed: {fix}") from None
     if tuple(logits.shape[:1]) != (2,):
         raise UserError(f"model.weights: {spec.name} returns {tuple(logits.shape)} for a batch of two; its batch size "
                         f"is fixed: {fix}")
