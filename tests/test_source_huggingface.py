@@ -4,6 +4,7 @@ steps map onto our preprocessing pixel for pixel."""
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 
@@ -41,8 +42,11 @@ def models(tmp_path_factory) -> dict[str, str]:
         use_timm_backbone=False, use_pretrained_backbone=False, backbone_config=backbone, num_labels=3,
         id2label=LABELS, label2id={v: k for k, v in LABELS.items()}, d_model=32, encoder_layers=1, decoder_layers=1,
         encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=8))
-    with torch.no_grad():  # spread the random queries, so that boxes and scores differ between them
+    with torch.no_grad():  # larger random queries and heads: boxes, labels and scores that differ between queries
         detr.model.query_position_embeddings.weight.normal_(0, 3)
+        for module, std in ((detr.model.decoder, 1.0), (detr.class_labels_classifier, 0.5), (detr.bbox_predictor, 0.2)):
+            for weight in module.parameters():
+                weight.normal_(0, std)
     detr.save_pretrained(root / "detr")
     DetrImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}).save_pretrained(root / "detr")
     (root / "remote").mkdir()
@@ -78,8 +82,6 @@ def rows_of(uri: str) -> dict[str, dict]:
 
 
 def images_of(files: dict[str, bytes]) -> dict[str, Image.Image]:
-    import io
-
     return {name: Image.open(io.BytesIO(data)).convert("RGB") for name, data in files.items()}
 
 
@@ -207,3 +209,31 @@ def test_a_processor_we_cannot_repeat_is_one_line_unless_the_job_sets_the_prepro
     own = {"resize_size": 36, "crop_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}
     spec = resolve_model(ModelConfig(source="huggingface", name=str(folder), preprocess=own), Storage.from_env())
     assert (spec.preprocess.resize_size, spec.preprocess.crop_size, spec.preprocess.resize_mode) == (36, 32, "shorter")
+
+
+def test_the_weights_id_follows_the_weights_and_the_embedding_is_the_head_s_input(models, tmp_path):
+    import transformers
+
+    from pipeline.io.storage import Storage
+    from pipeline.job.config import ModelConfig
+    from pipeline.models.classify import Classifier
+    from pipeline.models.resolve import resolve_model
+
+    spec_of = lambda name, **more: resolve_model(ModelConfig(source="huggingface", name=name, **more),
+                                                  Storage.from_env())
+    model = transformers.AutoModelForImageClassification.from_pretrained(models["vit"]).eval()
+    with torch.no_grad():
+        model.classifier.bias[0] += 0.5
+    model.save_pretrained(tmp_path / "changed")
+    transformers.AutoImageProcessor.from_pretrained(models["vit"]).save_pretrained(tmp_path / "changed")
+    assert spec_of(models["vit"]).weights_id == spec_of(models["vit"]).weights_id != \
+        spec_of(str(tmp_path / "changed")).weights_id
+
+    spec = spec_of(models["vit"], outputs=["predictions", "embedding"], embedding={"normalize": False})
+    pixels = Decoder(spec.preprocess, 10**8)(encoded_batch([encode(photo(seed=i), "PNG") for i in range(3)]))["pixels"]
+    _, _, embedding = Classifier(spec, Storage.from_env()).infer(pixels)
+    x = (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
+    with torch.inference_mode():
+        expected = model.vit(pixel_values=x).last_hidden_state[:, 0]  # the [CLS] features the classifier reads
+    assert spec.embedding_dim == 32
+    np.testing.assert_allclose(embedding, expected.numpy(), atol=1e-5)

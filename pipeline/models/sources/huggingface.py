@@ -5,7 +5,6 @@ run in `HuggingFaceDetector`, which uses the processor itself and maps boxes bac
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import os
 from collections import defaultdict
@@ -230,10 +229,11 @@ def _classifier_preprocess(processor, name: str, override: dict) -> Preprocess:
     try:
         base = processor_preprocess(processor)
     except ValueError as exc:
-        if not {"resize_size", "crop_size", "mean", "std"} <= override.keys():
+        needed = ("resize_size", "crop_size", "mean", "std")
+        if not set(needed) <= override.keys():
             raise UserError(f"model.preprocess: {name}'s image processor {exc}, which this pipeline cannot repeat; "
-                            "set model.preprocess (resize_size, crop_size, mean, std) for a square centre crop") from None
-        base = Preprocess(**{k: override[k] for k in ("resize_size", "crop_size", "mean", "std")})
+                            f"set model.preprocess ({', '.join(needed)}) for a square centre crop") from None
+        base = Preprocess(**{k: override[k] for k in needed})
     return preprocess_with(base, override)
 
 
