@@ -48,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--no-listing", action="store_true",
                       help="skip listing the input to say how many inputs the next run would predict")
 
+    search = commands.add_parser("search", help="the output's images that best match a text, by the embeddings an "
+                                                "open_clip job wrote (no Ray)")
+    add_output_flags(search)
+    search.add_argument("text", help='what to look for, e.g. "a dog on a beach"')
+    search.add_argument("--limit", type=int, default=20, help="how many images (default 20)")
+    search.add_argument("-o", "--out", metavar="FILE.html", help="also write a page with their thumbnails")
+
     demo = commands.add_parser("demo", help="train a digits CNN, serve images from a local S3, run a job")
     demo.add_argument("--keep", metavar="DIR", help="also copy the Parquet output to this local folder")
     return parser
@@ -95,6 +102,8 @@ def main(argv: list[str] | None = None, own_streams: bool = False) -> int:
             return _submit(args)
         if args.command in ("report", "runs"):
             return _report(args) if args.command == "report" else _runs(args)
+        if args.command == "search":
+            return _search(args)
         from pipeline.dev.demo import run_demo
         return run_demo(keep=args.keep, own_streams=own_streams)
     except UserError as exc:
@@ -161,13 +170,34 @@ def _report(args: argparse.Namespace) -> int:
 
     run_id, html = build_report(_open_output(args), args.run, args.against)
     path = args.out or f"report-{run_id}.html"
-    try:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(html)
-    except OSError as exc:
-        raise UserError(f"-o {path}: cannot write the report ({exc.strerror}); choose a writable path") from None
+    _write_page(path, html, "report")
     print(f"Report on run {run_id} written to {path} ({len(html.encode()) / 1e6:.1f} MB)")
     return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from pipeline.report.search import results_page, search
+
+    if args.limit < 1:
+        raise UserError("--limit: give a number of images, at least 1")
+    table = _open_output(args)
+    record, hits = search(table, args.text, args.limit)
+    print(f"{len(hits)} best match(es) for {args.text!r} in {args.output} (model {record.get('model')}, run "
+          f"{record['run_id']}):")
+    for hit in hits:
+        print(f"  {hit.score:.4f}  {hit.uri}" + (f"  frame {hit.frame}" if hit.frame is not None else ""))
+    if args.out:
+        _write_page(args.out, results_page(table, args.text, record, hits), "search results")
+        print(f"Results with thumbnails written to {args.out}")
+    return 0
+
+
+def _write_page(path: str, page: str, what: str) -> None:
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(page)
+    except OSError as exc:
+        raise UserError(f"-o {path}: cannot write the {what} ({exc.strerror}); choose a writable path") from None
 
 
 def _runs(args: argparse.Namespace) -> int:

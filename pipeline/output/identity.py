@@ -30,6 +30,7 @@ class RunIdentity:
     model: str
     weights: str
     pseudonyms: str | None = None  # the pseudonymisation key's id
+    model_config: dict | None = None  # the job's model section, kept in the run's record
 
 
 def new_run_id() -> str:
@@ -45,6 +46,8 @@ def run_identity(cfg: JobConfig, spec: "ModelSpec", key_id: str | None = None) -
     # make an incremental job redo its whole archive.
     model = {"model": cfg.model.identity(),
              "weights": spec.weights_id, "decode": cfg.decode.model_dump(exclude={"device"})}
+    if spec.task == "zero_shot":  # a vocabulary file's words, not only its name
+        model["vocabulary"] = list(spec.labels)
     if cfg.dicom is not None:  # windowing and frame choice change the pixels
         model["dicom"] = cfg.dicom.model_dump()
     model_key = _identity_digest(model)
@@ -53,7 +56,8 @@ def run_identity(cfg: JobConfig, spec: "ModelSpec", key_id: str | None = None) -
     if key_id is not None:
         job["pseudonyms"] = key_id
     return RunIdentity(job_key=_identity_digest(job), model_key=model_key, model=spec.name,
-                       weights=spec.weights_id, pseudonyms=key_id)
+                       weights=spec.weights_id, pseudonyms=key_id,
+                       model_config=cfg.model.model_dump(mode="json", exclude_defaults=True))
 
 
 def _identity_digest(identity: dict) -> str:

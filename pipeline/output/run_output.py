@@ -153,6 +153,8 @@ class RunOutput:
         check_folder_layout(self.table, layout(self.output), self.output.overwrite)
         check_pseudonyms(self.table.live(), self.output.uri, self.output.overwrite, identity.pseudonyms)
         self.run = self._start_or_resume(staged, committed, identity)
+        if self.skips_done:
+            say_if_the_model_is_new(self.table.live(), self.policy.input_uri, identity, self.out)
 
     def _start_or_resume(self, staged: dict[str, StagedRun], committed: list[dict], identity: RunIdentity) -> StagedRun:
         out = self.out
@@ -167,7 +169,8 @@ class RunOutput:
                 run_id=self.lease.run_id, job_key=identity.job_key, model_key=identity.model_key, started_at=now,
                 input=self.policy.input_uri, model=identity.model, weights=identity.weights,
                 pseudonyms=identity.pseudonyms, listing={"extensions": self.policy.listed,
-                                                         "skips_done": self.skips_done}))
+                                                         "skips_done": self.skips_done},
+                model_config=identity.model_config))
         resumed = attempt_so_far(self.staging, run)  # before any chunk is rewritten below
         run.info.attempts.append(now)
         retried = self.staging.unstage_failed_inputs(run) if run.chunks else 0
@@ -244,12 +247,22 @@ def staged_rows(staging: Staging, chunks: list[str], run_id: str, staged: int) -
                         "were staged; nothing was committed, and a rerun resumes the run")
 
 
+def say_if_the_model_is_new(live: list[dict], input_uri: str, identity: RunIdentity, out) -> None:
+    """An incremental run whose model identity no earlier run of its input had redoes every input: said first."""
+    keys = {r.get("model_key") for r in live if r.get("input") == input_uri}
+    if keys and identity.model_key not in keys:
+        print("note: no earlier run of this output had this model as configured now (its weights, labels or "
+              "vocabulary, prompts or preprocessing differ): every input is processed again; earlier rows stay",
+              file=out)
+
+
 def run_record(info: RunInfo, output_format: str, extensions: list[str] | None, stats: RunStats, overwrite: bool,
                progress: dict | None) -> dict:
     """What a committed run says of itself, kept by every format (`pipeline runs`, `pipeline report`, history)."""
     return {"format": FORMAT, "run_id": info.run_id, "mode": "overwrite" if overwrite else "append",
             "output_format": output_format, "input": info.input, "extensions": extensions,
             "model": info.model, "weights": info.weights,
+            **({"model_config": info.model_config} if info.model_config else {}),
             "model_key": info.model_key, "job_key": info.job_key, "pseudonyms": info.pseudonyms,
             **stats.as_record(), "started_at": info.started_at, "attempts": info.attempts,
             "interrupted_attempts": info.interrupted_attempts,

@@ -46,6 +46,7 @@ class RunInfo:
     # What its job lists and skips, for `pipeline runs` to count what a resume has left: {"extensions": [...] or
     # None for every object, "skips_done": earlier runs of its model count as done}; None in older _run.json.
     listing: dict | None = None
+    model_config: dict | None = None  # the job's model section, for `pipeline search` to encode text with
 
     @classmethod
     def from_json(cls, data: dict) -> "RunInfo":

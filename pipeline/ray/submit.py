@@ -29,7 +29,7 @@ def submit(spec_path: str | None, overrides: dict[str, Any], address: str | None
     raw = merged_spec(spec_path, overrides)
     cfg = validate_spec(raw, spec_path)  # a spec that cannot run fails here, not on the cluster
     local = [value for value in (cfg.input.uri, cfg.output.uri, cfg.model.checkpoint, cfg.model.labels)
-             if value and not value.startswith("s3://")]
+             if isinstance(value, str) and value and not value.startswith("s3://")]
     if local:
         print(f"note: {', '.join(local)} will be read on the cluster's nodes, not on this machine", file=out)
     if cfg.compute.executor == "local":

@@ -3,9 +3,11 @@ The engine is the `executor`'s business (pipeline/ray/ or pipeline/local/); noth
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, TextIO
 
 from pipeline.io.storage import Storage, absolute
+from pipeline.io.uris import is_s3
 from pipeline.job.config import JobConfig
 from pipeline.job.errors import JobStopped
 from pipeline.output import RunOutput, RunPolicy, open_output
@@ -102,9 +104,9 @@ def with_absolute_paths(cfg: JobConfig) -> JobConfig:
     cfg.output.uri = absolute(cfg.output.uri)
     if cfg.privacy.mapping_uri:
         cfg.privacy.mapping_uri = absolute(cfg.privacy.mapping_uri)
-    for attr in ("weights", "labels"):
+    for attr in ("weights", "labels", "pretrained", "name"):
         value = getattr(cfg.model, attr)
-        if value and (attr == "labels" or cfg.model.checkpoint):
+        if isinstance(value, str) and is_local_file(value, attr, cfg.model):
             setattr(cfg.model, attr, absolute(value))
     return cfg
 
@@ -112,3 +114,14 @@ def with_absolute_paths(cfg: JobConfig) -> JobConfig:
 def say(out: TextIO, text: str) -> None:
     """A line about what the job is doing while it starts, before the progress line takes over."""
     print(f"  {text}", file=out, flush=True)
+
+
+def is_local_file(value: str, attr: str, model) -> bool:
+    """Whether a model setting names a file or folder (made absolute), not a weights name, tag or hub id."""
+    if attr == "labels":
+        return True
+    if attr == "weights":
+        return model.checkpoint is not None
+    if attr == "name" and model.source not in ("huggingface", "open_clip"):
+        return False
+    return not is_s3(value) and os.path.exists(os.path.expanduser(value.removeprefix("file://")))
