@@ -10,6 +10,7 @@ A source's library is imported only here, when a job names it: the CLI's start d
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 
 from pipeline.job.errors import UserError
@@ -28,3 +29,14 @@ def download_failed(what: str, exc: Exception, fix: str) -> UserError:
     """One line for weights that could not be fetched (no network, unknown id, a gated repository)."""
     detail = " ".join(str(exc).split())[:200]
     return UserError(f"model: cannot load {what} ({type(exc).__name__}: {detail}); {fix}")
+
+
+def digest(state_dict: dict) -> str:
+    """The weights' identity when they come from the hub: sha256 over every tensor's bytes, in order."""
+    import torch
+
+    hasher = hashlib.sha256()
+    for name, tensor in state_dict.items():
+        hasher.update(name.encode())
+        hasher.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + hasher.hexdigest()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import sys
 from collections import defaultdict
 from typing import Sequence
 
@@ -19,8 +20,7 @@ from pipeline.io.storage import Storage
 from pipeline.job.config import EmbeddingConfig, ModelConfig
 from pipeline.job.errors import UserError
 from pipeline.models.resolve import finish_classifier, preprocess_with, read_labels
-from pipeline.models.sources import download_failed, require
-from pipeline.models.sources.timm import _digest as digest
+from pipeline.models.sources import digest, download_failed, huggingface_clip, require
 from pipeline.models.spec import ModelSpec
 from pipeline.models.stage import ModelStage
 
@@ -40,17 +40,26 @@ def resolve(cfg: ModelConfig, storage: Storage) -> ModelSpec:
                         "save_pretrained folder); remove model.weights")
     config = _load(transformers.AutoConfig, cfg, "model config")
     task = _task(cfg, config)
-    # Each task's resolver; zero_shot (CLIP, SigLIP) is one more entry here.
+    if task == "zero_shot":
+        return huggingface_clip.resolve_zero_shot(sys.modules[__name__], transformers, cfg, config, storage)
     resolvers = {"classification": _resolve_classifier, "detection": _resolve_detector}
     return resolvers[task](transformers, cfg, config, storage)
 
 
 def build(spec: ModelSpec, storage: Storage) -> nn.Module:
     transformers = _library()
-    cfg = ModelConfig(source="huggingface", name=spec.name, **spec.options)
+    cfg = ModelConfig(source="huggingface", name=spec.name, revision=spec.options["revision"],
+                      trust_remote_code=spec.options["trust_remote_code"])
     if spec.task == "detection":
         return _weights(transformers.AutoModelForObjectDetection, cfg)
+    if spec.task == "zero_shot":
+        return huggingface_clip.build_zero_shot(sys.modules[__name__], transformers, cfg, spec)
     return Logits(_weights(transformers.AutoModelForImageClassification, cfg)).eval()
+
+
+def encode_texts(cfg: ModelConfig, storage: Storage, texts: list[str]) -> np.ndarray:
+    """What `pipeline search` ranks by: the texts in a CLIP or SigLIP model's embedding space, unit length."""
+    return huggingface_clip.encode_texts(sys.modules[__name__], _library(), cfg, texts)
 
 
 def stage_class(spec: ModelSpec):
@@ -112,14 +121,15 @@ def _resolve_detector(transformers, cfg: ModelConfig, config, storage: Storage) 
 
 
 def _task(cfg: ModelConfig, config) -> str:
-    """auto: detection for an object-detection architecture (transformers' own, or a remote-code one), else
-    classification. An explicit task must fit the architecture."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES
+    """auto: detection for an object-detection architecture (transformers' own, or a remote-code one), zero_shot for
+    a zero-shot image classifier (CLIP, SigLIP), else classification. An explicit task must fit the architecture."""
+    from transformers.models.auto import modeling_auto
 
-    detector = (config.model_type in MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES
+    detector = (config.model_type in modeling_auto.MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES
                 or "AutoModelForObjectDetection" in (getattr(config, "auto_map", None) or {}))
+    zero_shot = config.model_type in modeling_auto.MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES
     if cfg.task == "auto":
-        return "detection" if detector else "classification"
+        return "detection" if detector else "zero_shot" if zero_shot else "classification"
     if cfg.task == "classification" and detector:
         raise UserError(f"model.task: {cfg.name} is an object detector ({config.model_type}); set model.task to "
                         "detection or auto")

@@ -12,7 +12,6 @@ import logging
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -20,9 +19,9 @@ from pipeline.decode.image import Preprocess
 from pipeline.io.storage import Storage
 from pipeline.job.config import ModelConfig
 from pipeline.job.errors import UserError
-from pipeline.models.resolve import finish_classifier, load_checkpoint, preprocess_with, read_labels
-from pipeline.models.sources import download_failed, require
-from pipeline.models.sources.timm import _digest
+from pipeline.models.resolve import load_checkpoint
+from pipeline.models.sources import digest, download_failed, require
+from pipeline.models.sources.zero_shot import ZeroShot, label_embeddings, vocabulary, zero_shot_spec
 from pipeline.models.spec import ModelSpec
 
 PREFETCH = ("fetch it once where there is a network (python -c \"import open_clip; open_clip.create_model('{name}', "
@@ -30,71 +29,25 @@ PREFETCH = ("fetch it once where there is a network (python -c \"import open_cli
 
 
 def resolve(cfg: ModelConfig, storage: Storage) -> ModelSpec:
-    if cfg.task not in ("auto", "zero_shot"):
-        raise UserError("model.task: open_clip models tag by vocabulary; remove task or set it to zero_shot")
-    if not cfg.labels:
-        raise UserError("model.labels: zero-shot tagging needs a vocabulary: a list of labels, or a text file with "
-                        "one per line")
-    vocabulary = read_labels(cfg.labels, storage)
-    if not vocabulary:
-        raise UserError("model.labels: the vocabulary is empty; give at least one label")
+    labels = vocabulary(cfg, storage)
     open_clip = require("open_clip", "open_clip")
     architecture = _architecture(open_clip, cfg.name, storage)
     model, weights_id = _create(open_clip, architecture, cfg.pretrained, storage)
-    text = text_features(open_clip, model, architecture, [t.format(label) for label in vocabulary
-                                                          for t in cfg.zero_shot.templates])
-    text = text.reshape(len(vocabulary), len(cfg.zero_shot.templates), -1).mean(dim=1)
-    sigmoid = getattr(model, "logit_bias", None) is not None
-    activation = cfg.zero_shot.activation if cfg.zero_shot.activation != "auto" else \
-        "sigmoid" if sigmoid else "softmax"
-    preprocess = cfg.preprocess.model_dump(exclude_none=True)
-    spec = ModelSpec(
-        name=cfg.name, weights_name=None, checkpoint=None, weights_id=weights_id, labels=vocabulary,
-        preprocess=preprocess_with(_preprocess(model, cfg.name), preprocess), top_k=cfg.top_k, task="zero_shot",
-        outputs=tuple(cfg.outputs), embedding=cfg.embedding, input_channels=3, source="open_clip",
-        activation=activation, options={
-            "architecture": cfg.name, "pretrained": cfg.pretrained,
-            "text": torch.nn.functional.normalize(text, dim=-1).numpy(),
-            "scale": float(model.logit_scale.detach().exp()),
-            "bias": float(model.logit_bias.detach()) if sigmoid else 0.0},
-        tag_threshold=cfg.zero_shot.tag_threshold if cfg.zero_shot.tag_threshold is not None else
-        0.5 if activation == "sigmoid" else 0.1)
-    return finish_classifier(spec, build_from(model, spec), mean_or_std_given="mean" in preprocess or "std" in preprocess)
+    tokenizer = open_clip.get_tokenizer(architecture)
+    text = label_embeddings(lambda prompts: model.encode_text(tokenizer(prompts)), labels, cfg.zero_shot.templates)
+    bias = getattr(model, "logit_bias", None)
+    return zero_shot_spec(cfg, labels, text, scale=float(model.logit_scale.detach().exp()),
+                          bias=float(bias.detach()) if bias is not None else None, weights_id=weights_id,
+                          preprocess=_preprocess(model, cfg.name),
+                          options={"architecture": cfg.name, "pretrained": cfg.pretrained},
+                          visual=lambda spec: model.visual)
 
 
 def build(spec: ModelSpec, storage: Storage) -> nn.Module:
     open_clip = require("open_clip", "open_clip")
     model, _ = _create(open_clip, _architecture(open_clip, spec.options["architecture"], storage),
                        spec.options["pretrained"], storage)
-    return build_from(model, spec)
-
-
-def build_from(model, spec: ModelSpec) -> nn.Module:
-    options = spec.options
-    return ZeroShot(model.visual, VocabularyHead(options["text"], options["scale"], options["bias"])).eval()
-
-
-class VocabularyHead(nn.Module):
-    """Unit image embeddings (N, D) -> one logit per label: scale * cosine similarity (+ bias)."""
-
-    def __init__(self, text: np.ndarray, scale: float, bias: float):
-        super().__init__()
-        self.register_buffer("text", torch.from_numpy(np.ascontiguousarray(text)).float())
-        self.scale, self.bias = scale, bias
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.scale * features.float() @ self.text.T + self.bias
-
-
-class ZeroShot(nn.Module):
-    """The image tower, its output normalised, then the vocabulary: `head`'s input is the row's embedding."""
-
-    def __init__(self, visual: nn.Module, head: VocabularyHead):
-        super().__init__()
-        self.visual, self.head = visual, head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(nn.functional.normalize(self.visual(x), dim=-1))
+    return ZeroShot(model.visual, spec).eval()
 
 
 @torch.inference_mode()
@@ -150,7 +103,7 @@ def _create(open_clip, architecture: str, pretrained: str | None, storage: Stora
             raise download_failed(f"open_clip {architecture} ({pretrained})", exc,
                                   PREFETCH.format(name=architecture, tag=pretrained)) from None
     if is_tag:
-        return model.eval(), _digest(model.state_dict())
+        return model.eval(), digest(model.state_dict())
     weights_id, state_dict = load_checkpoint(pretrained, storage)
     try:
         model.load_state_dict(state_dict, strict=True)

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
 
 from pipeline.decode.image import Preprocess
 from pipeline.io.storage import Storage
 from pipeline.job.config import EmbeddingConfig, ModelConfig
 from pipeline.job.errors import UserError
 from pipeline.models.resolve import finish_classifier, load_checkpoint, preprocess_with, read_labels
-from pipeline.models.sources import download_failed, require
+from pipeline.models.sources import digest, download_failed, require
 from pipeline.models.spec import ModelSpec
 
 PREFETCH = ("fetch it once where there is a network (python -c \"import timm; timm.create_model('{name}', "
@@ -30,7 +29,7 @@ def resolve(cfg: ModelConfig, storage: Storage) -> ModelSpec:
     num_classes = _checkpoint_classes(timm, cfg.name, state_dict, labels)
     model = _create(timm, cfg.name, num_classes, state_dict)
     if state_dict is None:
-        weights_id = _digest(model.state_dict())
+        weights_id = digest(model.state_dict())
         labels = labels or _dataset_labels(model)
     preprocess = cfg.preprocess.model_dump(exclude_none=True)
     head = model.pretrained_cfg.get("classifier")
@@ -113,12 +112,3 @@ def _dataset_labels(model) -> tuple[str, ...] | None:
         return None
     info = ImageNetInfo(subset)
     return tuple(info.index_to_description(i).split(",")[0] for i in range(model.num_classes))
-
-
-def _digest(state_dict: dict) -> str:
-    """The weights' identity when they come from the hub: sha256 over every tensor, in order."""
-    digest = hashlib.sha256()
-    for name, tensor in state_dict.items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return "sha256:" + digest.hexdigest()
