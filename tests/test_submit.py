@@ -97,3 +97,36 @@ def test_a_bad_spec_is_refused_before_anything_is_submitted(tmp_path, capsys):
     code = main(["submit", str(spec), "--address", "http://127.0.0.1:9"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "unknown key 'model.top_kk'; did you mean 'top_k'?" in err
+
+
+def test_submit_runs_an_open_vocabulary_job_whose_model_lives_on_s3(head, storage, bucket, tmp_path):
+    """A model source beyond torchvision through the job API: open_clip, its config and weights read from S3 on the
+    cluster, the vocabulary encoded once and every row tagged."""
+    import open_clip
+    import torch
+
+    import tiny_clip
+
+    config = tmp_path / "tiny-submit-clip.json"
+    config.write_text(json.dumps(tiny_clip.CONFIG))
+    open_clip.add_model_config(str(config))
+    torch.manual_seed(0)
+    weights = tmp_path / "clip.pt"
+    torch.save(open_clip.create_model(config.stem).state_dict(), weights)
+    storage.write_bytes(f"s3://{bucket}/models/tiny-submit-clip.json", config.read_bytes())
+    storage.write_bytes(f"s3://{bucket}/models/clip.pt", weights.read_bytes())
+    for i in range(8):
+        storage.s3_client.put_object(Bucket=bucket, Key=f"shapes/{i}.jpg", Body=photo_jpeg(i))
+    spec = tmp_path / "tags.yaml"
+    spec.write_text(json.dumps({
+        "input": {"uri": f"s3://{bucket}/shapes/"}, "output": {"uri": f"s3://{bucket}/tags/"},
+        "model": {"source": "open_clip", "name": f"s3://{bucket}/models/tiny-submit-clip.json",
+                  "pretrained": f"s3://{bucket}/models/clip.pt", "labels": tiny_clip.CLASSES,
+                  "zero_shot": {"tag_threshold": 0.0}},
+        "compute": {"batch_size": 4, "max_actors": 1, "memory_per_actor_gb": 0.5}}))
+    run = subprocess.run([sys.executable, "-m", "pipeline", "submit", str(spec), "--address", head.dashboard_url],
+                         capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = pads.dataset(f"s3://{bucket}/tags/", format="parquet").to_table().to_pylist()
+    assert len(rows) == 8 and all(r["error"] is None and r["label"] in tiny_clip.CLASSES for r in rows)
+    assert all(sorted(r["tags"]) == sorted(tiny_clip.CLASSES) for r in rows)  # threshold 0: every label
