@@ -74,7 +74,7 @@ def test_missing_spec_file():
         load_job("/nonexistent/job.yaml", {})
 
 
-@pytest.mark.parametrize("spec", ["jobs/nightly_labeling.yaml", "jobs/tag_archive.yaml"])
+@pytest.mark.parametrize("spec", ["jobs/nightly_labeling.yaml", "jobs/tag_archive.yaml", "jobs/open_vocabulary_tags.yaml"])
 def test_shipped_job_specs_are_valid(spec):
     cfg = load_job(spec, {})
     assert isinstance(cfg, JobConfig)

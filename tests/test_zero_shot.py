@@ -6,8 +6,10 @@ or weights that cannot work are one line before any work."""
 from __future__ import annotations
 
 import io
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as pads
@@ -16,17 +18,21 @@ import torch
 import yaml
 from PIL import Image
 
+import duckdb
 import tiny_clip
-from conftest import encode
+from conftest import encode, ensure_bucket
 
-TEMPLATES = ["a photo of a {}.", "a picture of a {}"]
+ROOT = Path(__file__).resolve().parent.parent
+BUCKET = "photo-archive"  # the job spec's own bucket and prefixes, so the spec runs as shipped
+
+TEMPLATES = ["a photo of a {}.", "a picture of a {}."]  # as jobs/open_vocabulary_tags.yaml has them
 PER_CLASS = 4
 
 
 @pytest.fixture(scope="module")
 def clip_model(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("tiny-clip")
-    config, checkpoint = tiny_clip.train(root, steps=700)
+    config, checkpoint = tiny_clip.train(root, steps=1000)
     return {"config": config, "checkpoint": checkpoint}
 
 
@@ -89,6 +95,53 @@ def test_tags_equal_open_clips_own_and_search_finds_the_pictures(clip_model, sha
         right += row["label"] == name.rsplit("-", 1)[0].replace("-", " ")
     assert right >= 0.8 * len(names), f"{right} of {len(names)} held-out pictures tagged with what they show"
 
+    model["labels"] = [*tiny_clip.CLASSES, "purple star"]  # a new vocabulary: a new model identity
+    again = subprocess.run(job(tmp_path, model, f"s3://{bucket}/shapes/", output), capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "every input is processed again" in again.stdout
+    assert pads.dataset(output, format="parquet").to_table().num_rows == 2 * len(shapes)
+
+
+def readme_queries() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("### Open-vocabulary tagging and search", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```sql\n(.*?)```", section, flags=re.S)
+
+
+def test_the_job_spec_the_readme_queries_and_search(clip_model, shapes, storage, tmp_path, monkeypatch):
+    ensure_bucket(storage, BUCKET)
+    for name, data in shapes.items():
+        storage.write_bytes(f"s3://{BUCKET}/incoming/{name}", data)
+    storage.write_bytes(f"s3://{BUCKET}/incoming/broken.png", next(iter(shapes.values()))[:60])
+    storage.write_bytes(f"s3://{BUCKET}/models/shapes-clip.pt", clip_model["checkpoint"].read_bytes())
+    vocabulary = tmp_path / "vocabulary.txt"
+    vocabulary.write_text("\n".join(tiny_clip.CLASSES) + "\n")
+    run = subprocess.run([sys.executable, "-m", "pipeline", "run", str(ROOT / "jobs" / "open_vocabulary_tags.yaml"),
+                          "--model", str(clip_model["config"]), "--pretrained", f"s3://{BUCKET}/models/shapes-clip.pt",
+                          "--labels", str(vocabulary)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    output = f"s3://{BUCKET}/open-tags/"
+    rows = pads.dataset(output, format="parquet").to_table().to_pylist()
+    assert len(rows) == len(shapes) + 1 and sum((r["error_type"] or "").startswith("decode.") for r in rows) == 1
+
+    local = tmp_path / "analyst"  # the analyst's copy, then the README's queries character for character
+    for page in storage.s3_client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="open-tags/"):
+        for obj in page.get("Contents", []):
+            target = local / obj["Key"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(storage.read_bytes(f"s3://{BUCKET}/{obj['Key']}"))
+    monkeypatch.chdir(local)
+    per_tag, least_sure = readme_queries()
+    counted: dict[str, int] = {}
+    for row in rows:
+        for tag in row["tags"] or []:
+            counted[tag] = counted.get(tag, 0) + 1
+    assert dict(duckdb.sql(per_tag).fetchall()) == counted
+    unsure = duckdb.sql(least_sure).fetchall()
+    scored = sorted((r["score"], r["uri"]) for r in rows if r["error"] is None)
+    assert [uri for uri, _, _ in unsure] == [uri for _, uri in scored[:20]]
+
     page = tmp_path / "red.html"
     search = subprocess.run([sys.executable, "-m", "pipeline", "search", output, "a red square", "--limit",
                              str(PER_CLASS), "-o", str(page)], capture_output=True, text=True, timeout=300)
@@ -97,13 +150,6 @@ def test_tags_equal_open_clips_own_and_search_finds_the_pictures(clip_model, sha
     assert found[0].startswith("red-square") and sum(f.startswith("red-square") for f in found) >= PER_CLASS - 1, \
         search.stdout
     assert page.read_text().count('src="data:image/jpeg;base64,') == PER_CLASS
-
-    model["labels"] = [*tiny_clip.CLASSES, "purple star"]  # a new vocabulary: a new model identity
-    again = subprocess.run(job(tmp_path, model, f"s3://{bucket}/shapes/", output), capture_output=True, text=True,
-                           timeout=300)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "every input is processed again" in again.stdout
-    assert pads.dataset(output, format="parquet").to_table().num_rows == 2 * len(shapes)
 
 
 def test_a_hugging_face_clip_tags_as_transformers_own_pipeline(shapes, storage, bucket, tmp_path):

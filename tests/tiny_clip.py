@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (235, 210, 20)}
 SHAPES = ("square", "circle", "triangle")
 CLASSES = [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
-CAPTIONS = ("a photo of a {}.", "a {}", "{}", "a picture of a {}")
+CAPTIONS = ("a photo of a {}.", "a {}", "{}", "a picture of a {}.")
 POOL = 1200  # training pictures, drawn once
 CONFIG = {"embed_dim": 64,
           "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 4, "head_width": 32},
@@ -38,7 +38,7 @@ def picture(colour: str, shape: str, seed: int, size: int = 32) -> Image.Image:
     return image
 
 
-def train(folder: Path, steps: int = 500, seed: int = 0) -> tuple[Path, Path]:
+def train(folder: Path, steps: int = 1000, seed: int = 0) -> tuple[Path, Path]:
     """(the model config JSON, the trained checkpoint) under `folder`."""
     import open_clip
 
@@ -52,7 +52,9 @@ def train(folder: Path, steps: int = 500, seed: int = 0) -> tuple[Path, Path]:
     optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
     rng = np.random.default_rng(seed)
     pool_classes = np.arange(POOL) % len(CLASSES)
-    pool = torch.stack([preprocess(picture(*CLASSES[c].split(), seed=seed * POOL + i)) for i, c in enumerate(pool_classes)])
+    sizes = rng.choice([32, 40, 48, 64], POOL)  # drawn at several sizes, resized as a job resizes them
+    pool = torch.stack([preprocess(picture(*CLASSES[c].split(), seed=seed * POOL + i, size=int(sizes[i])))
+                        for i, c in enumerate(pool_classes)])
     model.train()
     for step in range(steps):
         chosen = rng.integers(0, POOL, 64)

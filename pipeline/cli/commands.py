@@ -66,9 +66,13 @@ def add_job_flags(run: argparse.ArgumentParser) -> None:
     run.add_argument("--output", help="output folder, local or s3:// (a table's location for delta and iceberg)")
     run.add_argument("--format", choices=["parquet", "delta", "iceberg"],
                      help="parquet: a folder of Parquet files; delta or iceberg: a table, each run one version")
-    run.add_argument("--model", help="torchvision architecture (resnet50) or module.path:build_fn")
-    run.add_argument("--weights", help="torchvision weights name (IMAGENET1K_V2) or a checkpoint path/URI")
-    run.add_argument("--labels", help="labels file, one class name per line")
+    run.add_argument("--source", choices=["torchvision", "timm", "huggingface", "onnx", "exported", "open_clip"],
+                     help="where the model comes from (default torchvision)")
+    run.add_argument("--model", help="its name: a torchvision architecture (resnet50) or module.path:build_fn, a timm "
+                                     "model, a Hugging Face hub id or folder, an open_clip architecture")
+    run.add_argument("--weights", help="torchvision weights name (IMAGENET1K_V2) or a model/checkpoint file path/URI")
+    run.add_argument("--pretrained", help="open_clip: a pretrained tag or a checkpoint path/URI")
+    run.add_argument("--labels", help="labels file, one class name per line (for zero_shot: the vocabulary)")
     run.add_argument("--batch-size", type=int, help="images per model call")
     run.add_argument("--overwrite", action="store_true", default=None,
                      help="backfill: process every input, then atomically replace the folder's earlier output")

@@ -510,8 +510,10 @@ class JobConfig(_Section):
 OVERRIDES = {
     "input": "input.uri",
     "output": "output.uri",
+    "source": "model.source",
     "model": "model.name",
     "weights": "model.weights",
+    "pretrained": "model.pretrained",
     "labels": "model.labels",
     "batch_size": "compute.batch_size",
     "overwrite": "output.overwrite",
