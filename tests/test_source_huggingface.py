@@ -183,13 +183,12 @@ def test_the_mapped_preprocessing_gives_the_processor_s_pixels(style, tmp_path):
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
 
 
-def test_a_centre_crop_with_an_odd_margin_lands_one_pixel_from_the_processor_s(tmp_path):
-    """Known difference: transformers' PIL center_crop starts at floor(margin / 2), our decoder (torchvision's rule)
-    at round(margin / 2), half to even. 150x80 -> 75x40 leaves a 43-pixel margin for the 32-pixel crop: 21 there,
-    22 here, so our crop is theirs moved one pixel right."""
-    ours, theirs = ours_and_theirs("bit-shortest-edge-crop", tmp_path, [(150, 80)])
-    np.testing.assert_allclose(ours[..., :-1], theirs[..., 1:], atol=1e-5)
-    assert np.abs(ours - theirs).max() > 0.1
+def test_a_centre_crop_with_an_odd_margin_lands_where_the_processor_s_does(tmp_path):
+    """transformers' PIL center_crop starts at floor(margin / 2), torchvision's at round(margin / 2), half to even:
+    150x80 -> 75x40 leaves a 43-pixel margin for the 32-pixel crop, 21 pixels there and 22 by torchvision's rule.
+    A Hugging Face model's preprocessing crops as its processor does."""
+    ours, theirs = ours_and_theirs("bit-shortest-edge-crop", tmp_path, [(150, 80), (151, 80), (120, 91)])
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
 
 
 def test_a_processor_we_cannot_repeat_is_one_line_unless_the_job_sets_the_preprocessing(models, tmp_path):

@@ -115,7 +115,12 @@ class DeviceDecoder:
         p = self.preprocess
         if p is None:
             return image
-        image = F.resize(image, [p.resize_size], interpolation=_INTERPOLATION[p.interpolation], antialias=True)
+        size = [p.resize_size] if p.resize_mode == "shorter" else [p.crop_size, p.crop_size]
+        image = F.resize(image, size, interpolation=_INTERPOLATION[p.interpolation], antialias=True)
+        height, width = image.shape[-2:]
+        if p.crop_rounding == "floor" and height >= p.crop_size and width >= p.crop_size:
+            top, left = (height - p.crop_size) // 2, (width - p.crop_size) // 2
+            return image[..., top:top + p.crop_size, left:left + p.crop_size]
         return F.center_crop(image, [p.crop_size])
 
     def decode_on_cpu(self, rows: list[int], data, pixels, widths, heights, errors, error_types, batch):

@@ -41,6 +41,7 @@ class Preprocess:
     std: tuple[float, ...]
     interpolation: str = "bilinear"
     resize_mode: str = "shorter"  # shorter side to resize_size, then the centre crop; "exact": to crop x crop
+    crop_rounding: str = "round"  # the crop's offset: round(margin / 2) as torchvision; "floor" as transformers
 
 
 class Decoder(Stage):
@@ -320,7 +321,7 @@ def resize_and_crop(image: Image.Image, p: Preprocess) -> Image.Image:
     new_size = resized(width, height, p.resize_size) if p.resize_mode == "shorter" else (p.crop_size, p.crop_size)
     if new_size != image.size:
         image = image.resize(new_size, _RESAMPLE[p.interpolation], reducing_gap=None)
-    return center_crop(image, p.crop_size)
+    return center_crop(image, p.crop_size, p.crop_rounding)
 
 
 def resize_and_crop_deep(array: np.ndarray, p: Preprocess) -> np.ndarray:
@@ -332,7 +333,7 @@ def resize_and_crop_deep(array: np.ndarray, p: Preprocess) -> np.ndarray:
         plane = Image.fromarray(array[..., c].astype(np.float32), "F")
         if new_size != plane.size:
             plane = plane.resize(new_size, _RESAMPLE[p.interpolation], reducing_gap=None)
-        planes.append(np.asarray(center_crop(plane, p.crop_size)))
+        planes.append(np.asarray(center_crop(plane, p.crop_size, p.crop_rounding)))
     return np.clip(np.round(np.stack(planes, axis=2)), 0, 65535).astype(np.uint16)
 
 
@@ -358,15 +359,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def center_crop(image: Image.Image, size: int) -> Image.Image:
-    """torchvision's center crop on a PIL image, padding with black when the image is smaller."""
+def center_crop(image: Image.Image, size: int, rounding: str = "round") -> Image.Image:
+    """torchvision's center crop on a PIL image, padding with black when the image is smaller; `rounding` "floor":
+    the offset transformers' image processors take."""
     width, height = image.size
     if width < size or height < size:
         padded = Image.new(image.mode, (max(width, size), max(height, size)))
         padded.paste(image, ((padded.width - width) // 2, (padded.height - height) // 2))
         image, width, height = padded, padded.width, padded.height
-    left = int(round((width - size) / 2.0))
-    top = int(round((height - size) / 2.0))
+    offset = (lambda margin: margin // 2) if rounding == "floor" else (lambda margin: int(round(margin / 2.0)))
+    left, top = offset(width - size), offset(height - size)
     return image.crop((left, top, left + size, top + size))
 
 

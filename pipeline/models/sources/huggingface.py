@@ -265,7 +265,7 @@ def processor_preprocess(processor) -> Preprocess:
     std = _per_channel(steps["image_std"]) if normalize else (1.0, 1.0, 1.0)
     resize_size, crop_size, mode = _sizes(processor, steps)
     return Preprocess(resize_size=resize_size, crop_size=crop_size, mean=mean, std=std, interpolation=interpolation,
-                      resize_mode=mode)
+                      resize_mode=mode, crop_rounding="floor")
 
 
 def _sizes(processor, steps: dict) -> tuple[int, int, str]:
