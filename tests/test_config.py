@@ -105,3 +105,17 @@ def test_outputs_are_deduplicated_in_a_fixed_order():
 ])
 def test_weights_name_or_file(value, is_name):
     assert is_weights_name(value) is is_name
+
+
+def test_settings_added_for_model_sources_leave_an_existing_jobs_model_identity_as_it_was():
+    """An incremental job written before model sources existed keeps its model key: the new settings join the
+    identity only when set (a changed key would redo the whole archive)."""
+    from pipeline.job.config import ModelConfig
+
+    before = {"name", "task", "weights", "labels", "outputs", "top_k", "preprocess", "detection", "embedding"}
+    assert set(ModelConfig(name="resnet50", weights="DEFAULT").identity()) == before
+    tagged = ModelConfig(source="open_clip", name="ViT-B-32", pretrained="openai", labels=["dog"],
+                         zero_shot={"templates": ["a {}"]})
+    assert {"source", "pretrained", "zero_shot"} <= set(tagged.identity())
+    assert tagged.identity() != ModelConfig(source="open_clip", name="ViT-B-32", pretrained="openai",
+                                            labels=["dog", "cat"], zero_shot={"templates": ["a {}"]}).identity()
