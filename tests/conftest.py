@@ -144,6 +144,15 @@ def ensure_bucket(storage: Storage, name: str) -> None:
         pass
 
 
+def download_prefix(storage: Storage, bucket: str, prefix: str, folder) -> None:
+    """An analyst's local copy of s3://bucket/prefix (as `aws s3 sync` makes it), keys kept as paths."""
+    for page in storage.s3_client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            target = folder / obj["Key"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(storage.read_bytes(f"s3://{bucket}/{obj['Key']}"))
+
+
 @pytest.fixture
 def bucket(storage) -> str:
     name = f"test-{uuid.uuid4().hex[:12]}"

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from color_boxes import LABELS, ColorBoxes
-from conftest import encode, ensure_bucket
+from conftest import download_prefix, encode, ensure_bucket
 from pipeline.cli.commands import main
 from test_detection import scene
 
@@ -76,11 +76,7 @@ def test_tag_archive_job_and_the_readme_queries(archive, storage, ray_session, t
 
     # The analyst's copy of the output, then the README's queries, character for character.
     local = tmp_path / "analyst"
-    for page in storage.s3_client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="tags/"):
-        for obj in page.get("Contents", []):
-            target = local / obj["Key"]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(storage.read_bytes(f"s3://{BUCKET}/{obj['Key']}"))
+    download_prefix(storage, BUCKET, "tags/", local)
     monkeypatch.chdir(local)
     per_label, similar = readme_queries()
 

@@ -20,7 +20,7 @@ from PIL import Image
 
 import duckdb
 import tiny_clip
-from conftest import encode, ensure_bucket
+from conftest import download_prefix, encode, ensure_bucket
 
 ROOT = Path(__file__).resolve().parent.parent
 BUCKET = "photo-archive"  # the job spec's own bucket and prefixes, so the spec runs as shipped
@@ -126,11 +126,7 @@ def test_the_job_spec_the_readme_queries_and_search(clip_model, shapes, storage,
     assert len(rows) == len(shapes) + 1 and sum((r["error_type"] or "").startswith("decode.") for r in rows) == 1
 
     local = tmp_path / "analyst"  # the analyst's copy, then the README's queries character for character
-    for page in storage.s3_client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="open-tags/"):
-        for obj in page.get("Contents", []):
-            target = local / obj["Key"]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(storage.read_bytes(f"s3://{BUCKET}/{obj['Key']}"))
+    download_prefix(storage, BUCKET, "open-tags/", local)
     monkeypatch.chdir(local)
     per_tag, least_sure = readme_queries()
     counted: dict[str, int] = {}

@@ -152,13 +152,18 @@ def _instantiate(spec: ModelSpec, state_dict: dict | None) -> nn.Module:
     if ":" not in spec.name and spec.task == "classification":
         _fit_stem(model, spec.input_channels, state_dict)
     if state_dict is not None:
-        try:
-            model.load_state_dict(state_dict, strict=True)
-        except RuntimeError as exc:
-            detail = " ".join(str(exc).split())[:300]
-            raise UserError(f"model.weights: the checkpoint does not fit {spec.name} with {num_classes} classes "
-                            f"({detail}); check model.name and model.labels") from None
+        load_weights(model, state_dict, f"{spec.name} with {num_classes} classes")
     return model.eval()
+
+
+def load_weights(model: nn.Module, state_dict: dict, what: str, field: str = "model.weights") -> None:
+    """The state_dict into the model, every tensor; one line when it does not fit (`what`: the model, in words)."""
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())[:300]
+        raise UserError(f"{field}: the checkpoint does not fit {what} ({detail}); check model.name and "
+                        "model.labels") from None
 
 
 def first_conv(model: nn.Module) -> tuple[str, nn.Conv2d] | tuple[None, None]:

@@ -19,7 +19,7 @@ from pipeline.decode.image import Preprocess
 from pipeline.io.storage import Storage
 from pipeline.job.config import ModelConfig
 from pipeline.job.errors import UserError
-from pipeline.models.resolve import load_checkpoint
+from pipeline.models.resolve import load_checkpoint, load_weights
 from pipeline.models.sources import digest, download_failed, require
 from pipeline.models.sources.zero_shot import ZeroShot, label_embeddings, vocabulary, zero_shot_spec
 from pipeline.models.spec import ModelSpec
@@ -105,11 +105,7 @@ def _create(open_clip, architecture: str, pretrained: str | None, storage: Stora
     if is_tag:
         return model.eval(), digest(model.state_dict())
     weights_id, state_dict = load_checkpoint(pretrained, storage)
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as exc:
-        detail = " ".join(str(exc).split())[:300]
-        raise UserError(f"model.pretrained: the checkpoint does not fit open_clip's {architecture} ({detail})") from None
+    load_weights(model, state_dict, f"open_clip's {architecture}", field="model.pretrained")
     return model.eval(), weights_id
 
 

@@ -11,7 +11,7 @@ from pipeline.decode.image import Preprocess
 from pipeline.io.storage import Storage
 from pipeline.job.config import EmbeddingConfig, ModelConfig
 from pipeline.job.errors import UserError
-from pipeline.models.resolve import finish_classifier, load_checkpoint, preprocess_with, read_labels
+from pipeline.models.resolve import finish_classifier, load_checkpoint, load_weights, preprocess_with, read_labels
 from pipeline.models.sources import digest, download_failed, require
 from pipeline.models.spec import ModelSpec
 
@@ -68,12 +68,7 @@ def _create(timm, name: str, num_classes: int | None, state_dict: dict | None):
     except Exception as exc:  # noqa: BLE001 - hub errors (offline, unknown tag), missing files, ...
         raise download_failed(f"timm weights for {name}", exc, PREFETCH.format(name=name)) from None
     if state_dict is not None:
-        try:
-            model.load_state_dict(state_dict, strict=True)
-        except RuntimeError as exc:
-            detail = " ".join(str(exc).split())[:300]
-            raise UserError(f"model.weights: the checkpoint does not fit timm's {name} with {num_classes or 'its'} "
-                            f"classes ({detail}); check model.name and model.labels") from None
+        load_weights(model, state_dict, f"timm's {name} with {num_classes or 'its'} classes")
     return model.eval()
 
 
