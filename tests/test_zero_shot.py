@@ -192,3 +192,42 @@ def test_a_vocabulary_or_weights_that_cannot_work_is_one_line(tmp_path, shapes, 
     assert run.returncode == 2, run.stderr[-3000:]
     assert words in run.stderr and run.stderr.startswith("error:") and len(run.stderr.splitlines()) == 1, run.stderr
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("**/*.parquet"))
+
+
+def test_a_sigmoid_model_scores_each_label_on_its_own(shapes, tmp_path):
+    """A SigLIP-style model (trained with a logit bias) is scored by sigmoid, as open_clip's own SigLIP recipe
+    does, and tags at 0.5 by default."""
+    import json
+
+    import open_clip
+
+    config = tmp_path / "tiny-sigmoid-clip.json"
+    config.write_text(json.dumps({**tiny_clip.CONFIG, "init_logit_bias": -2.0}))
+    open_clip.add_model_config(str(config))
+    torch.manual_seed(1)
+    model = open_clip.create_model(config.stem).eval()
+    torch.save(model.state_dict(), tmp_path / "sigmoid.pt")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    names = sorted(shapes)[:6]
+    for name in names:
+        (folder / name).write_bytes(shapes[name])
+    vocabulary = ["red square", "blue circle"]
+    spec = {"name": str(config), "pretrained": str(tmp_path / "sigmoid.pt"), "labels": vocabulary,
+            "zero_shot": {"templates": ["a photo of a {}."]}}
+    run = subprocess.run(job(tmp_path, spec, str(folder), str(tmp_path / "out")), capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = {r["uri"].rsplit("/", 1)[-1]: r for r in pads.dataset(str(tmp_path / "out"), format="parquet")
+            .to_table().to_pylist()}
+    _, preprocess = open_clip.create_model_and_transforms(config.stem)[1:]
+    tokenizer = open_clip.get_tokenizer(config.stem)
+    with torch.inference_mode():
+        text = model.encode_text(tokenizer([f"a photo of a {v}." for v in vocabulary]), normalize=True)
+        for name in names:
+            image = model.encode_image(preprocess(Image.open(io.BytesIO(shapes[name])).convert("RGB"))[None],
+                                       normalize=True)
+            expected = torch.sigmoid(model.logit_scale.exp() * image @ text.T + model.logit_bias)[0].numpy()
+            order = np.argsort(-expected, kind="stable")
+            np.testing.assert_allclose(rows[name]["topk_scores"], expected[order], atol=1e-4)
+            assert rows[name]["tags"] == [vocabulary[i] for i in order if expected[i] >= 0.5]
