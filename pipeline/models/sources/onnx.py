@@ -30,11 +30,18 @@ _DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(dou
 class OnnxClassifier(nn.Module):
     """An onnxruntime session as a torch module: NCHW float images in, the graph's first output (logits) out."""
 
-    def __init__(self, session, input_name: str, layout: str, dtype: str):
+    def __init__(self, session, input_name: str, layout: str, dtype: str, remake=None):
         super().__init__()
         self.session, self.input_name, self.layout, self.dtype = session, input_name, layout, np.dtype(dtype)
+        self.remake = remake  # threads -> a session on the CPU with that many; None: this session stays
+        self.threads = torch.get_num_threads()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.remake is not None and torch.get_num_threads() != self.threads:
+            # onnxruntime takes its thread count when a session is made: it follows torch's, which the local
+            # executor sets once it has weighed the model against decoding (pipeline/local/worker.py, CoreSplit).
+            self.threads = torch.get_num_threads()
+            self.session = self.remake(self.threads)
         if self.layout == "NHWC":
             x = x.permute(0, 2, 3, 1)
         array = x.detach().to("cpu", torch.float32).contiguous().numpy().astype(self.dtype, copy=False)
@@ -69,8 +76,10 @@ def build(spec: ModelSpec, storage: Storage) -> OnnxClassifier:
     data = read_model_file(spec.checkpoint, storage, "ONNX")
     cuda = torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers()
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
-    session = _session(ort, spec.checkpoint, data, storage, providers, threads=torch.get_num_threads())
-    return OnnxClassifier(session, **spec.options)
+    def on_cpu(threads: int):
+        return _session(ort, spec.checkpoint, data, storage, providers, threads=threads)
+
+    return OnnxClassifier(on_cpu(torch.get_num_threads()), **spec.options, remake=None if cuda else on_cpu)
 
 
 def _session(ort, uri: str, data: bytes, storage: Storage, providers: list[str], threads: int = 0):
