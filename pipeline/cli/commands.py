@@ -127,10 +127,13 @@ def _run(args: argparse.Namespace, own_streams: bool = False) -> int:
 
     cfg = load_job(args.spec, _overrides(args))
     if choose_executor(cfg.compute) == "local":
+        from pipeline.local.process import start_model_process
+
+        worker = start_model_process(cfg.model.source)  # it imports torch while this process imports the rest
+        print(f"Job: {cfg.input.uri} -> {cfg.output.uri}", flush=True)
         from pipeline.local.executor import run_locally
 
-        print(f"Job: {cfg.input.uri} -> {cfg.output.uri}", flush=True)
-        run_locally(cfg, out=sys.stdout)
+        run_locally(cfg, out=sys.stdout, worker=worker)
         return 0
     console = None
     if own_streams:

@@ -9,14 +9,10 @@ from __future__ import annotations
 
 import itertools
 import os
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Iterator
 
 import pyarrow as pa
@@ -25,6 +21,7 @@ from pipeline.io.storage import Storage
 from pipeline.job.config import ComputeConfig, JobConfig
 from pipeline.job.errors import JobFailed, UserError
 from pipeline.job.stage import Stage
+from pipeline.local.process import WorkerDied, WorkerProcess, new_log_dir
 from pipeline.run.counts import ListingCounts
 from pipeline.run.executor import EngineFacts, ListedRows
 from pipeline.run.isolation import BUILD_CRASH_MESSAGE, BUILD_DEATHS
@@ -41,57 +38,6 @@ MAX_DEATHS_IN_A_ROW = 16
 # Chunks in the model process at once: enough that the model never waits for a read or a decode (measured:
 # docs/performance.md), few enough that the decoded pixels waiting stay small.
 CHUNKS_IN_FLIGHT = 4
-
-
-class WorkerDied(Exception):
-    pass
-
-
-class WorkerProcess:
-    """The model process and its socket; its output goes to a log file, not the console."""
-
-    def __init__(self, log_dir: str):
-        self.log_path = os.path.join(log_dir, f"worker-{time.strftime('%H%M%S')}-{os.getpid()}.log")
-        ours, theirs = socket.socketpair()
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "pipeline.local.worker", str(theirs.fileno())],
-                                            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=log,
-                                            stderr=log, env={**os.environ, "PYTHONPATH": driver_path()})
-        theirs.close()
-        self.conn = Connection(ours.detach())
-
-    def send(self, *message) -> None:
-        """A process that died is not noticed here: the next `receive` raises WorkerDied."""
-        try:
-            self.conn.send(message)
-        except OSError:
-            pass
-
-    def receive(self) -> tuple:
-        try:
-            message = self.conn.recv()
-        except (EOFError, OSError):
-            raise WorkerDied() from None
-        if message[0] == "error":
-            _, kind, text = message
-            if kind == "user":
-                raise UserError(text)
-            raise JobFailed(f"the model process failed: {text} (its log: {self.log_path})")
-        return message
-
-    def stop(self) -> None:
-        self.conn.close()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
-def driver_path() -> str:
-    """This process's import path, so that the model process imports what it does (a custom `module:build_fn`
-    beside the job spec, on a path the caller added)."""
-    return os.pathsep.join(p or os.getcwd() for p in sys.path)
 
 
 @dataclass(frozen=True)
@@ -111,9 +57,10 @@ class LocalPool:
 class LocalExecutor:
     name = "the local executor"
 
-    def __init__(self):
-        self.log_dir = tempfile.mkdtemp(prefix="pipeline-local-")
-        self.worker: WorkerProcess | None = None
+    def __init__(self, worker: WorkerProcess | None = None):
+        """`worker`: a model process started earlier (`start_model_process`), already importing torch."""
+        self.log_dir = worker.log_dir if worker is not None else new_log_dir()
+        self.worker = worker
         self.gpus = 0
 
     def start(self) -> str:
@@ -346,13 +293,14 @@ class ModelClock:
         return EngineFacts(inputs_started=self.inputs_started, model_busy=busy, first_model_batch_at=self.first_rows_at)
 
 
-def run_locally(cfg: JobConfig, out=None, progress_interval: float | None = None):
-    """The job's run (run/job.py) on this machine, without Ray."""
-    if cfg.compute.ray_address:
-        raise UserError("compute.executor: local runs the job on this machine, but compute.ray_address names a "
-                        "cluster; drop one of them (or use --executor ray)")
-    executor = LocalExecutor()
+def run_locally(cfg: JobConfig, out=None, progress_interval: float | None = None,
+                worker: WorkerProcess | None = None):
+    """The job's run (run/job.py) on this machine, without Ray; `worker`: its model process, if started already."""
+    executor = LocalExecutor(worker)
     try:
+        if cfg.compute.ray_address:
+            raise UserError("compute.executor: local runs the job on this machine, but compute.ray_address names a "
+                            "cluster; drop one of them (or use --executor ray)")
         return run_job(cfg, executor, out or sys.stdout, progress_interval)
     finally:
         executor.close()  # also when the job stops before its rows: a refused output, a bad model

@@ -127,6 +127,7 @@ class CoreSplit:
         self.preparing = 0  # chunks being prepared now, at most `slots`: the cores torch leaves
         self.slots = cores
         self.slots_all_torch = False  # torch's threads take every core
+        self.decided = False
         self.reniced = threading.local()
         self.turn = threading.Condition()
 
@@ -158,18 +159,30 @@ class CoreSplit:
                 pass
 
     def modelled(self, seconds: float, images: int) -> None:
+        if self.decided:
+            return
         self.model.append(seconds / max(1, images))
-        if len(self.model) == self.SKIP + self.MEASURE and "torch" in sys.modules:
-            import torch
+        measured = len(self.model) - self.SKIP
+        if measured < 1 or "torch" not in sys.modules:
+            return
+        model, prepare = (sum(xs[self.SKIP:]) / len(xs[self.SKIP:]) for xs in (self.model, self.prepare))
+        # Decided early when a third more or less on either side would not change the split (a heavy ViT on 2 cores
+        # says so after one chunk instead of three, each of them run at one thread).
+        threads, low, high = (self.threads_for(model * m, prepare / m) for m in (1, 0.75, 1.33))
+        if measured < self.MEASURE and low != high:
+            return
+        import torch
 
-            model, prepare = (sum(xs[self.SKIP:]) / len(xs[self.SKIP:]) for xs in (self.model, self.prepare))
-            threads = max(1, min(self.cores, round(self.cores * model / max(1e-9, model + prepare))))
-            torch.set_num_threads(threads)
-            with self.turn:
-                self.slots = max(1, self.cores - threads)
-                self.slots_all_torch = threads >= self.cores
-            print(f"torch threads: {threads} of {self.cores} cores (per image: model {model * 1e3:.1f} ms, reading "
-                  f"and decoding {prepare * 1e3:.1f} ms)", file=sys.stderr, flush=True)
+        self.decided = True
+        torch.set_num_threads(threads)
+        with self.turn:
+            self.slots = max(1, self.cores - threads)
+            self.slots_all_torch = threads >= self.cores
+        print(f"torch threads: {threads} of {self.cores} cores (per image: model {model * 1e3:.1f} ms, reading "
+              f"and decoding {prepare * 1e3:.1f} ms)", file=sys.stderr, flush=True)
+
+    def threads_for(self, model: float, prepare: float) -> int:
+        return max(1, min(self.cores, round(self.cores * model / max(1e-9, model + prepare))))
 
 
 def run_stages(stages: list[Stage], batch: Batch, entering, crashed: tuple[str, int] | None) -> Batch:
@@ -195,9 +208,10 @@ def check(model, storage) -> tuple:
     return resolve_model(model, storage), torch.cuda.device_count()
 
 
-def main(fd: int) -> None:
+def main(fd: int, source: str = "torchvision") -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle; this process ends with it
     end_with_parent()
+    threading.Thread(target=warm_up, args=(source,), daemon=True).start()
     worker = Worker(Connection(fd))
     try:
         worker.serve()
@@ -211,6 +225,21 @@ def main(fd: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def warm_up(source: str) -> None:
+    """Imports what checking the job's model needs (torch, and the model source's own library) while the driver is
+    still getting ready to ask, a second or so; a request that comes sooner waits on Python's import lock, and an
+    import that fails here fails there again, where it is reported."""
+    try:
+        import importlib
+
+        from pipeline.models.resolve import source_module
+
+        for name in getattr(source_module(source), "LIBRARY", ()) if source != "torchvision" else ():
+            importlib.import_module(name)
+    except BaseException:  # noqa: BLE001 - see above
+        pass
 
 
 def report(worker: Worker, kind: str, message: str) -> None:
@@ -232,4 +261,4 @@ def end_with_parent() -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]))
+    main(int(sys.argv[1]), *sys.argv[2:3])

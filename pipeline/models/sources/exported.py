@@ -16,6 +16,8 @@ from pipeline.models.sources.model_file import (check_classifier_only, check_dyn
                                                 read_model_file, sized_preprocess)
 from pipeline.models.spec import ModelSpec
 
+LIBRARY = ("torch",)  # what the local model process imports at its start (pipeline/local/worker.py)
+
 NEITHER = "is not a TorchScript or torch.export archive; save it with torch.jit.save / torch.export.save"
 DYNAMIC_BATCH = ('export it with a dynamic batch dimension (torch.export.export(model, (x,), dynamic_shapes={"x": '
                  '{0: Dim("batch")}}), with x a batch of at least two) or script it (torch.jit.script)')

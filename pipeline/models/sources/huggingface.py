@@ -24,6 +24,9 @@ from pipeline.models.sources import digest, download_failed, huggingface_clip, r
 from pipeline.models.spec import ModelSpec
 from pipeline.models.stage import ModelStage
 
+LIBRARY = ("transformers", "transformers.modeling_utils", "transformers.image_processing_utils")  # imported by
+# the local model process at its start (pipeline/local/worker.py)
+
 PREFETCH = ("fetch it once where there is a network (hf download {name}, or python -c \"import huggingface_hub; "
             "huggingface_hub.snapshot_download('{name}')\", into HF_HOME), or point model.name to a local "
             "save_pretrained folder")

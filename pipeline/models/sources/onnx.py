@@ -22,6 +22,8 @@ from pipeline.models.sources.model_file import (check_classifier_only, check_dyn
                                                 read_model_file, sized_preprocess)
 from pipeline.models.spec import ModelSpec
 
+LIBRARY = ("onnxruntime",)  # what the local model process imports at its start (pipeline/local/worker.py)
+
 DYNAMIC_BATCH = ('re-export it with a dynamic batch axis (torch.onnx.export(..., dynamic_shapes={"x": {0: '
                  'Dim("batch")}}))')
 _DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64"}

@@ -24,6 +24,8 @@ from pipeline.models.sources import digest, download_failed, require
 from pipeline.models.sources.zero_shot import ZeroShot, label_embeddings, vocabulary, zero_shot_spec
 from pipeline.models.spec import ModelSpec
 
+LIBRARY = ("open_clip",)  # what the local model process imports at its start (pipeline/local/worker.py)
+
 PREFETCH = ("fetch it once where there is a network (python -c \"import open_clip; open_clip.create_model('{name}', "
             "pretrained='{tag}')\", into HF_HOME), or give model.pretrained a checkpoint file")
 

@@ -15,6 +15,8 @@ from pipeline.models.resolve import finish_classifier, load_checkpoint, load_wei
 from pipeline.models.sources import digest, download_failed, require
 from pipeline.models.spec import ModelSpec
 
+LIBRARY = ("timm",)  # what the local model process imports at its start (pipeline/local/worker.py)
+
 PREFETCH = ("fetch it once where there is a network (python -c \"import timm; timm.create_model('{name}', "
             "pretrained=True)\", into HF_HOME), or give model.weights a state_dict file")
 
