@@ -203,9 +203,10 @@ def check(model, storage) -> tuple:
     """The model resolved and built here, where it will run; the GPUs this process sees."""
     import torch
 
-    from pipeline.models.resolve import resolve_model
+    from pipeline.models import resolve
 
-    return resolve_model(model, storage), torch.cuda.device_count()
+    resolve.keep_checked = True  # this process serves next: the model checked here is the one it serves with
+    return resolve.resolve_model(model, storage), torch.cuda.device_count()
 
 
 def main(fd: int, source: str = "torchvision") -> None:

@@ -25,6 +25,19 @@ from pipeline.job.config import ModelConfig
 from pipeline.job.errors import UserError
 from pipeline.models.spec import IMAGENET_PREPROCESS, ModelSpec
 
+# The classifier a check built, kept for the build that follows in the same process when `keep_checked` is on
+# (the local executor's model process checks the model, then serves with it): not loaded twice. Not for an ONNX
+# session (built for the CPU to check) nor a custom builder (it may tell a check from serving).
+_checked: dict[tuple, nn.Module] = {}
+keep_checked = False
+
+
+def _checked_key(spec: ModelSpec) -> tuple | None:
+    if not keep_checked or spec.source == "onnx" or (spec.source == "torchvision" and ":" in spec.name):
+        return None
+    return spec.source, spec.name, spec.weights_id, spec.checkpoint
+
+
 def source_module(source: str):
     """pipeline/models/sources/<source>.py: `resolve(cfg, storage) -> ModelSpec` and `build(spec, storage)`."""
     return importlib.import_module(f"pipeline.models.sources.{source}")
@@ -103,6 +116,10 @@ def finish_classifier(spec: ModelSpec, model: nn.Module, mean_or_std_given: bool
                         "classes; give one line per class, in the model's class order")
     if spec.wants_embedding:
         spec = dataclasses.replace(spec, embedding_dim=probe_embedding(model, spec))
+    key = _checked_key(spec)
+    if key is not None:
+        _checked.clear()
+        _checked[key] = model
     return spec
 
 
@@ -127,6 +144,9 @@ def _check_name(name: str, is_custom: bool, task: str, task_given: bool) -> None
 
 def build_model(spec: ModelSpec, storage: Storage) -> nn.Module:
     """Called once per actor: the model in eval mode on the CPU, weights loaded."""
+    kept = _checked.pop(_checked_key(spec), None)
+    if kept is not None:
+        return kept
     if spec.source != "torchvision":
         return source_module(spec.source).build(spec, storage)
     state_dict = load_checkpoint(spec.checkpoint, storage)[1] if spec.checkpoint else None
