@@ -23,7 +23,7 @@ import tiny_clip
 from conftest import download_prefix, encode, ensure_bucket
 
 ROOT = Path(__file__).resolve().parent.parent
-BUCKET = "photo-archive"  # the job spec's own bucket and prefixes, so the spec runs as shipped
+BUCKET = "photo-archive"  # the job spec's own bucket and output, so the spec runs as shipped
 
 TEMPLATES = ["a photo of a {}.", "a picture of a {}."]  # as jobs/open_vocabulary_tags.yaml has them
 PER_CLASS = 4
@@ -111,14 +111,15 @@ def readme_queries() -> list[str]:
 
 def test_the_job_spec_the_readme_queries_and_search(clip_model, shapes, storage, tmp_path, monkeypatch):
     ensure_bucket(storage, BUCKET)
-    for name, data in shapes.items():
-        storage.write_bytes(f"s3://{BUCKET}/incoming/{name}", data)
-    storage.write_bytes(f"s3://{BUCKET}/incoming/broken.png", next(iter(shapes.values()))[:60])
+    for name, data in shapes.items():  # beside test_tag_archive's photos in the same bucket: a prefix of their own
+        storage.write_bytes(f"s3://{BUCKET}/shapes/{name}", data)
+    storage.write_bytes(f"s3://{BUCKET}/shapes/broken.png", next(iter(shapes.values()))[:60])
     storage.write_bytes(f"s3://{BUCKET}/models/shapes-clip.pt", clip_model["checkpoint"].read_bytes())
     vocabulary = tmp_path / "vocabulary.txt"
     vocabulary.write_text("\n".join(tiny_clip.CLASSES) + "\n")
     run = subprocess.run([sys.executable, "-m", "pipeline", "run", str(ROOT / "jobs" / "open_vocabulary_tags.yaml"),
-                          "--model", str(clip_model["config"]), "--pretrained", f"s3://{BUCKET}/models/shapes-clip.pt",
+                          "--input", f"s3://{BUCKET}/shapes/", "--model", str(clip_model["config"]),
+                          "--pretrained", f"s3://{BUCKET}/models/shapes-clip.pt",
                           "--labels", str(vocabulary)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     output = f"s3://{BUCKET}/open-tags/"
