@@ -52,6 +52,9 @@ LANE_ORDER = ("cluster", "browser", "kill", "e2e", "unit")
 # above the tests' own deadlines: a job in a subprocess gets up to 300 s (the demo 600 s), a cluster test waits up to
 # 400 s for nodes the autoscaler starts and stops. A module-scoped fixture's jobs count in its first test's time.
 LANE_TIMEOUT_S = {"e2e": 600, "kill": 600, "browser": 600, "cluster": 900}
+# Files whose module fixtures take long (a model trained, a cluster of models built) start first within their lane, so
+# that the other worker's files run meanwhile instead of this one running alone at the end.
+FIRST_IN_LANE = ("test_zero_shot", "test_source_huggingface", "test_source_onnx_exported")
 # Files whose tests share nothing costly (no module-scoped job): pytest-xdist may spread them over its workers one
 # test at a time. Every other file runs whole on one worker, so its module-scoped fixtures run once.
 SPREAD = ("test_output", "test_odd_files", "test_pipeline", "test_cli_errors", "test_progress_bar")
@@ -81,7 +84,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group(module))
         module_rank[module] = min(module_rank.get(module, len(LANE_ORDER)), LANE_ORDER.index(lane))
     # Whole files stay together (a module-scoped fixture is set up once), ordered by their slowest lane.
-    items.sort(key=lambda item: module_rank[item.module.__name__])
+    items.sort(key=lambda item: (module_rank[item.module.__name__], item.module.__name__ not in FIRST_IN_LANE))
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -215,12 +215,17 @@ def test_a_sigmoid_model_scores_each_label_on_its_own(shapes, tmp_path):
         (folder / name).write_bytes(shapes[name])
     vocabulary = ["red square", "blue circle"]
     spec = {"name": str(config), "pretrained": str(tmp_path / "sigmoid.pt"), "labels": vocabulary,
-            "zero_shot": {"templates": ["a photo of a {}."]}}
-    run = subprocess.run(job(tmp_path, spec, str(folder), str(tmp_path / "out")), capture_output=True, text=True,
-                         timeout=300)
+            "zero_shot": {"templates": ["a photo of a {}."]}, "outputs": ["predictions", "embedding"]}
+    out = tmp_path / "out"  # a Delta table: search reads it through its format, as it does a Parquet folder
+    run = subprocess.run([*job(tmp_path, spec, str(folder), str(out)), "--format", "delta"], capture_output=True,
+                         text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    rows = {r["uri"].rsplit("/", 1)[-1]: r for r in pads.dataset(str(tmp_path / "out"), format="parquet")
-            .to_table().to_pylist()}
+    from deltalake import DeltaTable
+
+    rows = {r["uri"].rsplit("/", 1)[-1]: r for r in DeltaTable(str(out)).to_pyarrow_table().to_pylist()}
+    search = subprocess.run([sys.executable, "-m", "pipeline", "search", str(out), "a red square", "--limit", "2"],
+                            capture_output=True, text=True, timeout=300)
+    assert search.returncode == 0 and len(search.stdout.splitlines()) == 3, search.stdout + search.stderr
     _, preprocess = open_clip.create_model_and_transforms(config.stem)[1:]
     tokenizer = open_clip.get_tokenizer(config.stem)
     with torch.inference_mode():
