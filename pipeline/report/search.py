@@ -1,6 +1,6 @@
 """`pipeline search OUTPUT "a dog on a beach"`: the output's images ranked by how well their embeddings match a
 text, encoded by the model that made them (an open_clip job with `outputs: [predictions, embedding]`). The rows are
-read a batch at a time through the output's format and only the best `limit` are kept, so a 10M-row table is
+read a batch at a time through the output's format and only the best `limit` are kept: the table is
 never loaded whole. No Ray."""
 
 from __future__ import annotations
