@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_job_flags(run: argparse.ArgumentParser) -> None:
     run.add_argument("spec", nargs="?", help="job spec (YAML); flags below override its fields")
-    run.add_argument("--input", help="s3://bucket/prefix, a local folder, or a .parquet/.csv manifest")
+    run.add_argument("--input", help="s3://bucket/prefix, a local folder, a .parquet/.csv manifest, or an S3 "
+                                     "Inventory's manifest.json or config folder")
+    run.add_argument("--prefix", help="S3 Inventory input: only keys that start with this (input.prefix)")
     run.add_argument("--output", help="output folder, local or s3:// (a table's location for delta and iceberg)")
     run.add_argument("--format", choices=["parquet", "delta", "iceberg"],
                      help="parquet: a folder of Parquet files; delta or iceberg: a table, each run one version")

@@ -1,8 +1,8 @@
 """What to process: the job's inputs as a stream of small Arrow blocks of `uri, size, etag, last_modified`.
 
 Listing a prefix of 100M objects takes hours, so it must not happen before the first read (Ray issue #40686).
-`InputListing.blocks` walks the listing page by page (S3's paginator, a local folder walk, or a manifest read in
-record batches) and yields a block per page, the inputs earlier runs finished left out; the Ray adapter
+`InputListing.blocks` walks the listing page by page (S3's paginator, a local folder walk, or a manifest or an S3
+Inventory read in record batches) and yields a block per page, the inputs earlier runs finished left out; the Ray adapter
 (`pipeline.ray.datasource`) runs it as one read task and keeps its running counts.
 """
 
@@ -12,6 +12,7 @@ from typing import Iterator, Protocol
 
 import pyarrow as pa
 
+from pipeline.io.inventory import find_manifest, is_inventory
 from pipeline.io.manifest import is_manifest, read_manifest
 from pipeline.io.storage import ObjectInfo, Storage, extension
 from pipeline.job.rows import SOURCE_SCHEMA
@@ -37,8 +38,9 @@ class InputListing(Source):
     resources = Resources(cpus=0, concurrency=1)
 
     def __init__(self, uri: str, storage: Storage, extensions: list[str] | None,
-                 history: EarlierRuns | None = None, exclude: str | None = None):
+                 history: EarlierRuns | None = None, exclude: str | None = None, prefix: str | None = None):
         self.uri = uri
+        self.prefix = prefix  # an inventory's: only keys that start with it
         self.storage = storage
         self.extensions = set(extensions) if extensions is not None else None
         self.history = history  # None: nothing is done yet
@@ -60,8 +62,11 @@ class InputListing(Source):
 
     def pages(self) -> Iterator[list[ObjectInfo]]:
         self._repeats = 0  # a manifest's entries dropped since the last page as repeats of an earlier one
-        if is_manifest(self.uri):
-            return read_manifest(self.uri, self.storage, quote=self.quotes_paths, duplicates=self._count_repeats)
+        # A folder may be an inventory's config or delivery folder: its manifest.json is read, not the folder.
+        manifest = self.uri if is_manifest(self.uri) else find_manifest(self.uri, self.storage)
+        if manifest is not None:
+            return read_manifest(manifest, self.storage, quote=self.quotes_paths, duplicates=self._count_repeats,
+                                 prefix=self.prefix)
         return self.storage.list_pages(self.uri, quote_paths=self.quotes_paths)
 
     def _count_repeats(self, n: int) -> None:
@@ -76,7 +81,9 @@ class InputListing(Source):
         return self.exclude is not None and info.uri.startswith(self.exclude)
 
     def _has_wanted_extension(self, info: ObjectInfo) -> bool:
-        return self.extensions is None or is_manifest(self.uri) or extension(info.uri) in self.extensions
+        # A manifest's entries are the inputs as named; an inventory lists a bucket, filtered as a folder is.
+        takes_all = is_manifest(self.uri) and not is_inventory(self.uri)
+        return self.extensions is None or takes_all or extension(info.uri) in self.extensions
 
 
 def to_block(objects: list[ObjectInfo]) -> pa.Table:

@@ -2,7 +2,7 @@
 batch at a time, so that one of 100M rows streams like a listing. Columns are cast to SOURCE_SCHEMA leniently (as
 pandas, Spark or a spreadsheet write them); a value that still cannot be read is a `BadValue`, refused in the
 first batch (`check_first_batch`) and null with a warning later; entries are normalised so that one input is one
-entry. What is accepted: the README's "Input"."""
+entry. What is accepted: the README's "Input". An S3 Inventory's manifest.json is read by `pipeline.io.inventory`."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline.io.distinct import SeenKeys
+from pipeline.io.inventory import is_inventory, read_inventory
 from pipeline.io.storage import ObjectInfo, Storage, is_s3
 from pipeline.job.rows import SOURCE_SCHEMA
 
@@ -28,7 +29,8 @@ TIMESTAMP = SOURCE_SCHEMA.field("last_modified").type
 
 
 def is_manifest(uri: str) -> bool:
-    return uri.lower().endswith((".parquet", ".csv"))
+    """A list of inputs: a Parquet or CSV manifest, or an S3 Inventory's manifest.json."""
+    return uri.lower().endswith((".parquet", ".csv")) or is_inventory(uri)
 
 
 @dataclass(frozen=True)
@@ -60,11 +62,15 @@ class BadManifest(Exception):
         self.bad = bad
 
 
-def read_manifest(uri: str, storage: Storage, quote: bool = True,
-                  duplicates: Callable[[int], None] | None = None) -> Iterator[list[ObjectInfo]]:
+def read_manifest(uri: str, storage: Storage, quote: bool = True, duplicates: Callable[[int], None] | None = None,
+                  prefix: str | None = None) -> Iterator[list[ObjectInfo]]:
     """The manifest's entries, a record batch at a time, each input once (its first entry); `duplicates` is told
     how many entries each batch dropped as repeats. Relative entries are relative to the manifest's folder.
-    `quote=False`: a log line never quotes a manifest line (it may hold a path the job pseudonymises)."""
+    `quote=False`: a log line never quotes a manifest line (it may hold a path the job pseudonymises).
+    An inventory's manifest.json: its current objects whose key starts with `prefix` (each is listed once)."""
+    if is_inventory(uri):
+        yield from read_inventory(uri, storage, prefix)
+        return
     base = posixpath.dirname(uri)
     row = 1
     skipped = SkippedLines(uri, quote)

@@ -92,11 +92,30 @@ class InputConfig(_Section):
     incremental: bool = Field(True, description="skip inputs unchanged since earlier committed runs of the "
                                                 "same model and weights (false, or --full: process all)")
     reprocess_errors: bool = Field(False, description="also retry inputs whose earlier row is an error")
+    prefix: str | None = Field(
+        None, description="S3 Inventory input only (uri: its manifest.json, or its config folder, whose latest "
+        "delivery is read): only the inventoried keys that start with this, e.g. photos/2024/ (a key prefix in "
+        "the inventoried bucket, not a URI); null reads every key")
 
     @field_validator("uri")
     @classmethod
     def _valid_uri(cls, value: str) -> str:
         return check_uri(value)
+
+    @field_validator("prefix")
+    @classmethod
+    def _key_prefix(cls, value: str | None) -> str | None:
+        if value is not None and "://" in value:
+            raise ValueError(f"{value!r} is a URI; give a key prefix inside the inventoried bucket, such as "
+                             "photos/2024/")
+        return value or None
+
+    @model_validator(mode="after")
+    def _prefix_needs_inventory(self) -> "InputConfig":
+        if self.prefix is not None and self.uri.lower().endswith((".parquet", ".csv")):
+            raise ValueError("input.prefix applies to an S3 Inventory (uri: its manifest.json or config folder), "
+                             "not to a .parquet/.csv manifest; list only the inputs you want in the manifest")
+        return self
 
     @field_validator("extensions")
     @classmethod
@@ -509,6 +528,7 @@ class JobConfig(_Section):
 # CLI flag -> dotted field of the spec.
 OVERRIDES = {
     "input": "input.uri",
+    "prefix": "input.prefix",
     "output": "output.uri",
     "source": "model.source",
     "model": "model.name",

@@ -53,6 +53,8 @@ def run_identity(cfg: JobConfig, spec: "ModelSpec", key_id: str | None = None) -
     model_key = _identity_digest(model)
     job = {"input": cfg.input.uri.rstrip("/"), "extensions": cfg.input.extensions,
            "max_file_bytes": cfg.input.max_file_bytes, "model": model_key, "overwrite": cfg.output.overwrite}
+    if cfg.input.prefix is not None:  # an inventory's keys the job takes
+        job["prefix"] = cfg.input.prefix
     if key_id is not None:
         job["pseudonyms"] = key_id
     return RunIdentity(job_key=_identity_digest(job), model_key=model_key, model=spec.name,

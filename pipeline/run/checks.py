@@ -8,6 +8,7 @@ import os
 import uuid
 from typing import TYPE_CHECKING
 
+from pipeline.io.inventory import InventoryError, check_inventory, find_manifest, is_inventory
 from pipeline.io.manifest import BadManifest, check_first_batch, is_manifest, manifest_columns
 from pipeline.io.storage import Storage, is_s3, join, split_s3
 from pipeline.job.config import JobConfig
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
 
 def check_storage(cfg: JobConfig, storage: Storage) -> None:
     """Input, output and mapping locations: quick, so a wrong bucket is refused before anything starts."""
-    check_input(cfg.input.uri, storage, quote=not cfg.privacy.pseudonymize)
+    check_input(cfg.input.uri, storage, quote=not cfg.privacy.pseudonymize, prefix=cfg.input.prefix)
     if cfg.output.uri.rstrip("/") == cfg.input.uri.rstrip("/"):
         raise UserError(f"output.uri: {cfg.output.uri} is the input folder itself; write the predictions to "
                         "another folder (a subfolder of the input is fine: it is never listed as input)")
@@ -37,10 +38,22 @@ def check_model(cfg: JobConfig, storage: Storage) -> ModelSpec:
     return resolve_model(cfg.model, storage)
 
 
-def check_input(uri: str, storage: Storage, quote: bool = True) -> None:
-    """`quote=False` (a pseudonymised job): no message quotes a manifest's value."""
+def check_input(uri: str, storage: Storage, quote: bool = True, prefix: str | None = None) -> None:
+    """`quote=False` (a pseudonymised job): no message quotes a manifest's value. `prefix`: input.prefix, which
+    only an S3 Inventory takes."""
     if is_s3(uri):
         check_bucket("input.uri", uri, storage)
+    if is_inventory(uri) or not is_manifest(uri):
+        try:
+            inventory = find_manifest(uri, storage)
+            if inventory is not None:
+                check_inventory(inventory, storage)
+                return
+        except InventoryError as exc:
+            raise UserError(f"input.uri: {exc}") from None
+    if prefix is not None:
+        raise UserError(f"input.prefix: {prefix!r} applies to an S3 Inventory, and {uri} is none (no manifest.json, "
+                        "no hive/ folder); for a folder, put the prefix in input.uri")
     if is_manifest(uri):
         check_manifest(uri, storage, quote)
     elif not is_s3(uri) and not os.path.isdir(uri):

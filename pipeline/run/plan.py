@@ -60,7 +60,8 @@ def plan_stages(cfg: JobConfig, spec: ModelSpec, storage: Storage, pool: Pool,
         raise UserError("decode.device: 'gpu' but the model actors get no GPU (the Ray cluster has none, or "
                         "compute.num_gpus_per_actor is 0); use 'auto' or 'cpu'")
     safe_errors = cfg.privacy.pseudonymize  # no library text in a message: it may spell the input's path
-    listing = InputListing(cfg.input.uri, storage, cfg.input.extensions, history, exclude=cfg.output.uri)
+    listing = InputListing(cfg.input.uri, storage, cfg.input.extensions, history, exclude=cfg.output.uri,
+                           prefix=cfg.input.prefix)
     # Sized for the cluster as its autoscaler can make it: a head with no CPUs would otherwise get 2 for the night.
     reader = Reader(storage, cfg.input.max_file_bytes, safe_errors, processes=max(2, int(pool.cluster_cpus) // 2))
     decoder = Decoder(spec.preprocess, cfg.decode.max_image_pixels, spec.input_channels, dicom_settings(cfg.dicom),
