@@ -57,6 +57,7 @@ def write_inventory(storage: Storage, root: str, source: str, entries: list[Entr
                     files: int = 2, space: str = "+") -> str:
     """A delivery under `root` (s3://destination-bucket or a local folder); returns its manifest.json's URI."""
     base = f"{prefix}/{source}/{config}"
+    files = max(1, min(files, len(entries)))
     chunks = [entries[i::files] for i in range(files)]
     listed = []
     for chunk in chunks:
@@ -107,7 +108,7 @@ def _table(source: str, entries: list[Entry], fmt: str) -> pa.Table:
     return pa.table({
         "bucket": [source] * len(entries),
         "key": [e.key for e in entries],
-        "version_id": [e.version_id for e in entries],
+        "version_id": pa.array([e.version_id for e in entries], pa.string()),
         "is_latest": [e.is_latest for e in entries],
         "is_delete_marker": [e.is_delete_marker for e in entries],
         "size": pa.array([e.size for e in entries], pa.int64()),
@@ -115,5 +116,5 @@ def _table(source: str, entries: list[Entry], fmt: str) -> pa.Table:
         "last_modified_date": pa.array([e.last_modified for e in entries], pa.timestamp("ms", "UTC")).cast(
             pa.timestamp("ms") if fmt == "ORC" else pa.timestamp("ms", "UTC")),
         "e_tag": [e.etag for e in entries],
-        "storage_class": [None if e.is_delete_marker else "STANDARD" for e in entries],
+        "storage_class": pa.array([None if e.is_delete_marker else "STANDARD" for e in entries], pa.string()),
     })

@@ -1,0 +1,166 @@
+"""S3 Inventory as input: deliveries written as AWS lays them out (tests/inventories.py) in CSV, ORC and Parquet,
+read as listings (current versions only, keys decoded, under input.prefix), and run through `pipeline run` against
+the S3 server: each expected input predicted once, and an incremental run takes only what a newer delivery adds."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from conftest import encode, photo
+from inventories import Entry, entry_of, write_inventory
+from pipeline.cli.commands import main
+from pipeline.io.inventory import PAGE_ROWS, find_manifest, read_inventory
+from pipeline.io.storage import Storage
+from pipeline.job.config import InputConfig
+from pipeline.job.errors import UserError
+from pipeline.run.checks import check_input
+
+TESTS = Path(__file__).parent
+ODD = "photos/summer 2024/café+crème 100%.png"  # a space, unicode, a `+` and a `%`: CSV spells it encoded
+OLD, GONE = Entry("photos/c.jpg", version_id="1", is_latest=False), Entry("photos/gone.jpg", version_id="1",
+                                                                          is_latest=False)
+MARKER = Entry("photos/gone.jpg", None, None, version_id="2", is_delete_marker=True)
+FORMATS = ["CSV", "ORC", "Parquet"]
+
+
+def keys(manifest: str, prefix: str | None = "photos/") -> list[str]:
+    return sorted(o.uri for page in read_inventory(manifest, Storage(), prefix) for o in page)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_current_objects_under_the_prefix_with_their_versions(tmp_path, fmt):
+    """A delete marker and every non-latest version are left out; so is a key outside the prefix and a folder
+    marker; ETag, size and last-modified come through as the listing would give them."""
+    odd = Entry(ODD, 7, "9bb58f26192e4ba00f01e2e7b136bbd8", version_id="3")
+    entries = [Entry("photos/a.jpg"), odd, OLD, Entry("photos/c.jpg", version_id="2"), GONE, MARKER,
+               Entry("photos/folder/", 0), Entry("elsewhere/b.jpg")]
+    manifest = write_inventory(Storage(), str(tmp_path), "src", entries, fmt)
+    assert keys(manifest) == sorted(f"s3://src/{k}" for k in ["photos/a.jpg", ODD, "photos/c.jpg"])
+    assert len(keys(manifest, None)) == 4
+    found = {o.uri: o for page in read_inventory(manifest, Storage()) for o in page}[f"s3://src/{ODD}"]
+    assert (found.size, found.etag, found.last_modified) == (7, odd.etag, odd.last_modified)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("space", ["+", "%20"])
+def test_csv_keys_are_url_decoded_however_a_space_is_spelt(tmp_path, space):
+    """AWS URL-encodes a CSV inventory's keys: `+` or `%20` is a space, `%2B` a plus; ORC and Parquet keys are
+    taken as written, so a literal `%2B` in one stays."""
+    manifest = write_inventory(Storage(), str(tmp_path), "src", [Entry(ODD), Entry("photos/a%2Bb c.jpg")], "CSV",
+                               space=space)
+    assert keys(manifest) == sorted([f"s3://src/{ODD}", "s3://src/photos/a%2Bb c.jpg"])
+    raw = write_inventory(Storage(), str(tmp_path), "src", [Entry("photos/a%2Bb+c.jpg")], "Parquet", config="pq")
+    assert keys(raw) == ["s3://src/photos/a%2Bb+c.jpg"]
+
+
+@pytest.mark.unit
+def test_pages_stream_record_batch_by_record_batch(tmp_path):
+    """A delivery of 2,500 keys in 2 data files comes a page of at most PAGE_ROWS at a time."""
+    manifest = write_inventory(Storage(), str(tmp_path), "src", [Entry(f"photos/{i:05d}.jpg") for i in range(2500)],
+                               "Parquet")
+    pages = [len(page) for page in read_inventory(manifest, Storage())]
+    assert sum(pages) == 2500 and max(pages) <= PAGE_ROWS and len(pages) >= 4
+
+
+@pytest.mark.unit
+def test_a_config_folder_means_its_latest_complete_delivery(tmp_path):
+    """From hive/ (one key a delivery), never a listing of data/; a delivery whose manifest.json is not written yet
+    is passed over; a dated folder means its own; a folder of images is no inventory; a copied inventory's data
+    files are read where the copy lies."""
+    storage = Storage()
+    write_inventory(storage, str(tmp_path), "src", [Entry("photos/a.jpg")], "ORC", delivered="2024-05-01T00-00Z")
+    newest = write_inventory(storage, str(tmp_path), "src", [Entry("photos/b.jpg")], "ORC",
+                             delivered="2024-05-02T00-00Z")
+    pending = tmp_path / "inventories/src/daily/hive/dt=2024-05-03-00-00"
+    pending.mkdir()
+    (pending / "symlink.txt").write_text("s3://dest/inventories/src/daily/data/x.orc\n")
+    config = str(tmp_path / "inventories/src/daily")
+    assert find_manifest(config + "/", storage) == newest
+    assert find_manifest(config + "/2024-05-01T00-00Z", storage) == config + "/2024-05-01T00-00Z/manifest.json"
+    (tmp_path / "images").mkdir()
+    assert find_manifest(str(tmp_path / "images"), storage) is None
+    assert keys(newest) == ["s3://src/photos/b.jpg"]
+
+
+@pytest.mark.unit
+def test_an_unreadable_inventory_is_one_line(storage, bucket, tmp_path, capsys):
+    """Missing manifest.json, one that is not JSON, a data file it names that is gone; input.prefix on a folder
+    that is no inventory, or on a .csv manifest."""
+    root = f"s3://{bucket}"
+    manifest = write_inventory(storage, root, "src", [Entry("photos/a.jpg"), Entry("photos/b.jpg")], "CSV")
+    check_input(manifest, storage)
+    check_input(manifest.rsplit("/", 2)[0], storage, prefix="photos/")
+    cases = {f"{root}/inventories/src/daily/2024-06-01T00-00Z/manifest.json": "does not exist"}
+    storage.write_bytes(f"{root}/broken/manifest.json", b"{not json")
+    cases[f"{root}/broken/manifest.json"] = "is not JSON"
+    data_file = json.loads(storage.read_bytes(manifest))["files"][1]["key"]
+    storage.delete([f"{root}/{data_file}"])
+    cases[manifest] = f"names 1 data file(s) that do not exist, the first {root}/{data_file}"
+    for uri, words in cases.items():
+        with pytest.raises(UserError) as refused:
+            check_input(uri, storage)
+        assert str(refused.value).startswith("input.uri: ") and words in str(refused.value), refused.value
+        assert "\n" not in str(refused.value)
+    code = main(["run", "--input", manifest.rsplit("/", 2)[0], "--output", str(tmp_path), "--model",
+                 "counting_model:build"])  # as `pipeline run` says it: one line, exit 2, no traceback
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: input.uri: inventory manifest"), err
+    with pytest.raises(UserError, match="input.prefix: 'photos/' applies to an S3 Inventory"):
+        check_input(f"{root}/images/", storage, prefix="photos/")
+    with pytest.raises(ValueError, match="not to a .parquet/.csv manifest"):
+        InputConfig(uri=f"{root}/list.csv", prefix="photos/")
+
+
+def pipeline_run(uri: str, output: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-m", "pipeline", "run", "--input", uri, "--prefix", "photos/", "--output",
+                          output, "--model", "counting_model:build", "--batch-size", "4"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return json.loads((Path(output) / "_summary.json").read_text())
+
+
+def predicted(output: str) -> dict[str, int]:
+    rows = duckdb.sql(f"SELECT uri, count(*) AS n, count(error) AS errors FROM read_parquet('{output}/*.parquet') "
+                      "GROUP BY uri").fetchall()
+    assert all(errors == 0 for _, _, errors in rows), rows
+    return {uri: n for uri, n, _ in rows}
+
+
+@pytest.mark.e2e
+def test_each_format_through_pipeline_run_predicts_each_current_object_once(storage, bucket, tmp_path):
+    """One delivery written in all three formats, then a newer one adding two keys, each format run once on one
+    output: the CSV delivery (its config folder as input.uri) predicts the three current images under the prefix;
+    the same delivery as Parquet finds them unchanged (the same URI, ETag, size and last-modified from every
+    format); the ORC config folder's newest delivery predicts just the two keys it adds."""
+    source, dest = bucket, f"{bucket}-inventory"
+    storage.s3_client.create_bucket(Bucket=dest)
+    current = ["photos/a.jpg", ODD, "photos/c.jpg", "elsewhere/outside.jpg", "photos/notes.txt"]
+    added = ["photos/new 1.jpg", "photos/ü/new+2.png"]
+    for i, key in enumerate(current + added):
+        storage.s3_client.put_object(Bucket=source, Key=key, Body=encode(photo(32, 24, seed=i), "PNG"))
+    day1 = [entry_of(storage, source, k, version_id="v") for k in current] + [OLD, GONE, MARKER]
+    day2 = day1 + [entry_of(storage, source, k) for k in added]
+    for fmt in FORMATS:
+        write_inventory(storage, f"s3://{dest}", source, day1, fmt, config=fmt.lower())
+    write_inventory(storage, f"s3://{dest}", source, day2, "ORC", config="orc", delivered="2024-05-02T00-00Z")
+    output, expected = str(tmp_path / "out"), {f"s3://{source}/{k}" for k in ["photos/a.jpg", ODD, "photos/c.jpg"]}
+
+    first = pipeline_run(f"s3://{dest}/inventories/{source}/csv/", output)
+    assert (first["predicted"], first["skipped_by_extension"]) == (3, 1)
+    assert predicted(output) == dict.fromkeys(expected, 1)
+
+    again = pipeline_run(f"s3://{dest}/inventories/{source}/parquet/2024-05-01T00-00Z/manifest.json", output)
+    assert (again["inputs"], again["already_done"]) == (0, 3)
+
+    newer = pipeline_run(f"s3://{dest}/inventories/{source}/orc", output)
+    assert (newer["inputs"], newer["already_done"]) == (2, 3)
+    assert predicted(output) == dict.fromkeys(expected | {f"s3://{source}/{k}" for k in added}, 1)
