@@ -2,8 +2,8 @@
 
 Listing a prefix of 100M objects takes hours, so it must not happen before the first read (Ray issue #40686).
 `InputListing.blocks` walks the listing page by page (S3's paginator, a local folder walk, or a manifest or an S3
-Inventory read in record batches) and yields a block per page, the inputs earlier runs finished left out; the Ray adapter
-(`pipeline.ray.datasource`) runs it as one read task and keeps its running counts.
+Inventory read in record batches) and yields a block per page, the inputs earlier runs finished left out; the Ray
+adapter (`pipeline.ray.datasource`) runs it as one read task and keeps its running counts.
 """
 
 from __future__ import annotations
