@@ -1,0 +1,533 @@
+"""Growth to 100M inputs, measured (issue 30): how each driver-side cost grows with the input count, fitted and
+extrapolated, since nothing here holds 100M objects.
+
+    .venv/bin/python bench/scale.py sizes --sizes 100000 300000 1000000      # real runs per size, then probes
+    .venv/bin/python bench/scale.py nights --base 100000 --nights 100         # Delta and Iceberg, 1% a night
+    .venv/bin/python bench/scale.py fit                                       # fits, extrapolation, tables
+
+Inputs are tiny real JPEGs (2,000 distinct 8x8 files, ~0.7 KB), each input its own path: a hard link under
+`<data>/in-<N>/<000..>/`, 1,000 a folder, plus a Parquet manifest of the same paths. The model is a 1x1
+convolution and a linear head (`build` below, `--model scale:build` with this folder on PYTHONPATH) over 8x8
+crops, so a run is the driver's and the listing's costs, not the model's.
+
+`sizes`, per N: `pipeline run` (the CLI's default executor: local) from the folder into a Parquet folder, a
+Delta table and an Iceberg table, and from the manifest into a Parquet folder; with `--ray-sizes`, also
+`--executor ray` (the ledger actor's memory). Each run is watched from outside (peak RSS of every process of
+its tree, a fifth of a second apart) and its `_summary.json` gives the time to the first row and the commit.
+Then, each in a fresh process: the listing alone (folder and manifest: first page, rate, peak RSS), the listing
+filtered by the skip set of a table holding N rows (every input done), `History.load` on each table (time,
+the set's bytes, peak RSS above the process's own), `pipeline runs --no-listing` and `pipeline report` under
+/usr/bin/time, and the commit record's and the table log's size on disk.
+
+`nights`: on a folder of `--base` inputs committed once to a Delta and an Iceberg table, `--nights` real
+`pipeline run`s that each find 1% new inputs (hard links added before the run): each night's commit time
+(`committed - last_row` of its summary), its skip set's build time (a `History.load` probe every 10 nights),
+and the table's log/metadata files, bytes and checkpoints after it.
+
+Everything lands in `bench/results/scale-<date>.json` (`--results`), merged with what is there; `fit` reads
+it. The watcher runs at nice 19; the machine had 2 cores and other sessions' work while this was measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from datetime import date
+from pathlib import Path
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(BENCH)
+# The package is imported from a snapshot of the checkout's HEAD (`git archive`, made by `snapshot`), so that
+# other work going on in the same checkout can neither break nor change what is measured.
+CODE = os.environ.get("SCALE_CODE", ROOT)
+sys.path.insert(0, CODE)
+sys.path.insert(0, BENCH)
+
+PYTHON = sys.executable
+PIPELINE = [PYTHON, "-m", "pipeline"]
+DISTINCT = 2_000
+PER_FOLDER = 1_000
+FORMATS = ("parquet", "delta", "iceberg")
+METADATA_DIRS = ("_commits", "_delta_log", "metadata", "_catalog")
+
+
+def build(num_classes: int | None = None):
+    """The trivial model: 1x1 convolution, global average, linear head (seeded)."""
+    import torch
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                               torch.nn.Linear(4, num_classes or 3))
+
+
+# ---- inputs ----------------------------------------------------------------------------------------------------
+
+def distinct_images(data: Path) -> Path:
+    src = data / "src"
+    if not (src / ".complete").exists():
+        import numpy as np
+        from PIL import Image
+
+        src.mkdir(parents=True, exist_ok=True)
+        for i in range(DISTINCT):
+            pixels = np.random.default_rng(i).integers(0, 255, (8, 8, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(src / f"{i:04d}.jpg", quality=90)
+        (src / ".complete").touch()
+        (data / "labels.txt").write_text("a\nb\nc\n")
+    return src
+
+
+def link_inputs(folder: Path, src: Path, start: int, stop: int) -> None:
+    """Inputs start..stop-1 of `folder`: hard links to the distinct images, 1,000 a sub-folder."""
+    for i in range(start, stop):
+        sub = folder / f"{i // PER_FOLDER:06d}"
+        if i % PER_FOLDER == 0 or i == start:
+            sub.mkdir(parents=True, exist_ok=True)
+        target = sub / f"{i:09d}.jpg"
+        if not target.exists():
+            os.link(src / f"{i % DISTINCT:04d}.jpg", target)
+
+
+def ensure_inputs(data: Path, n: int) -> tuple[Path, Path]:
+    """(folder, manifest) of n inputs, made once."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder, manifest = data / f"in-{n}", data / f"manifest-{n}.parquet"
+    if not (data / f".inputs-{n}").exists():
+        link_inputs(folder, distinct_images(data), 0, n)
+        uris = [str(folder / f"{i // PER_FOLDER:06d}" / f"{i:09d}.jpg") for i in range(n)]
+        pq.write_table(pa.table({"uri": uris}), manifest)
+        (data / f".inputs-{n}").touch()
+    return folder, manifest
+
+
+# ---- watching a run ----------------------------------------------------------------------------------------------
+
+class TreeWatch:
+    """Peak RSS (MiB) of each process of a tree, by role: the driver (the root), the local executor's model
+    process, Ray's ledger actor, other Ray workers, Ray's daemons."""
+
+    def __init__(self, pid: int, interval: float = 0.2):
+        from throughput import MemoryWatch
+
+        self.tree = MemoryWatch(pid)  # for its process-tree walk only
+        self.pid, self.interval = pid, interval
+        self.peaks: dict[str, float] = {}
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "TreeWatch":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.thread.join()
+
+    def _run(self) -> None:
+        from throughput import _rss_mib
+
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        while not self.done.is_set():
+            for pid in self.tree._tree():
+                mib = _rss_mib(pid)
+                if mib is not None:
+                    role = self.role(pid)
+                    self.peaks[role] = max(mib, self.peaks.get(role, 0.0))
+            self.done.wait(self.interval)
+
+    def role(self, pid: int) -> str:
+        if pid == self.pid:
+            return "driver"
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            return "gone"
+        if "BatchLedger" in cmdline:
+            return "ledger actor"
+        if cmdline.startswith("ray::") or "default_worker.py" in cmdline:
+            return "ray worker (max)"
+        if "ray" in cmdline:
+            return "ray daemons (max)"
+        return "model process"
+
+
+def pipeline_run(data: Path, source: str, output: Path, fmt: str, executor: str = "auto") -> dict:
+    """One `pipeline run` from exec to exit under the watcher; its summary's timeline and counts."""
+    args = [*PIPELINE, "run", "--input", source, "--output", str(output), "--format", fmt,
+            "--model", "scale:build", "--labels", str(data / "labels.txt"), "--batch-size", "256",
+            "--executor", executor, str(data / "job.json")]
+    (data / "job.json").write_text(json.dumps({"model": {"preprocess": {"resize_size": 8, "crop_size": 8}},
+                                               "errors": {"max_error_rate": 0.5}}))
+    env = {**os.environ, "PYTHONPATH": f"{CODE}:{BENCH}"}
+    log = output.with_name(output.name + ".log")
+    began = time.monotonic()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=CODE)
+        with TreeWatch(proc.pid) as watch:
+            code = proc.wait()
+    wall = time.monotonic() - began
+    if code != 0:
+        raise SystemExit(f"{' '.join(args)} failed ({code}); its output: {log}\n{log.read_text()[-3000:]}")
+    summary = json.loads((output / "_summary.json").read_text())
+    marks = summary["timeline_s"]
+    return {"wall_s": round(wall, 2), "rss_mib": {k: round(v) for k, v in watch.peaks.items()},
+            "inputs": summary["inputs"], "rows": summary["rows"], "already_done": summary["already_done"],
+            "images_per_s": summary["images_per_s"], "first_row_s": marks.get("first_row"),
+            "commit_s": round(marks["committed"] - marks["last_row"], 3) if "last_row" in marks else None,
+            "timeline_s": marks}
+
+
+# ---- probes, each in a fresh process ---------------------------------------------------------------------------
+
+def table_of(output: str, fmt: str):
+    from pipeline.io.storage import Storage
+    from pipeline.job.config import load_job
+    from pipeline.job.rows import OUTPUT_SCHEMA
+    from pipeline.output import make_format
+
+    cfg = load_job(None, {"input": "/tmp/none/", "output": output, "format": fmt, "model": "resnet18"})
+    return make_format(cfg.output, Storage(), OUTPUT_SCHEMA)
+
+
+def history_of(output: str, fmt: str):
+    from pipeline.output.history import History
+
+    table = table_of(output, fmt)
+    runs = sorted(r["run_id"] for r in table.live())
+    return History(committed=table.rows(runs), committed_runs=runs)
+
+
+def rss_now_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def probe_history(output: str, fmt: str) -> dict:
+    """`History.load` over a table's live rows, as the listing task runs it before its first page."""
+    from pipeline.io.storage import Storage
+
+    history = history_of(output, fmt)
+    before = rss_now_mib()
+    began = time.perf_counter()
+    done = history.load(Storage())
+    seconds = time.perf_counter() - began
+    return {"load_s": round(seconds, 2), "keys": len(done.done_versions), "set_bytes": done.done_versions.keys.nbytes,
+            "rss_before_mib": round(before), "peak_above_mib": round(peak_rss_mib() - before),
+            "held_above_mib": round(rss_now_mib() - before)}
+
+
+def probe_listing(uri: str, output: str | None, fmt: str | None) -> dict:
+    """The job's source alone (`InputListing.blocks`, as the listing task runs it): time to its first page or
+    block, inputs/s, peak RSS; with a table, filtered by that table's skip set (its build included)."""
+    from pipeline.io.listing import InputListing
+    from pipeline.io.storage import Storage
+
+    history = history_of(output, fmt) if output else None
+    listing = InputListing(uri, Storage(), ["jpg"], history)
+    before = rss_now_mib()
+    counts = {"listed": 0, "todo": 0}
+
+    def counted(todo: int, skipped_ext: int, done: int, repeats: int) -> None:
+        counts["listed"] += todo + skipped_ext + done
+        counts["todo"] += todo
+
+    began, first = time.perf_counter(), None
+    for _ in listing.blocks(counted):
+        first = first if first is not None else time.perf_counter() - began
+    seconds = time.perf_counter() - began
+    return {"listed": counts["listed"], "todo": counts["todo"], "total_s": round(seconds, 2),
+            "first_block_s": None if first is None else round(first, 3),
+            "inputs_per_s": round(counts["listed"] / seconds), "rss_before_mib": round(before),
+            "peak_above_mib": round(peak_rss_mib() - before)}
+
+
+def probe(kind: str, *args: str) -> dict:
+    """Run a probe in a fresh process (this script, `probe <kind> ...`); its JSON."""
+    done = subprocess.run([PYTHON, __file__, "probe", kind, *args], capture_output=True, text=True, cwd=CODE,
+                          env={**os.environ, "PYTHONPATH": CODE})
+    if done.returncode != 0:
+        raise SystemExit(f"probe {kind} {args} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def footprint(output: Path, fmt: str) -> dict:
+    """The output's metadata on disk: files and bytes, the newest commit record / log entry / metadata.json,
+    checkpoints, manifest lists, snapshots kept."""
+    meta = [p for p in output.rglob("*") if p.is_file() and any(d in METADATA_DIRS for d in p.relative_to(output).parts)]
+    sizes = {"metadata_files": len(meta), "metadata_bytes": sum(p.stat().st_size for p in meta)}
+    if fmt == "parquet":
+        records = sorted(output.glob("_commits/*.json"))
+        sizes["last_record_bytes"] = records[-1].stat().st_size
+    elif fmt == "delta":
+        entries = sorted(output.glob("_delta_log/*.json"))
+        sizes["last_record_bytes"] = entries[-1].stat().st_size
+        sizes["log_entries"] = len(entries)
+        sizes["checkpoints"] = len(list(output.glob("_delta_log/*.checkpoint*.parquet")))
+    else:
+        metadata = sorted(output.glob("metadata/*.metadata.json"), key=lambda p: p.stat().st_mtime)
+        sizes["last_record_bytes"] = metadata[-1].stat().st_size
+        sizes["metadata_json_files"] = len(metadata)
+        sizes["manifest_lists"] = len(list(output.glob("metadata/snap-*.avro")))
+        sizes["snapshots_in_metadata"] = len(json.loads(metadata[-1].read_text()).get("snapshots", []))
+    data = [p for p in output.rglob("*.parquet") if not any(d in METADATA_DIRS or d.startswith("_")
+                                                            for d in p.relative_to(output).parts)]
+    sizes["data_files"], sizes["data_bytes"] = len(data), sum(p.stat().st_size for p in data)
+    return sizes
+
+
+def measure(args: list[str]) -> dict[str, float]:
+    """One command as a fresh process under GNU time: wall and CPU seconds, its peak RSS (as bench/report.py)."""
+    began = time.perf_counter()
+    done = subprocess.run(["/usr/bin/time", "-v", *args], capture_output=True, text=True, cwd=CODE,
+                          env={**os.environ, "PYTHONPATH": CODE})
+    wall = time.perf_counter() - began
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout}{done.stderr[-3000:]}")
+    stats = dict(re.findall(r"^\s*(.+?): (.+)$", done.stderr, re.M))
+    return {"wall_s": wall, "cpu_s": float(stats["User time (seconds)"]) + float(stats["System time (seconds)"]),
+            "rss_mib": int(stats["Maximum resident set size (kbytes)"]) / 1024}
+
+
+def commands_on(output: Path, fmt: str, work: Path) -> dict:
+    """`pipeline runs --no-listing` and `pipeline report` on the output, each a fresh process under time -v."""
+    runs = measure([*PIPELINE, "runs", str(output), "--no-listing"])
+    report = measure([*PIPELINE, "report", str(output), "-o", str(work / f"report-{output.name}.html")])
+    return {"runs": {k: round(v, 2) for k, v in runs.items()}, "report": {k: round(v, 2) for k, v in report.items()}}
+
+
+# ---- sizes -----------------------------------------------------------------------------------------------------
+
+def one_size(n: int, data: Path, work: Path, ray: bool) -> dict:
+    folder, manifest = ensure_inputs(data, n)
+    result: dict = {"inputs": n, "runs": {}, "tables": {}}
+    for old in work.glob(f"out-{n}-*"):
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    for fmt in FORMATS:
+        output = work / f"out-{n}-{fmt}"
+        result["runs"][f"folder->{fmt}"] = pipeline_run(data, str(folder), output, fmt)
+        print(f"{n:,} folder->{fmt}: {result['runs'][f'folder->{fmt}']}", flush=True)
+    result["runs"]["manifest->parquet"] = pipeline_run(data, str(manifest), work / f"out-{n}-manifest", "parquet")
+    print(f"{n:,} manifest->parquet: {result['runs']['manifest->parquet']}", flush=True)
+    if ray:
+        result["runs"]["ray folder->parquet"] = pipeline_run(data, str(folder), work / f"out-{n}-ray", "parquet",
+                                                             executor="ray")
+        print(f"{n:,} ray: {result['runs']['ray folder->parquet']}", flush=True)
+    result["listing"] = {"folder": probe("listing", str(folder)), "manifest": probe("listing", str(manifest))}
+    for fmt in FORMATS:
+        output = work / f"out-{n}-{fmt}"
+        result["tables"][fmt] = {"history": probe("history", str(output), fmt),
+                                 "listing_skipped": probe("listing", str(folder), str(output), fmt),
+                                 "footprint": footprint(output, fmt), **commands_on(output, fmt, work)}
+        print(f"{n:,} {fmt} table: {result['tables'][fmt]}", flush=True)
+    return result
+
+
+def snapshot(data: Path) -> tuple[str, str]:
+    """HEAD's pipeline/ under <data>/code-<commit>/ (made once): what every run and probe imports."""
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT,
+                            check=True).stdout.strip()
+    code = data / f"code-{commit[:12]}"
+    if not (code / "pipeline").exists():
+        code.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", commit, "pipeline"], capture_output=True, cwd=ROOT, check=True)
+        subprocess.run(["tar", "-x", "-C", str(code)], input=archive.stdout, check=True)
+    return str(code), commit
+
+
+def save(results_path: Path, key: str, value) -> None:
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    results.setdefault("machine", machine())
+    results.setdefault(key, {})
+    results[key].update(value)
+    results_path.write_text(json.dumps(results, indent=1) + "\n")
+
+
+def machine() -> dict:
+    import platform
+
+    import deltalake
+    import pyarrow
+    import pyiceberg
+
+    return {"cores": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
+            "python": platform.python_version(), "pyarrow": pyarrow.__version__, "deltalake": deltalake.__version__,
+            "pyiceberg": pyiceberg.__version__,
+            "commit": os.environ.get("SCALE_COMMIT"), "note": "2-core shared machine; other sessions' work (tests, builds) ran at the same time"}
+
+
+# ---- nights ----------------------------------------------------------------------------------------------------
+
+def nights(base: int, count: int, data: Path, work: Path, results_path: Path, formats: list[str]) -> None:
+    """`count` nightly runs of 1% of `base` new inputs each on one table per format, after a first full run."""
+    src, folder, per_night = distinct_images(data), data / f"nights-{base}", base // 100
+    done = json.loads(results_path.read_text()).get("nights", {}) if results_path.exists() else {}
+    for fmt in formats:
+        if "0" not in done.get(fmt, {}):
+            shutil.rmtree(work / f"nights-{base}-{fmt}", ignore_errors=True)
+    for night in range(0, count + 1):
+        if all(str(night) in done.get(fmt, {}) for fmt in formats):
+            continue
+        link_inputs(folder, src, 0, base + night * per_night)
+        for fmt in formats:
+            output = work / f"nights-{base}-{fmt}"
+            run = pipeline_run(data, str(folder), output, fmt)
+            record = {k: run[k] for k in ("wall_s", "rss_mib", "inputs", "rows", "already_done", "first_row_s",
+                                          "commit_s")}
+            record["footprint"] = footprint(output, fmt)
+            if night % 10 == 0:
+                record["history"] = probe("history", str(output), fmt)
+            done.setdefault(fmt, {})[str(night)] = record
+            save(results_path, "nights", {fmt: done[fmt]})
+            print(f"night {night} {fmt}: rows {run['rows']}, commit {run['commit_s']} s, wall {run['wall_s']} s, "
+                  f"metadata {record['footprint']['metadata_bytes']:,} B", flush=True)
+
+
+# ---- fits ------------------------------------------------------------------------------------------------------
+
+TARGET_N = 100_000_000
+
+
+def fit(xs: list[float], ys: list[float]) -> dict:
+    """Least squares y = a + b·N and y = a + b·ln N; each one's R² and its value at 100M."""
+    import numpy as np
+
+    x, y = np.array(xs, float), np.array(ys, float)
+    out = {}
+    for name, feature, at in (("linear", x, TARGET_N), ("log", np.log(x), np.log(TARGET_N))):
+        b, a = np.polyfit(feature, y, 1)
+        residual = ((y - (a + b * feature)) ** 2).sum()
+        total = ((y - y.mean()) ** 2).sum()
+        out[name] = {"a": float(a), "b": float(b), "r2": float(1 - residual / total) if total else 1.0,
+                     "at_100m": float(a + b * at)}
+    return out
+
+
+def size_metrics(sizes: dict) -> dict[str, dict[int, float]]:
+    """metric name -> {N: value}, from the `sizes` results."""
+    metrics: dict[str, dict[int, float]] = {}
+
+    def put(name: str, n: int, value) -> None:
+        if value is not None:
+            metrics.setdefault(name, {})[n] = float(value)
+
+    for key, r in sizes.items():
+        n = int(key)
+        for run, m in r["runs"].items():
+            put(f"{run}: driver peak RSS MiB", n, m["rss_mib"].get("driver"))
+            put(f"{run}: model process peak RSS MiB", n, m["rss_mib"].get("model process"))
+            put(f"{run}: ledger actor peak RSS MiB", n, m["rss_mib"].get("ledger actor"))
+            put(f"{run}: first row s", n, m["first_row_s"])
+            put(f"{run}: commit s", n, m["commit_s"])
+            put(f"{run}: wall s", n, m["wall_s"])
+        for source, m in r["listing"].items():
+            put(f"listing {source}: s", n, m["total_s"])
+            put(f"listing {source}: first block s", n, m["first_block_s"])
+            put(f"listing {source}: peak RSS above start MiB", n, m["peak_above_mib"])
+        for fmt, t in r["tables"].items():
+            put(f"{fmt}: History.load s", n, t["history"]["load_s"])
+            put(f"{fmt}: skip set bytes", n, t["history"]["set_bytes"])
+            put(f"{fmt}: History.load peak RSS above start MiB", n, t["history"]["peak_above_mib"])
+            put(f"{fmt}: listing + skip set, all done, s", n, t["listing_skipped"]["total_s"])
+            put(f"{fmt}: listing + skip set peak RSS above start MiB", n, t["listing_skipped"]["peak_above_mib"])
+            put(f"{fmt}: last commit record bytes", n, t["footprint"]["last_record_bytes"])
+            put(f"{fmt}: metadata bytes", n, t["footprint"]["metadata_bytes"])
+            put(f"{fmt}: pipeline runs s", n, t["runs"]["wall_s"])
+            put(f"{fmt}: pipeline report s", n, t["report"]["wall_s"])
+            put(f"{fmt}: pipeline report peak RSS MiB", n, t["report"]["rss_mib"])
+    return metrics
+
+
+def fits(results_path: Path) -> None:
+    results = json.loads(results_path.read_text())
+    metrics = size_metrics(results.get("sizes", {}))
+    ns = sorted({n for values in metrics.values() for n in values})
+    out, lines = {}, ["| metric | " + " | ".join(f"{n:,}" for n in ns) +
+                      " | linear: per 1M inputs (R²) | at 100M, linear | at 100M, log |",
+                      "|---|" + "---:|" * (len(ns) + 3)]
+    for name, values in metrics.items():
+        cells = " | ".join(f"{values[n]:,.4g}" if n in values else "–" for n in ns)
+        if len(values) >= 2:
+            f = fit(list(values), list(values.values()))
+            out[name] = f
+            lines.append(f"| {name} | {cells} | {f['linear']['b'] * 1e6:,.4g} ({f['linear']['r2']:.3f}) | "
+                         f"{f['linear']['at_100m']:,.4g} | {f['log']['at_100m']:,.4g} |")
+        else:
+            lines.append(f"| {name} | {cells} | | | |")
+    results["fits"] = out
+    results["fits_by_night"] = night_fits(results.get("nights", {}))
+    results_path.write_text(json.dumps(results, indent=1) + "\n")
+    print("\n".join(lines))
+    print(json.dumps(results["fits_by_night"], indent=1))
+
+
+def night_fits(by_format: dict) -> dict:
+    """Per format: commit seconds and metadata bytes against the night number (linear), first and last nights."""
+    import numpy as np
+
+    out = {}
+    for fmt, nights_done in by_format.items():
+        nights_ = sorted(int(k) for k in nights_done if int(k) > 0)
+        if len(nights_) < 2:
+            continue
+        commit = [nights_done[str(k)]["commit_s"] for k in nights_]
+        meta = [nights_done[str(k)]["footprint"]["metadata_bytes"] for k in nights_]
+        loads = {k: nights_done[str(k)]["history"]["load_s"] for k in nights_ if "history" in nights_done[str(k)]}
+        out[fmt] = {"nights": len(nights_), "commit_s_per_night": float(np.polyfit(nights_, commit, 1)[0]),
+                    "commit_s_first10_median": float(np.median(commit[:10])),
+                    "commit_s_last10_median": float(np.median(commit[-10:])),
+                    "metadata_bytes_per_night": float(np.polyfit(nights_, meta, 1)[0]),
+                    "metadata_bytes_last": meta[-1], "history_load_s": loads,
+                    "last_footprint": nights_done[str(nights_[-1])]["footprint"]}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["sizes", "nights", "fit", "probe"])
+    parser.add_argument("probe_args", nargs="*")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 300_000, 1_000_000])
+    parser.add_argument("--ray-sizes", type=int, nargs="*", default=[100_000])
+    parser.add_argument("--base", type=int, default=100_000)
+    parser.add_argument("--nights", type=int, default=100)
+    parser.add_argument("--night-formats", nargs="+", default=["delta", "iceberg"])
+    parser.add_argument("--data", default="/tmp/pipeline-scale")
+    parser.add_argument("--results", default=os.path.join(BENCH, "results", f"scale-{date.today()}.json"))
+    args = parser.parse_args()
+    data, results = Path(args.data), Path(args.results)
+    work = data / "work"
+    if args.command == "probe":
+        kind, *rest = args.probe_args
+        print(json.dumps(probe_history(*rest) if kind == "history" else probe_listing(*rest, *[None] * (3 - len(rest)))))
+        return
+    data.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    if "SCALE_CODE" not in os.environ:  # again, in a process that imports the package from HEAD's snapshot
+        code, commit = snapshot(data)
+        os.execve(PYTHON, [PYTHON, __file__, *sys.argv[1:]], {**os.environ, "SCALE_CODE": code, "SCALE_COMMIT": commit})
+    if args.command == "sizes":
+        for n in args.sizes:
+            save(results, "sizes", {str(n): one_size(n, data, work, ray=n in args.ray_sizes)})
+    elif args.command == "nights":
+        nights(args.base, args.nights, data, work, results, args.night_formats)
+    else:
+        fits(results)
+
+
+if __name__ == "__main__":
+    main()
