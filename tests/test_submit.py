@@ -16,6 +16,7 @@ import pyarrow.dataset as pads
 import pytest
 
 from conftest import photo_jpeg
+from inventories import Entry, entry_of, write_inventory
 from pipeline.cli.commands import main
 from ray_cluster import DashboardHead
 
@@ -101,7 +102,7 @@ def test_a_bad_spec_is_refused_before_anything_is_submitted(tmp_path, capsys):
 
 def test_submit_runs_an_open_vocabulary_job_whose_model_lives_on_s3(head, storage, bucket, tmp_path):
     """A model source beyond torchvision through the job API: open_clip, its config and weights read from S3 on the
-    cluster, the vocabulary encoded once and every row tagged."""
+    cluster, the vocabulary encoded once and every row tagged; its inputs listed by an S3 Inventory."""
     import open_clip
     import torch
 
@@ -117,9 +118,14 @@ def test_submit_runs_an_open_vocabulary_job_whose_model_lives_on_s3(head, storag
     storage.write_bytes(f"s3://{bucket}/models/clip.pt", weights.read_bytes())
     for i in range(8):
         storage.s3_client.put_object(Bucket=bucket, Key=f"shapes/{i}.jpg", Body=photo_jpeg(i))
+    # The inputs from an S3 Inventory (CSV) read on the cluster: a delete marker and a key outside the prefix are none.
+    entries = [entry_of(storage, bucket, f"shapes/{i}.jpg") for i in range(8)]
+    entries += [Entry("shapes/gone.jpg", None, None, is_delete_marker=True), Entry("other/0.jpg")]
+    write_inventory(storage, f"s3://{bucket}", bucket, entries, "CSV")
     spec = tmp_path / "tags.yaml"
     spec.write_text(json.dumps({
-        "input": {"uri": f"s3://{bucket}/shapes/"}, "output": {"uri": f"s3://{bucket}/tags/"},
+        "input": {"uri": f"s3://{bucket}/inventories/{bucket}/daily/", "prefix": "shapes/"},
+        "output": {"uri": f"s3://{bucket}/tags/"},
         "model": {"source": "open_clip", "name": f"s3://{bucket}/models/tiny-submit-clip.json",
                   "pretrained": f"s3://{bucket}/models/clip.pt", "labels": tiny_clip.CLASSES,
                   "zero_shot": {"tag_threshold": 0.0}},
@@ -128,5 +134,6 @@ def test_submit_runs_an_open_vocabulary_job_whose_model_lives_on_s3(head, storag
                          capture_output=True, text=True, timeout=400)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = pads.dataset(f"s3://{bucket}/tags/", format="parquet").to_table().to_pylist()
-    assert len(rows) == 8 and all(r["error"] is None and r["label"] in tiny_clip.CLASSES for r in rows)
+    assert sorted(r["uri"] for r in rows) == sorted(f"s3://{bucket}/shapes/{i}.jpg" for i in range(8))
+    assert all(r["error"] is None and r["label"] in tiny_clip.CLASSES for r in rows)
     assert all(sorted(r["tags"]) == sorted(tiny_clip.CLASSES) for r in rows)  # threshold 0: every label

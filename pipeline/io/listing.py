@@ -44,6 +44,8 @@ class InputListing(Source):
         self.storage = storage
         self.extensions = set(extensions) if extensions is not None else None
         self.history = history  # None: nothing is done yet
+        # A manifest's entries are the inputs as named; an inventory lists a bucket, filtered as a folder is.
+        self.takes_all = is_manifest(uri) and not is_inventory(uri)
         # The job's own output, when it sits inside the input folder, is never an input.
         self.exclude = exclude.rstrip("/") + "/" if exclude else None
 
@@ -81,9 +83,7 @@ class InputListing(Source):
         return self.exclude is not None and info.uri.startswith(self.exclude)
 
     def _has_wanted_extension(self, info: ObjectInfo) -> bool:
-        # A manifest's entries are the inputs as named; an inventory lists a bucket, filtered as a folder is.
-        takes_all = is_manifest(self.uri) and not is_inventory(self.uri)
-        return self.extensions is None or takes_all or extension(info.uri) in self.extensions
+        return self.extensions is None or self.takes_all or extension(info.uri) in self.extensions
 
 
 def to_block(objects: list[ObjectInfo]) -> pa.Table:
