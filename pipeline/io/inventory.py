@@ -117,7 +117,10 @@ def parse_manifest(manifest: str, data: object, root: str) -> Inventory:
     columns = [CSV_FIELDS.get(c.strip(), c.strip()) for c in str(data.get("fileSchema", "")).split(",")]
     if fmt == "CSV" and "key" not in columns:
         raise InventoryError(f"inventory manifest {manifest}: its fileSchema has no Key field")
-    files = [f"{root}/{f['key']}" for f in data["files"]]
+    try:
+        files = [f"{root}/{f['key']}" for f in data["files"]]
+    except (KeyError, TypeError):
+        raise InventoryError(f"inventory manifest {manifest}: an entry of its files has no key") from None
     return Inventory(manifest, data["sourceBucket"], fmt, columns, files)
 
 
