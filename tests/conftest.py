@@ -119,6 +119,29 @@ def s3_server():
 
 
 @pytest.fixture(scope="session")
+def azurite_server(tmp_path_factory):
+    """Azurite for the session; AZURE_STORAGE_CONNECTION_STRING points every client (and `pipeline` subprocess)
+    at it."""
+    from emulators import azurite
+
+    with azurite(tmp_path_factory.mktemp("azurite")) as connection_string:
+        os.environ["AZURE_STORAGE_CONNECTION_STRING"] = connection_string
+        yield connection_string
+        os.environ.pop("AZURE_STORAGE_CONNECTION_STRING", None)
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """fake-gcs-server for the session; STORAGE_EMULATOR_HOST points every client at it."""
+    from emulators import fake_gcs_server
+
+    with fake_gcs_server() as endpoint:
+        os.environ["STORAGE_EMULATOR_HOST"] = endpoint
+        yield endpoint
+        os.environ.pop("STORAGE_EMULATOR_HOST", None)
+
+
+@pytest.fixture(scope="session")
 def ray_session(s3_server):
     import ray
 

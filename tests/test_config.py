@@ -47,16 +47,28 @@ def test_unknown_section(tmp_path):
 def test_missing_field_names_the_flag():
     with pytest.raises(UserError, match=r"'input.uri' is required; set it in the spec or pass --input"):
         load_job(None, {"output": "/tmp/out", "model": "resnet50"})
+    with pytest.raises(UserError, match=r"'model.name' is required; set it in the spec or pass --model"):
+        load_job(None, {"input": "/tmp/in", "output": "/tmp/out"})
 
 
 @pytest.mark.parametrize("uri, words", [
     ("http://example.com/images", "scheme 'http://' is not supported"),
     ("s3://Bad_Bucket/x", "not a valid s3://bucket/prefix URI"),
     ("s3://", "not a valid s3://bucket/prefix URI"),
+    ("gs://A", "not a valid gs://bucket/prefix URI"),
+    ("az://my--container/x", "not a valid az://container/prefix URI"),
+    ("abfs://photos@Not-An-Account.dfs.core.windows.net/x", "abfs://container@account.dfs.core.windows.net"),
+    ("wasbs://photos/x", "use s3://bucket/prefix, gs://bucket/prefix, az://container/prefix or a local path"),
 ])
 def test_malformed_uri(uri, words):
     with pytest.raises(UserError, match=words):
         load_job(None, {**MINIMAL, "input": uri})
+
+
+@pytest.mark.parametrize("uri", ["gs://photo_archive.example/2026/", "az://photos/in", "abfs://photos/in",
+                                 "abfss://photos@archive01.dfs.core.windows.net/in", "file:///data/in"])
+def test_every_store_scheme_is_accepted(uri):
+    assert load_job(None, {**MINIMAL, "input": uri}).input.uri == uri
 
 
 def test_bad_values_name_the_field():

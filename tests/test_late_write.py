@@ -92,11 +92,11 @@ def first_driver_put(fmt: str, held: str):
 
 
 def wait_until_expired(storage: Storage, output: str) -> None:
-    from pipeline.output.lease import read_s3_lease
+    from pipeline.output.lease import read_object_lease
 
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        _, _, age = read_s3_lease(storage, output)
+        _, _, age = read_object_lease(storage, output)
         if age > LEASE_TTL_S + 1:
             return
         time.sleep(0.5)

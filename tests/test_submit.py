@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pyarrow.dataset as pads
@@ -18,6 +19,7 @@ import pytest
 from conftest import photo_jpeg
 from inventories import Entry, entry_of, write_inventory
 from pipeline.cli.commands import main
+from pipeline.io.storage import Storage
 from ray_cluster import DashboardHead
 
 TESTS = Path(__file__).parent
@@ -25,9 +27,10 @@ INPUTS = 48
 
 
 @pytest.fixture(scope="module")
-def head(s3_server):
-    # The head's processes inherit the S3 server's endpoint and credentials from this environment, as a
-    # cluster's pods get theirs from their service account; the counting model imports from tests/.
+def head(s3_server, gcs_server, azurite_server):
+    # The head's processes inherit the S3 server's endpoint and credentials (and the GCS and Azure emulators')
+    # from this environment, as a cluster's pods get theirs from their service account; the counting model
+    # imports from tests/.
     # `pipeline` is on the PATH of the cluster's image; here, that is this virtualenv's bin folder.
     path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
     with DashboardHead(cpus=2, env={"PYTHONPATH": str(TESTS), "PIPELINE_TEST_DELAY_S": "0.5", "PATH": path}) as cluster:
@@ -81,6 +84,26 @@ def test_submit_runs_the_job_on_the_cluster_and_exports_metrics(head, storage, b
     assert f"predicted   {INPUTS}" in out and "completed" in out  # the driver's own summary, streamed back
     rows = pads.dataset(output, format="parquet").to_table()
     assert sorted(rows["uri"].to_pylist()) == sorted(f"s3://{bucket}/in/img {i:03d}.jpg" for i in range(INPUTS))
+
+
+def test_submit_reads_gcs_and_writes_azure(head, tmp_path):
+    """Inputs on gs://, predictions on az://, the job run on the cluster: each store reached from its nodes."""
+    storage = Storage.from_env()
+    name = f"submit-{uuid.uuid4().hex[:10]}"
+    storage.gcs.client.create_bucket(name)
+    storage.azure.service(None).create_container(name)
+    photos = [f"gs://{name}/in/img {i:02d}.jpg" for i in range(8)]
+    for i, uri in enumerate(photos):
+        storage.write_bytes(uri, photo_jpeg(i))
+    spec = tmp_path / "clouds.yaml"
+    spec.write_text(json.dumps({"input": {"uri": f"gs://{name}/in/"}, "output": {"uri": f"az://{name}/predictions"},
+                                "model": {"name": "counting_model:build"}, "compute": {"batch_size": 4}}))
+    result = subprocess.run([sys.executable, "-m", "pipeline", "submit", str(spec), "--address", head.dashboard_url],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    fs, path = storage.fs(f"az://{name}/predictions")
+    rows = pads.dataset(path, filesystem=fs, format="parquet", ignore_prefixes=["_", "."]).to_table()
+    assert sorted(rows["uri"].to_pylist()) == photos and rows["error"].null_count == len(photos)
 
 
 def test_submit_returns_the_jobs_exit_code_and_its_one_line(head, storage, bucket, tmp_path, capsys):

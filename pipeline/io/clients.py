@@ -1,19 +1,22 @@
-"""How a process reaches the stores: boto3 and fsspec clients for S3 (any S3-compatible endpoint) and local disk.
+"""How a process reaches the stores: boto3 and fsspec clients for S3 (any S3-compatible endpoint), local disk,
+and each cloud's own library for gs:// (`gcs.GcsStore`) and az:// / abfs:// (`azure.AzureStore`).
 
 Built lazily once per process from a few settings, and never pickled: the settings travel into Ray tasks and
-actors, each process makes its own clients. Both honour AWS_ENDPOINT_URL and the standard credential chain; an
-explicit `storage.endpoint_url` in the job spec wins.
+actors, each process makes its own clients. Each honours its cloud's standard credential chain and emulator
+variables (AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST, AZURE_STORAGE_CONNECTION_STRING); an explicit
+`storage.endpoint_url` in the job spec wins for S3.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 from functools import cache, cached_property
 
 import fsspec
 
-from pipeline.io.uris import absolute, is_s3
+from pipeline.io.uris import absolute, is_s3, store_of
 
 
 @dataclass(frozen=True)
@@ -79,9 +82,33 @@ class StoreClients:
     def localfs(self) -> fsspec.AbstractFileSystem:
         return fsspec.filesystem("file")
 
-    def fs(self, uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    @cached_property
+    def gcs(self):
+        from pipeline.io.gcs import GcsStore
+
+        return GcsStore(self.connect_timeout_s, self.read_timeout_s,
+                        retry_deadline_s=self.max_attempts * self.connect_timeout_s)
+
+    @cached_property
+    def azure(self):
+        from pipeline.io.azure import AzureStore
+
+        return AzureStore(self.connect_timeout_s, self.read_timeout_s, self.max_attempts)
+
+    def cloud(self, uri: str):
+        """The gs:// or az:// store of `uri` (`GcsStore`, `AzureStore`), or None for S3 and local paths."""
+        kind = store_of(uri)
+        return self.gcs if kind == "gcs" else self.azure if kind == "azure" else None
+
+    def fs(self, uri: str) -> tuple[object, str]:
+        """A filesystem pyarrow's datasets read `uri` through, and its path there: fsspec for S3 and local disk,
+        pyarrow's own for GCS and Azure."""
         if is_s3(uri):
             return self.s3fs, uri.removeprefix("s3://")
+        kind = store_of(uri)
+        if kind in ("gcs", "azure"):
+            module = importlib.import_module(f"pipeline.io.{kind}")
+            return module.arrow_fs(uri), module.arrow_path(uri)
         return self.localfs, absolute(uri)
 
 

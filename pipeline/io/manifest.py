@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from pipeline.io.distinct import SeenKeys
 from pipeline.io.inventory import is_inventory, read_inventory
-from pipeline.io.storage import ObjectInfo, Storage, is_s3
+from pipeline.io.storage import ObjectInfo, Storage, is_remote
 from pipeline.job.rows import SOURCE_SCHEMA
 
 logger = logging.getLogger(__name__)
@@ -309,12 +309,12 @@ _CASTS: dict[str, Cast] = {"uri": _cast_uri, "size": _cast_size, "etag": _cast_e
 
 
 def _resolve(entry: str, base: str) -> str:
-    """An entry as one spelling of its input: S3 keys as written, local paths absolute and normalised."""
-    if is_s3(entry):
+    """An entry as one spelling of its input: object-store keys as written, local paths absolute and normalised."""
+    if is_remote(entry):
         return entry
     entry = entry.removeprefix("file://")
     if entry.startswith("/"):
         return posixpath.normpath(entry)
-    if is_s3(base):
+    if is_remote(base):
         return f"{base}/{posixpath.normpath(entry)}"
     return posixpath.normpath(posixpath.join(base, entry))

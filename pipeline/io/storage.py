@@ -1,8 +1,9 @@
-"""Bytes in and out of a store, local paths and s3:// URIs alike.
+"""Bytes in and out of a store: local paths, s3://, gs:// and az:// (abfs://) URIs alike.
 
-Data goes through fsspec (s3fs for S3: concurrent batched reads, and writes that work on every S3-compatible
-server); a single S3 PUT goes through boto3 (see `write_atomic`). The clients are `StoreClients`'; listing is
-walk.py's.
+S3 data goes through fsspec (s3fs: concurrent batched reads, and writes that work on every S3-compatible server);
+a single S3 PUT goes through boto3 (see `write_atomic`). gs:// and az:// go through their clouds' own libraries
+(`gcs.GcsStore`, `azure.AzureStore`), which `Storage` hands each call to. The clients are `StoreClients'`;
+listing S3 and local folders is walk.py's.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Iterator
 import fsspec
 
 from pipeline.io.clients import StoreClients
-from pipeline.io.uris import ObjectInfo, absolute, is_s3, split_s3
+from pipeline.io.uris import ObjectInfo, absolute, is_remote, is_s3, split_s3
 from pipeline.io.uris import extension, join  # noqa: F401 - callers take a URI's helpers from here with Storage
 from pipeline.io.walk import list_local, list_s3
 
@@ -43,31 +44,22 @@ class Storage(StoreClients):
         for attempt in range(BODY_READ_ATTEMPTS):
             if attempt:
                 time.sleep(min(2.0, 0.1 * 2 ** attempt) * (0.5 + random.random()))
-            for i, result in zip(pending, self._cat_many([uris[i] for i in pending])):
+            for i, result in zip(pending, _fetch_once(self, [uris[i] for i in pending])):
                 results[i] = result
             pending = [i for i in pending if is_transient(results[i])]
             if not pending:
                 break
         return results
 
-    def _cat_many(self, uris: list[str]) -> list[bytes | Exception]:
-        results: list[bytes | Exception] = [b""] * len(uris)
-        groups: dict[int, tuple[fsspec.AbstractFileSystem, list[int], list[str]]] = {}
-        for i, uri in enumerate(uris):
-            fs, path = self.fs(uri)
-            _, indexes, paths = groups.setdefault(id(fs), (fs, [], []))
-            indexes.append(i)
-            paths.append(path)
-        for fs, indexes, paths in groups.values():
-            for i, result in zip(indexes, fs.cat_ranges(paths, None, None, on_error="return")):
-                results[i] = result
-        return results
-
     def read_bytes(self, uri: str) -> bytes:
+        if (cloud := self.cloud(uri)) is not None:
+            return cloud.read(uri)
         fs, path = self.fs(uri)
         return fs.cat_file(path)
 
     def exists(self, uri: str) -> bool:
+        if (cloud := self.cloud(uri)) is not None:
+            return cloud.exists(uri)
         fs, path = self.fs(uri)
         return fs.exists(path)
 
@@ -80,7 +72,14 @@ class Storage(StoreClients):
         `if_absent`: only if nothing is there yet (S3's If-None-Match: *, a local hard link); `if_match`: only if
         its ETag is still that one (S3's If-Match; locally a check, then a rename: the output's flock keeps other
         writers out). A condition that does not hold raises FileExistsError; conditional_writes: false drops both.
+        gs:// and az:// write in place too, with their own preconditions (`GcsStore.put`, `AzureStore.put`).
         """
+        if (cloud := self.cloud(uri)) is not None:
+            buffer = io.BytesIO()
+            write(buffer)
+            if not self.conditional_writes:
+                if_absent, if_match = False, None
+            return cloud.put(uri, buffer.getvalue(), if_absent, if_match)
         fs, path = self.fs(uri)
         if is_s3(uri):
             # Buffer, then one PUT through boto3: its read timeout covers a stalled upload, where s3fs (aiohttp
@@ -88,7 +87,7 @@ class Storage(StoreClients):
             buffer = io.BytesIO()
             write(buffer)
             bucket, key = split_s3(uri)
-            condition = _s3_condition(if_absent, if_match) if self.conditional_writes else {}
+            condition = s3_condition(if_absent, if_match) if self.conditional_writes else {}
             try:
                 reply = self.s3_client.put_object(Bucket=bucket, Key=key, Body=buffer.getvalue(), **condition)
             except Exception as exc:
@@ -108,7 +107,11 @@ class Storage(StoreClients):
     def delete(self, uris: list[str]) -> None:
         """Idempotent: what is already gone is fine. S3 keys go 1,000 per request."""
         by_bucket: dict[str, list[str]] = {}
+        clouds: dict[int, tuple[object, list[str]]] = {}
         for uri in uris:
+            if (cloud := self.cloud(uri)) is not None:
+                clouds.setdefault(id(cloud), (cloud, []))[1].append(uri)
+                continue
             if is_s3(uri):
                 bucket, key = split_s3(uri)
                 by_bucket.setdefault(bucket, []).append(key)
@@ -118,19 +121,14 @@ class Storage(StoreClients):
             except FileNotFoundError:
                 pass
         for bucket, keys in by_bucket.items():
-            for start in range(0, len(keys), 1000):
-                batch = keys[start:start + 1000]
-                reply = self.s3_client.delete_objects(
-                    Bucket=bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True})
-                if reply.get("Errors"):
-                    first = reply["Errors"][0]
-                    raise OSError(f"cannot delete s3://{bucket}/{first['Key']}: {first.get('Code')} "
-                                  f"{first.get('Message', '')}")
+            _delete_s3(self.s3_client, bucket, keys)
             self.s3fs.invalidate_cache()
+        for cloud, cloud_uris in clouds.values():
+            cloud.delete(cloud_uris)
 
     def remove_folder(self, uri: str) -> None:
-        """Drop a local folder and what is left in it (a killed write's hidden temp file); S3 has no folders."""
-        if not is_s3(uri):
+        """Drop a local folder and what is left in it (a killed write's hidden temp file); stores have no folders."""
+        if not is_remote(uri):
             shutil.rmtree(absolute(uri), ignore_errors=True)
 
     # --- listing --------------------------------------------------------------------------------------
@@ -142,8 +140,37 @@ class Storage(StoreClients):
         """
         if is_s3(folder):
             yield from list_s3(self.s3_client, folder)
+        elif (cloud := self.cloud(folder)) is not None:
+            yield from cloud.list_pages(folder)
         else:
             yield from list_local(absolute(folder), quote_paths)
+
+
+def _fetch_once(storage: Storage, uris: list[str]) -> list[bytes | Exception]:
+    """One try at each object: grouped by filesystem (or cloud store), each group fetched concurrently."""
+    results: list[bytes | Exception] = [b""] * len(uris)
+    groups: dict[int, tuple[object, list[int], list[str]]] = {}
+    for i, uri in enumerate(uris):
+        cloud = storage.cloud(uri)
+        fs, path = (cloud, uri) if cloud is not None else storage.fs(uri)
+        _, indexes, paths = groups.setdefault(id(fs), (fs, [], []))
+        indexes.append(i)
+        paths.append(path)
+    for fs, indexes, paths in groups.values():
+        fetched = (fs.read_many(paths) if not isinstance(fs, fsspec.AbstractFileSystem)
+                   else fs.cat_ranges(paths, None, None, on_error="return"))
+        for i, result in zip(indexes, fetched):
+            results[i] = result
+    return results
+
+
+def _delete_s3(client, bucket: str, keys: list[str]) -> None:
+    for start in range(0, len(keys), 1000):
+        batch = keys[start:start + 1000]
+        reply = client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True})
+        if reply.get("Errors"):
+            first = reply["Errors"][0]
+            raise OSError(f"cannot delete s3://{bucket}/{first['Key']}: {first.get('Code')} {first.get('Message', '')}")
 
 
 def write_local_atomic(fs: fsspec.AbstractFileSystem, path: str, write, if_absent: bool) -> None:
@@ -166,6 +193,8 @@ def write_local_atomic(fs: fsspec.AbstractFileSystem, path: str, write, if_absen
 
 def stat(storage: Storage, uri: str) -> tuple[str, int] | None:
     """(ETag, size) of the object or file at `uri`, or None if there is none."""
+    if (cloud := storage.cloud(uri)) is not None:
+        return cloud.stat(uri)
     if is_s3(uri):
         bucket, key = split_s3(uri)
         try:
@@ -182,6 +211,8 @@ def stat(storage: Storage, uri: str) -> tuple[str, int] | None:
 
 def read_versioned(storage: Storage, uri: str) -> tuple[bytes, str] | None:
     """The bytes at `uri` and the ETag they had (for a write `if_match` it), or None if there is none."""
+    if (cloud := storage.cloud(uri)) is not None:
+        return cloud.read_versioned(uri)
     if is_s3(uri):
         bucket, key = split_s3(uri)
         try:
@@ -212,7 +243,7 @@ def _local_etag_or_none(path: str) -> str | None:
         return None
 
 
-def _s3_condition(if_absent: bool, if_match: str | None) -> dict:
+def s3_condition(if_absent: bool, if_match: str | None) -> dict:
     if if_match is not None:
         return {"IfMatch": if_match}
     return {"IfNoneMatch": "*"} if if_absent else {}

@@ -259,7 +259,7 @@ def _build_custom(target: str, num_classes: int | None) -> nn.Module:
 def _torchvision_weights(name: str, weights: str, is_custom: bool):
     if is_custom:
         raise UserError(f"model.weights: '{weights}' is a torchvision weights name, but a custom model needs "
-                        "a checkpoint file (local path or s3://)")
+                        "a checkpoint file (a local path, or s3://, gs:// or az://)")
     try:
         if "." in weights:
             return torchvision.models.get_weight(weights)

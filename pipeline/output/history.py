@@ -148,9 +148,15 @@ class DoneFilter:
         return len(self.done_versions) + len(self.done_uris)
 
     def todo(self, objects: list[ObjectInfo]) -> list[ObjectInfo]:
+        """The objects neither set holds. Each key is hashed only when its set has keys: a nightly run has no
+        interrupted attempt, so its listing hashes each object once, not twice."""
         if not len(self) or not objects:
             return objects
-        keys = [object_keys(o, self.pseudonymizer.token(o.uri) if self.pseudonymizer else None) for o in objects]
-        uri_keys, version_keys = (np.array(k, dtype=KEY_DTYPE) for k in zip(*keys))
-        done = self.done_versions.contains(version_keys) | self.done_uris.contains(uri_keys)
+        uris = [(self.pseudonymizer.token(o.uri) if self.pseudonymizer else None) or o.uri for o in objects]
+        done = np.zeros(len(objects), dtype=bool)
+        if len(self.done_versions):
+            done |= self.done_versions.contains(np.array(
+                [version_key(u, o.etag, micros(o.last_modified), o.size) for u, o in zip(uris, objects)], KEY_DTYPE))
+        if len(self.done_uris):
+            done |= self.done_uris.contains(np.array([uri_key(u) for u in uris], dtype=KEY_DTYPE))
         return [o for o, d in zip(objects, done) if not d]

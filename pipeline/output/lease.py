@@ -1,7 +1,7 @@
 """One run at a time per output folder: a lease held for the whole run. `OutputLease.for_output` gives the one
 that fits: a `FileLease` (an advisory `flock` on `<output>/_lock`, dropped by the kernel when the holder dies)
-or an `S3Lease` (`<output>/_lock.json`, created If-None-Match, renewed If-Match, taken over after LEASE_TTL_S
-by the server's clock). A driver that lost its lease publishes nothing more. docs/commit-protocol.md, step 2."""
+or an `ObjectLease` on S3, GCS or Azure (`<output>/_lock.json`, created only if absent, renewed only if unchanged,
+taken over after LEASE_TTL_S by the store's clock). A driver that lost its lease publishes nothing more. docs/commit-protocol.md, step 2."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 
-from pipeline.io.storage import Storage, error_code, is_s3, join, precondition_failed, split_s3
+from pipeline.io.conditional import delete_if_match, put_small, read_with_age
+from pipeline.io.storage import Storage, is_remote, join
 from pipeline.job.errors import UserError
 
 LEASE_TTL_S = 60.0
@@ -86,33 +86,40 @@ def busy_message(output_uri: str, holder: Holder | None) -> str:
 def check_conditional_writes(storage: Storage, output_uri: str) -> None:
     """Refuse a store that ignores create-if-absent writes, unless the user chose to run without them.
 
-    The lease, the commit records and the chunks rely on `If-None-Match: *` being refused when the key exists.
-    An S3-compatible store that ignores the header (answering 200) would let two drivers both take the lease
-    and both commit; so before anything else, create a probe key twice and expect the second to be refused."""
-    from botocore.exceptions import ClientError
-
+    The lease, the commit records and the chunks rely on a create-only write being refused when the object exists
+    (S3's If-None-Match: *, GCS's ifGenerationMatch=0, Azure's If-None-Match: *). A store that ignores it would let
+    two drivers both take the lease and both commit; so before anything else, create a probe object twice and
+    expect the second to be refused."""
     if not storage.conditional_writes:
         return
-    bucket, key = split_s3(join(output_uri, f"_probe/{uuid.uuid4().hex}"))
-    client = storage.s3_probe_client
-    fix = ("use a store that honours them (AWS S3, MinIO, Ceph RGW and R2 do), or, if you make sure yourself that "
-           "one run at a time writes this output, set output.conditional_writes: false")
+    probe = join(output_uri, f"_probe/{uuid.uuid4().hex}")
+    fix = ("use a store that honours them (AWS S3, MinIO, Ceph RGW, R2, Google Cloud Storage and Azure Blob "
+           "Storage do), or, if you make sure yourself that one run at a time writes this output, set "
+           "output.conditional_writes: false")
     try:
         for attempt in range(2):
             try:
-                client.put_object(Bucket=bucket, Key=key, Body=b"probe", IfNoneMatch="*")
-            except ClientError as exc:
-                if attempt == 1 and precondition_failed(exc):
+                put_small(storage, probe, b"probe", if_absent=True)
+            except FileExistsError:
+                if attempt == 1:
                     return
-                raise UserError(f"output.uri: the S3 endpoint refused a conditional write to {output_uri} "
-                                f"({error_code(exc)}: {exc}); the lease and commits need If-None-Match; {fix}") from None
-        raise UserError(f"output.uri: the S3 endpoint ignores conditional writes (a create-if-absent PUT of an "
-                        f"existing key under {output_uri} succeeded), so two runs could both commit; {fix}")
+                raise
+            except Exception as exc:  # noqa: BLE001 - the store refused the request itself
+                raise UserError(f"output.uri: the store refused a conditional write to {output_uri} "
+                                f"({_reason(exc)}); the lease and commits need create-only writes; {fix}") from None
+        raise UserError(f"output.uri: the store ignores conditional writes (a create-only write of an existing "
+                        f"object under {output_uri} succeeded), so two runs could both commit; {fix}")
     finally:
         try:
-            client.delete_object(Bucket=bucket, Key=key)
-        except ClientError:
+            storage.delete([probe])
+        except Exception:  # noqa: BLE001 - a probe left behind is harmless
             pass
+
+
+def _reason(exc: BaseException) -> str:
+    from pipeline.io.storage import error_code
+
+    return f"{error_code(exc) or type(exc).__name__}: {exc}"
 
 
 class OutputLease:
@@ -127,8 +134,8 @@ class OutputLease:
 
     @staticmethod
     def for_output(storage: Storage, output_uri: str, run_id: str) -> "OutputLease":
-        """The lease that fits the output: an object on S3, a flock on a local folder."""
-        return (S3Lease if is_s3(output_uri) else FileLease)(storage, output_uri, run_id)
+        """The lease that fits the output: an object in an object store, a flock on a local folder."""
+        return (ObjectLease if is_remote(output_uri) else FileLease)(storage, output_uri, run_id)
 
     def __enter__(self) -> "OutputLease":
         self.acquire()
@@ -176,12 +183,13 @@ class FileLease(OutputLease):
             os.close(self._fd)  # closing drops the flock; the file itself stays, harmlessly
 
 
-class S3Lease(OutputLease):
-    """An S3 output held by the object `<output>/_lock.json`: created if absent or taken over once expired,
-    then renewed by a heartbeat thread with conditional puts until released or found lost."""
+class ObjectLease(OutputLease):
+    """An output in an object store held by the object `<output>/_lock.json`: created if absent or taken over once
+    expired, then renewed by a heartbeat thread with conditional writes until released or found lost."""
 
     def __init__(self, storage: Storage, output_uri: str, run_id: str):
         super().__init__(storage, output_uri, run_id)
+        self.uri = join(output_uri, "_lock.json")
         self._etag: str | None = None
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
@@ -193,46 +201,39 @@ class S3Lease(OutputLease):
         self._renewer.start()
 
     def release(self) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
         self._stop.set()
         if not self._renewer:
             return
         self._renewer.join()
         if self.lost:
             return
-        bucket, key = _s3_key(self.output_uri)
         try:
-            self.storage.s3_probe_client.delete_object(Bucket=bucket, Key=key, IfMatch=self._etag)
-        except (ClientError, BotoCoreError):
-            pass  # someone else holds it now, or it expires on its own
+            delete_if_match(self.storage, self.uri, self._etag)
+        except Exception:  # noqa: BLE001 - someone else holds it now, or it expires on its own
+            pass
 
     def check(self) -> None:
         if self._renewer and not self.lost and time.monotonic() - self._renewed_at > LEASE_TTL_S / 2:
             self.lost = f"it could not be renewed for {LEASE_TTL_S / 2:.0f}s"
         super().check()
 
-    def _put(self, **condition) -> str:
-        # The probe client's short timeouts: a renewal must not hang for longer than the lease lives.
-        bucket, key = _s3_key(self.output_uri)
-        client = self.storage.s3_probe_client
+    def _put(self, if_absent: bool = False, if_match: str | None = None) -> str:
         sent = time.monotonic()  # not the reply's time: the lease runs from when the server wrote it, before that
-        reply = client.put_object(Bucket=bucket, Key=key, Body=Holder.me(self.run_id).to_bytes(), **condition)
+        etag = put_small(self.storage, self.uri, Holder.me(self.run_id).to_bytes(), if_absent, if_match)
         self._renewed_at = sent
-        return reply["ETag"]
+        return etag
 
     def _take(self) -> None:
-        from botocore.exceptions import ClientError
-
         if not self.storage.conditional_writes:
             return self._take_unconditionally()
         try:
-            self._etag = self._put(IfNoneMatch="*")
+            self._etag = self._put(if_absent=True)
             return
-        except ClientError as exc:
-            if not precondition_failed(exc):
-                raise UserError(self._unsupported(exc)) from None
-        current = read_s3_lease(self.storage, self.output_uri)
+        except FileExistsError:
+            pass
+        except Exception as exc:  # noqa: BLE001 - the store refused the request itself
+            raise UserError(self._unsupported(exc)) from None
+        current = read_object_lease(self.storage, self.output_uri)
         if current is None:  # released between our two requests: try once more from the top
             return self._take()
         holder, etag, age = current
@@ -243,16 +244,14 @@ class S3Lease(OutputLease):
         if _still_held(holder, age):
             raise UserError(busy_message(self.output_uri, holder))
         try:
-            self._etag = self._put(IfMatch=etag)  # of several claimants of an expired lease, exactly one wins
-        except ClientError as exc:
-            if precondition_failed(exc):
-                raise UserError(busy_message(self.output_uri, None)) from None
-            raise
+            self._etag = self._put(if_match=etag)  # of several claimants of an expired lease, exactly one wins
+        except FileExistsError:
+            raise UserError(busy_message(self.output_uri, None)) from None
 
     def _take_unconditionally(self) -> None:
         """output.conditional_writes: false. Look, then write: two drivers starting within one round trip of each
         other can both take it, which is the weaker promise the user chose."""
-        current = read_s3_lease(self.storage, self.output_uri)
+        current = read_object_lease(self.storage, self.output_uri)
         if current is not None:
             holder, _, age = current
             if not (holder is not None and holder.is_me(self.run_id)) and _still_held(holder, age):
@@ -260,32 +259,27 @@ class S3Lease(OutputLease):
         self._etag = self._put()
 
     def _unsupported(self, exc) -> str:
-        return (f"output.uri: cannot take the lease {self.output_uri}/_lock.json ({error_code(exc)}: {exc}); the S3 "
-                "endpoint must support conditional writes (If-None-Match / If-Match), as AWS S3 and MinIO do")
+        return (f"output.uri: cannot take the lease {self.uri} ({_reason(exc)}); the store must support "
+                "conditional writes (create-only and replace-if-unchanged), as AWS S3, MinIO, GCS and Azure do")
 
     def _renew_loop(self) -> None:
         while not self._stop.wait(RENEW_EVERY_S) and not self.lost:
             self._renew_once()
 
     def _renew_once(self) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
         try:
-            self._etag = self._put(**({"IfMatch": self._etag} if self.storage.conditional_writes else {}))
-        except ClientError as exc:
-            if precondition_failed(exc) or error_code(exc) in ("NoSuchKey", "404"):
-                self._check_still_mine()
-        except BotoCoreError:
-            pass  # transient: the next renewal retries; check() gives up once renewals fail for TTL/2
+            self._etag = self._put(if_match=self._etag if self.storage.conditional_writes else None)
+        except FileExistsError:
+            self._check_still_mine()
+        except Exception:  # noqa: BLE001 - transient: the next renewal retries; check() gives up after TTL/2
+            pass
 
     def _check_still_mine(self) -> None:
         """A renewal whose reply was lost and was retried fails its own condition; look before giving up."""
-        from botocore.exceptions import BotoCoreError, ClientError
-
         try:
-            current = read_s3_lease(self.storage, self.output_uri)
-        except (BotoCoreError, ClientError):
-            return  # cannot tell now; the next renewal looks again
+            current = read_object_lease(self.storage, self.output_uri)
+        except Exception:  # noqa: BLE001 - cannot tell now; the next renewal looks again
+            return
         if current is not None and current[0] is not None and current[0].is_me(self.run_id):
             self._etag = current[1]
             self._renewed_at = time.monotonic() - current[2]  # written that long ago, by the server's clock
@@ -293,35 +287,23 @@ class S3Lease(OutputLease):
             self.lost = "another run took it over"
 
 
-def _s3_key(output_uri: str) -> tuple[str, str]:
-    return split_s3(join(output_uri, "_lock.json"))
-
-
 def _still_held(holder: Holder | None, age: float) -> bool:
     """A lease written within the TTL (server's clock) whose holder is not known to have died on this machine."""
     return age <= LEASE_TTL_S and not (holder is not None and holder.died_here())
 
 
-def read_s3_lease(storage: Storage, output_uri: str) -> tuple[Holder | None, str, float] | None:
-    """(holder, ETag, seconds since its last write by the server's clock), or None if there is no lease."""
-    from botocore.exceptions import ClientError
-
-    bucket, key = _s3_key(output_uri)
-    try:
-        reply = storage.s3_probe_client.get_object(Bucket=bucket, Key=key)
-    except ClientError as exc:
-        if error_code(exc) in ("NoSuchKey", "404"):
-            return None
-        raise
-    holder = Holder.from_bytes(reply["Body"].read())
-    served = reply["ResponseMetadata"].get("HTTPHeaders", {}).get("date")
-    now = parsedate_to_datetime(served).timestamp() if served else time.time()
-    return holder, reply["ETag"], now - reply["LastModified"].timestamp()
+def read_object_lease(storage: Storage, output_uri: str) -> tuple[Holder | None, str, float] | None:
+    """(holder, ETag, seconds since its last write by the store's clock), or None if there is no lease."""
+    found = read_with_age(storage, join(output_uri, "_lock.json"))
+    if found is None:
+        return None
+    data, etag, age = found
+    return Holder.from_bytes(data), etag, age
 
 
 def lease_status(storage: Storage, output_uri: str) -> str:
     """Who holds the output now, in words, without taking anything (`pipeline runs`)."""
-    if not is_s3(output_uri):
+    if not is_remote(output_uri):
         import fcntl
 
         path = join(output_uri, "_lock")
@@ -334,7 +316,7 @@ def lease_status(storage: Storage, output_uri: str) -> str:
                 holder = Holder.from_bytes(lock.read(4096))
                 return f"held by {holder.describe() if holder else 'a running job'}"
         return "free"
-    current = read_s3_lease(storage, output_uri)
+    current = read_object_lease(storage, output_uri)
     if current is None:
         return "free"
     holder, _, age = current

@@ -13,7 +13,7 @@ from typing import Callable, Iterator, TextIO
 import pyarrow as pa
 
 import pipeline.output.failpoints as failpoints
-from pipeline.io.storage import Storage, is_s3, join
+from pipeline.io.storage import Storage, is_remote, join
 from pipeline.job.config import JobConfig, OutputConfig
 from pipeline.job.errors import JobFailed, UserError
 from pipeline.output.formats import Commit, OutputFormat, Partitioning
@@ -90,7 +90,7 @@ def open_output(output: OutputConfig, policy: RunPolicy, storage: Storage, ident
                 schema: pa.Schema, out: TextIO) -> Iterator["RunOutput"]:
     """Take the output for one run: probe the store, hold the lease (released on leaving, however the run ends),
     then `on_write_start`."""
-    if is_s3(output.uri):
+    if is_remote(output.uri):
         check_conditional_writes(storage, output.uri)
     table = make_format(output, storage, schema)
     with OutputLease.for_output(storage, output.uri, new_run_id()) as lease, output_failures(output.uri):

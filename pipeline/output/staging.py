@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.io.storage import Storage, is_s3, join
+from pipeline.io.storage import Storage, is_remote, join
 from pipeline.output.history import KEY_DTYPE, table_keys
 from pipeline.job.errors import UserError
 from pipeline.job.rows import RowCounts
@@ -84,7 +84,7 @@ class Staging:
 
     def scan(self) -> dict[str, StagedRun]:
         runs: dict[str, StagedRun] = {}
-        if not is_s3(self.uri) and not os.path.isdir(self.uri):
+        if not is_remote(self.uri) and not os.path.isdir(self.uri):
             return runs
         prefix = self.uri.rstrip("/") + "/"
         for page in self.storage.list_pages(self.uri):

@@ -43,10 +43,11 @@ def redact_input_path(message: str, uri: str) -> str:
 def _path_forms(uri: str) -> list[tuple[str, str]]:
     """How a message may quote the input (the URI, bucket/key, key or local path) and its folders, each in every
     spelling, longest first."""
-    bare = uri.removeprefix("s3://")
+    scheme, found, rest = uri.partition("://")
+    bare = rest if found and scheme != "file" else uri
     forms = {uri: "<input>", bare: "<input>"}
     paths = [bare]
-    if uri.startswith("s3://"):
+    if found and scheme != "file":
         key = bare.partition("/")[2]
         forms.setdefault(key, "<input>")
         paths.append(key)

@@ -16,10 +16,13 @@ from typing import Any, TextIO
 
 import yaml
 
+from pipeline.io.uris import is_remote
 from pipeline.job.config import merged_spec, validate_spec
 from pipeline.job.errors import UserError
 
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION")
+# Where the stores are, never a credential: the cluster's nodes bring their own (instance role, Workload Identity).
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "STORAGE_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT",
+                 "AZURE_STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_BLOB_ENDPOINT")
 SPEC_NAME = "job.yaml"
 AGENT_WAIT_S = 60.0
 
@@ -29,7 +32,7 @@ def submit(spec_path: str | None, overrides: dict[str, Any], address: str | None
     raw = merged_spec(spec_path, overrides)
     cfg = validate_spec(raw, spec_path)  # a spec that cannot run fails here, not on the cluster
     local = [value for value in (cfg.input.uri, cfg.output.uri, cfg.model.checkpoint, cfg.model.labels)
-             if isinstance(value, str) and value and not value.startswith("s3://")]
+             if isinstance(value, str) and value and not is_remote(value)]
     if local:
         print(f"note: {', '.join(local)} will be read on the cluster's nodes, not on this machine", file=out)
     if cfg.compute.executor == "local":

@@ -8,7 +8,7 @@ from typing import Iterator
 
 import pyarrow as pa
 
-from pipeline.io.storage import Storage, absolute, is_s3, join
+from pipeline.io.storage import Storage, absolute, is_remote, join
 from pipeline.output.formats import OutputFormat
 from pipeline.output.staging import STAGING
 from pipeline.job.errors import UserError
@@ -17,7 +17,7 @@ from pipeline.job.errors import UserError
 def open_output_for_reading(storage: Storage, uri: str, catalog: dict[str, str] | None = None,
                             table: str = "default.predictions") -> OutputFormat:
     """The format that wrote `uri`, told by what it left there; one line if nothing of this pipeline is there."""
-    uri = uri if is_s3(uri) else absolute(uri)
+    uri = absolute(uri)
     if catalog is not None or _has(storage, join(uri, "_catalog")):
         from pipeline.output.iceberg import IcebergFormat
 
@@ -38,13 +38,13 @@ def open_output_for_reading(storage: Storage, uri: str, catalog: dict[str, str] 
 
 
 def _has(storage: Storage, folder: str) -> bool:
-    """Whether anything lies under `folder`: one listing page on S3, never a walk of the whole output."""
-    if not is_s3(folder):
+    """Whether anything lies under `folder`: one listing page in a store, never a walk of the whole output."""
+    if not is_remote(folder):
         return os.path.isdir(folder)
     try:
         return bool(next(iter(storage.list_pages(folder)), []))
     except Exception as exc:  # noqa: BLE001 - a missing bucket or denied listing, in one line
-        raise UserError(f"cannot list {folder} ({type(exc).__name__}: {exc}); check the URI, AWS_ENDPOINT_URL "
+        raise UserError(f"cannot list {folder} ({type(exc).__name__}: {exc}); check the URI, the store's endpoint "
                         "and credentials") from None
 
 

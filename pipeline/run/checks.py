@@ -4,13 +4,15 @@ then the model and checkpoint while it starts. Each failure is one UserError lin
 
 from __future__ import annotations
 
+import importlib
 import os
 import uuid
 from typing import TYPE_CHECKING
 
 from pipeline.io.inventory import InventoryError, check_inventory, find_manifest, is_inventory
 from pipeline.io.manifest import BadManifest, check_first_batch, is_manifest, manifest_columns
-from pipeline.io.storage import Storage, is_s3, join, split_s3
+from pipeline.io.storage import Storage, is_remote, is_s3, join, split_s3
+from pipeline.io.uris import Location, store_of
 from pipeline.job.config import JobConfig
 from pipeline.job.errors import UserError
 
@@ -41,7 +43,7 @@ def check_model(cfg: JobConfig, storage: Storage) -> ModelSpec:
 def check_input(uri: str, storage: Storage, quote: bool = True, prefix: str | None = None) -> None:
     """`quote=False` (a pseudonymised job): no message quotes a manifest's value. `prefix`: input.prefix, which
     only an S3 Inventory takes."""
-    if is_s3(uri):
+    if is_remote(uri):
         check_bucket("input.uri", uri, storage)
     if is_inventory(uri) or not is_manifest(uri):
         try:
@@ -56,10 +58,10 @@ def check_input(uri: str, storage: Storage, quote: bool = True, prefix: str | No
                         "no hive/ folder); for a folder, put the prefix in input.uri")
     if is_manifest(uri):
         check_manifest(uri, storage, quote)
-    elif not is_s3(uri) and not os.path.isdir(uri):
+    elif not is_remote(uri) and not os.path.isdir(uri):
         what = "is a file, not a folder" if os.path.exists(uri) else "does not exist"
-        raise UserError(f"input.uri: {uri} {what}; give a folder of images, s3://bucket/prefix, or a "
-                        ".parquet/.csv manifest")
+        raise UserError(f"input.uri: {uri} {what}; give a folder of images, s3://, gs:// or az:// "
+                        "prefix, or a .parquet/.csv manifest")
 
 
 def check_manifest(uri: str, storage: Storage, quote: bool = True) -> None:
@@ -84,7 +86,7 @@ def check_manifest(uri: str, storage: Storage, quote: bool = True) -> None:
 
 
 def check_output(uri: str, storage: Storage) -> None:
-    if is_s3(uri):
+    if is_remote(uri):
         check_bucket("output.uri", uri, storage)
     elif os.path.exists(uri) and not os.path.isdir(uri):
         raise UserError(f"output.uri: {uri} is a file; give a folder for the Parquet files")
@@ -97,7 +99,7 @@ def check_mapping(uri: str, output_uri: str, storage: Storage) -> None:
     if inside:
         raise UserError(f"privacy.mapping_uri: {uri} is inside output.uri, beside the pseudonymised predictions; "
                         "keep the mapping apart, where only those who may re-identify can read it")
-    if is_s3(uri):
+    if is_remote(uri):
         check_bucket("privacy.mapping_uri", uri, storage)
     check_writable(uri, storage, "privacy.mapping_uri")
 
@@ -114,6 +116,15 @@ def check_writable(uri: str, storage: Storage, field: str = "output.uri") -> Non
 
 
 def check_bucket(field: str, uri: str, storage: Storage) -> None:
+    """The bucket (container) exists and the credentials may list the job's prefix in it, or one line why not."""
+    kind = store_of(uri)
+    if kind in ("gcs", "azure"):
+        module = importlib.import_module(f"pipeline.io.{kind}")
+        return module.check_bucket(storage.cloud(uri), field, uri, probe_prefix(uri, Location.of(uri).key))
+    check_s3_bucket(field, uri, storage)
+
+
+def check_s3_bucket(field: str, uri: str, storage: Storage) -> None:
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
     bucket, key = split_s3(uri)

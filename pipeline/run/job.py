@@ -7,7 +7,7 @@ import os
 from typing import TYPE_CHECKING, TextIO
 
 from pipeline.io.storage import Storage, absolute
-from pipeline.io.uris import is_s3
+from pipeline.io.uris import is_remote
 from pipeline.job.config import JobConfig
 from pipeline.job.errors import JobStopped
 from pipeline.output import RunOutput, RunPolicy, open_output
@@ -124,4 +124,4 @@ def is_local_file(value: str, attr: str, model) -> bool:
         return model.checkpoint is not None
     if attr == "name" and model.source not in ("huggingface", "open_clip"):
         return False
-    return not is_s3(value) and os.path.exists(os.path.expanduser(value.removeprefix("file://")))
+    return not is_remote(value) and os.path.exists(os.path.expanduser(value.removeprefix("file://")))

@@ -17,7 +17,7 @@ CROP_PCT = 0.875  # ImageNet's resize_size / crop_size (256 / 224)
 
 
 def read_model_file(uri: str, storage: Storage, kind: str) -> bytes:
-    """The model file's bytes, local or s3://, or one line saying why not."""
+    """The model file's bytes, local or in an object store, or one line saying why not."""
     try:
         return storage.read_bytes(uri)
     except Exception as exc:  # noqa: BLE001 - OSError, botocore errors, a bad endpoint...

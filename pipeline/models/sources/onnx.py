@@ -2,7 +2,7 @@
 have it, else the CPU). The image input is `onnx.input_name` or the graph's only input; its layout and size come
 from its shape (`onnx.layout` overrides), its mean/std from `model.preprocess`, else the model's metadata_props
 `mean`/`std`, else ImageNet's. The batch axis must be dynamic. A local model may keep its weights beside it
-(`model.onnx.data`); an s3:// model must be a single file (exported with external_data=False)."""
+(`model.onnx.data`); a model in an object store must be a single file (exported with external_data=False)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from pipeline.io.storage import Storage
-from pipeline.io.uris import is_s3
+from pipeline.io.uris import is_remote
 from pipeline.job.config import ModelConfig
 from pipeline.job.errors import UserError
 from pipeline.models.resolve import finish_classifier, read_labels
@@ -85,17 +85,17 @@ def build(spec: ModelSpec, storage: Storage) -> OnnxClassifier:
 
 
 def _session(ort, uri: str, data: bytes, storage: Storage, providers: list[str], threads: int = 0):
-    """A local model loads from its path (its external data beside it); an s3:// one from its bytes."""
+    """A local model loads from its path (its external data beside it); one in an object store from its bytes."""
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: warnings would be lines on the job's stderr
     options.intra_op_num_threads = threads
     try:
-        return ort.InferenceSession(data if is_s3(uri) else storage.fs(uri)[1], sess_options=options,
+        return ort.InferenceSession(data if is_remote(uri) else storage.fs(uri)[1], sess_options=options,
                                     providers=providers)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph/... types
         detail = " ".join(str(exc).split())[:200]
-        if is_s3(uri) and "external" in detail.lower():
-            raise UserError(f"model.weights: {uri} keeps its weights in a separate file; an s3:// ONNX model must be "
+        if is_remote(uri) and "external" in detail.lower():
+            raise UserError(f"model.weights: {uri} keeps its weights in a separate file; an ONNX model in an object store must be "
                             "a single file: export it with torch.onnx.export(..., external_data=False)") from None
         raise UserError(f"model.weights: {uri} is not an ONNX model onnxruntime can load ({type(exc).__name__}: "
                         f"{detail}); export it with torch.onnx.export") from None
@@ -104,7 +104,7 @@ def _session(ort, uri: str, data: bytes, storage: Storage, providers: list[str],
 def _external_data(uri: str, storage: Storage) -> list[bytes]:
     """The weights torch.onnx.export keeps beside a local model (`<file>.data`): part of the model's identity."""
     beside = uri + ".data"
-    return [storage.read_bytes(beside)] if not is_s3(uri) and storage.exists(beside) else []
+    return [storage.read_bytes(beside)] if not is_remote(uri) and storage.exists(beside) else []
 
 
 def _image_input(session, cfg: ModelConfig):

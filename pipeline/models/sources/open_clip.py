@@ -1,7 +1,7 @@
 """open_clip: open-vocabulary tagging. `model: {source: open_clip, name: ViT-B-32, pretrained: laion2b_s34b_b79k,
 labels: [dog, cat, ...]}`. The vocabulary is put into every prompt template and encoded once, on the driver; each
 image's embedding is scored against it (softmax, or sigmoid for SigLIP-style models). `name` may also be a model
-config JSON file (local or s3://), for architectures open_clip does not ship."""
+config JSON file (local or in an object store), for architectures open_clip does not ship."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from pipeline.decode.image import Preprocess
-from pipeline.io.storage import Storage
+from pipeline.io.storage import Storage, is_remote
 from pipeline.job.config import ModelConfig
 from pipeline.job.errors import UserError
 from pipeline.models.resolve import load_checkpoint, load_weights
@@ -92,7 +92,7 @@ def _create(open_clip, architecture: str, pretrained: str | None, storage: Stora
     if not pretrained:
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(architecture)[:6])
         raise UserError(f"model.pretrained: {architecture} needs weights: a pretrained tag ({tags or 'none ships'}) "
-                        "or a checkpoint file (local or s3://)")
+                        "or a checkpoint file (local, s3://, gs:// or az://)")
     is_tag = pretrained in open_clip.list_pretrained_tags_by_model(architecture)
     if not is_tag and not _looks_like_file(pretrained):
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(architecture)) or "none"
@@ -112,7 +112,7 @@ def _create(open_clip, architecture: str, pretrained: str | None, storage: Stora
 
 
 def _looks_like_file(value: str) -> bool:
-    return value.startswith("s3://") or Path(value).exists()
+    return is_remote(value) or Path(value).exists()
 
 
 @contextlib.contextmanager

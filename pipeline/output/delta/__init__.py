@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from pipeline.io.storage import Storage, absolute, is_s3
+from pipeline.io.storage import Storage, absolute, is_remote
 from pipeline.output.delta.checks import DeltaChecks
 from pipeline.output.delta.commit import DeltaCommitter
 from pipeline.output.delta.log import DeltaFiles, DeltaHistory
@@ -27,7 +27,7 @@ class DeltaFormat(OutputFormat):
                  partitioning: Partitioning | None = None):
         """`schema` (the job's rows) and `partitioning`, when given, let `check_existing` refuse a table that an
         append could not go into."""
-        super().__init__(storage, uri.rstrip("/") if is_s3(uri) else absolute(uri))
+        super().__init__(storage, uri.rstrip("/") if is_remote(uri) else absolute(uri))
         self.schema = schema
         self.partitioning = partitioning
         self._location = DeltaLocation(storage, self.uri)

@@ -6,7 +6,7 @@ import os
 
 import pyarrow as pa
 
-from pipeline.io.storage import is_s3
+from pipeline.io.storage import is_remote
 from pipeline.output.delta.table import RUN_DATE, DeltaLocation, delta_schema, partition_by, with_run_date_field
 from pipeline.output.formats import Partitioning
 from pipeline.job.errors import UserError
@@ -42,7 +42,7 @@ class DeltaChecks:
     def _holds_parquet(self) -> bool:
         """Whether any Parquet file is under uri (hidden and `_` folders, such as our staging, aside)."""
         uri = self.location.uri
-        if not is_s3(uri) and not os.path.isdir(uri):
+        if not is_remote(uri) and not os.path.isdir(uri):
             return False
         prefix = uri.rstrip("/") + "/"
         for page in self.location.storage.list_pages(uri):

@@ -9,7 +9,7 @@ from urllib.parse import unquote
 
 import pyarrow as pa
 
-from pipeline.io.storage import absolute, is_s3, join, split_s3
+from pipeline.io.storage import absolute, join
 from pipeline.output.delta.table import DeltaLocation
 from pipeline.output.formats import RECORD_KEY, RUN_ID_KEY
 
@@ -32,7 +32,7 @@ class DeltaFiles:
         if table is None:
             return []
         if run_ids is None:
-            return [uri if is_s3(uri) else absolute(uri) for uri in table.file_uris()]
+            return [absolute(uri) for uri in table.file_uris()]
         actions = pa.table(table.get_add_actions(flatten=True))
         paths = actions["path"].to_pylist()
         if "min.run_id" in actions.column_names and "max.run_id" in actions.column_names:
@@ -45,12 +45,7 @@ class DeltaFiles:
         """[{path (relative to uri), rows}] of what one commit added: one read of its JSON in _delta_log."""
         entry = join(self.location.uri, f"_delta_log/{version:020d}.json")
         try:
-            if is_s3(entry):
-                bucket, key = split_s3(entry)
-                data = self.location.storage.s3_client.get_object(Bucket=bucket, Key=key)["Body"].read()
-            else:
-                with open(entry, "rb") as f:
-                    data = f.read()
+            data = self.location.storage.read_bytes(entry)
         except Exception:  # gone (log cleanup) or unreadable: the files are a nicety of the summary
             return []
         files = []

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from pipeline.io.storage import Storage, is_s3
+from pipeline.io.uris import Location, store_of
 from pipeline.output.formats import Partitioning
 
 RUN_DATE = "run_date"
@@ -22,6 +23,8 @@ def app_id(run_id: str) -> str:
 def storage_options(storage: Storage, uri: str) -> dict[str, str] | None:
     """delta-rs's options for `uri`: None for a local path. Credentials come from the environment only if set
     there (else delta-rs's own chain: profile, web identity, instance role); callers never log these."""
+    if store_of(uri) == "azure":
+        return azure_options(uri)
     if not is_s3(uri):
         return None
     options = {"conditional_put": "etag"}  # see pipeline/output/delta/__init__.py's docstring: safe commits without DynamoDB
@@ -37,9 +40,29 @@ def storage_options(storage: Storage, uri: str) -> dict[str, str] | None:
     return options
 
 
+def azure_options(uri: str) -> dict[str, str]:
+    """The account as `pipeline.io.azure` finds it (connection string, URI, environment); with neither key nor SAS
+    token, delta-rs's own chain (managed identity, Workload Identity, Azure CLI). Azure refuses a create-only write
+    of an existing blob by itself, so concurrent commits are safe without a lock service."""
+    from pipeline.io.azure import account_settings
+
+    account = account_settings(Location.of(uri).account)
+    options = {"azure_storage_account_name": account["name"]}
+    if account.get("key"):
+        options["azure_storage_account_key"] = account["key"]
+    elif account.get("sas"):
+        options["azure_storage_sas_key"] = account["sas"]
+    endpoint = account.get("blob_endpoint", "")
+    if endpoint and not endpoint.endswith(".blob.core.windows.net"):
+        options["azure_storage_endpoint"] = endpoint.rstrip("/")
+        if endpoint.startswith("http://"):
+            options["allow_http"] = "true"
+    return options
+
+
 @dataclass(frozen=True)
 class DeltaLocation:
-    """The table at `uri` (absolute, or an s3:// URI without a trailing slash): opens it with delta-rs."""
+    """The table at `uri` (absolute, or a store's URI without a trailing slash): opens it with delta-rs."""
     storage: Storage
     uri: str
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from pipeline.io.storage import Storage, absolute, is_s3
+from pipeline.io.storage import Storage, absolute
 from pipeline.output.formats import Commit, OutputFormat, Partitioning
-from pipeline.output.iceberg.catalog import DEFAULT_NAMESPACE, FSSPEC_IO, RUN_DATE, TABLE_PROPERTIES, CatalogTable
+from pipeline.output.iceberg.catalog import DEFAULT_NAMESPACE, FSSPEC_IO, RUN_DATE, TABLE_PROPERTIES, CatalogTable, iceberg_location
 from pipeline.output.iceberg.checks import IcebergChecks, IcebergRecovery, schema_problem
 from pipeline.output.iceberg.commit import IcebergCommitter
 from pipeline.output.iceberg.rows import IcebergRows
@@ -28,7 +28,7 @@ class IcebergFormat(OutputFormat):
                  schema: pa.Schema | None = None, partitioning: Partitioning | None = None):
         """`schema` (the job's rows) and `partitioning`, when given, let `check_existing` refuse a table that an
         append could not go into."""
-        super().__init__(storage, uri if is_s3(uri) else absolute(uri))
+        super().__init__(storage, iceberg_location(absolute(uri)))  # one spelling for the table and us
         self.uri = self.uri.rstrip("/")
         self.schema = schema
         self._catalog_config = dict(catalog) if catalog else None

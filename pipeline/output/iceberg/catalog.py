@@ -8,12 +8,14 @@ import re
 
 import pyarrow as pa
 
-from pipeline.io.storage import Storage, is_s3, join
+from pipeline.io.storage import Storage, is_remote, is_s3, join
+from pipeline.io.uris import Location, store_of
 from pipeline.output.formats import Partitioning
 from pipeline.job.errors import UserError
 
 DEFAULT_NAMESPACE = "default"
 FSSPEC_IO = "pyiceberg.io.fsspec.FsspecFileIO"
+PYARROW_IO = "pyiceberg.io.pyarrow.PyArrowFileIO"
 TABLE_PROPERTIES = {
     "write.metadata.delete-after-commit.enabled": "true",
     "write.metadata.previous-versions-max": "20",
@@ -48,9 +50,9 @@ class CatalogTable:
     def catalog_properties(self) -> tuple[str, dict[str, str]]:
         """(catalog name, pyiceberg properties): the job's catalog, or the embedded SQLite of a local output."""
         if self._config is None:
-            if is_s3(self.uri):
+            if is_remote(self.uri):
                 raise UserError(
-                    "output.catalog: an Iceberg output on S3 needs a catalog; set output.catalog, e.g. "
+                    "output.catalog: an Iceberg output in an object store needs a catalog; set output.catalog, e.g. "
                     "{type: sql, uri: sqlite:////path/catalog.db} for one machine, or PostgreSQL "
                     "({type: sql, uri: postgresql+psycopg://...}) or a REST catalog for teams")
             folder = join(self.uri, "_catalog")
@@ -65,7 +67,12 @@ class CatalogTable:
                 props.setdefault("s3.endpoint", self.storage.endpoint_url)
             if self.storage.region:
                 props.setdefault("s3.region", self.storage.region)
+        elif is_remote(self.uri):
+            props.setdefault("py-io-impl", PYARROW_IO)
+            for key, value in file_io_properties(self.uri).items():
+                props.setdefault(key, value)
         return name, props
+
 
     @property
     def catalog(self):
@@ -132,6 +139,36 @@ class CatalogTable:
         except TableAlreadyExistsError:  # created meanwhile
             pass
         return self.catalog.load_table(self.identifier)
+
+
+def iceberg_location(uri: str) -> str:
+    """The table's location as pyiceberg spells it: its file IO knows Azure as abfs://, not az://."""
+    return "abfs://" + uri.partition("://")[2] if uri.startswith("az://") else uri
+
+
+def file_io_properties(uri: str) -> dict[str, str]:
+    """pyiceberg's pyarrow file IO settings for a gs:// or Azure table: the emulator, or the account
+    (`pipeline.io.azure.account_settings`); other credentials come from the cloud's own default chain."""
+    if store_of(uri) == "gcs":
+        emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+        # pyarrow's GCS client needs a token to skip the metadata server; an emulator takes any.
+        return {"gcs.service.host": emulator, "gcs.oauth2.token": "anonymous",
+                "gcs.oauth2.token-expires-at": "4102444800000"} if emulator else {}
+    from urllib.parse import urlsplit
+
+    from pipeline.io.azure import account_settings
+
+    account = account_settings(Location.of(uri).account)
+    props = {"adls.account-name": account["name"]}
+    if account.get("key"):
+        props["adls.account-key"] = account["key"]
+    elif account.get("sas"):
+        props["adls.sas-token"] = account["sas"]
+    endpoint = urlsplit(account.get("blob_endpoint", ""))
+    if endpoint.netloc and not endpoint.netloc.endswith(".blob.core.windows.net"):
+        props.update({"adls.blob-storage-authority": endpoint.netloc, "adls.blob-storage-scheme": endpoint.scheme,
+                      "adls.dfs-storage-authority": endpoint.netloc, "adls.dfs-storage-scheme": endpoint.scheme})
+    return props
 
 
 def check_sql_driver(props: dict[str, str]) -> None:
