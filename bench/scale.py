@@ -35,7 +35,6 @@ import io
 import json
 import os
 import re
-import resource
 import shutil
 import subprocess
 import sys
@@ -111,6 +110,38 @@ def ensure_inputs(data: Path, n: int) -> tuple[Path, Path]:
     return folder, manifest
 
 
+INVENTORY_CONFIG = "inventories/archive/daily"
+INVENTORY_FILE_ROWS = 1_000_000
+
+
+def ensure_inventory(data: Path, n: int) -> Path:
+    """An S3 Inventory delivery of `n` objects of s3://archive/photos/ on local disk, laid out as AWS delivers it
+    (Parquet data files of up to 1M rows under <config>/data/, <config>/<date>/manifest.json); its manifest."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = data / f"inventory-{n}"
+    manifest = root / INVENTORY_CONFIG / "2026-12-01T00-00Z" / "manifest.json"
+    if manifest.exists():
+        return manifest
+    (root / INVENTORY_CONFIG / "data").mkdir(parents=True, exist_ok=True)
+    files = []
+    for start in range(0, n, INVENTORY_FILE_ROWS):
+        ids = range(start, min(n, start + INVENTORY_FILE_ROWS))
+        key = f"{INVENTORY_CONFIG}/data/{start // INVENTORY_FILE_ROWS:05d}.parquet"
+        pq.write_table(pa.table({
+            "bucket": ["archive"] * len(ids), "key": [f"photos/{i // PER_FOLDER:06d}/{i:09d}.jpg" for i in ids],
+            "is_latest": [True] * len(ids), "is_delete_marker": [False] * len(ids),
+            "size": pa.array([700 + i % 100 for i in ids], pa.int64()),
+            "last_modified_date": pa.array([1_764_547_200_000 + i for i in ids], pa.timestamp("ms")),
+            "e_tag": [f"{i:032x}" for i in ids]}), root / key)
+        files.append({"key": key, "size": (root / key).stat().st_size, "MD5checksum": "0" * 32})
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(json.dumps({"sourceBucket": "archive", "destinationBucket": "arn:aws:s3:::inventory",
+                                    "version": "2016-11-30", "fileFormat": "Parquet", "files": files}))
+    return manifest
+
+
 # ---- watching a run ----------------------------------------------------------------------------------------------
 
 class TreeWatch:
@@ -123,6 +154,7 @@ class TreeWatch:
         self.tree = MemoryWatch(pid)  # for its process-tree walk only
         self.pid, self.interval = pid, interval
         self.peaks: dict[str, float] = {}
+        self.driver: list[tuple[float, float]] = []  # (seconds since the watch began, driver RSS MiB), 1 s apart
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -138,7 +170,12 @@ class TreeWatch:
         from throughput import _rss_mib
 
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        began = time.monotonic()
         while not self.done.is_set():
+            if not self.driver or time.monotonic() - began - self.driver[-1][0] >= 1.0:
+                mib = _rss_mib(self.pid)
+                if mib is not None:
+                    self.driver.append((round(time.monotonic() - began, 1), round(mib)))
             for pid in self.tree._tree():
                 mib = _rss_mib(pid)
                 if mib is not None:
@@ -186,7 +223,7 @@ def pipeline_run(data: Path, source: str, output: Path, fmt: str, executor: str 
             "inputs": summary["inputs"], "rows": summary["rows"], "already_done": summary["already_done"],
             "images_per_s": summary["images_per_s"], "first_row_s": marks.get("first_row"),
             "commit_s": round(marks["committed"] - marks["last_row"], 3) if "last_row" in marks else None,
-            "timeline_s": marks}
+            "timeline_s": marks, "driver_rss_mib_by_s": watch.driver[::max(1, len(watch.driver) // 60)]}
 
 
 # ---- probes, each in a fresh process ---------------------------------------------------------------------------
@@ -215,7 +252,10 @@ def rss_now_mib() -> float:
 
 
 def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's own peak (VmHWM). Not `ru_maxrss`: a child started by vfork + exec (Python's subprocess)
+    inherits its parent's peak in it, so every probe would read at least this script's own peak."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
 def probe_history(output: str, fmt: str) -> dict:
@@ -230,6 +270,71 @@ def probe_history(output: str, fmt: str) -> dict:
     return {"load_s": round(seconds, 2), "keys": len(done.done_versions), "set_bytes": done.done_versions.keys.nbytes,
             "rss_before_mib": round(before), "peak_above_mib": round(peak_rss_mib() - before),
             "held_above_mib": round(rss_now_mib() - before)}
+
+
+def probe_profile(output: str, fmt: str) -> dict:
+    """Where `History.load`'s time and memory go: cProfile's top functions; Python's own peak (tracemalloc) and
+    Arrow's (its pool's max_memory) against the set it leaves."""
+    import cProfile
+    import pstats
+    import tracemalloc
+
+    import pyarrow as pa
+
+    from pipeline.io.storage import Storage
+
+    history = history_of(output, fmt)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    done = history.load(Storage())
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    top = sorted(stats.stats.items(), key=lambda item: -item[1][2])[:12]  # by own time
+    tracemalloc.start()
+    before = rss_now_mib()
+    done = history.load(Storage())
+    _, python_peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return {"own_time_top": [{"function": f"{f[0].rsplit('/', 2)[-1]}:{f[1]}:{f[2]}", "calls": v[1],
+                              "own_s": round(v[2], 2), "cumulative_s": round(v[3], 2)} for f, v in top],
+            "python_peak_mib": round(python_peak / 2**20, 1), "arrow_pool_max_mib": round(
+                pa.default_memory_pool().max_memory() / 2**20, 1), "arrow_pool": pa.default_memory_pool().backend_name,
+            "set_mib": round(done.done_versions.keys.nbytes / 2**20, 1), "rss_after_second_load_mib": round(
+                rss_now_mib()), "rss_before_second_load_mib": round(before)}
+
+
+def probe_keyset(n: str) -> dict:
+    """The skip set's own memory, without reading a table: `n` random 16-byte keys in parts of 32,768 (as
+    `History.load` collects them), then `KeySet` (concatenate, unique); peak and held RSS per key."""
+    import numpy as np
+
+    from pipeline.output.history import KeySet
+
+    n_keys, rng = int(n), np.random.default_rng(0)
+    before = rss_now_mib()
+    parts = [rng.integers(0, 255, (min(32_768, n_keys - s), 16), dtype=np.uint8).view("S16").ravel()
+             for s in range(0, n_keys, 32_768)]
+    began = time.perf_counter()
+    keys = KeySet(np.concatenate(parts))
+    seconds = time.perf_counter() - began
+    del parts
+    return {"keys": len(keys), "build_s": round(seconds, 2), "peak_bytes_per_key": round(
+        (peak_rss_mib() - before) * 2**20 / n_keys, 1), "held_bytes_per_key": round((rss_now_mib() - before) * 2**20 / n_keys, 1)}
+
+
+def probe_seen(n: str) -> dict:
+    """A manifest's repeat filter (`io/distinct.SeenKeys`) over `n` distinct URIs, 1,000 at a time (as
+    `read_manifest` calls it): seconds, peak and held RSS per key."""
+    from pipeline.io.distinct import SeenKeys
+
+    n_keys, seen = int(n), SeenKeys()
+    before = rss_now_mib()
+    began = time.perf_counter()
+    for start in range(0, n_keys, 1000):
+        seen.first_seen([f"s3://archive/photos/{i // 1000:06d}/{i:09d}.jpg" for i in range(start, min(start + 1000, n_keys))])
+    seconds = time.perf_counter() - began
+    return {"keys": len(seen), "s": round(seconds, 1), "peak_bytes_per_key": round(
+        (peak_rss_mib() - before) * 2**20 / n_keys, 1), "held_bytes_per_key": round((rss_now_mib() - before) * 2**20 / n_keys, 1)}
 
 
 def probe_listing(uri: str, output: str | None, fmt: str | None) -> dict:
@@ -313,6 +418,19 @@ def commands_on(output: Path, fmt: str, work: Path) -> dict:
 
 # ---- sizes -----------------------------------------------------------------------------------------------------
 
+def probes_of(n: int, data: Path, work: Path) -> dict:
+    """The probes of `one_size` alone, on the inputs and tables it left."""
+    folder, manifest = ensure_inputs(data, n)
+    result: dict = {"listing": {"folder": probe("listing", str(folder)), "manifest": probe("listing", str(manifest))},
+                    "tables": {}}
+    for fmt in FORMATS:
+        output = str(work / f"out-{n}-{fmt}")
+        result["tables"][fmt] = {"history": probe("history", output, fmt),
+                                 "listing_skipped": probe("listing", str(folder), output, fmt)}
+        print(f"{n:,} {fmt}: {result['tables'][fmt]}", flush=True)
+    return result
+
+
 def one_size(n: int, data: Path, work: Path, ray: bool) -> dict:
     folder, manifest = ensure_inputs(data, n)
     result: dict = {"inputs": n, "runs": {}, "tables": {}}
@@ -350,10 +468,19 @@ def snapshot(data: Path) -> tuple[str, str]:
     return str(code), commit
 
 
+def inventories(sizes: list[int], data: Path, results_path: Path) -> None:
+    """The job's source over an S3 Inventory of each size: first block, rate, peak RSS (no object is read)."""
+    for n in sizes:
+        listing = probe("listing", str(ensure_inventory(data, n)))
+        print(f"inventory {n:,}: {listing}", flush=True)
+        save(results_path, "inventory", {str(n): listing})
+
+
 def save(results_path: Path, key: str, value) -> None:
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     results.setdefault("machine", machine())
     results.setdefault(key, {})
+    results[f"{key}_commit"] = os.environ.get("SCALE_COMMIT")
     results[key].update(value)
     results_path.write_text(json.dumps(results, indent=1) + "\n")
 
@@ -418,44 +545,53 @@ def fit(xs: list[float], ys: list[float]) -> dict:
     return out
 
 
-def size_metrics(sizes: dict) -> dict[str, dict[int, float]]:
-    """metric name -> {N: value}, from the `sizes` results."""
+def size_metrics(results: dict) -> dict[str, dict[int, float]]:
+    """metric name -> {N: value}: the runs, tables and commands of `sizes`; the listing and skip-set probes of
+    each `probes-<commit>` (the code they measured: before and after the KeySet change); the inventories."""
     metrics: dict[str, dict[int, float]] = {}
 
     def put(name: str, n: int, value) -> None:
         if value is not None:
             metrics.setdefault(name, {})[n] = float(value)
 
-    for key, r in sizes.items():
+    for key, r in results.get("sizes", {}).items():
         n = int(key)
         for run, m in r["runs"].items():
-            put(f"{run}: driver peak RSS MiB", n, m["rss_mib"].get("driver"))
-            put(f"{run}: model process peak RSS MiB", n, m["rss_mib"].get("model process"))
-            put(f"{run}: ledger actor peak RSS MiB", n, m["rss_mib"].get("ledger actor"))
+            for role in ("driver", "model process", "ledger actor"):
+                put(f"{run}: {role} peak RSS MiB", n, m["rss_mib"].get(role))
             put(f"{run}: first row s", n, m["first_row_s"])
             put(f"{run}: commit s", n, m["commit_s"])
-            put(f"{run}: wall s", n, m["wall_s"])
-        for source, m in r["listing"].items():
-            put(f"listing {source}: s", n, m["total_s"])
-            put(f"listing {source}: first block s", n, m["first_block_s"])
-            put(f"listing {source}: peak RSS above start MiB", n, m["peak_above_mib"])
         for fmt, t in r["tables"].items():
-            put(f"{fmt}: History.load s", n, t["history"]["load_s"])
-            put(f"{fmt}: skip set bytes", n, t["history"]["set_bytes"])
-            put(f"{fmt}: History.load peak RSS above start MiB", n, t["history"]["peak_above_mib"])
-            put(f"{fmt}: listing + skip set, all done, s", n, t["listing_skipped"]["total_s"])
-            put(f"{fmt}: listing + skip set peak RSS above start MiB", n, t["listing_skipped"]["peak_above_mib"])
             put(f"{fmt}: last commit record bytes", n, t["footprint"]["last_record_bytes"])
             put(f"{fmt}: metadata bytes", n, t["footprint"]["metadata_bytes"])
-            put(f"{fmt}: pipeline runs s", n, t["runs"]["wall_s"])
-            put(f"{fmt}: pipeline report s", n, t["report"]["wall_s"])
-            put(f"{fmt}: pipeline report peak RSS MiB", n, t["report"]["rss_mib"])
+            put(f"{fmt}: `pipeline runs --no-listing` s", n, t["runs"]["wall_s"])
+            put(f"{fmt}: `pipeline report` s", n, t["report"]["wall_s"])
+            put(f"{fmt}: `pipeline report` peak RSS MiB", n, t["report"]["rss_mib"])
+    for section in sorted(k for k in results if k.startswith("probes-") and not k.endswith("_commit")):
+        code = section.removeprefix("probes-")
+        for key, r in results[section].items():
+            n = int(key)
+            for source, m in r["listing"].items():
+                put(f"listing {source}: s", n, m["total_s"])
+                put(f"listing {source}: first block s", n, m["first_block_s"])
+                put(f"listing {source}: peak RSS above start MiB", n, m["peak_above_mib"])
+            for fmt, t in r["tables"].items():
+                put(f"{fmt} @{code}: History.load s", n, t["history"]["load_s"])
+                put(f"{fmt} @{code}: History.load peak RSS above start MiB", n, t["history"]["peak_above_mib"])
+                put(f"{fmt} @{code}: History.load held RSS above start MiB", n, t["history"]["held_above_mib"])
+                put(f"{fmt} @{code}: listing + skip set, all done, s", n, t["listing_skipped"]["total_s"])
+                put(f"{fmt} @{code}: listing + skip set peak RSS above start MiB", n,
+                    t["listing_skipped"]["peak_above_mib"])
+    for key, m in results.get("inventory", {}).items():
+        put("inventory: listing s", int(key), m["total_s"])
+        put("inventory: first block s", int(key), m["first_block_s"])
+        put("inventory: peak RSS above start MiB", int(key), m["peak_above_mib"])
     return metrics
 
 
 def fits(results_path: Path) -> None:
     results = json.loads(results_path.read_text())
-    metrics = size_metrics(results.get("sizes", {}))
+    metrics = size_metrics(results)
     ns = sorted({n for values in metrics.values() for n in values})
     out, lines = {}, ["| metric | " + " | ".join(f"{n:,}" for n in ns) +
                       " | linear: per 1M inputs (R²) | at 100M, linear | at 100M, log |",
@@ -499,7 +635,7 @@ def night_fits(by_format: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["sizes", "nights", "fit", "probe"])
+    parser.add_argument("command", choices=["sizes", "probes", "nights", "inventory", "fit", "probe"])
     parser.add_argument("probe_args", nargs="*")
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 300_000, 1_000_000])
     parser.add_argument("--ray-sizes", type=int, nargs="*", default=[100_000])
@@ -513,7 +649,8 @@ def main() -> None:
     work = data / "work"
     if args.command == "probe":
         kind, *rest = args.probe_args
-        print(json.dumps(probe_history(*rest) if kind == "history" else probe_listing(*rest, *[None] * (3 - len(rest)))))
+        probes = {"history": probe_history, "profile": probe_profile, "keyset": probe_keyset, "seen": probe_seen}
+        print(json.dumps(probes[kind](*rest) if kind in probes else probe_listing(*rest, *[None] * (3 - len(rest)))))
         return
     data.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -523,6 +660,11 @@ def main() -> None:
     if args.command == "sizes":
         for n in args.sizes:
             save(results, "sizes", {str(n): one_size(n, data, work, ray=n in args.ray_sizes)})
+    elif args.command == "probes":  # into probes-<commit>: the code measured may differ from the runs'
+        for n in args.sizes:
+            save(results, f"probes-{os.environ['SCALE_COMMIT'][:7]}", {str(n): probes_of(n, data, work)})
+    elif args.command == "inventory":
+        inventories(args.sizes, data, results)
     elif args.command == "nights":
         nights(args.base, args.nights, data, work, results, args.night_formats)
     else:
