@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Iterator
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from pipeline.io.cloud import each_concurrently, raise_first
 from pipeline.io.uris import Location, ObjectInfo, join
@@ -141,21 +142,42 @@ def _service_client(account: str | None, options: dict):
     from azure.storage.blob import BlobServiceClient
 
     settings = account_settings(account)
-    if settings.get("connection_string"):
-        return BlobServiceClient.from_connection_string(settings["connection_string"], **options)
-    if not settings.get("name"):
+    if settings.connection_string:
+        return BlobServiceClient.from_connection_string(settings.connection_string, **options)
+    if not settings.name:
         raise PermissionError("no Azure storage account: set AZURE_STORAGE_CONNECTION_STRING or "
                               "AZURE_STORAGE_ACCOUNT_NAME")
-    credential = settings.get("key") or settings.get("sas")
+    credential = settings.key or settings.sas or None
     if credential is None:
         from azure.identity import DefaultAzureCredential
 
         credential = DefaultAzureCredential()
-    return BlobServiceClient(settings["blob_endpoint"], credential=credential, **options)
+    return BlobServiceClient(settings.blob_endpoint, credential=credential, **options)
 
 
-def account_settings(account: str | None) -> dict[str, str]:
-    """name, key, sas, blob_endpoint (and connection_string when that is what names the account)."""
+@dataclass(frozen=True)
+class AzureAccount:
+    """A storage account as this process reaches it: name, key or SAS token (neither: DefaultAzureCredential),
+    blob endpoint, and the connection string when that is what names it."""
+    name: str
+    key: str = ""
+    sas: str = ""
+    blob_endpoint: str = ""
+    connection_string: str = ""
+
+    @property
+    def custom_endpoint(self) -> SplitResult | None:
+        """The blob endpoint when it is not Azure's public one (Azurite, a private endpoint), else None."""
+        endpoint = urlsplit(self.blob_endpoint)
+        return endpoint if endpoint.netloc and not endpoint.netloc.endswith(".blob.core.windows.net") else None
+
+    def credential(self, key_option: str, sas_option: str) -> dict[str, str]:
+        """The key or SAS token under a library's own option names; none for DefaultAzureCredential."""
+        return {key_option: self.key} if self.key else {sas_option: self.sas} if self.sas else {}
+
+
+def account_settings(account: str | None) -> AzureAccount:
+    """`account` (from an abfs:// URI), or the one the environment names: AZURE_STORAGE_CONNECTION_STRING first."""
     text = os.environ.get(CONNECTION_STRING)
     if text:
         parts = dict(p.split("=", 1) for p in text.split(";") if "=" in p)
@@ -163,13 +185,12 @@ def account_settings(account: str | None) -> dict[str, str]:
             name = parts.get("AccountName", "")
             protocol = parts.get("DefaultEndpointsProtocol", "https")
             suffix = parts.get("EndpointSuffix", "core.windows.net")
-            return {"connection_string": text, "name": name, "key": parts.get("AccountKey", ""),
-                    "sas": parts.get("SharedAccessSignature", ""),
-                    "blob_endpoint": parts.get("BlobEndpoint") or f"{protocol}://{name}.blob.{suffix}"}
+            return AzureAccount(name, parts.get("AccountKey", ""), parts.get("SharedAccessSignature", ""),
+                                parts.get("BlobEndpoint") or f"{protocol}://{name}.blob.{suffix}", text)
     name = account or os.environ.get("AZURE_STORAGE_ACCOUNT_NAME") or os.environ.get("AZURE_STORAGE_ACCOUNT") or ""
-    return {"name": name, "key": os.environ.get("AZURE_STORAGE_ACCOUNT_KEY", ""),
-            "sas": os.environ.get("AZURE_STORAGE_SAS_TOKEN", ""),
-            "blob_endpoint": os.environ.get("AZURE_STORAGE_BLOB_ENDPOINT") or f"https://{name}.blob.core.windows.net"}
+    return AzureAccount(name, os.environ.get("AZURE_STORAGE_ACCOUNT_KEY", ""),
+                        os.environ.get("AZURE_STORAGE_SAS_TOKEN", ""),
+                        os.environ.get("AZURE_STORAGE_BLOB_ENDPOINT") or f"https://{name}.blob.core.windows.net")
 
 
 @contextmanager
@@ -197,16 +218,12 @@ def arrow_fs(uri: str):
     from pyarrow import fs
 
     account = account_settings(Location.of(uri).account)
-    endpoint = urlsplit(account["blob_endpoint"]) if account.get("blob_endpoint") else None
-    options = {"account_name": account["name"]}
-    if endpoint is not None:
+    options = {"account_name": account.name, **account.credential("account_key", "sas_token")}
+    if (endpoint := account.custom_endpoint) is not None:
         options.update(blob_storage_authority=endpoint.netloc, blob_storage_scheme=endpoint.scheme,
                        dfs_storage_authority=endpoint.netloc, dfs_storage_scheme=endpoint.scheme)
-    if account.get("key"):
-        options["account_key"] = account["key"]
-    elif account.get("sas"):
-        options["sas_token"] = account["sas"]
     return fs.AzureFileSystem(**options)
+
 
 def arrow_path(uri: str) -> str:
     where = Location.of(uri)
@@ -218,11 +235,11 @@ def check_bucket(store: AzureStore, field: str, uri: str, prefix: str) -> None:
 
     where = Location.of(uri)
     account = account_settings(where.account)
-    if not account.get("name"):
+    if not account.name:
         raise UserError(f"{field}: no Azure storage account for {uri}; set {CONNECTION_STRING}, or "
                         "AZURE_STORAGE_ACCOUNT_NAME (with AZURE_STORAGE_ACCOUNT_KEY, AZURE_STORAGE_SAS_TOKEN or "
                         "a managed identity), or write abfs://container@account.dfs.core.windows.net/path")
-    at = account.get("blob_endpoint") or f"account '{account['name']}'"
+    at = account.blob_endpoint or f"account '{account.name}'"
     try:
         service = _service_client(where.account, {"connection_timeout": 3, "read_timeout": 10, "retry_total": 2})
         blobs = service.get_container_client(where.bucket).list_blobs(name_starts_with=prefix or None,

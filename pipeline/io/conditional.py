@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from email.utils import parsedate_to_datetime
 
-from pipeline.io.storage import Storage, error_code, precondition_failed, s3_condition, split_s3
+from pipeline.io.storage import Storage, error_code, precondition_failed, s3_condition, s3_get_or_none, split_s3
 
 
 def put_small(storage: Storage, uri: str, data: bytes, if_absent: bool = False, if_match: str | None = None) -> str:
@@ -30,13 +30,9 @@ def read_with_age(storage: Storage, uri: str) -> tuple[bytes, str, float] | None
     """(bytes, ETag, seconds since the object was written by the store's own clock), or None if absent."""
     if (cloud := storage.cloud(uri)) is not None:
         return cloud.read_with_age(uri)
-    bucket, key = split_s3(uri)
-    try:
-        reply = storage.s3_probe_client.get_object(Bucket=bucket, Key=key)
-    except Exception as exc:
-        if error_code(exc) in ("NoSuchKey", "404"):
-            return None
-        raise
+    reply = s3_get_or_none(storage.s3_probe_client, uri)
+    if reply is None:
+        return None
     served = reply["ResponseMetadata"].get("HTTPHeaders", {}).get("date")
     now = parsedate_to_datetime(served).timestamp() if served else time.time()
     return reply["Body"].read(), reply["ETag"], now - reply["LastModified"].timestamp()

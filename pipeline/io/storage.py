@@ -214,20 +214,25 @@ def read_versioned(storage: Storage, uri: str) -> tuple[bytes, str] | None:
     if (cloud := storage.cloud(uri)) is not None:
         return cloud.read_versioned(uri)
     if is_s3(uri):
-        bucket, key = split_s3(uri)
-        try:
-            reply = storage.s3_client.get_object(Bucket=bucket, Key=key)
-        except Exception as exc:
-            if error_code(exc) in ("NoSuchKey", "404"):
-                return None
-            raise
-        return reply["Body"].read(), reply["ETag"]
+        reply = s3_get_or_none(storage.s3_client, uri)
+        return (reply["Body"].read(), reply["ETag"]) if reply is not None else None
     path = absolute(uri)
     try:
         etag = local_etag(path)
         return storage.localfs.cat_file(path), etag
     except FileNotFoundError:
         return None
+
+
+def s3_get_or_none(client, uri: str) -> dict | None:
+    """boto3's GetObject reply for `uri`, or None if there is no such key."""
+    bucket, key = split_s3(uri)
+    try:
+        return client.get_object(Bucket=bucket, Key=key)
+    except Exception as exc:
+        if error_code(exc) in ("NoSuchKey", "404"):
+            return None
+        raise
 
 
 def local_etag(path: str) -> str:

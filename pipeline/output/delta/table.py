@@ -47,15 +47,11 @@ def azure_options(uri: str) -> dict[str, str]:
     from pipeline.io.azure import account_settings
 
     account = account_settings(Location.of(uri).account)
-    options = {"azure_storage_account_name": account["name"]}
-    if account.get("key"):
-        options["azure_storage_account_key"] = account["key"]
-    elif account.get("sas"):
-        options["azure_storage_sas_key"] = account["sas"]
-    endpoint = account.get("blob_endpoint", "")
-    if endpoint and not endpoint.endswith(".blob.core.windows.net"):
-        options["azure_storage_endpoint"] = endpoint.rstrip("/")
-        if endpoint.startswith("http://"):
+    options = {"azure_storage_account_name": account.name,
+               **account.credential("azure_storage_account_key", "azure_storage_sas_key")}
+    if (endpoint := account.custom_endpoint) is not None:
+        options["azure_storage_endpoint"] = account.blob_endpoint.rstrip("/")
+        if endpoint.scheme == "http":
             options["allow_http"] = "true"
     return options
 

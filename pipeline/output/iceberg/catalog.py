@@ -154,18 +154,11 @@ def file_io_properties(uri: str) -> dict[str, str]:
         # pyarrow's GCS client needs a token to skip the metadata server; an emulator takes any.
         return {"gcs.service.host": emulator, "gcs.oauth2.token": "anonymous",
                 "gcs.oauth2.token-expires-at": "4102444800000"} if emulator else {}
-    from urllib.parse import urlsplit
-
     from pipeline.io.azure import account_settings
 
     account = account_settings(Location.of(uri).account)
-    props = {"adls.account-name": account["name"]}
-    if account.get("key"):
-        props["adls.account-key"] = account["key"]
-    elif account.get("sas"):
-        props["adls.sas-token"] = account["sas"]
-    endpoint = urlsplit(account.get("blob_endpoint", ""))
-    if endpoint.netloc and not endpoint.netloc.endswith(".blob.core.windows.net"):
+    props = {"adls.account-name": account.name, **account.credential("adls.account-key", "adls.sas-token")}
+    if (endpoint := account.custom_endpoint) is not None:
         props.update({"adls.blob-storage-authority": endpoint.netloc, "adls.blob-storage-scheme": endpoint.scheme,
                       "adls.dfs-storage-authority": endpoint.netloc, "adls.dfs-storage-scheme": endpoint.scheme})
     return props
