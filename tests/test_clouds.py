@@ -188,9 +188,10 @@ def other_readers_uris(fmt: str, output: str) -> list[list[str]]:
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "delta", "iceberg"])
-def test_a_job_from_and_to_the_cloud(cloud, fmt, tmp_path):
+def test_a_job_from_and_to_the_cloud(cloud, fmt, tmp_path, classifier_files):
     """Photos with spaces, unicode and '#' in their keys, one corrupt: one row each, read back through the format's
-    own reader; the next run finds every input unchanged (the store's version marker) and predicts nothing."""
+    own reader; the next run finds every input unchanged (the store's version marker) and predicts nothing. The
+    Parquet job's checkpoint and labels file live in the bucket too."""
     if fmt == "delta" and cloud.startswith("gs://"):
         pytest.skip("format delta is refused on gs:// (test_delta_on_gcs_is_refused_in_one_line)")
     storage = Storage.from_env()
@@ -198,6 +199,12 @@ def test_a_job_from_and_to_the_cloud(cloud, fmt, tmp_path):
     output = join(cloud, f"predictions-{fmt}")
     spec = {"input": {"uri": join(cloud, "photos")}, "output": {"uri": output, "format": fmt},
             "model": {"name": "counting_model:build"}, "compute": {"batch_size": 4}}
+    if fmt == "parquet":
+        for name in ("weights", "labels"):
+            with open(classifier_files[name], "rb") as f:
+                storage.write_bytes(join(cloud, f"models/{name}"), f.read())
+        spec["model"] = {"name": "resnet18", "weights": join(cloud, "models/weights"),
+                         "labels": join(cloud, "models/labels")}
     catalog = None
     if fmt == "iceberg":
         catalog = f"sqlite:///{tmp_path}/catalog.db"
@@ -209,6 +216,8 @@ def test_a_job_from_and_to_the_cloud(cloud, fmt, tmp_path):
     rows = read_rows(storage, fmt, output, catalog)
     assert sorted(r["uri"] for r in rows) == sorted(expected)
     assert {r["uri"]: r["error_type"] is None for r in rows} == expected
+    if fmt == "parquet":
+        assert {r["label"] for r in rows if r["error_type"] is None} <= {"cat", "dog", "bird", "fish"}
 
     if fmt != "iceberg":  # `pipeline runs` and `report` find the format from what lies in the bucket
         runs = pipeline("runs", output)
