@@ -318,8 +318,7 @@ def probe_keyset(n: str) -> dict:
     keys = KeySet(np.concatenate(parts))
     seconds = time.perf_counter() - began
     del parts
-    return {"keys": len(keys), "build_s": round(seconds, 2), "peak_bytes_per_key": round(
-        (peak_rss_mib() - before) * 2**20 / n_keys, 1), "held_bytes_per_key": round((rss_now_mib() - before) * 2**20 / n_keys, 1)}
+    return {"keys": len(keys), "build_s": round(seconds, 2), **per_key(before, n_keys)}
 
 
 def probe_seen(n: str) -> dict:
@@ -331,10 +330,15 @@ def probe_seen(n: str) -> dict:
     before = rss_now_mib()
     began = time.perf_counter()
     for start in range(0, n_keys, 1000):
-        seen.first_seen([f"s3://archive/photos/{i // 1000:06d}/{i:09d}.jpg" for i in range(start, min(start + 1000, n_keys))])
+        stop = min(start + 1000, n_keys)
+        seen.first_seen([f"s3://archive/photos/{i // 1000:06d}/{i:09d}.jpg" for i in range(start, stop)])
     seconds = time.perf_counter() - began
-    return {"keys": len(seen), "s": round(seconds, 1), "peak_bytes_per_key": round(
-        (peak_rss_mib() - before) * 2**20 / n_keys, 1), "held_bytes_per_key": round((rss_now_mib() - before) * 2**20 / n_keys, 1)}
+    return {"keys": len(seen), "s": round(seconds, 1), **per_key(before, n_keys)}
+
+
+def per_key(before_mib: float, n: int) -> dict:
+    return {"peak_bytes_per_key": round((peak_rss_mib() - before_mib) * 2**20 / n, 1),
+            "held_bytes_per_key": round((rss_now_mib() - before_mib) * 2**20 / n, 1)}
 
 
 def probe_listing(uri: str, output: str | None, fmt: str | None) -> dict:
@@ -374,7 +378,8 @@ def probe(kind: str, *args: str) -> dict:
 def footprint(output: Path, fmt: str) -> dict:
     """The output's metadata on disk: files and bytes, the newest commit record / log entry / metadata.json,
     checkpoints, manifest lists, snapshots kept."""
-    meta = [p for p in output.rglob("*") if p.is_file() and any(d in METADATA_DIRS for d in p.relative_to(output).parts)]
+    meta = [p for p in output.rglob("*")
+            if p.is_file() and any(d in METADATA_DIRS for d in p.relative_to(output).parts)]
     sizes = {"metadata_files": len(meta), "metadata_bytes": sum(p.stat().st_size for p in meta)}
     if fmt == "parquet":
         records = sorted(output.glob("_commits/*.json"))
@@ -495,13 +500,16 @@ def machine() -> dict:
     return {"cores": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
             "python": platform.python_version(), "pyarrow": pyarrow.__version__, "deltalake": deltalake.__version__,
             "pyiceberg": pyiceberg.__version__,
-            "commit": os.environ.get("SCALE_COMMIT"), "note": "2-core shared machine; other sessions' work (tests, builds) ran at the same time"}
+            "commit": os.environ.get("SCALE_COMMIT"),
+            "note": "2-core shared machine; other sessions' work (tests, builds) ran at the same time"}
 
 
 # ---- nights ----------------------------------------------------------------------------------------------------
 
-def nights(base: int, count: int, data: Path, work: Path, results_path: Path, formats: list[str]) -> None:
-    """`count` nightly runs of 1% of `base` new inputs each on one table per format, after a first full run."""
+def nights(base: int, count: int, data: Path, work: Path, results_path: Path, formats: list[str],
+           light: bool = False) -> None:
+    """`count` nightly runs of 1% of `base` new inputs each on one table per format, after a first full run;
+    `light`: the nights not done yet through `light_night` instead of `pipeline run`."""
     src, folder, per_night = distinct_images(data), data / f"nights-{base}", base // 100
     done = json.loads(results_path.read_text()).get("nights", {}) if results_path.exists() else {}
     for fmt in formats:
@@ -512,17 +520,55 @@ def nights(base: int, count: int, data: Path, work: Path, results_path: Path, fo
             continue
         link_inputs(folder, src, 0, base + night * per_night)
         for fmt in formats:
+            if str(night) in done.get(fmt, {}):
+                continue
             output = work / f"nights-{base}-{fmt}"
-            run = pipeline_run(data, str(folder), output, fmt)
-            record = {k: run[k] for k in ("wall_s", "rss_mib", "inputs", "rows", "already_done", "first_row_s",
-                                          "commit_s")}
+            if light and night > 0:
+                record = light_night(output, fmt, folder, base + (night - 1) * per_night, per_night)
+            else:
+                run = pipeline_run(data, str(folder), output, fmt)
+                record = {k: run[k] for k in ("wall_s", "rss_mib", "inputs", "rows", "already_done", "first_row_s",
+                                              "commit_s")}
             record["footprint"] = footprint(output, fmt)
             if night % 10 == 0:
                 record["history"] = probe("history", str(output), fmt)
             done.setdefault(fmt, {})[str(night)] = record
             save(results_path, "nights", {fmt: done[fmt]})
-            print(f"night {night} {fmt}: rows {run['rows']}, commit {run['commit_s']} s, wall {run['wall_s']} s, "
+            print(f"night {night} {fmt}: rows {record['rows']}, commit {record['commit_s']} s, "
                   f"metadata {record['footprint']['metadata_bytes']:,} B", flush=True)
+
+
+def light_night(output: Path, fmt: str, folder: Path, start: int, n: int) -> dict:
+    """One night without the CLI, the model or the listing: through pipeline/output's front door as
+    bench/formats.py drives it, as the table's last run (same job and model keys): the skip set loaded from the
+    table, `n` new rows staged, then `on_write_complete` (the same commit a real run makes), each timed."""
+    import io as text_io
+
+    from pipeline.io.storage import ObjectInfo, Storage
+    from pipeline.job.config import load_job
+    from pipeline.job.rows import OUTPUT_SCHEMA
+    from pipeline.output import RunIdentity, RunPolicy, open_output
+
+    from formats import rows_for  # after the package: it would put the checkout's own ahead on sys.path
+
+    last = table_of(str(output), fmt).committed()[-1]
+    identity = RunIdentity(last["job_key"], last["model_key"], last["model"], last["weights"])
+    cfg = load_job(None, {"input": str(folder), "output": str(output), "format": fmt, "model": "resnet18"})
+    objects = [ObjectInfo(str(folder / f"{i // PER_FOLDER:06d}" / f"{i:09d}.jpg"), 700, None, None)
+               for i in range(start, start + n)]
+    storage = Storage()
+    with open_output(cfg.output, RunPolicy.of(cfg), storage, identity, OUTPUT_SCHEMA, text_io.StringIO()) as side:
+        began = time.perf_counter()
+        done = side.history().load(storage)
+        skip_set_s = time.perf_counter() - began
+        sink = side.sink({"model": last["model"], "weights": last["weights"], "run_id": side.run_id},
+                         checkpoint_rows=2_000)
+        sink.add(rows_for(done.todo(objects)))
+        sink.flush()
+        began = time.perf_counter()
+        side.on_write_complete(sink)
+        commit_s = time.perf_counter() - began
+    return {"light": True, "rows": n, "commit_s": round(commit_s, 3), "skip_set_s": round(skip_set_s, 3)}
 
 
 # ---- fits ------------------------------------------------------------------------------------------------------
@@ -642,6 +688,7 @@ def main() -> None:
     parser.add_argument("--base", type=int, default=100_000)
     parser.add_argument("--nights", type=int, default=100)
     parser.add_argument("--night-formats", nargs="+", default=["delta", "iceberg"])
+    parser.add_argument("--light", action="store_true", help="nights: without the CLI and the model (light_night)")
     parser.add_argument("--data", default="/tmp/pipeline-scale")
     parser.add_argument("--results", default=os.path.join(BENCH, "results", f"scale-{date.today()}.json"))
     args = parser.parse_args()
@@ -666,7 +713,7 @@ def main() -> None:
     elif args.command == "inventory":
         inventories(args.sizes, data, results)
     elif args.command == "nights":
-        nights(args.base, args.nights, data, work, results, args.night_formats)
+        nights(args.base, args.nights, data, work, results, args.night_formats, args.light)
     else:
         fits(results)
 
