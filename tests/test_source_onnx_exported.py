@@ -204,7 +204,7 @@ def test_a_local_onnx_model_may_keep_its_weights_beside_it_an_s3_one_may_not(mod
     x = torch.randn(3, 3, SIDE, SIDE)
     expected = onnx_call(models / "dynamic.onnx")(x)
     np.testing.assert_allclose(model(x.contiguous(memory_format=torch.channels_last)).numpy(), expected, atol=1e-5)
-    with pytest.raises(UserError, match="an s3:// ONNX model must be a single file.*external_data=False"):
+    with pytest.raises(UserError, match="an ONNX model in an object store must be a single file.*external_data=False"):
         resolve_model(ModelConfig(source="onnx", weights=f"s3://{bucket}/models/external.onnx"), storage)
 
 

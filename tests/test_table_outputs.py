@@ -115,7 +115,7 @@ def test_bad_table_settings_are_one_line_exit_2(tmp_path, bucket, classifier_fil
     args = ["run", "--input", str(folder), "--model", classifier_files["model"], "--weights",
             classifier_files["weights"], "--labels", classifier_files["labels"]]
     assert main([*args, "--output", f"s3://{bucket}/t", "--format", "iceberg"]) == 2
-    assert "output.catalog: an Iceberg output on S3 needs a catalog" in capsys.readouterr().err
+    assert "output.catalog: an Iceberg output in an object store needs a catalog" in capsys.readouterr().err
     plain = tmp_path / "plain"  # a folder of Parquet files, not a Delta table
     plain.mkdir()
     pq.write_table(pa.table({"uri": ["x"]}), plain / "part-0.parquet")
