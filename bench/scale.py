@@ -200,14 +200,15 @@ class TreeWatch:
         return "model process"
 
 
-def pipeline_run(data: Path, source: str, output: Path, fmt: str, executor: str = "auto") -> dict:
+def pipeline_run(data: Path, source: str, output: Path, fmt: str, executor: str = "auto",
+                 env: dict | None = None) -> dict:
     """One `pipeline run` from exec to exit under the watcher; its summary's timeline and counts."""
     args = [*PIPELINE, "run", "--input", source, "--output", str(output), "--format", fmt,
             "--model", "scale:build", "--labels", str(data / "labels.txt"), "--batch-size", "256",
             "--executor", executor, str(data / "job.json")]
     (data / "job.json").write_text(json.dumps({"model": {"preprocess": {"resize_size": 8, "crop_size": 8}},
                                                "errors": {"max_error_rate": 0.5}}))
-    env = {**os.environ, "PYTHONPATH": f"{CODE}:{BENCH}"}
+    env = {**os.environ, **(env or {}), "PYTHONPATH": f"{CODE}:{BENCH}"}
     log = output.with_name(output.name + ".log")
     began = time.monotonic()
     with open(log, "w") as out:
@@ -481,6 +482,27 @@ def inventories(sizes: list[int], data: Path, results_path: Path) -> None:
         save(results_path, "inventory", {str(n): listing})
 
 
+def inventory_run(n: int, data: Path, work: Path, executor: str) -> dict:
+    """A real job from an S3 Inventory: `n` objects put to moto's S3 server on loopback (pipeline/dev/local_s3.py),
+    their inventory on local disk (listing each object's own ETag and size), `pipeline run` from its manifest.json."""
+    import boto3
+
+    from pipeline.dev.local_s3 import LocalS3Server
+
+    src = distinct_images(data)
+    with LocalS3Server() as server:
+        s3 = boto3.client("s3", **{"endpoint_url": server.endpoint_url, "region_name": "us-east-1"},
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+        s3.create_bucket(Bucket="archive")
+        for i in range(n):
+            s3.put_object(Bucket="archive", Key=f"photos/{i // PER_FOLDER:06d}/{i:09d}.jpg",
+                          Body=(src / f"{i % DISTINCT:04d}.jpg").read_bytes())
+        manifest = ensure_inventory(data, n)
+        output = work / f"inventory-run-{n}-{executor}"
+        shutil.rmtree(output, ignore_errors=True)
+        return pipeline_run(data, str(manifest), output, "parquet", executor, env=server.environ())
+
+
 def save(results_path: Path, key: str, value) -> None:
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     results.setdefault("machine", machine())
@@ -681,7 +703,7 @@ def night_fits(by_format: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["sizes", "probes", "nights", "inventory", "fit", "probe"])
+    parser.add_argument("command", choices=["sizes", "probes", "nights", "inventory", "inventory-run", "fit", "probe"])
     parser.add_argument("probe_args", nargs="*")
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 300_000, 1_000_000])
     parser.add_argument("--ray-sizes", type=int, nargs="*", default=[100_000])
@@ -712,6 +734,11 @@ def main() -> None:
             save(results, f"probes-{os.environ['SCALE_COMMIT'][:7]}", {str(n): probes_of(n, data, work)})
     elif args.command == "inventory":
         inventories(args.sizes, data, results)
+    elif args.command == "inventory-run":
+        for executor in ("local", "ray"):
+            run = inventory_run(args.sizes[0], data, work, executor)
+            print(f"inventory run {executor}: {run}", flush=True)
+            save(results, "inventory_run", {f"{args.sizes[0]} {executor}": run})
     elif args.command == "nights":
         nights(args.base, args.nights, data, work, results, args.night_formats, args.light)
     else:
