@@ -40,7 +40,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import date
+from datetime import date, datetime, timezone
 from pathlib import Path
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
@@ -576,8 +576,10 @@ def light_night(output: Path, fmt: str, folder: Path, start: int, n: int) -> dic
     last = table_of(str(output), fmt).committed()[-1]
     identity = RunIdentity(last["job_key"], last["model_key"], last["model"], last["weights"])
     cfg = load_job(None, {"input": str(folder), "output": str(output), "format": fmt, "model": "resnet18"})
-    objects = [ObjectInfo(str(folder / f"{i // PER_FOLDER:06d}" / f"{i:09d}.jpg"), 700, None, None)
-               for i in range(start, start + n)]
+    paths = [folder / f"{i // PER_FOLDER:06d}" / f"{i:09d}.jpg" for i in range(start, start + n)]
+    # As the folder's listing reports them (size and mtime), so that a real night after these sees their rows done.
+    objects = [ObjectInfo(str(p), st.st_size, None, datetime.fromtimestamp(st.st_mtime, tz=timezone.utc))
+               for p, st in ((p, p.stat()) for p in paths)]
     storage = Storage()
     with open_output(cfg.output, RunPolicy.of(cfg), storage, identity, OUTPUT_SCHEMA, text_io.StringIO()) as side:
         began = time.perf_counter()
