@@ -57,7 +57,7 @@ LANE_TIMEOUT_S = {"e2e": 600, "kill": 600, "browser": 600, "cluster": 900}
 FIRST_IN_LANE = ("test_zero_shot", "test_source_huggingface", "test_source_onnx_exported")
 # Files whose tests share nothing costly (no module-scoped job): pytest-xdist may spread them over its workers one
 # test at a time. Every other file runs whole on one worker, so its module-scoped fixtures run once.
-SPREAD = ("test_output", "test_odd_files", "test_pipeline", "test_cli_errors", "test_progress_bar")
+SPREAD = ("test_output", "test_odd_files", "test_pipeline", "test_cli_errors", "test_progress_bar", "test_clouds")
 
 
 def lane_of(item: pytest.Item) -> str:

@@ -38,6 +38,9 @@ class AzureStore:
             self._services[account] = _service_client(account, self.options)
         return self._services[account]
 
+    def ready(self, uri: str) -> None:
+        self.service(Location.of(uri).account)
+
     def _container(self, uri: str):
         where = Location.of(uri)
         return self.service(where.account).get_container_client(where.bucket), where

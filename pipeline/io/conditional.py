@@ -11,6 +11,15 @@ from email.utils import parsedate_to_datetime
 from pipeline.io.storage import Storage, error_code, precondition_failed, s3_condition, s3_get_or_none, split_s3
 
 
+def ready(storage: Storage, uri: str) -> None:
+    """Make the client a small write to `uri` uses (a second or so the first time), so that timing the write
+    times the request alone: a lease runs from when its write was sent."""
+    if (cloud := storage.cloud(uri)) is not None:
+        cloud.ready(uri)
+    else:
+        storage.s3_probe_client  # noqa: B018 - made on first use
+
+
 def put_small(storage: Storage, uri: str, data: bytes, if_absent: bool = False, if_match: str | None = None) -> str:
     """Write `data`, returning its ETag (GCS: generation); a condition that does not hold raises FileExistsError.
     Conditions are always sent: the caller decides whether to ask for them."""

@@ -36,6 +36,9 @@ class GcsStore:
 
         return storage.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT"))
 
+    def ready(self, uri: str) -> None:
+        self.client  # noqa: B018 - made on first use
+
     @cached_property
     def retry(self):
         # Google's policy (429, 5xx, resets, timeouts; jittered backoff), bounded by our deadline.

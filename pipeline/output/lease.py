@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.io.conditional import delete_if_match, put_small, read_with_age
+from pipeline.io.conditional import delete_if_match, put_small, read_with_age, ready
 from pipeline.io.storage import Storage, is_remote, join
 from pipeline.job.errors import UserError
 
@@ -218,6 +218,7 @@ class ObjectLease(OutputLease):
         super().check()
 
     def _put(self, if_absent: bool = False, if_match: str | None = None) -> str:
+        ready(self.storage, self.uri)
         sent = time.monotonic()  # not the reply's time: the lease runs from when the server wrote it, before that
         etag = put_small(self.storage, self.uri, Holder.me(self.run_id).to_bytes(), if_absent, if_match)
         self._renewed_at = sent
