@@ -55,13 +55,17 @@ def serving(command: list[str], port: int, what: str, **popen) -> Iterator[subpr
 
 def azurite_binary() -> Path:
     """Azurite's blob server, installed from npm into the test cache the first time."""
+    import fcntl
+
     binary = AZURITE_HOME / "node_modules" / ".bin" / "azurite-blob"
-    if not binary.exists():
-        if shutil.which("npm") is None:
-            raise RuntimeError("the Azure tests need Node.js and npm (Debian: apt-get install nodejs npm)")
-        AZURITE_HOME.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--prefix", str(AZURITE_HOME),
-                        f"azurite@{AZURITE_VERSION}"], check=True, capture_output=True, timeout=600)
+    AZURITE_HOME.mkdir(parents=True, exist_ok=True)
+    with open(AZURITE_HOME / ".install-lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the suite's workers may both need it first
+        if not binary.exists():
+            if shutil.which("npm") is None:
+                raise RuntimeError("the Azure tests need Node.js and npm (Debian: apt-get install nodejs npm)")
+            subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--prefix", str(AZURITE_HOME),
+                            f"azurite@{AZURITE_VERSION}"], check=True, capture_output=True, timeout=600)
     return binary
 
 
