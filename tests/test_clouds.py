@@ -103,6 +103,12 @@ def test_a_missing_bucket_or_container_is_one_line(gcs_server, azurite_server, t
                       "--model", "counting_model:build"), "container 'nosuchcontainer' does not exist")
     one_line(pipeline("run", "--input", "az://Bad_Name/x", "--output", str(tmp_path / "o2")),
              "container names are 3-63 lowercase letters")
+    unreachable = {"STORAGE_EMULATOR_HOST": "http://127.0.0.1:9"}
+    one_line(pipeline("run", "--input", "gs://photos-bucket/x", "--output", str(tmp_path / "o4"), "--model",
+                      "counting_model:build", env=unreachable), "cannot reach http://127.0.0.1:9")
+    wrong_key = {"AZURE_STORAGE_CONNECTION_STRING": azurite_server.replace("AccountKey=", "AccountKey=AAAA")}
+    one_line(pipeline("run", "--input", str(tmp_path), "--output", "az://photos/out", "--model",
+                      "counting_model:build", env=wrong_key), "denied", "account key")
     no_account = {"AZURE_STORAGE_CONNECTION_STRING": "", "AZURE_STORAGE_ACCOUNT_NAME": ""}
     one_line(pipeline("run", "--input", "az://photos/x", "--output", str(tmp_path / "o3"), "--model",
                       "counting_model:build", env=no_account),

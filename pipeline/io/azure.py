@@ -251,13 +251,13 @@ def check_bucket(store: AzureStore, field: str, uri: str, prefix: str) -> None:
     except aexc.ResourceNotFoundError:
         raise UserError(f"{field}: container '{where.bucket}' does not exist in {at}; check the container "
                         f"name (and {CONNECTION_STRING} / AZURE_STORAGE_ACCOUNT_NAME)") from None
-    except aexc.ClientAuthenticationError as exc:
+    except aexc.HttpResponseError as exc:
+        if exc.status_code not in (401, 403) and not isinstance(exc, aexc.ClientAuthenticationError):
+            raise UserError(f"{field}: cannot use container '{where.bucket}' in {at} ({exc.status_code} "
+                            f"{getattr(exc, 'error_code', '') or ''}); check the URI and the credentials") from None
         raise UserError(f"{field}: access to container '{where.bucket}' denied in {at} "
                         f"({getattr(exc, 'error_code', None) or exc.status_code}); check the account key, SAS "
                         "token or the identity's role (Storage Blob Data Contributor)") from None
-    except aexc.HttpResponseError as exc:
-        raise UserError(f"{field}: cannot use container '{where.bucket}' in {at} ({exc.status_code} "
-                        f"{getattr(exc, 'error_code', '') or ''}); check the URI and the credentials") from None
     except Exception as exc:  # noqa: BLE001 - connection refused, unknown host, missing credential chain
         raise UserError(f"{field}: cannot reach {at} ({type(exc).__name__}); check the network and "
                         f"{CONNECTION_STRING} / AZURE_STORAGE_ACCOUNT_NAME") from None

@@ -190,6 +190,9 @@ def check_bucket(store: GcsStore, field: str, uri: str, prefix: str) -> None:
     except (gexc.Forbidden, gexc.Unauthorized) as exc:
         raise UserError(f"{field}: access to bucket '{bucket}' denied at {where} ({exc.code}); check the "
                         "credentials' roles on the bucket (storage.objects.list, get, create, delete)") from None
+    except gexc.RetryError:  # every try failed to connect, within the probe's deadline
+        raise UserError(f"{field}: cannot reach {where} (no answer within 15 s); check the network (and "
+                        "STORAGE_EMULATOR_HOST)") from None
     except gexc.GoogleAPIError as exc:
         raise UserError(f"{field}: cannot use bucket '{bucket}' at {where} ({type(exc).__name__}); check "
                         "the URI and the network") from None
