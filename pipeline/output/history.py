@@ -1,8 +1,9 @@
 """What earlier runs already did, as compact sets of input keys the listing filters against: 16-byte digests
 in sorted numpy arrays. A *version* key (uri + ETag + last-modified + size) skips unchanged inputs of earlier
 committed runs of the same model; a *uri* key skips what an interrupted attempt of this run already staged.
-Rows are read through the output's format (`OutputFormat.rows`). docs/commit-protocol.md (step 5) and
-docs/design-notes.md ("What is done") say more."""
+Each committed run's keys are read from what its commit kept (`output/run_keys.py`) while the table holds exactly
+that run's rows; otherwise its rows are read through the output's format (`OutputFormat.rows`) and hashed.
+docs/commit-protocol.md (step 5) and docs/design-notes.md ("What is done") say more."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import pyarrow.parquet as pq
 from pipeline.io.storage import ObjectInfo, Storage
 from pipeline.privacy.pseudonyms import Pseudonymizer
 from pipeline.output.rows import TableRows
+from pipeline.output.run_keys import read_into, rows_per_run, stored_keys
 
 KEY_DTYPE = "S16"
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -99,12 +101,41 @@ class History:
     staged_files: list[str] = field(default_factory=list)  # the interrupted attempt being resumed
     reprocess_errors: bool = False
     pseudonymizer: Pseudonymizer | None = None  # the rows' uri is the listed uri's token
+    keys_at: str | None = None  # the output, where committed runs' keys are kept (None: always hash the rows)
 
     def load(self, storage: Storage) -> "DoneFilter":
-        versions = [table_keys(t, "version") for t in done_rows(storage, self.committed,
-                                                                with_errors=not self.reprocess_errors)]
+        versions = committed_keys(storage, self.committed, self.keys_at, with_errors=not self.reprocess_errors)
         uris = [table_keys(t, "uri") for t in _read_chunks(storage, self.staged_files)]
-        return DoneFilter(KeySet(_concat(versions)), KeySet(_concat(uris)), self.pseudonymizer)
+        return DoneFilter(KeySet(versions), KeySet(_concat(uris)), self.pseudonymizer)
+
+
+def committed_keys(storage: Storage, committed: TableRows | None, keys_at: str | None,
+                   with_errors: bool) -> np.ndarray:
+    """Version keys of the committed rows that count as done: each run's kept keys where the table holds exactly
+    the rows they were kept for (counted through the format), the other runs' rows hashed."""
+    if committed is None:
+        return _concat([])
+    counts = rows_per_run(committed.batches(storage, ["run_id"])) if keys_at is not None else None
+    if counts is None:
+        return _concat([table_keys(rows, "version") for rows in done_rows(storage, committed, with_errors)])
+    kept = stored_keys(storage, keys_at)
+    stored = {run: kept[(run, rows)] for run, rows in counts.items() if (run, rows) in kept}
+    rest = set(counts) - set(stored)
+    keys = np.empty(sum(s.count(with_errors) for s in stored.values()) + sum(counts[r] for r in rest), KEY_DTYPE)
+    at = read_into(storage, list(stored.values()), with_errors, keys, 0)
+    if rest:
+        for rows in done_rows(storage, committed, with_errors, runs=rest):
+            hashed = table_keys(rows, "version")
+            keys[at:at + len(hashed)] = hashed
+            at += len(hashed)
+    return keys[:at]
+
+
+def split_done(rows: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """Version keys of a run's rows that count as done: (those without error, those with a lasting error)."""
+    failed = rows["error"].is_valid()
+    lasting = pc.and_(failed, pc.invert(pc.is_in(rows["error_type"], pa.array(TRANSIENT_ERRORS))))
+    return table_keys(rows.filter(pc.invert(failed)), "version"), table_keys(rows.filter(lasting), "version")
 
 
 KEY_COLUMNS = ["uri", "etag", "last_modified", "size", "error", "error_type"]
@@ -112,13 +143,16 @@ KEY_COLUMNS = ["uri", "etag", "last_modified", "size", "error", "error_type"]
 TRANSIENT_ERRORS = ["read.io_error"]
 
 
-def done_rows(storage: Storage, committed: TableRows | None, with_errors: bool) -> Iterator[pa.Table]:
-    """The key columns of earlier runs' rows that count as done, a batch at a time: error rows too when
-    `with_errors`, but never a transient failure."""
+def done_rows(storage: Storage, committed: TableRows | None, with_errors: bool,
+              runs: set[str] | None = None) -> Iterator[pa.Table]:
+    """The key columns of earlier runs' rows (of `runs` only) that count as done, a batch at a time: error rows too
+    when `with_errors`, but never a transient failure."""
     if committed is None:
         return
-    for batch in committed.batches(storage, KEY_COLUMNS):
+    for batch in committed.batches(storage, KEY_COLUMNS + (["run_id"] if runs is not None else [])):
         rows = pa.Table.from_batches([batch])
+        if runs is not None:
+            rows = rows.filter(pc.is_in(rows["run_id"], pa.array(sorted(runs), pa.string())))
         if not with_errors:
             yield rows.filter(rows["error"].is_null())
         else:

@@ -17,10 +17,11 @@ from pipeline.io.storage import Storage, is_remote, join
 from pipeline.job.config import JobConfig, OutputConfig
 from pipeline.job.errors import JobFailed, UserError
 from pipeline.output.formats import Commit, OutputFormat, Partitioning
-from pipeline.output.history import History
+from pipeline.output.history import History, split_done
 from pipeline.output.identity import (RunIdentity, attempt_so_far, check_pseudonyms, interrupted, new_run_id,
                                       note_interrupted_attempt)
 from pipeline.output.lease import OutputLease, check_conditional_writes
+from pipeline.output.run_keys import KeysRecorder
 from pipeline.output.sink import StagingSink
 from pipeline.output.staging import FORMAT, RunInfo, RunStats, StagedRun, Staging, now_precise
 from pipeline.privacy.pseudonyms import Pseudonymizer
@@ -194,7 +195,7 @@ class RunOutput:
             runs = {c["run_id"] for c in self.table.live() if c.get("model_key") == self.run.info.model_key}
         return History(committed=self.table.rows(sorted(runs)) if runs else None, committed_runs=sorted(runs),
                        staged_files=self.run.chunks, reprocess_errors=self.policy.reprocess_errors,
-                       pseudonymizer=pseudonymizer)
+                       pseudonymizer=pseudonymizer, keys_at=self.output.uri)
 
     def sink(self, provenance: dict[str, str], checkpoint_rows: int,
              before_chunk: Callable[[int], None] | None = None) -> StagingSink:
@@ -214,8 +215,11 @@ class RunOutput:
             print("note: the backfill found no inputs, so it replaces nothing; the earlier output stays", file=self.out)
             overwrite = False
         record = run_record(info, self.table.name, self.policy.listed, self.stats, overwrite, progress)
+        # The run's skip-set keys are kept as the commit reads its rows, so the next run need not hash them again.
+        keys = KeysRecorder(self.storage, self.output.uri, run.run_id, fence=self.lease.check, split=split_done)
         committed = self.table.commit(Commit(
-            run_id=run.run_id, rows=lambda: staged_rows(self.staging, chunks, run.run_id, self.stats.rows),
+            run_id=run.run_id,
+            rows=lambda: keys.watch(staged_rows(self.staging, chunks, run.run_id, self.stats.rows)),
             schema=self.schema, record=record, overwrite=overwrite,
             partitioning=layout(self.output, run_date=info.started_at[:10]),
             rows_per_file=self.output.rows_per_file, fence=self.lease.check))

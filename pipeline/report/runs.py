@@ -164,7 +164,7 @@ def next_run(table: OutputFormat, source: str, model_key: str | None, extensions
     the job skips them), those in `staged` chunks are resumed, the rest are new or changed (a row of them exists)."""
     runs = sorted(r["run_id"] for r in table.live() if r.get("model_key") == model_key)
     done = History(committed=table.rows(runs) if runs and skips_done else None,
-                   committed_runs=runs).load(table.storage)
+                   committed_runs=runs, keys_at=table.uri).load(table.storage)
     resumed = History(staged_files=staged or []).load(table.storage)
     seen = KeySet(np.concatenate([table_keys(t, "uri") for rid in runs
                                   for t in run_rows(table, rid, ["uri"])] or [np.array([], KEY_DTYPE)]))

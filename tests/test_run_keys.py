@@ -1,0 +1,66 @@
+"""A committed run's skip-set keys (pipeline/output/run_keys.py): kept by its commit, read by the next run instead
+of hashing the table's rows, and not trusted once the table no longer holds exactly the rows they were kept for.
+No Ray: the output side is driven directly (tests/output_driver.py), on each format."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from output_driver import run_once
+from pipeline.io.storage import Storage
+from pipeline.output.run_keys import KEYS_FOLDER
+
+FORMATS = ["parquet", "delta", "iceberg"]
+
+
+def run(output: Path, fmt: str, n: int, **kwargs) -> dict:
+    catalog = {"catalog_db": str(output.parent / "catalog.db")} if fmt == "iceberg" else {}
+    return run_once(str(output), fmt, n, storage=Storage(), **catalog, **kwargs)
+
+
+def kept(output: Path) -> list[Path]:
+    return sorted((output / KEYS_FOLDER).glob("*/index.json"))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_the_next_run_reads_the_keys_each_commit_kept(fmt, tmp_path):
+    output = tmp_path / "out"
+    first = run(output, fmt, 20)
+    [index] = kept(output)
+    assert index.parent.name == f"{first['run_id']}-20"
+    assert json.loads(index.read_text())["done"] == 20
+    assert run(output, fmt, 30)["processed"] == 10  # the first run's 20 skipped
+
+    # Keep only 5 of the first run's 20 keys: the next run does the other 15 again, so the keys, not the rows,
+    # made the skip set.
+    part = index.parent / "part-00000.npz"
+    with np.load(part) as arrays:
+        done, failed = arrays["done"][:5], arrays["failed"]
+    buffer = io.BytesIO()
+    np.savez(buffer, done=done, failed=failed)
+    part.write_bytes(buffer.getvalue())
+    assert run(output, fmt, 30)["processed"] == 15
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_without_kept_keys_the_rows_are_hashed(fmt, tmp_path):
+    output = tmp_path / "out"
+    run(output, fmt, 20)
+    shutil.rmtree(output / KEYS_FOLDER)
+    assert run(output, fmt, 25)["processed"] == 5
+    assert len(kept(output)) == 1  # the second run's own
+
+
+def test_keys_of_a_run_another_engine_deleted_rows_of_are_not_trusted(tmp_path):
+    from deltalake import DeltaTable
+
+    output = tmp_path / "out"
+    run(output, "delta", 20)
+    assert DeltaTable(str(output)).delete("uri = 's3://photos/img-00003.jpg'")["num_deleted_rows"] == 1
+    assert run(output, "delta", 20)["processed"] == 1  # the deleted row's input, and only it
