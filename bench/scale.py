@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import hashlib
 import json
 import os
 import re
@@ -135,7 +136,8 @@ def ensure_inventory(data: Path, n: int) -> Path:
             "size": pa.array([700 + i % 100 for i in ids], pa.int64()),
             "last_modified_date": pa.array([1_764_547_200_000 + i for i in ids], pa.timestamp("ms")),
             "e_tag": [f"{i:032x}" for i in ids]}), root / key)
-        files.append({"key": key, "size": (root / key).stat().st_size, "MD5checksum": "0" * 32})
+        files.append({"key": key, "size": (root / key).stat().st_size,
+                      "MD5checksum": hashlib.md5((root / key).read_bytes()).hexdigest()})
     manifest.parent.mkdir(parents=True, exist_ok=True)
     manifest.write_text(json.dumps({"sourceBucket": "archive", "destinationBucket": "arn:aws:s3:::inventory",
                                     "version": "2016-11-30", "fileFormat": "Parquet", "files": files}))
@@ -239,12 +241,13 @@ def table_of(output: str, fmt: str):
     return make_format(cfg.output, Storage(), OUTPUT_SCHEMA)
 
 
-def history_of(output: str, fmt: str):
+def history_of(output: str, fmt: str, keys: str = "kept"):
+    """The skip set's description as a run builds it; `keys="hashed"`: ignore the runs' kept keys."""
     from pipeline.output.history import History
 
     table = table_of(output, fmt)
     runs = sorted(r["run_id"] for r in table.live())
-    return History(committed=table.rows(runs), committed_runs=runs)
+    return History(committed=table.rows(runs), committed_runs=runs, keys_at=output if keys == "kept" else None)
 
 
 def rss_now_mib() -> float:
@@ -259,11 +262,11 @@ def peak_rss_mib() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
-def probe_history(output: str, fmt: str) -> dict:
+def probe_history(output: str, fmt: str, keys: str = "kept") -> dict:
     """`History.load` over a table's live rows, as the listing task runs it before its first page."""
     from pipeline.io.storage import Storage
 
-    history = history_of(output, fmt)
+    history = history_of(output, fmt, keys)
     before = rss_now_mib()
     began = time.perf_counter()
     done = history.load(Storage())
@@ -342,13 +345,35 @@ def per_key(before_mib: float, n: int) -> dict:
             "held_bytes_per_key": round((rss_now_mib() - before_mib) * 2**20 / n, 1)}
 
 
-def probe_listing(uri: str, output: str | None, fmt: str | None) -> dict:
+def probe_keep(output: str, fmt: str) -> dict:
+    """Keeps each live run's skip-set keys as its commit would have (for tables committed before commits kept
+    them). Timed: the commit's share alone (hash, sort, write), over rows read back beforehand."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from pipeline.io.storage import Storage
+    from pipeline.output.history import KEY_COLUMNS, split_done
+    from pipeline.output.run_keys import KeysRecorder
+
+    table, storage = table_of(output, fmt), Storage()
+    runs = sorted(r["run_id"] for r in table.live())
+    rows = [pa.Table.from_batches([b]) for b in table.rows(runs).batches(storage, KEY_COLUMNS + ["run_id"])]
+    began = time.perf_counter()
+    for run in runs:
+        recorder = KeysRecorder(storage, output, run, fence=lambda: None, split=split_done)
+        for _ in recorder.watch(t.filter(pc.equal(t["run_id"], run)) for t in rows):
+            pass
+    return {"runs": len(runs), "rows": sum(t.num_rows for t in rows),
+            "keep_s": round(time.perf_counter() - began, 2)}
+
+
+def probe_listing(uri: str, output: str | None, fmt: str | None, keys: str = "kept") -> dict:
     """The job's source alone (`InputListing.blocks`, as the listing task runs it): time to its first page or
     block, inputs/s, peak RSS; with a table, filtered by that table's skip set (its build included)."""
     from pipeline.io.listing import InputListing
     from pipeline.io.storage import Storage
 
-    history = history_of(output, fmt) if output else None
+    history = history_of(output, fmt, keys) if output else None
     listing = InputListing(uri, Storage(), ["jpg"], history)
     before = rss_now_mib()
     counts = {"listed": 0, "todo": 0}
@@ -434,6 +459,21 @@ def probes_of(n: int, data: Path, work: Path) -> dict:
         result["tables"][fmt] = {"history": probe("history", output, fmt),
                                  "listing_skipped": probe("listing", str(folder), output, fmt)}
         print(f"{n:,} {fmt}: {result['tables'][fmt]}", flush=True)
+    return result
+
+
+def keys_of(n: int, data: Path, work: Path) -> dict:
+    """On each table of `n` rows: the skip set hashed from its rows, its runs' keys kept (as their commits would
+    have), the skip set read from them; then a nightly listing's first block from an inventory, both ways."""
+    inventory = str(ensure_inventory(data, 100_000))
+    result = {}
+    for fmt in FORMATS:
+        output = str(work / f"out-{n}-{fmt}")
+        result[fmt] = {"hashed": probe("history", output, fmt, "hashed"), "keep": probe("keep", output, fmt),
+                       "kept": probe("history", output, fmt, "kept"),
+                       "inventory_first_block": {keys: probe("listing", inventory, output, fmt, keys)["first_block_s"]
+                                                 for keys in ("hashed", "kept")}}
+        print(f"{n:,} {fmt}: {result[fmt]}", flush=True)
     return result
 
 
@@ -705,7 +745,7 @@ def night_fits(by_format: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["sizes", "probes", "nights", "inventory", "inventory-run", "fit", "probe"])
+    parser.add_argument("command", choices=["sizes", "probes", "keys", "nights", "inventory", "inventory-run", "fit", "probe"])
     parser.add_argument("probe_args", nargs="*")
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 300_000, 1_000_000])
     parser.add_argument("--ray-sizes", type=int, nargs="*", default=[100_000])
@@ -720,7 +760,8 @@ def main() -> None:
     work = data / "work"
     if args.command == "probe":
         kind, *rest = args.probe_args
-        probes = {"history": probe_history, "profile": probe_profile, "keyset": probe_keyset, "seen": probe_seen}
+        probes = {"history": probe_history, "profile": probe_profile, "keyset": probe_keyset, "seen": probe_seen,
+                  "keep": probe_keep}
         print(json.dumps(probes[kind](*rest) if kind in probes else probe_listing(*rest, *[None] * (3 - len(rest)))))
         return
     data.mkdir(parents=True, exist_ok=True)
@@ -741,6 +782,9 @@ def main() -> None:
             run = inventory_run(args.sizes[0], data, work, executor)
             print(f"inventory run {executor}: {run}", flush=True)
             save(results, "inventory_run", {f"{args.sizes[0]} {executor}": run})
+    elif args.command == "keys":  # the skip set from kept keys against hashing, on the size runs' tables
+        for n in args.sizes:
+            save(results, f"keys-{os.environ['SCALE_COMMIT'][:7]}", {str(n): keys_of(n, data, work)})
     elif args.command == "nights":
         nights(args.base, args.nights, data, work, results, args.night_formats, args.light)
     else:
