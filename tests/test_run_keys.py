@@ -64,3 +64,12 @@ def test_keys_of_a_run_another_engine_deleted_rows_of_are_not_trusted(tmp_path):
     run(output, "delta", 20)
     assert DeltaTable(str(output)).delete("uri = 's3://photos/img-00003.jpg'")["num_deleted_rows"] == 1
     assert run(output, "delta", 20)["processed"] == 1  # the deleted row's input, and only it
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_an_overwrite_drops_the_keys_of_the_runs_it_replaced(fmt, tmp_path):
+    output = tmp_path / "out"
+    run(output, fmt, 20)
+    replacing = run(output, fmt, 10, overwrite=True)
+    assert [index.parent.name for index in kept(output)] == [f"{replacing['run_id']}-10"]
+    assert run(output, fmt, 12)["processed"] == 2

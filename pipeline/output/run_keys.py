@@ -128,6 +128,19 @@ def stored_keys(storage: Storage, output_uri: str) -> dict[tuple[str, int], Stor
     return found
 
 
+def drop_all_but(storage: Storage, output_uri: str, run_id: str) -> None:
+    """After an overwrite, the keys of the runs it replaced are of no use: deleted (a failure is only a cost)."""
+    prefix = join(output_uri, KEYS_FOLDER) + "/"
+    try:
+        stale = [info.uri for page in storage.list_pages(prefix, quote_paths=False) for info in page
+                 if not info.uri.removeprefix(prefix).startswith(f"{run_id}-")]
+        storage.delete(stale)
+    except FileNotFoundError:
+        pass
+    except Exception as exc:
+        logger.warning("the keys of runs replaced by run %s were not deleted (%s)", run_id, type(exc).__name__)
+
+
 def read_into(storage: Storage, stored: list[StoredKeys], with_errors: bool, keys: np.ndarray, at: int) -> int:
     """Copies the kept keys into `keys` from position `at`, a few parts at a time; returns the position after."""
     uris = [join(s.folder, name) for s in stored for name in s.parts]

@@ -21,7 +21,7 @@ from pipeline.output.history import History, split_done
 from pipeline.output.identity import (RunIdentity, attempt_so_far, check_pseudonyms, interrupted, new_run_id,
                                       note_interrupted_attempt)
 from pipeline.output.lease import OutputLease, check_conditional_writes
-from pipeline.output.run_keys import KeysRecorder
+from pipeline.output.run_keys import KeysRecorder, drop_all_but
 from pipeline.output.sink import StagingSink
 from pipeline.output.staging import FORMAT, RunInfo, RunStats, StagedRun, Staging, now_precise
 from pipeline.privacy.pseudonyms import Pseudonymizer
@@ -224,6 +224,8 @@ class RunOutput:
             partitioning=layout(self.output, run_date=info.started_at[:10]),
             rows_per_file=self.output.rows_per_file, fence=self.lease.check))
         failpoints.hit("committed")
+        if overwrite:
+            drop_all_but(self.storage, self.output.uri, run.run_id)
         self.staging.drop(StagedRun(run.run_id, chunks=chunks))
         return committed
 
