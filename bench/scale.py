@@ -31,8 +31,8 @@ it. The watcher runs at nice 19; the machine had 2 cores and other sessions' wor
 from __future__ import annotations
 
 import argparse
-import io
 import hashlib
+import io
 import json
 import os
 import re
@@ -635,6 +635,36 @@ def light_night(output: Path, fmt: str, folder: Path, start: int, n: int) -> dic
     return {"light": True, "rows": n, "commit_s": round(commit_s, 3), "skip_set_s": round(skip_set_s, 3)}
 
 
+def big_table(output: Path, fmt: str, n: int) -> dict:
+    """A table of `n` rows committed as one run through pipeline/output's front door (no CLI, no model, synthetic
+    inputs of s3://archive/photos/ as the inventories name them, staged a million at a time): the commit's time,
+    which includes keeping the run's keys."""
+    import io as text_io
+
+    from pipeline.io.storage import ObjectInfo, Storage
+    from pipeline.job.config import load_job
+    from pipeline.job.rows import OUTPUT_SCHEMA
+    from pipeline.output import RunIdentity, RunPolicy, open_output
+
+    from formats import rows_for
+
+    cfg = load_job(None, {"input": "s3://archive/photos/", "output": str(output), "format": fmt, "model": "resnet18"})
+    cfg.output.rows_per_file = 1_000_000
+    when = datetime(2026, 12, 1, tzinfo=timezone.utc)
+    storage = Storage()
+    identity = RunIdentity("big-job", "big-model", "resnet18", "IMAGENET1K_V1")
+    with open_output(cfg.output, RunPolicy.of(cfg), storage, identity, OUTPUT_SCHEMA, text_io.StringIO()) as side:
+        sink = side.sink({"model": "resnet18", "weights": "IMAGENET1K_V1", "run_id": side.run_id},
+                         checkpoint_rows=1_000_000)
+        for start in range(0, n, 1_000_000):
+            sink.add(rows_for([ObjectInfo(f"s3://archive/photos/{i // PER_FOLDER:06d}/{i:09d}.jpg", 700 + i % 100,
+                                          f"{i:032x}", when) for i in range(start, min(n, start + 1_000_000))]))
+        sink.flush()
+        began = time.perf_counter()
+        side.on_write_complete(sink)
+        return {"rows": n, "commit_s": round(time.perf_counter() - began, 2)}
+
+
 # ---- fits ------------------------------------------------------------------------------------------------------
 
 TARGET_N = 100_000_000
@@ -745,7 +775,7 @@ def night_fits(by_format: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["sizes", "probes", "keys", "nights", "inventory", "inventory-run", "fit", "probe"])
+    parser.add_argument("command", choices=["sizes", "probes", "keys", "big", "nights", "inventory", "inventory-run", "fit", "probe"])
     parser.add_argument("probe_args", nargs="*")
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 300_000, 1_000_000])
     parser.add_argument("--ray-sizes", type=int, nargs="*", default=[100_000])
@@ -785,6 +815,19 @@ def main() -> None:
     elif args.command == "keys":  # the skip set from kept keys against hashing, on the size runs' tables
         for n in args.sizes:
             save(results, f"keys-{os.environ['SCALE_COMMIT'][:7]}", {str(n): keys_of(n, data, work)})
+    elif args.command == "big":  # one table of N rows a format, then the keys probes on it
+        for n in args.sizes:
+            inventory = str(ensure_inventory(data, 100_000))
+            for fmt in FORMATS:
+                output = work / f"big-{n}-{fmt}"
+                shutil.rmtree(output, ignore_errors=True)
+                made = big_table(output, fmt, n)
+                result = {"commit": made, **{keys: probe("history", str(output), fmt, keys)
+                                             for keys in ("kept", "hashed")},
+                          "inventory_first_block_kept": probe("listing", inventory, str(output), fmt,
+                                                              "kept")["first_block_s"]}
+                print(f"{n:,} {fmt}: {result}", flush=True)
+                save(results, f"big-{os.environ['SCALE_COMMIT'][:7]}", {f"{n} {fmt}": result})
     elif args.command == "nights":
         nights(args.base, args.nights, data, work, results, args.night_formats, args.light)
     else:
