@@ -16,7 +16,7 @@ import pytest
 from conftest import encode, photo
 from inventories import Entry, entry_of, write_inventory
 from pipeline.cli.commands import main
-from pipeline.io.inventory import PAGE_ROWS, find_manifest, read_inventory
+from pipeline.io.inventory import PAGE_ROWS, InventoryError, find_manifest, read_inventory
 from pipeline.io.storage import Storage
 from pipeline.job.config import InputConfig
 from pipeline.job.errors import UserError
@@ -164,3 +164,43 @@ def test_each_format_through_pipeline_run_predicts_each_current_object_once(stor
     newer = pipeline_run(f"s3://{dest}/inventories/{source}/orc", output)
     assert (newer["inputs"], newer["already_done"]) == (2, 3)
     assert predicted(output) == dict.fromkeys(expected | {f"s3://{source}/{k}" for k in added}, 1)
+
+def data_files(storage: Storage, manifest: str) -> list[str]:
+    root = manifest.split("/inventories/")[0]
+    return [f"{root}/{f['key']}" for f in json.loads(storage.read_bytes(manifest))["files"]]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_data_file_unlike_its_manifest_lists_none_of_its_rows(tmp_path, fmt):
+    """A data file replaced by another (here: the first one's bytes) or cut short is found out by its MD5checksum
+    (of the bytes as stored, a CSV's gzip) before any of its rows is listed: the first file's keys come once, then
+    one line naming the second. A manifest without MD5checksum (a tool other than S3 wrote it) is read unverified:
+    the replaced file's keys come twice; cut short, or deleted, it is still one line naming it."""
+    storage = Storage()
+    entries = [Entry(f"photos/{i}.jpg") for i in range(6)]
+    manifest = write_inventory(storage, str(tmp_path), "src", entries, fmt)
+    first, second = data_files(storage, manifest)
+    good = storage.read_bytes(second)
+    for bad in (storage.read_bytes(first), good[:len(good) // 2]):
+        storage.write_bytes(second, bad)
+        listed = []
+        with pytest.raises(InventoryError) as refused:
+            for page in read_inventory(manifest, storage):
+                listed += [o.uri for o in page]
+        assert sorted(listed) == [f"s3://src/photos/{i}.jpg" for i in (0, 2, 4)]
+        assert str(refused.value).startswith(f"inventory data file {second} does not match its manifest ("), refused
+        assert "restore it, or run on another delivery" in str(refused.value) and "\n" not in str(refused.value)
+    unverified = json.loads(storage.read_bytes(manifest))
+    for listed_file in unverified["files"]:
+        del listed_file["MD5checksum"]
+    storage.write_bytes(manifest, json.dumps(unverified).encode())
+    storage.write_bytes(second, storage.read_bytes(first))
+    assert keys(manifest) == sorted(2 * [f"s3://src/photos/{i}.jpg" for i in (0, 2, 4)])
+    storage.write_bytes(second, good[:len(good) // 2])
+    with pytest.raises(InventoryError, match=f"inventory data file {second} cannot be read"):
+        keys(manifest)
+    storage.delete([second])
+    with pytest.raises(InventoryError, match=f"inventory data file {second} no longer exists"):
+        keys(manifest)
+
