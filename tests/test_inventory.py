@@ -119,11 +119,15 @@ def test_an_unreadable_inventory_is_one_line(storage, bucket, tmp_path, capsys):
         InputConfig(uri=f"{root}/list.csv", prefix="photos/")
 
 
-def pipeline_run(uri: str, output: str) -> dict:
+def pipeline(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run([sys.executable, "-m", "pipeline", "run", "--input", uri, "--prefix", "photos/", "--output",
-                          output, "--model", "counting_model:build", "--batch-size", "4"],
-                         env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def pipeline_run(uri: str, output: str, *flags: str) -> dict:
+    run = pipeline("run", *flags, "--input", uri, "--prefix", "photos/", "--output", output, "--model",
+                   "counting_model:build", "--batch-size", "4")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return json.loads((Path(output) / "_summary.json").read_text())
 
@@ -204,3 +208,23 @@ def test_a_data_file_unlike_its_manifest_lists_none_of_its_rows(tmp_path, fmt):
     with pytest.raises(InventoryError, match=f"inventory data file {second} no longer exists"):
         keys(manifest)
 
+@pytest.mark.e2e
+def test_pipeline_runs_estimates_the_next_run_under_the_prefix(storage, bucket, tmp_path):
+    """The next run of an inventory job (its config folder and input.prefix in the run's record) is counted as the
+    job lists: the newest delivery, keys under the prefix, by extension; keys outside the prefix are not counted."""
+    source, dest = bucket, f"{bucket}-inventory"
+    storage.s3_client.create_bucket(Bucket=dest)
+    first = ["photos/a.png", "photos/b.png", "elsewhere/c.png"]
+    added = ["photos/d.png", "photos/e.png", "photos/notes.txt", "elsewhere/f.png", "elsewhere/g.png"]
+    for i, key in enumerate(first + added):
+        storage.s3_client.put_object(Bucket=source, Key=key, Body=encode(photo(32, 24, seed=i), "PNG"))
+    day1 = [entry_of(storage, source, k) for k in first]
+    write_inventory(storage, f"s3://{dest}", source, day1, "Parquet")
+    config, output = f"s3://{dest}/inventories/{source}/daily/", str(tmp_path / "out")
+    assert pipeline_run(config, output, "--executor", "local")["predicted"] == 2
+    write_inventory(storage, f"s3://{dest}", source, day1 + [entry_of(storage, source, k) for k in added], "Parquet",
+                    delivered="2024-05-02T00-00Z")
+    runs = pipeline("runs", output)
+    assert runs.returncode == 0, runs.stderr
+    assert ": 2 new, 0 changed or to retry, 2 unchanged and skipped; 1 other files not listed" in runs.stdout, \
+        runs.stdout

@@ -52,15 +52,19 @@ class InputListing(Source):
     def blocks(self, counted: PageCounts | None = None) -> Iterator[pa.Table]:
         done = self.history.load(self.storage) if self.history is not None else None
         for page in self.pages():
-            # The job's own output is not an input at all: neither listed nor counted as skipped.
-            candidates = [o for o in page if not self._own_output(o)]
-            wanted = [o for o in candidates if self._has_wanted_extension(o)]
+            candidates, wanted = self.select(page)
             todo = done.todo(wanted) if done is not None else wanted
             if counted is not None:
                 counted(len(todo), len(candidates) - len(wanted), len(wanted) - len(todo), self._repeats)
             self._repeats = 0
             if todo:
                 yield to_block(todo)
+
+    def select(self, page: list[ObjectInfo]) -> tuple[list[ObjectInfo], list[ObjectInfo]]:
+        """(the page's candidates, those of them wanted): the job's own output is not an input at all (neither
+        listed nor counted as skipped); a candidate of another extension is skipped."""
+        candidates = [o for o in page if not self._own_output(o)]
+        return candidates, [o for o in candidates if self._has_wanted_extension(o)]
 
     def pages(self) -> Iterator[list[ObjectInfo]]:
         self._repeats = 0  # a manifest's entries dropped since the last page as repeats of an earlier one

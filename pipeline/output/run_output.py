@@ -33,12 +33,13 @@ class RunPolicy:
     extensions: tuple[str, ...] | None  # None: every object is listed
     incremental: bool = True  # earlier runs' unchanged inputs are skipped (unless the run overwrites)
     reprocess_errors: bool = False  # ...but not their error rows
+    prefix: str | None = None  # an S3 Inventory's: only keys that start with it
 
     @classmethod
     def of(cls, cfg: JobConfig) -> "RunPolicy":
         extensions = cfg.input.extensions
         return cls(cfg.input.uri, tuple(extensions) if extensions is not None else None, cfg.input.incremental,
-                   cfg.input.reprocess_errors)
+                   cfg.input.reprocess_errors, cfg.input.prefix)
 
     @property
     def listed(self) -> list[str] | None:
@@ -135,6 +136,11 @@ class RunOutput:
         return self.run.run_id
 
     @property
+    def prefixed(self) -> dict:
+        """What a run's records add for an inventory's input.prefix (`pipeline runs` lists as the job does)."""
+        return {"prefix": self.policy.prefix} if self.policy.prefix is not None else {}
+
+    @property
     def skips_done(self) -> bool:
         """Earlier runs' unchanged inputs count as done (an overwrite redoes every input)."""
         return self.policy.incremental and not self.output.overwrite
@@ -169,7 +175,7 @@ class RunOutput:
                 run_id=self.lease.run_id, job_key=identity.job_key, model_key=identity.model_key, started_at=now,
                 input=self.policy.input_uri, model=identity.model, weights=identity.weights,
                 pseudonyms=identity.pseudonyms, listing={"extensions": self.policy.listed,
-                                                         "skips_done": self.skips_done},
+                                                         "skips_done": self.skips_done, **self.prefixed},
                 model_config=identity.model_config))
         resumed = attempt_so_far(self.staging, run)  # before any chunk is rewritten below
         run.info.attempts.append(now)
@@ -213,7 +219,8 @@ class RunOutput:
         if overwrite and self.stats.rows == 0:
             print("note: the backfill found no inputs, so it replaces nothing; the earlier output stays", file=self.out)
             overwrite = False
-        record = run_record(info, self.table.name, self.policy.listed, self.stats, overwrite, progress)
+        record = {**run_record(info, self.table.name, self.policy.listed, self.stats, overwrite, progress),
+                  **self.prefixed}
         committed = self.table.commit(Commit(
             run_id=run.run_id, rows=lambda: staged_rows(self.staging, chunks, run.run_id, self.stats.rows),
             schema=self.schema, record=record, overwrite=overwrite,
