@@ -1,6 +1,8 @@
 """S3 Inventory as input: deliveries written as AWS lays them out (tests/inventories.py) in CSV, ORC and Parquet,
 read as listings (current versions only, keys decoded, under input.prefix), and run through `pipeline run` against
-the S3 server: each expected input predicted once, and an incremental run takes only what a newer delivery adds."""
+the S3 server: each expected input predicted once, and an incremental run takes only what a newer delivery adds.
+A data file unlike its manifest's MD5checksum, or gone or unreadable once the run is under way, ends the run in one
+line on either executor, and the next run still predicts each input once; `pipeline runs` counts under the prefix."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import duckdb
 import pytest
+import yaml
 
 from conftest import encode, photo
 from inventories import Entry, entry_of, write_inventory
@@ -169,6 +172,7 @@ def test_each_format_through_pipeline_run_predicts_each_current_object_once(stor
     assert (newer["inputs"], newer["already_done"]) == (2, 3)
     assert predicted(output) == dict.fromkeys(expected | {f"s3://{source}/{k}" for k in added}, 1)
 
+
 def data_files(storage: Storage, manifest: str) -> list[str]:
     root = manifest.split("/inventories/")[0]
     return [f"{root}/{f['key']}" for f in json.loads(storage.read_bytes(manifest))["files"]]
@@ -207,6 +211,65 @@ def test_a_data_file_unlike_its_manifest_lists_none_of_its_rows(tmp_path, fmt):
     storage.delete([second])
     with pytest.raises(InventoryError, match=f"inventory data file {second} no longer exists"):
         keys(manifest)
+
+
+def spec_file(tmp_path: Path, uri: str, output: str) -> str:
+    """A job staging every batch of 4 rows, so an attempt that fails has staged some."""
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({"input": {"uri": uri, "prefix": "photos/"},
+                                    "output": {"uri": output, "checkpoint_rows": 4},
+                                    "model": {"source": "torchvision", "name": "counting_model:build"},
+                                    "compute": {"batch_size": 4}}))
+    return str(path)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_a_data_file_failing_mid_run_ends_it_in_one_line_and_the_rerun_predicts_each_input_once(
+        storage, bucket, tmp_path, executor):
+    """After the manifest and its data files passed the checks, the second data file is replaced, then (its bytes
+    back) unreadable (moved to GLACIER: HEAD answers, GET is refused): each run ends with exit 1 and one line naming
+    it; rows the first file gave stay staged. Once the file is restored, `pipeline runs` counts the resume under the
+    prefix, and the next run predicts each of the 40 images once."""
+    source, dest = bucket, f"{bucket}-inventory"
+    storage.s3_client.create_bucket(Bucket=dest)
+    images = [f"photos/{i:02d}.png" for i in range(40)]
+    for i, key in enumerate(images):
+        storage.s3_client.put_object(Bucket=source, Key=key, Body=encode(photo(32, 24, seed=i), "PNG"))
+    entries = [entry_of(storage, source, k) for k in images] + [Entry(f"elsewhere/{i}.png") for i in range(10)]
+    manifest = write_inventory(storage, f"s3://{dest}", source, entries, "CSV", files=2)  # 20 images in each
+    second = data_files(storage, manifest)[1]
+    bucket_key = second.removeprefix("s3://").split("/", 1)
+    good = storage.read_bytes(second)
+    output = str(tmp_path / "out")
+    job = ["run", spec_file(tmp_path, manifest.rsplit("/", 2)[0], output), "--executor", executor]
+
+    for damage in ("replaced", "glacier"):
+        if damage == "replaced":
+            storage.write_bytes(second, storage.read_bytes(data_files(storage, manifest)[0]))
+        else:
+            storage.s3_client.put_object(Bucket=bucket_key[0], Key=bucket_key[1], Body=good, StorageClass="GLACIER")
+        failed = pipeline(*job)
+        said = failed.stderr.strip().splitlines()
+        why = "does not match its manifest" if damage == "replaced" else "cannot be read"
+        assert failed.returncode == 1 and said[-1].startswith(f"error: input.uri: inventory data file {second} {why}"), \
+            failed.stdout[-3000:] + failed.stderr[-3000:]
+        assert "rerunning the job resumes after them" in said[-1] and "Traceback" not in failed.stderr, failed.stderr
+        assert not (Path(output) / "_summary.json").exists() or json.loads(
+            (Path(output) / "_summary.json").read_text())["committed_rows"] == 0
+
+    storage.s3_client.put_object(Bucket=bucket_key[0], Key=bucket_key[1], Body=good)
+    runs = pipeline("runs", output)
+    line = next((x for x in runs.stdout.splitlines() if x.startswith("Rerunning the job of run")), runs.stdout)
+    pending, staged = (int(n.replace(",", "")) for n in (line.split("inputs pending")[0].split()[-1],
+                                                           line.split(" staged and not redone")[0].split()[-1]))
+    assert pending + staged == 40 and (staged > 0 or executor == "ray"), runs.stdout
+    done = pipeline(*job)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((Path(output) / "_summary.json").read_text())
+    assert summary["resumed"] == staged and summary["committed_rows"] == 40, summary
+    assert predicted(output) == {f"s3://{source}/{k}": 1 for k in images}
+
 
 @pytest.mark.e2e
 def test_pipeline_runs_estimates_the_next_run_under_the_prefix(storage, bucket, tmp_path):
