@@ -1,6 +1,8 @@
 """S3 Inventory as input: deliveries written as AWS lays them out (tests/inventories.py) in CSV, ORC and Parquet,
 read as listings (current versions only, keys decoded, under input.prefix), and run through `pipeline run` against
-the S3 server: each expected input predicted once, and an incremental run takes only what a newer delivery adds."""
+the S3 server: each expected input predicted once, and an incremental run takes only what a newer delivery adds.
+A data file unlike its manifest's MD5checksum, or gone or unreadable once the run is under way, ends the run in one
+line on either executor, and the next run still predicts each input once; `pipeline runs` counts under the prefix."""
 
 from __future__ import annotations
 
@@ -12,11 +14,12 @@ from pathlib import Path
 
 import duckdb
 import pytest
+import yaml
 
 from conftest import encode, photo
 from inventories import Entry, entry_of, write_inventory
 from pipeline.cli.commands import main
-from pipeline.io.inventory import PAGE_ROWS, find_manifest, read_inventory
+from pipeline.io.inventory import PAGE_ROWS, InventoryError, find_manifest, read_inventory
 from pipeline.io.storage import Storage
 from pipeline.job.config import InputConfig
 from pipeline.job.errors import UserError
@@ -119,11 +122,15 @@ def test_an_unreadable_inventory_is_one_line(storage, bucket, tmp_path, capsys):
         InputConfig(uri=f"{root}/list.csv", prefix="photos/")
 
 
-def pipeline_run(uri: str, output: str) -> dict:
+def pipeline(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run([sys.executable, "-m", "pipeline", "run", "--input", uri, "--prefix", "photos/", "--output",
-                          output, "--model", "counting_model:build", "--batch-size", "4"],
-                         env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def pipeline_run(uri: str, output: str, *flags: str) -> dict:
+    run = pipeline("run", *flags, "--input", uri, "--prefix", "photos/", "--output", output, "--model",
+                   "counting_model:build", "--batch-size", "4")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return json.loads((Path(output) / "_summary.json").read_text())
 
@@ -164,3 +171,123 @@ def test_each_format_through_pipeline_run_predicts_each_current_object_once(stor
     newer = pipeline_run(f"s3://{dest}/inventories/{source}/orc", output)
     assert (newer["inputs"], newer["already_done"]) == (2, 3)
     assert predicted(output) == dict.fromkeys(expected | {f"s3://{source}/{k}" for k in added}, 1)
+
+
+def data_files(storage: Storage, manifest: str) -> list[str]:
+    root = manifest.split("/inventories/")[0]
+    return [f"{root}/{f['key']}" for f in json.loads(storage.read_bytes(manifest))["files"]]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_data_file_unlike_its_manifest_lists_none_of_its_rows(tmp_path, fmt):
+    """A data file replaced by another (here: the first one's bytes) or cut short is found out by its MD5checksum
+    (of the bytes as stored, a CSV's gzip) before any of its rows is listed: the first file's keys come once, then
+    one line naming the second. A manifest without MD5checksum (a tool other than S3 wrote it) is read unverified:
+    the replaced file's keys come twice; cut short, or deleted, it is still one line naming it."""
+    storage = Storage()
+    entries = [Entry(f"photos/{i}.jpg") for i in range(6)]
+    manifest = write_inventory(storage, str(tmp_path), "src", entries, fmt)
+    first, second = data_files(storage, manifest)
+    good = storage.read_bytes(second)
+    for bad in (storage.read_bytes(first), good[:len(good) // 2]):
+        storage.write_bytes(second, bad)
+        listed = []
+        with pytest.raises(InventoryError) as refused:
+            for page in read_inventory(manifest, storage):
+                listed += [o.uri for o in page]
+        assert sorted(listed) == [f"s3://src/photos/{i}.jpg" for i in (0, 2, 4)]
+        assert str(refused.value).startswith(f"inventory data file {second} does not match its manifest ("), refused
+        assert "restore it, or run on another delivery" in str(refused.value) and "\n" not in str(refused.value)
+    unverified = json.loads(storage.read_bytes(manifest))
+    for listed_file in unverified["files"]:
+        del listed_file["MD5checksum"]
+    storage.write_bytes(manifest, json.dumps(unverified).encode())
+    storage.write_bytes(second, storage.read_bytes(first))
+    assert keys(manifest) == sorted(2 * [f"s3://src/photos/{i}.jpg" for i in (0, 2, 4)])
+    storage.write_bytes(second, good[:len(good) // 2])
+    with pytest.raises(InventoryError, match=f"inventory data file {second} cannot be read"):
+        keys(manifest)
+    storage.delete([second])
+    with pytest.raises(InventoryError, match=f"inventory data file {second} no longer exists"):
+        keys(manifest)
+
+
+def spec_file(tmp_path: Path, uri: str, output: str) -> str:
+    """A job staging every batch of 4 rows, so an attempt that fails has staged some."""
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({"input": {"uri": uri, "prefix": "photos/"},
+                                    "output": {"uri": output, "checkpoint_rows": 4},
+                                    "model": {"source": "torchvision", "name": "counting_model:build"},
+                                    "compute": {"batch_size": 4}}))
+    return str(path)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_a_data_file_failing_mid_run_ends_it_in_one_line_and_the_rerun_predicts_each_input_once(
+        storage, bucket, tmp_path, executor):
+    """After the manifest and its data files passed the checks, the second data file is replaced, then (its bytes
+    back) unreadable (moved to GLACIER: HEAD answers, GET is refused): each run ends with exit 1 and one line naming
+    it; rows the first file gave stay staged. Once the file is restored, `pipeline runs` counts the resume under the
+    prefix, and the next run predicts each of the 40 images once."""
+    source, dest = bucket, f"{bucket}-inventory"
+    storage.s3_client.create_bucket(Bucket=dest)
+    images = [f"photos/{i:02d}.png" for i in range(40)]
+    for i, key in enumerate(images):
+        storage.s3_client.put_object(Bucket=source, Key=key, Body=encode(photo(32, 24, seed=i), "PNG"))
+    entries = [entry_of(storage, source, k) for k in images] + [Entry(f"elsewhere/{i}.png") for i in range(10)]
+    manifest = write_inventory(storage, f"s3://{dest}", source, entries, "CSV", files=2)  # 20 images in each
+    second = data_files(storage, manifest)[1]
+    bucket_key = second.removeprefix("s3://").split("/", 1)
+    good = storage.read_bytes(second)
+    output = str(tmp_path / "out")
+    job = ["run", spec_file(tmp_path, manifest.rsplit("/", 2)[0], output), "--executor", executor]
+
+    for damage in ("replaced", "glacier"):
+        if damage == "replaced":
+            storage.write_bytes(second, storage.read_bytes(data_files(storage, manifest)[0]))
+        else:
+            storage.s3_client.put_object(Bucket=bucket_key[0], Key=bucket_key[1], Body=good, StorageClass="GLACIER")
+        failed = pipeline(*job)
+        said = failed.stderr.strip().splitlines()
+        why = "does not match its manifest" if damage == "replaced" else "cannot be read"
+        assert failed.returncode == 1 and said[-1].startswith(f"error: input.uri: inventory data file {second} {why}"), \
+            failed.stdout[-3000:] + failed.stderr[-3000:]
+        assert "rerunning the job resumes after them" in said[-1] and "Traceback" not in failed.stderr, failed.stderr
+        assert not (Path(output) / "_summary.json").exists() or json.loads(
+            (Path(output) / "_summary.json").read_text())["committed_rows"] == 0
+
+    storage.s3_client.put_object(Bucket=bucket_key[0], Key=bucket_key[1], Body=good)
+    runs = pipeline("runs", output)
+    line = next((x for x in runs.stdout.splitlines() if x.startswith("Rerunning the job of run")), runs.stdout)
+    pending, staged = (int(n.replace(",", "")) for n in (line.split("inputs pending")[0].split()[-1],
+                                                           line.split(" staged and not redone")[0].split()[-1]))
+    assert pending + staged == 40 and (staged > 0 or executor == "ray"), runs.stdout
+    done = pipeline(*job)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((Path(output) / "_summary.json").read_text())
+    assert summary["resumed"] == staged and summary["committed_rows"] == 40, summary
+    assert predicted(output) == {f"s3://{source}/{k}": 1 for k in images}
+
+
+@pytest.mark.e2e
+def test_pipeline_runs_estimates_the_next_run_under_the_prefix(storage, bucket, tmp_path):
+    """The next run of an inventory job (its config folder and input.prefix in the run's record) is counted as the
+    job lists: the newest delivery, keys under the prefix, by extension; keys outside the prefix are not counted."""
+    source, dest = bucket, f"{bucket}-inventory"
+    storage.s3_client.create_bucket(Bucket=dest)
+    first = ["photos/a.png", "photos/b.png", "elsewhere/c.png"]
+    added = ["photos/d.png", "photos/e.png", "photos/notes.txt", "elsewhere/f.png", "elsewhere/g.png"]
+    for i, key in enumerate(first + added):
+        storage.s3_client.put_object(Bucket=source, Key=key, Body=encode(photo(32, 24, seed=i), "PNG"))
+    day1 = [entry_of(storage, source, k) for k in first]
+    write_inventory(storage, f"s3://{dest}", source, day1, "Parquet")
+    config, output = f"s3://{dest}/inventories/{source}/daily/", str(tmp_path / "out")
+    assert pipeline_run(config, output, "--executor", "local")["predicted"] == 2
+    write_inventory(storage, f"s3://{dest}", source, day1 + [entry_of(storage, source, k) for k in added], "Parquet",
+                    delivered="2024-05-02T00-00Z")
+    runs = pipeline("runs", output)
+    assert runs.returncode == 0, runs.stderr
+    assert ": 2 new, 0 changed or to retry, 2 unchanged and skipped; 1 other files not listed" in runs.stdout, \
+        runs.stdout

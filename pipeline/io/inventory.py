@@ -7,17 +7,25 @@ one per delivery. A config folder's latest delivery is found from `hive/` (a key
 Non-latest versions and delete markers are not inputs: reading the key reads its latest version. CSV keys are
 URL-encoded (a space as `+` or `%20`, a `+` as `%2B`); ORC and Parquet keys are not. Every read goes through
 `Storage`, so an inventory copied to another store reads the same.
+
+A data file the manifest gives an `MD5checksum` for is fetched once into a local spool, hashed as it streams, and
+parsed only once its bytes match (the checksum is of the file as stored: a CSV's gzip bytes); none of its rows is
+listed before. A data file that cannot be read or does not match raises InventoryError naming it.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import posixpath
 import re
+import tempfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import IO, Iterator
 from urllib.parse import unquote_plus
 
 import pyarrow as pa
@@ -40,10 +48,22 @@ CSV_FIELDS = {"Bucket": "bucket", "Key": "key", "VersionId": "version_id", "IsLa
               "ETag": "e_tag"}
 COLUMNS = list(CSV_FIELDS.values())
 FORMATS = ("CSV", "ORC", "Parquet")
+READ_BYTES = 8 << 20  # a data file is fetched in reads of this size
+SPOOL_BYTES = 64 << 20  # a fetched data file beyond this waits in a temporary file on local disk, not in memory
+# What reading a data file that is gone, refused, cut short or corrupt raises (a truncated gzip: EOFError).
+UNREADABLE = (OSError, EOFError, zlib.error, pa.ArrowException)
 
 
 class InventoryError(Exception):
     """An inventory that cannot be read as one: the message is one line, naming the object and the fix."""
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """One of a delivery's data files, as its manifest lists it."""
+    uri: str
+    size: int | None = None  # bytes as stored
+    md5: str | None = None  # hex MD5 of the bytes as stored; None: the manifest gives none, nothing is verified
 
 
 @dataclass(frozen=True)
@@ -53,7 +73,7 @@ class Inventory:
     source_bucket: str
     file_format: str  # CSV, ORC or Parquet
     csv_columns: list[str]  # CSV: the data files' columns in order, as ORC/Parquet name them
-    files: list[str]  # the data files' URIs
+    files: list[DataFile]
 
 
 def is_inventory(uri: str) -> bool:
@@ -118,10 +138,17 @@ def parse_manifest(manifest: str, data: object, root: str) -> Inventory:
     if fmt == "CSV" and "key" not in columns:
         raise InventoryError(f"inventory manifest {manifest}: its fileSchema has no Key field")
     try:
-        files = [f"{root}/{f['key']}" for f in data["files"]]
+        files = [data_file(f"{root}/{f['key']}", f) for f in data["files"]]
     except (KeyError, TypeError):
         raise InventoryError(f"inventory manifest {manifest}: an entry of its files has no key") from None
     return Inventory(manifest, data["sourceBucket"], fmt, columns, files)
+
+
+def data_file(uri: str, entry: dict) -> DataFile:
+    """A manifest's entry of files: its size and MD5checksum when it gives them (tools other than S3 may not)."""
+    size, md5 = entry.get("size"), entry.get("MD5checksum")
+    return DataFile(uri, size if isinstance(size, int) and not isinstance(size, bool) else None,
+                    md5.strip().lower() if isinstance(md5, str) and md5.strip() else None)
 
 
 def data_file_root(manifest: str, data: object) -> str:
@@ -142,9 +169,10 @@ def data_file_root(manifest: str, data: object) -> str:
 def check_inventory(manifest: str, storage: Storage) -> Inventory:
     """The manifest is readable and every data file it names exists (checked concurrently)."""
     inventory = load_inventory(manifest, storage)
+    uris = [f.uri for f in inventory.files]
     with ThreadPoolExecutor(16) as pool:
-        present = list(pool.map(storage.exists, inventory.files))
-    missing = [f for f, there in zip(inventory.files, present) if not there]
+        present = list(pool.map(storage.exists, uris))
+    missing = [uri for uri, there in zip(uris, present) if not there]
     if missing:
         raise InventoryError(f"inventory manifest {manifest} names {len(missing)} data file(s) that do not exist, "
                              f"the first {missing[0]}; give a complete delivery's manifest.json")
@@ -155,25 +183,68 @@ def read_inventory(manifest: str, storage: Storage, prefix: str | None = None) -
     """The inventory's current objects under `prefix`, a page of up to PAGE_ROWS at a time, data file by data
     file and record batch by record batch."""
     inventory = load_inventory(manifest, storage)
-    for uri in inventory.files:
-        for batch in data_batches(inventory, uri, storage):
+    for file in inventory.files:
+        for batch in data_batches(inventory, file, storage):
             for start in range(0, batch.num_rows, PAGE_ROWS):
                 page = entries(batch.slice(start, PAGE_ROWS), inventory, prefix)
                 if page:
                     yield page
 
 
-def data_batches(inventory: Inventory, uri: str, storage: Storage) -> Iterator[pa.RecordBatch]:
-    """One data file's record batches, with the columns of COLUMNS it has (CSV: as text)."""
-    fs, path = storage.fs(uri)
+def data_batches(inventory: Inventory, file: DataFile, storage: Storage) -> Iterator[pa.RecordBatch]:
+    """One data file's record batches, with the columns of COLUMNS it has (CSV: as text); InventoryError when it
+    cannot be read or does not match its manifest."""
+    try:
+        with verified(file, storage) as f:
+            yield from _batches(inventory, f)
+    except FileNotFoundError:
+        raise InventoryError(f"inventory data file {file.uri} no longer exists (expired or deleted since its "
+                             "delivery); run on a newer delivery") from None
+    except UNREADABLE as exc:
+        why = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise InventoryError(f"inventory data file {file.uri} cannot be read ({type(exc).__name__}: {why}); check "
+                             "the credentials' read access to it and its storage class, or run on a newer "
+                             "delivery") from None
+
+
+@contextmanager
+def verified(file: DataFile, storage: Storage) -> Iterator[IO[bytes]]:
+    """The data file to parse: as stored when its manifest gives no MD5checksum; else fetched once into a local
+    spool while it is hashed, and handed on only once it matches the manifest's size and checksum."""
+    fs, path = storage.fs(file.uri)
     with fs.open(path, "rb") as f:
-        if inventory.file_format == "Parquet":
-            parquet = pq.ParquetFile(f)
-            yield from parquet.iter_batches(columns=[c for c in COLUMNS if c in parquet.schema_arrow.names])
-        elif inventory.file_format == "ORC":
-            yield from _orc_batches(f)
-        else:
-            yield from _csv_batches(gzip.GzipFile(fileobj=f), inventory.csv_columns)
+        if file.md5 is None:
+            yield f
+            return
+        with tempfile.SpooledTemporaryFile(SPOOL_BYTES) as spool:
+            digest, size = hashlib.md5(usedforsecurity=False), 0
+            while chunk := f.read(READ_BYTES):
+                digest.update(chunk)
+                spool.write(chunk)
+                size += len(chunk)
+            check_checksum(file, size, digest.hexdigest())
+            spool.seek(0)
+            yield spool
+
+
+def check_checksum(file: DataFile, size: int, md5: str) -> None:
+    """InventoryError when the bytes read are not those the manifest describes."""
+    if md5 == file.md5 and (file.size is None or size == file.size):
+        return
+    said = f"{file.size:,} bytes" if file.size is not None else "bytes"
+    raise InventoryError(f"inventory data file {file.uri} does not match its manifest ({size:,} bytes with MD5 "
+                         f"{md5}, the manifest lists {said} with MD5checksum {file.md5}): it was cut short or replaced "
+                         "since its delivery; restore it, or run on another delivery")
+
+
+def _batches(inventory: Inventory, f: IO[bytes]) -> Iterator[pa.RecordBatch]:
+    if inventory.file_format == "Parquet":
+        parquet = pq.ParquetFile(f)
+        yield from parquet.iter_batches(columns=[c for c in COLUMNS if c in parquet.schema_arrow.names])
+    elif inventory.file_format == "ORC":
+        yield from _orc_batches(f)
+    else:
+        yield from _csv_batches(gzip.GzipFile(fileobj=f, mode="rb"), inventory.csv_columns)
 
 
 def _orc_batches(f) -> Iterator[pa.RecordBatch]:

@@ -3,7 +3,9 @@
 Listing a prefix of 100M objects takes hours, so it must not happen before the first read (Ray issue #40686).
 `InputListing.blocks` walks the listing page by page (S3's paginator, a local folder walk, or a manifest or an S3
 Inventory read in record batches) and yields a block per page, the inputs earlier runs finished left out; the Ray
-adapter (`pipeline.ray.datasource`) runs it as one read task and keeps its running counts.
+adapter (`pipeline.ray.datasource`) runs it as one read task and keeps its running counts. A listing that fails
+once the run is under way (an inventory's data file gone, refused or not matching its manifest) raises
+`ListingFailed`, one line: the run ends, its staged rows kept for the next run to resume after.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ from typing import Iterator, Protocol
 
 import pyarrow as pa
 
-from pipeline.io.inventory import find_manifest, is_inventory
+from pipeline.io.inventory import InventoryError, find_manifest, is_inventory
 from pipeline.io.manifest import is_manifest, read_manifest
 from pipeline.io.storage import ObjectInfo, Storage, extension
+from pipeline.job.errors import JobFailed
 from pipeline.job.rows import SOURCE_SCHEMA
 from pipeline.job.stage import PageCounts, Resources, Source
 
@@ -30,6 +33,13 @@ class SkipFilter(Protocol):
     """The inputs of a page still to do (`pipeline.output.history.DoneFilter`)."""
 
     def todo(self, objects: list[ObjectInfo]) -> list[ObjectInfo]: ...
+
+
+class ListingFailed(JobFailed):
+    """The input's listing failed mid-run; the message is one line naming what and the fix."""
+
+
+RESUMES = "rows so far stay staged and rerunning the job resumes after them"
 
 
 class InputListing(Source):
@@ -51,16 +61,27 @@ class InputListing(Source):
 
     def blocks(self, counted: PageCounts | None = None) -> Iterator[pa.Table]:
         done = self.history.load(self.storage) if self.history is not None else None
-        for page in self.pages():
-            # The job's own output is not an input at all: neither listed nor counted as skipped.
-            candidates = [o for o in page if not self._own_output(o)]
-            wanted = [o for o in candidates if self._has_wanted_extension(o)]
-            todo = done.todo(wanted) if done is not None else wanted
-            if counted is not None:
-                counted(len(todo), len(candidates) - len(wanted), len(wanted) - len(todo), self._repeats)
-            self._repeats = 0
-            if todo:
-                yield to_block(todo)
+        try:
+            for page in self.pages():
+                candidates, wanted = self.select(page)
+                todo = done.todo(wanted) if done is not None else wanted
+                if counted is not None:
+                    counted(len(todo), len(candidates) - len(wanted), len(wanted) - len(todo), self._repeats)
+                self._repeats = 0
+                if todo:
+                    yield to_block(todo)
+        except InventoryError as exc:
+            raise ListingFailed(f"input.uri: {exc}; {RESUMES}") from None
+        except OSError as exc:
+            why = f": {(str(exc).splitlines() or [''])[0][:200]}" if self.quotes_paths else ""
+            raise ListingFailed(f"input.uri: listing the input failed ({type(exc).__name__}{why}); check the input "
+                                f"and the credentials; {RESUMES}") from None
+
+    def select(self, page: list[ObjectInfo]) -> tuple[list[ObjectInfo], list[ObjectInfo]]:
+        """(the page's candidates, those of them wanted): the job's own output is not an input at all (neither
+        listed nor counted as skipped); a candidate of another extension is skipped."""
+        candidates = [o for o in page if not self._own_output(o)]
+        return candidates, [o for o in candidates if self._has_wanted_extension(o)]
 
     def pages(self) -> Iterator[list[ObjectInfo]]:
         self._repeats = 0  # a manifest's entries dropped since the last page as repeats of an earlier one

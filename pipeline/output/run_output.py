@@ -34,12 +34,13 @@ class RunPolicy:
     extensions: tuple[str, ...] | None  # None: every object is listed
     incremental: bool = True  # earlier runs' unchanged inputs are skipped (unless the run overwrites)
     reprocess_errors: bool = False  # ...but not their error rows
+    prefix: str | None = None  # an S3 Inventory's: only keys that start with it
 
     @classmethod
     def of(cls, cfg: JobConfig) -> "RunPolicy":
         extensions = cfg.input.extensions
         return cls(cfg.input.uri, tuple(extensions) if extensions is not None else None, cfg.input.incremental,
-                   cfg.input.reprocess_errors)
+                   cfg.input.reprocess_errors, cfg.input.prefix)
 
     @property
     def listed(self) -> list[str] | None:
@@ -136,6 +137,11 @@ class RunOutput:
         return self.run.run_id
 
     @property
+    def prefixed(self) -> dict:
+        """What a run's records add for an inventory's input.prefix (`pipeline runs` lists as the job does)."""
+        return {"prefix": self.policy.prefix} if self.policy.prefix is not None else {}
+
+    @property
     def skips_done(self) -> bool:
         """Earlier runs' unchanged inputs count as done (an overwrite redoes every input)."""
         return self.policy.incremental and not self.output.overwrite
@@ -170,7 +176,7 @@ class RunOutput:
                 run_id=self.lease.run_id, job_key=identity.job_key, model_key=identity.model_key, started_at=now,
                 input=self.policy.input_uri, model=identity.model, weights=identity.weights,
                 pseudonyms=identity.pseudonyms, listing={"extensions": self.policy.listed,
-                                                         "skips_done": self.skips_done},
+                                                         "skips_done": self.skips_done, **self.prefixed},
                 model_config=identity.model_config))
         resumed = attempt_so_far(self.staging, run)  # before any chunk is rewritten below
         run.info.attempts.append(now)
@@ -214,7 +220,8 @@ class RunOutput:
         if overwrite and self.stats.rows == 0:
             print("note: the backfill found no inputs, so it replaces nothing; the earlier output stays", file=self.out)
             overwrite = False
-        record = run_record(info, self.table.name, self.policy.listed, self.stats, overwrite, progress)
+        record = {**run_record(info, self.table.name, self.policy.listed, self.stats, overwrite, progress),
+                  **self.prefixed}
         # The run's skip-set keys are kept as the commit reads its rows, so the next run need not hash them again.
         keys = KeysRecorder(self.storage, self.output.uri, run.run_id, fence=self.lease.check, split=split_done)
         committed = self.table.commit(Commit(

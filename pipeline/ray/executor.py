@@ -100,8 +100,11 @@ class RayRows:
 
 
 def ledger_failure(exc: BaseException, ledger) -> BaseException:
-    """One line for a job Ray gave up on: the ledger's reason, or a batch that lost its process too often."""
+    """One line for a job Ray gave up on: the ledger's reason, a JobFailed our own code raised in a task (the
+    listing's, pipeline/io/listing.ListingFailed) as it was raised, or a batch that lost its process too often."""
     reason = ray.get(ledger.failure.remote())
+    if reason is None and (ours := own_failure(exc)) is not None:
+        return ours
     if reason is None:
         lost = process_loss(exc)
         if lost is None:
@@ -110,6 +113,18 @@ def ledger_failure(exc: BaseException, ledger) -> BaseException:
                   f"inputs that kill a process explain")
     return JobFailed(f"{reason}; rows so far stay staged and rerunning the job resumes after them "
                      f"(Ray's logs: {session_logs()})")
+
+
+def own_failure(exc: BaseException) -> JobFailed | None:
+    """The JobFailed a task raised, unwrapped from Ray's error (whose text is a traceback), if that is the cause:
+    its own line only (Ray Data appends lines of retry advice to a task's exception)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, JobFailed) and not isinstance(exc, ray.exceptions.RayError):
+            return JobFailed((str(exc).splitlines() or [""])[0])
+        exc = getattr(exc, "cause", None) or exc.__cause__
+    return None
 
 
 def process_loss(exc: BaseException) -> str | None:

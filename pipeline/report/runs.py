@@ -8,8 +8,7 @@ from typing import TextIO
 
 import numpy as np
 
-from pipeline.io.manifest import is_manifest, read_manifest
-from pipeline.io.storage import extension
+from pipeline.io.listing import InputListing
 from pipeline.output.formats import OutputFormat
 from pipeline.output.history import KEY_DTYPE, History, KeySet, object_keys, table_keys
 from pipeline.output.lease import lease_status
@@ -127,7 +126,8 @@ def print_resume(table: OutputFormat, run: StagedRun, out: TextIO) -> None:
     listing = info.listing or {}  # absent from runs staged by earlier versions: the defaults then
     extensions = listing.get("extensions", InputConfig(uri=info.input).extensions)
     try:
-        plan = next_run(table, info.input, info.model_key, extensions, listing.get("skips_done", True), run.chunks)
+        plan = next_run(table, info.input, info.model_key, extensions, listing.get("skips_done", True), run.chunks,
+                        listing.get("prefix"))
     except Exception as exc:  # noqa: BLE001 - an input gone or denied since: say so, the history stands
         print(f"Rerunning its job: cannot list {info.input} ({type(exc).__name__}: {str(exc)[:200]}); check the "
               "input and credentials, or pass --no-listing", file=out)
@@ -147,7 +147,8 @@ def print_next_run(table: OutputFormat, latest: dict, out: TextIO) -> None:
         return
     try:
         plan = next_run(table, latest["input"], latest.get("model_key"),
-                        latest.get("extensions", InputConfig(uri=latest["input"]).extensions))
+                        latest.get("extensions", InputConfig(uri=latest["input"]).extensions),
+                        prefix=latest.get("prefix"))
     except Exception as exc:  # noqa: BLE001 - an input gone or denied since: say so, the history stands
         print(f"Next run: cannot list {latest['input']} ({type(exc).__name__}: {str(exc)[:200]}); check the "
               "input and credentials, or pass --no-listing", file=out)
@@ -159,21 +160,20 @@ def print_next_run(table: OutputFormat, latest: dict, out: TextIO) -> None:
 
 
 def next_run(table: OutputFormat, source: str, model_key: str | None, extensions: list[str] | None,
-             skips_done: bool = True, staged: list[str] | None = None) -> NextRun:
-    """Lists `source` as a run of that job would: inputs done by the live runs of `model_key` are unchanged (when
-    the job skips them), those in `staged` chunks are resumed, the rest are new or changed (a row of them exists)."""
+             skips_done: bool = True, staged: list[str] | None = None, prefix: str | None = None) -> NextRun:
+    """Lists `source` as a run of that job would (an inventory's newest delivery, its keys under `prefix`): inputs
+    done by the live runs of `model_key` are unchanged (when the job skips them), those in `staged` chunks are
+    resumed, the rest are new or changed (a row of them exists)."""
     runs = sorted(r["run_id"] for r in table.live() if r.get("model_key") == model_key)
     done = History(committed=table.rows(runs) if runs and skips_done else None,
                    committed_runs=runs, keys_at=table.uri).load(table.storage)
     resumed = History(staged_files=staged or []).load(table.storage)
     seen = KeySet(np.concatenate([table_keys(t, "uri") for rid in runs
                                   for t in run_rows(table, rid, ["uri"])] or [np.array([], KEY_DTYPE)]))
-    pages = read_manifest(source, table.storage) if is_manifest(source) else table.storage.list_pages(source)
+    listing = InputListing(source, table.storage, extensions, exclude=table.uri, prefix=prefix)
     plan = NextRun()
-    own = table.uri.rstrip("/") + "/"
-    for page in pages:
-        listed = [o for o in page if not o.uri.startswith(own)]
-        wanted = [o for o in listed if is_manifest(source) or extensions is None or extension(o.uri) in extensions]
+    for page in listing.pages():
+        listed, wanted = listing.select(page)
         plan.other_extension += len(listed) - len(wanted)
         todo = done.todo(wanted)
         plan.unchanged += len(wanted) - len(todo)
