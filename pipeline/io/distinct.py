@@ -75,6 +75,7 @@ class SeenKeys:
             run = self._runs.pop()
             self._main[at:at + len(run)] = run
             at += len(run)
+            del run  # freed before the sort, not held through it
         self._main.sort(kind="stable")
 
 
