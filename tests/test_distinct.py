@@ -3,8 +3,10 @@ within a call and across calls, through every merge (runs of very different size
 
 from __future__ import annotations
 
+import hashlib
 import random
 
+import numpy as np
 import pytest
 
 from pipeline.io import distinct
@@ -78,6 +80,19 @@ def test_the_main_array_grows_in_place_and_stays_sorted(monkeypatch):
         seen.first_seen([f"x{i}" for i in range(start, start + 1_000)])
         main = seen._main
         assert main.flags.owndata and (main[1:] > main[:-1]).all()
-        assert sum(len(run) for run in seen._runs) < max(distinct.FLOOR, len(main) // distinct.SPARE)
+        assert len(seen) - len(main) < max(distinct.FLOOR, len(main) // distinct.SPARE)
         del main  # resize refuses an array something else refers to
     assert len(seen) == 50_000
+
+
+@pytest.mark.unit
+def test_digests_sharing_their_first_half_are_told_apart(monkeypatch):
+    """The runs are searched by their digests' first 8 bytes; where those are equal, by the whole 16."""
+    def halved(keys: list[str]) -> np.ndarray:
+        tails = (hashlib.blake2b(k.encode(), digest_size=8).digest() for k in keys)
+        return np.frombuffer(b"".join(b"\x00" * 7 + b"\x01" + t for t in tails), dtype=distinct.DIGEST)
+
+    monkeypatch.setattr(distinct, "_digests", halved)
+    monkeypatch.setattr(distinct, "FLOOR", 50)
+    rng = random.Random(7)
+    check([[str(rng.randrange(2_000)) for _ in range(rng.randrange(30))] for _ in range(500)])
