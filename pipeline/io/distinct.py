@@ -21,7 +21,7 @@ import hashlib
 import numpy as np
 
 DIGEST = "S16"
-SPARE = 16  # the recent runs hold at most 1/SPARE of the main array: its merge's buffer, in bytes a key
+SPARE = 16  # the recent runs reach 1/SPARE of the main array, then merge into it: a buffer of ~16/SPARE bytes a key
 FLOOR = 4096  # below this many recent keys, no merge into the main array
 
 
