@@ -37,10 +37,10 @@ os.environ["TORCH_HOME"] = TORCH_HOME
 # A file named nowhere below is `e2e`, until it is listed as `unit`; in a unit file, a test on the session's Ray is
 # `e2e`, and a test may name its own lane (`@pytest.mark.kill`).
 LANES = {
-    "unit": ("test_cli_errors", "test_config", "test_decode", "test_dicom", "test_distinct", "test_faults_proxy", "test_folding",
-             "test_format_delta", "test_format_iceberg", "test_layout", "test_model", "test_odd_files",
-             "test_progress", "test_run",
-             "test_progress_bar", "test_report_truth", "test_run_keys", "test_sink", "test_storage"),
+    "unit": ("test_cli_errors", "test_config", "test_decode", "test_dicom", "test_distinct", "test_faults_proxy",
+             "test_folding", "test_format_delta", "test_format_iceberg", "test_layout", "test_model",
+             "test_odd_files", "test_progress", "test_run", "test_progress_bar", "test_report_truth",
+             "test_run_keys", "test_sink", "test_storage"),
     "cluster": ("test_autoscaling", "test_cluster", "test_submit"),
     "kill": ("test_crash", "test_incremental", "test_backfill_medical", "test_privacy", "test_faults",
              "test_least_privilege", "test_output", "test_privacy_spellings"),
