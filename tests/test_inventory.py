@@ -244,7 +244,8 @@ def test_a_data_file_failing_mid_run_ends_it_in_one_line_and_the_rerun_predicts_
     output = str(tmp_path / "out")
     job = ["run", spec_file(tmp_path, manifest.rsplit("/", 2)[0], output), "--executor", executor]
 
-    for damage in ("replaced", "glacier"):
+    # On Ray both failures take the same way out of the listing task: the second is tried on the local executor only.
+    for damage in ("replaced", "glacier") if executor == "local" else ("replaced",):
         if damage == "replaced":
             storage.write_bytes(second, storage.read_bytes(data_files(storage, manifest)[0]))
         else:
