@@ -8,23 +8,31 @@ from datetime import datetime, timezone
 from pipeline.output.formats import RECORD_KEY, RUN_ID_KEY, Commit, record_json
 from pipeline.output.iceberg.catalog import CatalogTable
 from pipeline.output.iceberg.checks import check_writable
+from pipeline.output.iceberg.runs import RunCopies
 from pipeline.output.iceberg.snapshots import committed_record
+from pipeline.output.iceberg.upkeep import after_commit
 from pipeline.output.iceberg.write import DataFileWriter, discard
 
 
 class IcebergCommitter:
     """Writes a run's data files, then adds them (or, for an overwrite, replaces every live file with them) in one
-    snapshot carrying the run's record; returns the run's record when the table already holds it."""
+    snapshot carrying the run's record, then keeps the table (`upkeep.after_commit`); returns the run's record
+    when the table already holds it, or held it (a copy in `_runs/`, its snapshot expired since)."""
 
-    def __init__(self, catalog_table: CatalogTable):
+    def __init__(self, catalog_table: CatalogTable, copies: RunCopies):
         self.catalog_table = catalog_table
+        self.copies = copies
 
     def commit(self, commit: Commit) -> dict:
         table = self.catalog_table.load()
         if table is not None:
             done = committed_record(table, commit.run_id)
             if done is not None:
+                after_commit(table, self.copies, commit.fence)  # what a driver killed after its commit left undone
                 return done
+            copy = self.copies.get(commit.run_id)
+            if copy is not None and copy.get("table_uuid") == str(table.metadata.table_uuid):
+                return {k: v for k, v in copy.items() if k != "table_uuid"} | {"files": []}
         else:
             table = self.catalog_table.create(commit.schema, commit.partitioning)
         check_writable(table, commit, self.catalog_table.identifier)
@@ -50,6 +58,7 @@ class IcebergCommitter:
             discard(table, data_files)  # the commit did not land: these files are ours alone
             raise
         snapshot = table.current_snapshot()
+        after_commit(table, self.copies, commit.fence)
         return {**record, "snapshot_id": snapshot.snapshot_id, "metadata_location": table.metadata_location,
                 "files": [{"path": f.file_path, "rows": f.record_count} for f in data_files]}
 
