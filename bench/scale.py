@@ -56,7 +56,7 @@ PIPELINE = [PYTHON, "-m", "pipeline"]
 DISTINCT = 2_000
 PER_FOLDER = 1_000
 FORMATS = ("parquet", "delta", "iceberg")
-METADATA_DIRS = ("_commits", "_delta_log", "metadata", "_catalog", "_runs")
+METADATA_DIRS = ("_commits", "_delta_log", "metadata", "_catalog", "_pipeline")
 
 
 def build(num_classes: int | None = None):
@@ -396,7 +396,7 @@ def footprint(output: Path, fmt: str) -> dict:
         sizes["metadata_json_files"] = len(metadata)
         sizes["manifest_lists"] = len(list(output.glob("metadata/snap-*.avro")))
         sizes["snapshots_in_metadata"] = len(json.loads(metadata[-1].read_text()).get("snapshots", []))
-        sizes["run_copies"] = len(list(output.glob("_runs/*.json")))
+        sizes["run_copies"] = len(list(output.glob("_pipeline/runs/*.json")))
     data = [p for p in output.rglob("*.parquet") if not any(d in METADATA_DIRS or d.startswith("_")
                                                             for d in p.relative_to(output).parts)]
     sizes["data_files"], sizes["data_bytes"] = len(data), sum(p.stat().st_size for p in data)

@@ -305,7 +305,8 @@ def test_snapshots_expire_as_the_table_says_and_every_run_stays_known(output):
     assert [c["run_id"] for c in output.live()] == runs
     assert all(c["model_key"] == "mk1" and c["mode"] == "append" for c in output.committed())
     assert table.scan().to_arrow().num_rows == 32  # expiry drops snapshots, never live rows
-    copies = sorted(o.uri.rsplit("/", 1)[1] for page in output.storage.list_pages(output.uri + "/_runs") for o in page)
+    copies = sorted(o.uri.rsplit("/", 1)[1] for page in output.storage.list_pages(output.uri + "/_pipeline/runs")
+                    for o in page)
     assert copies == [f"{r}.json" for r in runs]
 
     again = output.commit(make_commit(runs[3], [rows(runs[3], 2)]))  # a retry of a run whose snapshot is gone
@@ -320,7 +321,7 @@ def test_a_record_whose_copy_was_not_written_is_copied_before_its_snapshot_expir
     its record, then expires the snapshot, and the run stays known."""
     fmt = IcebergFormat(Storage.from_env(), str(tmp_path / "out"), None, TABLE, schema=SCHEMA)
     fmt.commit(make_commit(RUN1, [rows(RUN1, 2)]))
-    copy = tmp_path / "out" / "_runs" / f"{RUN1}.json"
+    copy = tmp_path / "out" / "_pipeline" / "runs" / f"{RUN1}.json"
     copy.unlink()  # as if killed before it was written
     assert [c["run_id"] for c in fmt.committed()] == [RUN1]
     set_properties(fmt, {**EXPIRE_AT_ONCE, "history.expire.min-snapshots-to-keep": "1"})
@@ -344,10 +345,10 @@ def test_a_rolled_back_run_or_another_tables_copy_is_not_a_run(tmp_path):
     set_properties(fmt, {**EXPIRE_AT_ONCE, "history.expire.min-snapshots-to-keep": "1"})
     fmt.commit(make_commit(RUN3, [rows(RUN3, 2, start=4)]))
     assert len(fmt.load().metadata.snapshots) == 1  # RUN1's and the rolled-back RUN2's expired
-    assert not (tmp_path / "out" / "_runs" / f"{RUN2}.json").exists()
+    assert not (tmp_path / "out" / "_pipeline" / "runs" / f"{RUN2}.json").exists()
     assert [c["run_id"] for c in fmt.live()] == [RUN1, RUN3]
 
-    stranger = tmp_path / "out" / "_runs" / f"{nth_run(50)}.json"
+    stranger = tmp_path / "out" / "_pipeline" / "runs" / f"{nth_run(50)}.json"
     stranger.write_text(json.dumps({"run_id": nth_run(50), "snapshot_id": 1, "table_uuid": "another",
                                     "mode": "overwrite", "committed_at": "2099-01-01T00:00:00+00:00"}))
     assert [c["run_id"] for c in fmt.committed()] == [RUN1, RUN3]

@@ -17,7 +17,7 @@ from pipeline.output.iceberg.write import DataFileWriter, discard
 class IcebergCommitter:
     """Writes a run's data files, then adds them (or, for an overwrite, replaces every live file with them) in one
     snapshot carrying the run's record, then keeps the table (`upkeep.after_commit`); returns the run's record
-    when the table already holds it, or held it (a copy in `_runs/`, its snapshot expired since)."""
+    when the table already holds it, or held it (a copy in `_pipeline/runs/`, its snapshot expired since)."""
 
     def __init__(self, catalog_table: CatalogTable, copies: RunCopies):
         self.catalog_table = catalog_table

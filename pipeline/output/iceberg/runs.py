@@ -1,5 +1,5 @@
-"""Run records kept beside an Iceberg table, `<table>/_runs/<run_id>.json`, so that a run stays known after its
-snapshot is expired (why, and what another engine's expiry does: docs/commit-protocol.md, "Table upkeep").
+"""Run records kept beside an Iceberg table, `<table>/_pipeline/runs/<run_id>.json`, so that a run stays known
+after its snapshot is expired (why, and what another engine's expiry does: docs/commit-protocol.md, "Table upkeep").
 
 A copy is the run's snapshot record (what `snapshots.record_of` reads from its summary) plus the table's uuid,
 written create-only once the snapshot is committed: every writer of a run's copy writes the same bytes, so a late
@@ -13,11 +13,11 @@ import posixpath
 
 from pipeline.io.storage import Storage, join
 
-RUNS = "_runs"
+RUNS = "_pipeline/runs"
 
 
 class RunCopies:
-    """The `_runs/` folder of the table at `uri`; copies read once are kept (they never change)."""
+    """The `_pipeline/runs/` folder of the table at `uri`; copies read once are kept (they never change)."""
 
     def __init__(self, storage: Storage, uri: str):
         self.storage = storage

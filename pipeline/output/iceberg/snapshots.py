@@ -1,6 +1,6 @@
 """What an Iceberg output's snapshots say: each run is one snapshot whose summary holds its record (see
-`pipeline/output/iceberg/__init__.py`); a run whose snapshot was expired is known by its copy in `_runs/`
-(`runs.py`), unless it was rolled back."""
+`pipeline/output/iceberg/__init__.py`); a run whose snapshot was expired is known by its copy in
+`_pipeline/runs/` (`runs.py`), unless it was rolled back."""
 
 from __future__ import annotations
 
