@@ -50,6 +50,9 @@ ROOT = os.path.dirname(BENCH)
 CODE = os.environ.get("SCALE_CODE", ROOT)
 sys.path.insert(0, CODE)
 sys.path.insert(0, BENCH)
+# Bound to CODE now: bench modules imported later (throughput.py by TreeWatch, formats.py by light_night) put the
+# checkout itself first on sys.path, and a package imported after that would be the working tree's.
+import pipeline  # noqa: E402,F401
 
 PYTHON = sys.executable
 PIPELINE = [PYTHON, "-m", "pipeline"]
