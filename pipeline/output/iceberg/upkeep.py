@@ -1,14 +1,15 @@
-"""After each run's commit: copy the run records that have no copy yet (`runs.py`), then expire the snapshots that
-Iceberg's own table properties say are old, so that metadata.json stays as small as a few snapshots make it
-(docs/commit-protocol.md, "Table upkeep"). Data files are not deleted: that is `remove_orphan_files`' job."""
+"""With each run's commit: the snapshots that Iceberg's own table properties say are old are expired in the run's
+own catalog commit (one metadata version a run, as before), after the records of the runs they hold are copied
+(`runs.py`), so that metadata.json stays as small as a few snapshots make it (docs/commit-protocol.md, "Table
+upkeep"). Data files are not deleted: that is `remove_orphan_files`' job."""
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
 
 from pyiceberg.table.refs import SnapshotRefType
+from pyiceberg.table.update.snapshot import ExpireSnapshots
 
 from pipeline.output.iceberg.runs import RunCopies
 from pipeline.output.iceberg.snapshots import ancestry, record_of, rolled_back
@@ -21,27 +22,42 @@ DEFAULT_MAX_SNAPSHOT_AGE_MS = 5 * 24 * 3600 * 1000  # Iceberg's defaults
 DEFAULT_MIN_SNAPSHOTS_TO_KEEP = 1
 
 
-def after_commit(table, copies: RunCopies, fence: Callable[[], None]) -> None:
-    """Best effort: the run is committed whatever happens here; what fails is retried after the next commit."""
+def stage_expiry(tx, table, copies: RunCopies) -> None:
+    """Stage into `tx` (the run's transaction on `table`, its snapshot staged) the expiry of the snapshots that
+    are old by the table's properties, once every record they hold has a copy. Best effort: whatever fails here,
+    the run commits, and the next run's commit expires them."""
     try:
-        keep_copies(table, copies)
-        expired = expirable(table.metadata, int(time.time() * 1000))
+        expired = expirable(tx.table_metadata, int(time.time() * 1000))
         if expired:
-            fence()  # an expiry is a visible write: not by a driver that lost the output's lease
+            keep_copies(table, copies)
             forget_rolled_back(table, copies, set(expired))
-            table.maintenance.expire_snapshots().by_ids(expired).commit()
-    except Exception as exc:  # noqa: BLE001 - a failed upkeep never fails a committed run
-        logger.warning("table upkeep after the commit did not finish (%s: %s); the next commit tries again",
-                       type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            ExpireSnapshots(transaction=tx).by_ids(expired).commit()  # staged: tx is not autocommitted
+    except Exception as exc:  # noqa: BLE001 - the run's commit never depends on its upkeep
+        warn("expired nothing", exc)
+
+
+def keep_own_copy(table, copies: RunCopies) -> None:
+    """After the run's commit: the copy of its record (best effort: the next commit copies what is missing)."""
+    try:
+        record = record_of(table.current_snapshot())
+        if record is not None:
+            copies.keep(record, str(table.metadata.table_uuid))
+    except Exception as exc:  # noqa: BLE001 - the run is committed; its snapshot holds the record
+        warn("did not copy the run's record", exc)
 
 
 def keep_copies(table, copies: RunCopies) -> None:
-    """A copy of every run record in the ancestry that has none (this run's, and any whose driver was killed
-    between its commit and its copy), before any snapshot can be expired."""
+    """A copy of every run record in the ancestry that has none (a driver killed between its commit and its
+    copy), before any snapshot can be expired."""
     have = copies.listed()
     for record in [r for s in ancestry(table) if (r := record_of(s)) is not None]:
         if record["run_id"] not in have:
             copies.keep(record, str(table.metadata.table_uuid))
+
+
+def warn(what: str, exc: BaseException) -> None:
+    logger.warning("Iceberg table upkeep %s (%s: %s); the next commit tries again", what, type(exc).__name__,
+                   str(exc).splitlines()[0] if str(exc) else "")
 
 
 def forget_rolled_back(table, copies: RunCopies, expired: set[int]) -> None:
