@@ -38,7 +38,7 @@ class RunCopies:
         try:
             self.storage.write_atomic(self.uri_of(record["run_id"]), lambda f: f.write(data), if_absent=True)
         except FileExistsError:
-            pass  # written before: by this run's commit, or by the upkeep after a later one
+            pass  # written before: after this run's commit, or by a later commit that found it missing
 
     def read(self, run_ids: set[str]) -> dict[str, dict]:
         """The copies of `run_ids` (each with its `table_uuid`), fetched together where not read before."""
