@@ -47,7 +47,7 @@ class IcebergCommitter:
                       "mode": "overwrite" if commit.overwrite else "append"}
             record.setdefault("committed_at", datetime.now(timezone.utc).isoformat(timespec="microseconds"))
             tx = _transaction(table, commit, data_files, {RUN_ID_KEY: commit.run_id, RECORD_KEY: record_json(record)})
-            stage_expiry(tx, table, self.copies)
+            stage_expiry(tx, table, self.copies, commit.fence)
             commit.fence()
         except BaseException:
             discard(table, data_files)

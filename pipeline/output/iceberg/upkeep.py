@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Callable
 
 from pyiceberg.table.refs import SnapshotRefType
 from pyiceberg.table.update.snapshot import ExpireSnapshots
@@ -22,7 +23,7 @@ DEFAULT_MAX_SNAPSHOT_AGE_MS = 5 * 24 * 3600 * 1000  # Iceberg's defaults
 DEFAULT_MIN_SNAPSHOTS_TO_KEEP = 1
 
 
-def stage_expiry(tx, table, copies: RunCopies) -> None:
+def stage_expiry(tx, table, copies: RunCopies, fence: Callable[[], None]) -> None:
     """Stage into `tx` (the run's transaction on `table`, its snapshot staged) the expiry of the snapshots that
     are old by the table's properties, once every record they hold has a copy. Best effort: whatever fails here,
     the run commits, and the next run's commit expires them."""
@@ -30,6 +31,7 @@ def stage_expiry(tx, table, copies: RunCopies) -> None:
         expired = expirable(tx.table_metadata, int(time.time() * 1000))
         if expired:
             keep_copies(table, copies)
+            fence()  # before the one delete: a driver that lost the output's lease deletes nothing
             forget_rolled_back(table, copies, set(expired))
             ExpireSnapshots(transaction=tx).by_ids(expired).commit()  # staged: tx is not autocommitted
     except Exception as exc:  # noqa: BLE001 - the run's commit never depends on its upkeep
