@@ -1,7 +1,7 @@
 """output.format: iceberg: committed runs' rows as an Apache Iceberg table, written by pyiceberg through a catalog.
 A run is ONE snapshot made by ONE catalog commit (a fast append, or one `overwrite` snapshot), its record in the
 snapshot summary and, once committed, in a copy beside the table (`_pipeline/runs/<run_id>.json`), so that
-snapshots can be expired after each commit as the table's `history.expire.*` properties say (`upkeep.py`); data
+snapshots can be expired with each commit as the table's `history.expire.*` properties say (`upkeep.py`); data
 files are named per attempt and invisible until a snapshot names them. Why it writes its own files, catalogs,
 metadata growth and what users schedule: docs/commit-protocol.md ("Delta and Iceberg, in detail", "Table
 upkeep")."""
