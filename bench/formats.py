@@ -34,7 +34,7 @@ from pipeline.job.rows import OUTPUT_SCHEMA  # noqa: E402
 IDENTITY = RunIdentity(job_key="bench", model_key="bench-model", model="resnet18", weights="IMAGENET1K_V1")
 MODIFIED = datetime(2026, 11, 1, tzinfo=timezone.utc)
 STAGE_ROWS = 2_000
-METADATA = ("_commits", "_delta_log", "metadata", "_catalog")
+METADATA = ("_commits", "_delta_log", "metadata", "_catalog", "_pipeline")
 
 
 def listed(start: int, n: int) -> list[ObjectInfo]:

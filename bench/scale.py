@@ -51,13 +51,16 @@ ROOT = os.path.dirname(BENCH)
 CODE = os.environ.get("SCALE_CODE", ROOT)
 sys.path.insert(0, CODE)
 sys.path.insert(0, BENCH)
+# Bound to CODE now: bench modules imported later (throughput.py by TreeWatch, formats.py by light_night) put the
+# checkout itself first on sys.path, and a package imported after that would be the working tree's.
+import pipeline  # noqa: E402,F401
 
 PYTHON = sys.executable
 PIPELINE = [PYTHON, "-m", "pipeline"]
 DISTINCT = 2_000
 PER_FOLDER = 1_000
 FORMATS = ("parquet", "delta", "iceberg")
-METADATA_DIRS = ("_commits", "_delta_log", "metadata", "_catalog")
+METADATA_DIRS = ("_commits", "_delta_log", "metadata", "_catalog", "_pipeline")
 
 
 def build(num_classes: int | None = None):
@@ -421,6 +424,7 @@ def footprint(output: Path, fmt: str) -> dict:
         sizes["metadata_json_files"] = len(metadata)
         sizes["manifest_lists"] = len(list(output.glob("metadata/snap-*.avro")))
         sizes["snapshots_in_metadata"] = len(json.loads(metadata[-1].read_text()).get("snapshots", []))
+        sizes["run_copies"] = len(list(output.glob("_pipeline/runs/*.json")))
     data = [p for p in output.rglob("*.parquet") if not any(d in METADATA_DIRS or d.startswith("_")
                                                             for d in p.relative_to(output).parts)]
     sizes["data_files"], sizes["data_bytes"] = len(data), sum(p.stat().st_size for p in data)
@@ -569,9 +573,10 @@ def machine() -> dict:
 # ---- nights ----------------------------------------------------------------------------------------------------
 
 def nights(base: int, count: int, data: Path, work: Path, results_path: Path, formats: list[str],
-           light: bool = False) -> None:
+           light: bool = False, keep_snapshots: int | None = None) -> None:
     """`count` nightly runs of 1% of `base` new inputs each on one table per format, after a first full run;
-    `light`: the nights not done yet through `light_night` instead of `pipeline run`."""
+    `light`: the nights not done yet through `light_night` instead of `pipeline run`; `keep_snapshots`: the
+    Iceberg table keeps that many (`keep_last`), as 5 days' default age keeps about 5 nightly runs."""
     src, folder, per_night = distinct_images(data), data / f"nights-{base}", base // 100
     done = json.loads(results_path.read_text()).get("nights", {}) if results_path.exists() else {}
     for fmt in formats:
@@ -591,6 +596,8 @@ def nights(base: int, count: int, data: Path, work: Path, results_path: Path, fo
                 run = pipeline_run(data, str(folder), output, fmt)
                 record = {k: run[k] for k in ("wall_s", "rss_mib", "inputs", "rows", "already_done", "first_row_s",
                                               "commit_s")}
+            if night == 0 and fmt == "iceberg" and keep_snapshots:
+                keep_last(output, keep_snapshots)
             record["footprint"] = footprint(output, fmt)
             if night % 10 == 0:
                 record["history"] = probe("history", str(output), fmt)
@@ -598,6 +605,14 @@ def nights(base: int, count: int, data: Path, work: Path, results_path: Path, fo
             save(results_path, "nights", {fmt: done[fmt]})
             print(f"night {night} {fmt}: rows {record['rows']}, commit {record['commit_s']} s, "
                   f"metadata {record['footprint']['metadata_bytes']:,} B", flush=True)
+
+
+def keep_last(output: Path, snapshots: int) -> None:
+    """Table properties that make the pipeline's expiry after each commit keep the last `snapshots` snapshots:
+    nights here are seconds apart, not days, so no age would stand for a night."""
+    table = table_of(str(output), "iceberg").load()
+    table.transaction().set_properties({"history.expire.max-snapshot-age-ms": "1",
+                                        "history.expire.min-snapshots-to-keep": str(snapshots)}).commit_transaction()
 
 
 def light_night(output: Path, fmt: str, folder: Path, start: int, n: int) -> dict:
@@ -783,6 +798,7 @@ def main() -> None:
     parser.add_argument("--nights", type=int, default=100)
     parser.add_argument("--night-formats", nargs="+", default=["delta", "iceberg"])
     parser.add_argument("--light", action="store_true", help="nights: without the CLI and the model (light_night)")
+    parser.add_argument("--keep-snapshots", type=int, help="nights: the Iceberg table keeps the last K snapshots")
     parser.add_argument("--data", default="/tmp/pipeline-scale")
     parser.add_argument("--results", default=os.path.join(BENCH, "results", f"scale-{date.today()}.json"))
     args = parser.parse_args()
@@ -829,7 +845,7 @@ def main() -> None:
                 print(f"{n:,} {fmt}: {result}", flush=True)
                 save(results, f"big-{os.environ['SCALE_COMMIT'][:7]}", {f"{n} {fmt}": result})
     elif args.command == "nights":
-        nights(args.base, args.nights, data, work, results, args.night_formats, args.light)
+        nights(args.base, args.nights, data, work, results, args.night_formats, args.light, args.keep_snapshots)
     else:
         fits(results)
 

@@ -241,6 +241,32 @@ def test_a_job_from_and_to_the_cloud(cloud, fmt, tmp_path, classifier_files):
         assert all(uris == sorted(expected) for uris in other_readers_uris(fmt, output))
 
 
+def test_iceberg_runs_outlive_their_expired_snapshots_in_the_cloud(cloud, tmp_path):
+    """The copies of run records beside an Iceberg table (create-only, listed, read back) through the cloud's own
+    store, as on S3 and locally: with every older snapshot expired, both runs are still committed."""
+    import pyarrow as pa
+
+    from pipeline.output.formats import Commit, Partitioning
+    from pipeline.output.iceberg import IcebergFormat
+
+    schema = pa.schema([pa.field("uri", pa.string()), pa.field("run_id", pa.string())])
+    catalog = {"type": "sql", "uri": f"sqlite:///{tmp_path}/c.db"}
+    output = IcebergFormat(Storage.from_env(), join(cloud, "preds"), catalog, "default.predictions", schema=schema)
+    runs = ["20240601T000000Z-00000001", "20240602T000000Z-00000002"]
+    for n, run in enumerate(runs):
+        rows = pa.table({"uri": [f"a{n}.png"], "run_id": [run]}, schema=schema)
+        output.commit(Commit(run_id=run, rows=lambda rows=rows: iter([rows]), schema=schema,
+                             record={"run_id": run, "model_key": "m", "committed_at": f"2024-06-0{n + 1}"},
+                             overwrite=False, partitioning=Partitioning(), rows_per_file=10, fence=lambda: None))
+        if n == 0:
+            expire_at_once = {"history.expire.max-snapshot-age-ms": "1"}
+            output.load().transaction().set_properties(expire_at_once).commit_transaction()
+    assert len(output.load().metadata.snapshots) == 1
+    assert [r["run_id"] for r in output.committed()] == runs
+    again = IcebergFormat(Storage.from_env(), join(cloud, "preds"), catalog, "default.predictions")
+    assert [r["model_key"] for r in again.live()] == ["m", "m"]
+
+
 @pytest.mark.parametrize("store", ["gcs", "azure"])
 def test_a_job_through_a_faulty_network_loses_and_duplicates_nothing(store, gcs_server, azurite_server, tmp_path):
     """Every request to the store (listing, reads, chunks, commit record, lease) through a proxy that answers 503,

@@ -312,6 +312,28 @@ def test_another_tools_overwrite_ends_the_live_runs(tmp_path):
     assert [r["run_id"] for r in fmt.live()] == [run_id(2)]
 
 
+
+def test_a_checkpoint_every_ten_commits_on_tables_the_pipeline_creates(tmp_path):
+    """A commit replays the JSON entries since the last checkpoint: at most 10 here (delta-rs's default is 100).
+    A table made otherwise keeps its own interval, even through the pipeline's overwrite."""
+    from deltalake import write_deltalake
+
+    fmt = DeltaFormat(Storage(), str(tmp_path / "table"))
+    for n in range(12):
+        fmt.commit(make_commit(run_id(n), [rows(run_id(n), [f"{n}.jpg"])]))
+    checkpoints = sorted(p.name.split(".")[0] for p in (tmp_path / "table" / "_delta_log").glob("*.checkpoint.parquet"))
+    assert [int(v) for v in checkpoints] == [9]  # after the 10th commit (versions count from 0)
+    fmt.commit(make_commit(run_id(12), [rows(run_id(12), ["x.jpg"])], overwrite=True))
+    assert DeltaTable(fmt.uri).metadata().configuration == {"delta.checkpointInterval": "10"}
+    assert len(fmt.committed()) == 13
+
+    theirs = str(tmp_path / "theirs")
+    write_deltalake(theirs, rows("theirs", ["a.jpg"]), configuration={"delta.checkpointInterval": "50"})
+    mine = DeltaFormat(Storage(), theirs)
+    mine.commit(make_commit(run_id(1), [rows(run_id(1), ["b.jpg"])]))
+    mine.commit(make_commit(run_id(2), [rows(run_id(2), ["c.jpg"])], overwrite=True))
+    assert DeltaTable(theirs).metadata().configuration == {"delta.checkpointInterval": "50"}
+
 # --- two commits racing for one version on S3 ------------------------------------------------------------------
 # An HTTP proxy in front of the moto server, in its own process (delta-rs holds the GIL in some calls, so a proxy
 # thread in this process could not answer them). The first time a client PUTs a Delta log entry, the proxy first

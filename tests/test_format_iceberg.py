@@ -3,6 +3,7 @@ on a local folder (embedded SQLite catalog) and on the moto S3 server (a SQLite 
 
 from __future__ import annotations
 
+import json
 import os
 from datetime import datetime, timezone
 
@@ -262,3 +263,111 @@ def test_a_missing_postgres_driver_is_one_line_naming_what_installs_it(tmp_path)
     message = str(caught.value)
     assert message.startswith("output.catalog: ") and "pipeline[iceberg-postgres]" in message
     assert "sql-postgres" not in message and "hunter2" not in message and "\n" not in message
+
+
+# --- upkeep: snapshots expired after each commit, run records kept beside the table ------------------------------
+
+EXPIRE_AT_ONCE = {"history.expire.max-snapshot-age-ms": "1", "history.expire.min-snapshots-to-keep": "2"}
+
+
+def nth_run(i: int) -> str:
+    return f"20240601T0000{i:02d}Z-{i:08x}"
+
+
+def set_properties(fmt: IcebergFormat, properties: dict[str, str]) -> None:
+    """As a user (or another engine) sets them: the table's own properties."""
+    fmt.load().transaction().set_properties(properties).commit_transaction()
+
+
+def metadata_bytes(fmt: IcebergFormat) -> int:
+    table = fmt.load()
+    return len(table.io.new_input(table.metadata_location).open().read())
+
+
+def test_snapshots_expire_as_the_table_says_and_every_run_stays_known(output):
+    """16 runs into a table that keeps 2 snapshots: metadata.json stays small (without expiry it grows by ~1 KB a
+    run), a tagged snapshot is kept, and every run is still committed and live, in order."""
+    runs = [nth_run(i) for i in range(16)]
+    first = output.commit(make_commit(runs[0], [rows(runs[0], 2)]))
+    output.load().manage_snapshots().create_tag(first["snapshot_id"], "first-night").commit()
+    set_properties(output, EXPIRE_AT_ONCE)
+    sizes = []
+    for i, run in enumerate(runs[1:], start=1):
+        output.commit(make_commit(run, [rows(run, 2, start=2 * i)]))
+        sizes.append(metadata_bytes(output))
+    # A run adds a metadata-log entry (~160 B, until previous-versions-max=20 are listed), not a snapshot (~1 KB).
+    assert all(later - earlier < 300 for earlier, later in zip(sizes[2:], sizes[3:])) and sizes[-1] < 9_000, sizes
+
+    table = output.load()
+    # One catalog commit a run, its expiry included: created (0), 16 runs, the tag and the properties.
+    assert table.metadata_location.rsplit("/", 1)[1].startswith("00018-")
+    kept = [s.snapshot_id for s in table.metadata.snapshots]
+    assert len(kept) == 3 and first["snapshot_id"] in kept  # the last two, and the tagged one
+    assert [c["run_id"] for c in output.committed()] == runs
+    assert [c["run_id"] for c in output.live()] == runs
+    assert all(c["model_key"] == "mk1" and c["mode"] == "append" for c in output.committed())
+    assert table.scan().to_arrow().num_rows == 32  # expiry drops snapshots, never live rows
+    copies = sorted(o.uri.rsplit("/", 1)[1] for page in output.storage.list_pages(output.uri + "/_pipeline/runs")
+                    for o in page)
+    assert copies == [f"{r}.json" for r in runs]
+
+    again = output.commit(make_commit(runs[3], [rows(runs[3], 2)]))  # a retry of a run whose snapshot is gone
+    assert again["snapshot_id"] not in kept and len(output.load().metadata.snapshots) == 3
+    overwrite = output.commit(make_commit(nth_run(40), [rows(nth_run(40), 1)], overwrite=True))
+    assert [c["run_id"] for c in output.live()] == [overwrite["run_id"]]
+    assert len(output.committed()) == 17
+
+
+def test_a_record_whose_copy_was_not_written_is_copied_before_its_snapshot_expires(tmp_path):
+    """A driver killed between the commit and the copy: the run is known by its snapshot; the next commit copies
+    its record, then expires the snapshot, and the run stays known."""
+    fmt = IcebergFormat(Storage.from_env(), str(tmp_path / "out"), None, TABLE, schema=SCHEMA)
+    fmt.commit(make_commit(RUN1, [rows(RUN1, 2)]))
+    copy = tmp_path / "out" / "_pipeline" / "runs" / f"{RUN1}.json"
+    copy.unlink()  # as if killed before it was written
+    assert [c["run_id"] for c in fmt.committed()] == [RUN1]
+    set_properties(fmt, {**EXPIRE_AT_ONCE, "history.expire.min-snapshots-to-keep": "1"})
+
+    fmt.commit(make_commit(RUN2, [rows(RUN2, 2, start=2)]))
+    assert copy.exists() and len(fmt.load().metadata.snapshots) == 1
+    assert [c["run_id"] for c in fmt.committed()] == [RUN1, RUN2]
+    assert fmt.committed()[0]["model_key"] == "mk1"
+
+
+def test_a_rolled_back_run_or_another_tables_copy_is_not_a_run(tmp_path):
+    """A run rolled back by another engine is not committed, before its snapshot expires and after; a copy left
+    by another table once at this location (another uuid) is not a run either."""
+    fmt = IcebergFormat(Storage.from_env(), str(tmp_path / "out"), None, TABLE, schema=SCHEMA)
+    first = fmt.commit(make_commit(RUN1, [rows(RUN1, 2)]))
+    fmt.commit(make_commit(RUN2, [rows(RUN2, 2, start=2)], overwrite=True))
+    fmt.load().manage_snapshots().rollback_to_snapshot(first["snapshot_id"]).commit()
+    assert [c["run_id"] for c in fmt.committed()] == [RUN1]  # RUN2's snapshot is kept, out of the ancestry
+    assert [c["run_id"] for c in fmt.live()] == [RUN1]
+
+    set_properties(fmt, {**EXPIRE_AT_ONCE, "history.expire.min-snapshots-to-keep": "1"})
+    fmt.commit(make_commit(RUN3, [rows(RUN3, 2, start=4)]))
+    assert len(fmt.load().metadata.snapshots) == 1  # RUN1's and the rolled-back RUN2's expired
+    assert not (tmp_path / "out" / "_pipeline" / "runs" / f"{RUN2}.json").exists()
+    assert [c["run_id"] for c in fmt.live()] == [RUN1, RUN3]
+
+    stranger = tmp_path / "out" / "_pipeline" / "runs" / f"{nth_run(50)}.json"
+    stranger.write_text(json.dumps({"run_id": nth_run(50), "snapshot_id": 1, "table_uuid": "another",
+                                    "mode": "overwrite", "committed_at": "2099-01-01T00:00:00+00:00"}))
+    assert [c["run_id"] for c in fmt.committed()] == [RUN1, RUN3]
+
+
+def test_nightly_runs_with_expiry_skip_every_earlier_runs_inputs(tmp_path):
+    """Through the output's front door, as a job runs: each night 5 new inputs of a growing listing; with every
+    older snapshot expired, the skip set still holds all earlier nights, so no input is predicted twice."""
+    from output_driver import run_once
+
+    output = str(tmp_path / "out")
+    assert run_once(output, "iceberg", 5)["processed"] == 5
+    set_properties(IcebergFormat(Storage.from_env(), output, None, TABLE), {
+        **EXPIRE_AT_ONCE, "history.expire.min-snapshots-to-keep": "1"})
+    for night in range(2, 7):
+        assert run_once(output, "iceberg", 5 * night)["processed"] == 5
+    fmt = IcebergFormat(Storage.from_env(), output, None, TABLE)
+    assert len(fmt.load().metadata.snapshots) == 1 and len(fmt.committed()) == 6
+    uris = fmt.load().scan(selected_fields=("uri",)).to_arrow()["uri"].to_pylist()
+    assert len(uris) == len(set(uris)) == 30

@@ -58,7 +58,7 @@ def run_line(record: dict, live: bool, output_format: str = "parquet") -> str:
 
 def print_time_travel(table: OutputFormat, committed: list[dict], out: TextIO) -> None:
     """How a reader opens a run's version: the README's time-travel SQL needs the version or snapshot id and,
-    for Iceberg, the current metadata file (its history holds every snapshot listed)."""
+    for Iceberg, the current metadata file (its history holds the snapshots not expired yet)."""
     last = committed[-1]
     if table.name == "delta":
         print(f"  time travel: delta_scan('{table.uri}', version => {last.get('version')}) reads the table as that "
@@ -67,7 +67,7 @@ def print_time_travel(table: OutputFormat, committed: list[dict], out: TextIO) -
         location = getattr(table, "metadata_location", None)
         print(f"  metadata file: {location}", file=out)
         print(f"  time travel: iceberg_scan('<metadata file>', snapshot_from_id => {last.get('snapshot_id')}) reads "
-              "the table as that run left it (any snapshot above)", file=out)
+              "the table as that run left it (any snapshot above that is not expired)", file=out)
 
 
 def _short(text: str, width: int) -> str:

@@ -9,7 +9,8 @@ import pyarrow as pa
 
 from pipeline.output.delta.checks import check_partitioning
 from pipeline.output.delta.log import DeltaHistory
-from pipeline.output.delta.table import RUN_DATE, DeltaLocation, app_id, delta_schema, partition_by, with_run_date_field
+from pipeline.output.delta.table import (RUN_DATE, TABLE_CONFIGURATION, DeltaLocation, app_id, delta_schema,
+                                         partition_by, with_run_date_field)
 from pipeline.output.formats import RECORD_KEY, RUN_ID_KEY, Commit, record_json
 from pipeline.job.errors import JobFailed
 
@@ -49,6 +50,7 @@ class DeltaCommitter:
                 write_deltalake(
                     self.location.uri, reader, mode=mode, schema_mode="overwrite" if commit.overwrite else None,
                     partition_by=partition_by(commit.partitioning) or None, storage_options=self.location.options,
+                    configuration=TABLE_CONFIGURATION if table is None else None,
                     commit_properties=CommitProperties(
                         custom_metadata={RUN_ID_KEY: commit.run_id, RECORD_KEY: record_json(record)},
                         app_transactions=[Transaction(app_id=app_id(commit.run_id), version=1)],

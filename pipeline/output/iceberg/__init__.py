@@ -1,8 +1,10 @@
 """output.format: iceberg: committed runs' rows as an Apache Iceberg table, written by pyiceberg through a catalog.
 A run is ONE snapshot made by ONE catalog commit (a fast append, or one `overwrite` snapshot), its record in the
-snapshot summary; data files are named per attempt and invisible until a snapshot names them. Why it writes its
-own files, catalogs, metadata growth and what users schedule: docs/commit-protocol.md ("Delta and Iceberg, in
-detail", "Table upkeep")."""
+snapshot summary and, once committed, in a copy beside the table (`_pipeline/runs/<run_id>.json`), so that
+snapshots can be expired with each commit as the table's `history.expire.*` properties say (`upkeep.py`); data
+files are named per attempt and invisible until a snapshot names them. Why it writes its own files, catalogs,
+metadata growth and what users schedule: docs/commit-protocol.md ("Delta and Iceberg, in detail", "Table
+upkeep")."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from pipeline.output.iceberg.catalog import DEFAULT_NAMESPACE, FSSPEC_IO, RUN_DA
 from pipeline.output.iceberg.checks import IcebergChecks, IcebergRecovery, schema_problem
 from pipeline.output.iceberg.commit import IcebergCommitter
 from pipeline.output.iceberg.rows import IcebergRows
+from pipeline.output.iceberg.runs import RunCopies
 from pipeline.output.iceberg.snapshots import IcebergSnapshots
 
 __all__ = ["DEFAULT_NAMESPACE", "FSSPEC_IO", "RUN_DATE", "TABLE_PROPERTIES", "IcebergFormat", "schema_problem"]
@@ -33,10 +36,11 @@ class IcebergFormat(OutputFormat):
         self.schema = schema
         self._catalog_config = dict(catalog) if catalog else None
         self._catalog_table = CatalogTable(storage, self.uri, catalog, table)
-        self._snapshots = IcebergSnapshots(self._catalog_table)
+        self._copies = RunCopies(storage, self.uri)
+        self._snapshots = IcebergSnapshots(self._catalog_table, self._copies)
         self._checks = IcebergChecks(self._catalog_table, schema, partitioning)
         self._recovery = IcebergRecovery(self._catalog_table, self._snapshots)
-        self._committer = IcebergCommitter(self._catalog_table)
+        self._committer = IcebergCommitter(self._catalog_table, self._copies)
 
     # --- catalog and table -----------------------------------------------------------------------------
     @property

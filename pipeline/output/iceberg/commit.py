@@ -8,23 +8,32 @@ from datetime import datetime, timezone
 from pipeline.output.formats import RECORD_KEY, RUN_ID_KEY, Commit, record_json
 from pipeline.output.iceberg.catalog import CatalogTable
 from pipeline.output.iceberg.checks import check_writable
+from pipeline.output.iceberg.runs import RunCopies
 from pipeline.output.iceberg.snapshots import committed_record
+from pipeline.output.iceberg.upkeep import keep_copies, keep_own_copy, stage_expiry, warn
 from pipeline.output.iceberg.write import DataFileWriter, discard
 
 
 class IcebergCommitter:
     """Writes a run's data files, then adds them (or, for an overwrite, replaces every live file with them) in one
-    snapshot carrying the run's record; returns the run's record when the table already holds it."""
+    snapshot carrying the run's record, expiring old snapshots in the same catalog commit (`upkeep`); returns the
+    run's record when the table already holds it, or held it (a copy in `_pipeline/runs/`, its snapshot expired
+    since)."""
 
-    def __init__(self, catalog_table: CatalogTable):
+    def __init__(self, catalog_table: CatalogTable, copies: RunCopies):
         self.catalog_table = catalog_table
+        self.copies = copies
 
     def commit(self, commit: Commit) -> dict:
         table = self.catalog_table.load()
         if table is not None:
             done = committed_record(table, commit.run_id)
             if done is not None:
+                _copy_what_is_missing(table, self.copies)  # a driver killed between its commit and its copy
                 return done
+            copy = self.copies.get(commit.run_id)
+            if copy is not None and copy.get("table_uuid") == str(table.metadata.table_uuid):
+                return {k: v for k, v in copy.items() if k != "table_uuid"} | {"files": []}
         else:
             table = self.catalog_table.create(commit.schema, commit.partitioning)
         check_writable(table, commit, self.catalog_table.identifier)
@@ -38,6 +47,7 @@ class IcebergCommitter:
                       "mode": "overwrite" if commit.overwrite else "append"}
             record.setdefault("committed_at", datetime.now(timezone.utc).isoformat(timespec="microseconds"))
             tx = _transaction(table, commit, data_files, {RUN_ID_KEY: commit.run_id, RECORD_KEY: record_json(record)})
+            stage_expiry(tx, table, self.copies, commit.fence)
             commit.fence()
         except BaseException:
             discard(table, data_files)
@@ -50,8 +60,16 @@ class IcebergCommitter:
             discard(table, data_files)  # the commit did not land: these files are ours alone
             raise
         snapshot = table.current_snapshot()
+        keep_own_copy(table, self.copies)
         return {**record, "snapshot_id": snapshot.snapshot_id, "metadata_location": table.metadata_location,
                 "files": [{"path": f.file_path, "rows": f.record_count} for f in data_files]}
+
+
+def _copy_what_is_missing(table, copies: RunCopies) -> None:
+    try:
+        keep_copies(table, copies)
+    except Exception as exc:  # noqa: BLE001 - the run is committed; its snapshot holds the record
+        warn("did not copy the runs' records", exc)
 
 
 def _transaction(table, commit: Commit, data_files: list, properties: dict[str, str]):
