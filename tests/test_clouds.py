@@ -302,3 +302,31 @@ def test_delta_on_gcs_is_refused_in_one_line(tmp_path):
     one_line(pipeline("run", "--input", str(tmp_path), "--output", "gs://some-bucket/table", "--format", "delta",
                       "--model", "counting_model:build"),
              "format delta cannot write to gs://")
+
+
+def test_manifests_in_the_cloud_are_read_through_its_store(cloud, tmp_path):
+    """A CSV manifest (relative entries, one a key with a space) and a Parquet one on gs:// or az://, each naming
+    photos there: `pipeline run` predicts each named photo once from the CSV; the Parquet one lists the same."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.io.listing import InputListing
+
+    storage = Storage.from_env()
+    expected = upload_photos(storage, join(cloud, "photos"))
+    named = sorted(expected)[:3]
+    storage.write_bytes(join(cloud, "photos/manifest.csv"),
+                        ("uri\n" + "".join(f"{u.rsplit('photos/', 1)[1]}\n" for u in named)).encode())
+    buffer = pa.BufferOutputStream()
+    pq.write_table(pa.table({"uri": named}), buffer)
+    storage.write_bytes(join(cloud, "lists/manifest.parquet"), buffer.getvalue().to_pybytes())
+
+    listed = [u for block in InputListing(join(cloud, "lists/manifest.parquet"), storage, None).blocks()
+              for u in block["uri"].to_pylist()]
+    assert sorted(listed) == named
+    output = str(tmp_path / "out")
+    done = pipeline("run", "--input", join(cloud, "photos/manifest.csv"), "--output", output,
+                    "--model", "counting_model:build", "--executor", "local")
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = pads.dataset(output, format="parquet").to_table(columns=["uri"])["uri"].to_pylist()
+    assert sorted(rows) == named

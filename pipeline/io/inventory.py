@@ -211,8 +211,7 @@ def data_batches(inventory: Inventory, file: DataFile, storage: Storage) -> Iter
 def verified(file: DataFile, storage: Storage) -> Iterator[IO[bytes]]:
     """The data file to parse: as stored when its manifest gives no MD5checksum; else fetched once into a local
     spool while it is hashed, and handed on only once it matches the manifest's size and checksum."""
-    fs, path = storage.fs(file.uri)
-    with fs.open(path, "rb") as f:
+    with storage.open_read(file.uri) as f:
         if file.md5 is None:
             yield f
             return

@@ -100,8 +100,7 @@ def check_first_batch(uri: str, storage: Storage, quote: bool = True) -> None:
 
 def manifest_columns(uri: str, storage: Storage) -> list[str]:
     """Column names of a manifest, read from its header only (for up-front validation)."""
-    fs, path = storage.fs(uri)
-    with fs.open(path, "rb") as f:
+    with storage.open_read(uri) as f:
         if uri.lower().endswith(".parquet"):
             return pq.ParquetFile(f).schema_arrow.names
         skip = SkippedLines(uri, quote=False, quiet=True)  # a bad line in the first block is the listing's to tell
@@ -110,8 +109,7 @@ def manifest_columns(uri: str, storage: Storage) -> list[str]:
 
 def raw_batches(uri: str, storage: Storage, skipped: "SkippedLines | None" = None) -> Iterator[pa.RecordBatch]:
     """The manifest's own columns of interest as stored (CSV: all text), before any cast."""
-    fs, path = storage.fs(uri)
-    with fs.open(path, "rb") as f:
+    with storage.open_read(uri) as f:
         if uri.lower().endswith(".parquet"):
             yield from _parquet_batches(f)
         else:

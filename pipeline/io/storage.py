@@ -15,7 +15,8 @@ import random
 import shutil
 import time
 import uuid
-from typing import Iterator
+from contextlib import contextmanager
+from typing import IO, Iterator
 
 import fsspec
 
@@ -56,6 +57,14 @@ class Storage(StoreClients):
             return cloud.read(uri)
         fs, path = self.fs(uri)
         return fs.cat_file(path)
+
+    @contextmanager
+    def open_read(self, uri: str) -> Iterator[IO[bytes]]:
+        """A seekable file to read `uri` through, whichever store holds it (pyarrow's GCS and Azure filesystems
+        open with `open_input_file`, fsspec's with `open`)."""
+        fs, path = self.fs(uri)
+        with (fs.open(path, "rb") if isinstance(fs, fsspec.AbstractFileSystem) else fs.open_input_file(path)) as f:
+            yield f
 
     def exists(self, uri: str) -> bool:
         if (cloud := self.cloud(uri)) is not None:
