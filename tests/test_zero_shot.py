@@ -32,7 +32,7 @@ PER_CLASS = 4
 @pytest.fixture(scope="module")
 def clip_model(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("tiny-clip")
-    config, checkpoint = tiny_clip.train(root, steps=1000)
+    config, checkpoint = tiny_clip.train(root)
     return {"config": config, "checkpoint": checkpoint}
 
 

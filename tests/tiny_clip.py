@@ -15,9 +15,10 @@ SHAPES = ("square", "circle", "triangle")
 CLASSES = [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
 CAPTIONS = ("a photo of a {}.", "a {}", "{}", "a picture of a {}.")
 POOL = 1200  # training pictures, drawn once
-CONFIG = {"embed_dim": 64,
-          "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 4, "head_width": 32},
-          "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+CONFIG = {"embed_dim": 64,  # image tokens averaged, not a class token: shapes are learnt in hundreds of steps
+          "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32,
+                         "pool_type": "avg"},
+          "text_cfg": {"context_length": 10, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
 
 
 def picture(colour: str, shape: str, seed: int, size: int = 32) -> Image.Image:
@@ -38,12 +39,12 @@ def picture(colour: str, shape: str, seed: int, size: int = 32) -> Image.Image:
     return image
 
 
-def train(folder: Path, steps: int = 1000, seed: int = 0) -> tuple[Path, Path]:
-    """(the model config JSON, the trained checkpoint) under `folder`. Trained on two threads whatever the machine:
-    the training is chaotic, and its float sums' order (the thread count) decides how well it ends (46 of 48
-    held-out pictures right on two threads, 16 on one)."""
+def train(folder: Path, steps: int = 800, seed: int = 0) -> tuple[Path, Path]:
+    """(the model config JSON, the trained checkpoint) under `folder`: AdamW with a one-cycle schedule and clipped
+    gradients, 45-48 of 48 held-out pictures right whatever the seed or thread count. Trained on one thread: its
+    steps are too small to gain from two, and two threads on a busy machine wait on each other (15 s against 230)."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     try:
         return _train(folder, steps, seed)
     finally:
@@ -60,26 +61,36 @@ def _train(folder: Path, steps: int, seed: int) -> tuple[Path, Path]:
     model, _, preprocess = open_clip.create_model_and_transforms(config.stem, pretrained=None)
     tokenizer = open_clip.get_tokenizer(config.stem)
     texts = tokenizer([c.format(name) for name in CLASSES for c in CAPTIONS])  # class-major
+    # Only the rows of the captions' tokens are trained (a dense 49,408-row table was a quarter of the time); sorted
+    # ids keep the end token each caption's largest, where the text tower pools.
+    used, texts = texts.unique(return_inverse=True)
+    vocabulary = model.token_embedding
+    model.token_embedding = torch.nn.Embedding.from_pretrained(vocabulary.weight[used].clone(), freeze=False)
     optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=3e-3, total_steps=steps, pct_start=0.1)
     rng = np.random.default_rng(seed)
     pool_classes = np.arange(POOL) % len(CLASSES)
     sizes = rng.choice([32, 40, 48, 64], POOL)  # drawn at several sizes, resized as a job resizes them
     pool = torch.stack([preprocess(picture(*CLASSES[c].split(), seed=seed * POOL + i, size=int(sizes[i])))
                         for i, c in enumerate(pool_classes)])
     model.train()
-    for step in range(steps):
+    for _ in range(steps):
         chosen = rng.integers(0, POOL, 64)
-        classes, images = pool_classes[chosen], pool[chosen]
-        image_features = model.encode_image(images, normalize=True)
+        image_features = model.encode_image(pool[chosen], normalize=True)
         text_features = model.encode_text(texts, normalize=True).view(len(CLASSES), len(CAPTIONS), -1)
         logits = model.logit_scale.exp() * torch.einsum("nd,kcd->nkc", image_features, text_features)
-        target = torch.as_tensor(classes).repeat_interleave(1)
+        target = torch.as_tensor(pool_classes[chosen])
         loss = sum(torch.nn.functional.cross_entropy(logits[:, :, c], target) for c in range(len(CAPTIONS)))
         optimiser.zero_grad()
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimiser.step()
+        schedule.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, 4.6)
+    with torch.no_grad():
+        vocabulary.weight[used] = model.token_embedding.weight
+    model.token_embedding = vocabulary
     checkpoint = folder / "tiny-shapes-clip.pt"
     torch.save(model.eval().state_dict(), checkpoint)
     return config, checkpoint
