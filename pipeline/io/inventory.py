@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from pipeline.io.storage import Storage
+from pipeline.io.storage import Storage, open_read
 from pipeline.io.uris import ObjectInfo, join
 from pipeline.job.rows import SOURCE_SCHEMA
 
@@ -211,7 +211,7 @@ def data_batches(inventory: Inventory, file: DataFile, storage: Storage) -> Iter
 def verified(file: DataFile, storage: Storage) -> Iterator[IO[bytes]]:
     """The data file to parse: as stored when its manifest gives no MD5checksum; else fetched once into a local
     spool while it is hashed, and handed on only once it matches the manifest's size and checksum."""
-    with storage.open_read(file.uri) as f:
+    with open_read(storage, file.uri) as f:
         if file.md5 is None:
             yield f
             return

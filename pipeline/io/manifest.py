@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from pipeline.io.distinct import SeenKeys
 from pipeline.io.inventory import is_inventory, read_inventory
-from pipeline.io.storage import ObjectInfo, Storage, is_remote
+from pipeline.io.storage import ObjectInfo, Storage, is_remote, open_read
 from pipeline.job.rows import SOURCE_SCHEMA
 
 logger = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def check_first_batch(uri: str, storage: Storage, quote: bool = True) -> None:
 
 def manifest_columns(uri: str, storage: Storage) -> list[str]:
     """Column names of a manifest, read from its header only (for up-front validation)."""
-    with storage.open_read(uri) as f:
+    with open_read(storage, uri) as f:
         if uri.lower().endswith(".parquet"):
             return pq.ParquetFile(f).schema_arrow.names
         skip = SkippedLines(uri, quote=False, quiet=True)  # a bad line in the first block is the listing's to tell
@@ -109,7 +109,7 @@ def manifest_columns(uri: str, storage: Storage) -> list[str]:
 
 def raw_batches(uri: str, storage: Storage, skipped: "SkippedLines | None" = None) -> Iterator[pa.RecordBatch]:
     """The manifest's own columns of interest as stored (CSV: all text), before any cast."""
-    with storage.open_read(uri) as f:
+    with open_read(storage, uri) as f:
         if uri.lower().endswith(".parquet"):
             yield from _parquet_batches(f)
         else:

@@ -58,14 +58,6 @@ class Storage(StoreClients):
         fs, path = self.fs(uri)
         return fs.cat_file(path)
 
-    @contextmanager
-    def open_read(self, uri: str) -> Iterator[IO[bytes]]:
-        """A seekable file to read `uri` through, whichever store holds it (pyarrow's GCS and Azure filesystems
-        open with `open_input_file`, fsspec's with `open`)."""
-        fs, path = self.fs(uri)
-        with (fs.open(path, "rb") if isinstance(fs, fsspec.AbstractFileSystem) else fs.open_input_file(path)) as f:
-            yield f
-
     def exists(self, uri: str) -> bool:
         if (cloud := self.cloud(uri)) is not None:
             return cloud.exists(uri)
@@ -153,6 +145,15 @@ class Storage(StoreClients):
             yield from cloud.list_pages(folder)
         else:
             yield from list_local(absolute(folder), quote_paths)
+
+
+@contextmanager
+def open_read(storage: Storage, uri: str) -> Iterator[IO[bytes]]:
+    """A seekable file to read `uri` through, whichever store holds it (pyarrow's GCS and Azure filesystems open
+    with `open_input_file`, fsspec's with `open`)."""
+    fs, path = storage.fs(uri)
+    with (fs.open(path, "rb") if isinstance(fs, fsspec.AbstractFileSystem) else fs.open_input_file(path)) as f:
+        yield f
 
 
 def _fetch_once(storage: Storage, uris: list[str]) -> list[bytes | Exception]:

@@ -216,13 +216,8 @@ class RunOutput:
         self.lease.check()
         run, info = self.run, self.run.info
         chunks = run.chunks + sink.written
-        overwrite = self.output.overwrite
-        if overwrite and self.stats.rows == 0:
-            print("note: the backfill found no inputs, so it replaces nothing; the earlier output stays", file=self.out)
-            overwrite = False
-        record = {**run_record(info, self.table.name, self.policy.listed, self.stats, overwrite, progress),
-                  **self.prefixed}
-        # The run's skip-set keys are kept as the commit reads its rows, so the next run need not hash them again.
+        overwrite = self.output.overwrite and replaces_something(self.stats, self.out)
+        record = run_record(info, self.table.name, self.policy.listed, self.stats, overwrite, progress) | self.prefixed
         keys = KeysRecorder(self.storage, self.output.uri, run.run_id, fence=self.lease.check, split=split_done)
         committed = self.table.commit(Commit(
             run_id=run.run_id,
@@ -238,6 +233,13 @@ class RunOutput:
 
     def write_summary(self, text: str) -> None:
         self.storage.write_bytes(join(self.output.uri, "_summary.json"), text.encode())
+
+
+def replaces_something(stats: RunStats, out) -> bool:
+    """Whether an overwrite has rows to replace the output with; a backfill that found none replaces nothing."""
+    if stats.rows == 0:
+        print("note: the backfill found no inputs, so it replaces nothing; the earlier output stays", file=out)
+    return stats.rows > 0
 
 
 def staged_rows(staging: Staging, chunks: list[str], run_id: str, staged: int) -> Iterator[pa.Table]:
