@@ -73,3 +73,30 @@ def test_an_overwrite_drops_the_keys_of_the_runs_it_replaced(fmt, tmp_path):
     replacing = run(output, fmt, 10, overwrite=True)
     assert [index.parent.name for index in kept(output)] == [f"{replacing['run_id']}-10"]
     assert run(output, fmt, 12)["processed"] == 2
+
+
+@pytest.mark.e2e
+def test_through_the_cli_on_s3_kept_keys_or_none_the_rerun_predicts_nothing(storage, bucket):
+    """`pipeline run` twice on the S3 server: the first run keeps its keys under the output; with them deleted, the
+    rerun hashes the table's rows instead and still finds every input unchanged."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import encode, photo
+
+    for i in range(6):
+        storage.s3_client.put_object(Bucket=bucket, Key=f"in/img {i}.png", Body=encode(photo(seed=i), "PNG"))
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+    output = f"s3://{bucket}/out"
+    command = [sys.executable, "-m", "pipeline", "run", "--input", f"s3://{bucket}/in/", "--output", output,
+               "--model", "counting_model:build", "--executor", "local"]
+    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout + first.stderr
+    kept = storage.s3_client.list_objects_v2(Bucket=bucket, Prefix=f"out/{KEYS_FOLDER}/")["Contents"]
+    assert any(o["Key"].endswith("-6/index.json") for o in kept)
+    storage.delete([f"s3://{bucket}/{o['Key']}" for o in kept])
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "inputs      0" in again.stdout and "unchanged   6" in again.stdout, again.stdout
