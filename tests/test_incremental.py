@@ -19,11 +19,10 @@ import pytest
 from conftest import encode, photo
 from pipeline.io.storage import Storage
 from pipeline.output.lease import Holder, OutputLease, _machine
-from pipeline.ray.executor import run_on_ray
+from pipeline.local.executor import run_locally
 from pipeline.job.errors import UserError
 from test_pipeline import job, put_objects
 
-pytestmark = pytest.mark.usefixtures("ray_session")
 
 
 def images(*seeds: int) -> dict[str, bytes]:
@@ -42,7 +41,7 @@ def test_nightly_runs_process_only_new_changed_and_failed_inputs(tmp_path, stora
     put_objects(storage, bucket, "in/", images(0, 1, 2, 3, 4, 5))
     output = str(tmp_path / "out")
     cfg = job(classifier_files, f"s3://{bucket}/in/", output, output={"partitioning": "run_date"})
-    first = run_on_ray(cfg, out=io.StringIO())
+    first = run_locally(cfg, out=io.StringIO())
     assert first.inputs == 6 and first.committed_rows == 6
 
     # Between nights: two new objects, one changed, one deleted; one new object too big for tonight's limit.
@@ -50,20 +49,20 @@ def test_nightly_runs_process_only_new_changed_and_failed_inputs(tmp_path, stora
                                          "big.png": encode(photo(400, 300, seed=8), "PNG")})
     storage.s3_client.delete_object(Bucket=bucket, Key="in/img02.jpg")
     cfg.input.max_file_bytes = 100_000
-    second = run_on_ray(cfg, out=io.StringIO())
+    second = run_locally(cfg, out=io.StringIO())
     assert second.inputs == 4 and second.already_done == 4 and second.errors == 1
     assert rows_by_run(output)[second.run_id] == ["big.png", "img01.jpg", "img06.jpg", "img07.jpg"]
 
     # Nothing changed: nothing to do, and the failed row is not retried unless asked.
-    assert run_on_ray(cfg, out=io.StringIO()).inputs == 0
+    assert run_locally(cfg, out=io.StringIO()).inputs == 0
     cfg.input.max_file_bytes = 10_000_000
     cfg.input.reprocess_errors = True
-    retried = run_on_ray(cfg, out=io.StringIO())
+    retried = run_locally(cfg, out=io.StringIO())
     assert retried.inputs == 1 and retried.errors == 0
     assert rows_by_run(output)[retried.run_id] == ["big.png"]
 
     cfg.input.reprocess_errors, cfg.input.incremental = False, False  # --full
-    assert run_on_ray(cfg, out=io.StringIO()).inputs == 8
+    assert run_locally(cfg, out=io.StringIO()).inputs == 8
 
     # Date partitions that readers understand, and one commit record per run that did work or not.
     dataset = pads.dataset(output, format="parquet", partitioning="hive")
@@ -83,7 +82,7 @@ def test_a_second_run_on_a_locked_local_output_refuses(tmp_path, classifier_file
     cfg = job(classifier_files, str(tmp_path), output)
     with OutputLease.for_output(Storage(), output, "20261124T000000Z-0000abcd"):
         with pytest.raises(UserError, match=r"is in use by run 20261124T000000Z-0000abcd \(host .*pid"):
-            run_on_ray(cfg, out=io.StringIO())
+            run_locally(cfg, out=io.StringIO())
 
 
 def test_s3_lease_refuses_a_live_holder_and_takes_over_a_dead_one(storage, bucket, monkeypatch):
@@ -149,8 +148,8 @@ def test_an_output_inside_the_input_folder_is_never_an_input(tmp_path, classifie
     for name, data in images(0, 1).items():
         (folder / name).write_bytes(data)
     cfg = job(classifier_files, str(folder), str(folder / "predictions"), input={"extensions": None})
-    assert run_on_ray(cfg, out=io.StringIO()).inputs == 2
-    again = run_on_ray(cfg, out=io.StringIO())  # our parquet, commit record and lock file are not new inputs
+    assert run_locally(cfg, out=io.StringIO()).inputs == 2
+    again = run_locally(cfg, out=io.StringIO())  # our parquet, commit record and lock file are not new inputs
     assert again.inputs == 0 and again.already_done == 2
 
 

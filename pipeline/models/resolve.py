@@ -15,7 +15,6 @@ import inspect
 import io
 
 import torch
-import torchvision
 from torch import nn
 
 from pipeline.decode.image import Preprocess
@@ -43,17 +42,29 @@ def source_module(source: str):
     return importlib.import_module(f"pipeline.models.sources.{source}")
 
 
+def _torchvision():
+    """torchvision, imported only for its own architectures: its import (~1 s of CPU, torch._dynamo among it) is
+    paid by every model process, and a custom, ONNX or Hugging Face model never needs it."""
+    import torchvision
+
+    return torchvision
+
+
 def classification_models() -> list[str]:
+    torchvision = _torchvision()
     return torchvision.models.list_models(module=torchvision.models)
 
 
 def detection_models() -> list[str]:
+    torchvision = _torchvision()
     return torchvision.models.list_models(module=torchvision.models.detection)
 
 
 def resolve_task(task: str, name: str) -> str:
     if task != "auto":
         return task
+    if ":" in name:  # module:build_fn, never one of torchvision's detectors
+        return "classification"
     return "detection" if name in detection_models() else "classification"
 
 
@@ -155,6 +166,7 @@ def build_model(spec: ModelSpec, storage: Storage) -> nn.Module:
 
 def _instantiate(spec: ModelSpec, state_dict: dict | None) -> nn.Module:
     num_classes = len(spec.labels) or None
+    torchvision = None if ":" in spec.name else _torchvision()
     if ":" in spec.name:
         model = _build_custom(spec.name, num_classes)
     elif spec.weights_name:
@@ -260,6 +272,7 @@ def _torchvision_weights(name: str, weights: str, is_custom: bool):
     if is_custom:
         raise UserError(f"model.weights: '{weights}' is a torchvision weights name, but a custom model needs "
                         "a checkpoint file (a local path, or s3://, gs:// or az://)")
+    torchvision = _torchvision()
     try:
         if "." in weights:
             return torchvision.models.get_weight(weights)

@@ -142,12 +142,16 @@ def waiting_for(request: ActorRequest, view: ClusterView) -> str | None:
 
 
 class ClusterWatch:
-    """Polls the cluster's nodes while the job runs: what it waits for, and the nodes that left (and why)."""
+    """Polls the cluster's nodes while the job runs: what it waits for, and the nodes that left (and why).
 
-    def __init__(self, request: ActorRequest, node_types: list[NodeType]):
+    A node left during the run when it is dead now and was not dead when the watch began: polls a few seconds apart
+    can miss a node's whole life (a spot node added and reclaimed between two of them), the GCS's dead-node record
+    does not."""
+
+    def __init__(self, request: ActorRequest, node_types: list[NodeType], nodes: list[dict]):
         self.request = request
         self.node_types = node_types
-        self.seen: set[str] = set()
+        self.dead_before = {n["NodeID"] for n in nodes if not n.get("Alive")}
         self.left: dict[str, str] = {}  # node id -> why it left
         self._lock = threading.Lock()
 
@@ -159,13 +163,12 @@ class ClusterWatch:
             nodes = ray.nodes()
         except Exception:  # noqa: BLE001 - a GCS hiccup costs one progress line, never the job
             return None
-        alive = [n for n in nodes if n.get("Alive")]
         with self._lock:
-            self.seen.update(n["NodeID"] for n in alive)
             for n in nodes:
-                if not n.get("Alive") and n["NodeID"] in self.seen and n["NodeID"] not in self.left:
+                if not n.get("Alive") and n["NodeID"] not in self.dead_before and n["NodeID"] not in self.left:
                     self.left[n["NodeID"]] = DEATH_REASONS.get(n.get("DeathReason", 0), "lost")
-        return waiting_for(self.request, ClusterView([n["Resources"] for n in alive], self.node_types))
+        alive = [n["Resources"] for n in nodes if n.get("Alive")]
+        return waiting_for(self.request, ClusterView(alive, self.node_types))
 
     def nodes_left(self) -> dict[str, int]:
         with self._lock:

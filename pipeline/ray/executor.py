@@ -54,7 +54,7 @@ class RayExecutor:
     def pool(self, compute: ComputeConfig) -> PoolPlan:
         cluster = read_cluster()
         pool, request = plan_pool(compute, cluster)
-        self.watch = ClusterWatch(request, cluster.node_types)
+        self.watch = ClusterWatch(request, cluster.node_types, ray.nodes())
         return pool
 
     def run(self, plan: StagePlan, output_uri: str) -> "RayRows":
