@@ -1,5 +1,6 @@
 """Command line: `pipeline run [JOB.yaml] [--flags]` (on this machine, or on Ray), `pipeline submit JOB.yaml
---address URL`, `pipeline report OUTPUT`, `pipeline runs OUTPUT` and `pipeline demo`.
+--address URL`, `pipeline report OUTPUT [--truth]`, `pipeline runs OUTPUT`, `pipeline truth import OUTPUT FILE`
+and `pipeline demo`.
 
 A problem the user can fix (UserError) is one line on stderr and exit code 2; a job that stopped itself
 on its error-rate threshold exits 1 after printing what it did.
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--against", metavar="RUN_ID", help="compare with this earlier run: inputs whose label changed")
     report.add_argument("-o", "--out", metavar="FILE.html", help="where to write the page (default: "
                                                                   "report-<run id>.html here)")
+    report.add_argument("--truth", action="store_true", help="score the runs against `pipeline truth import`'s answers")
 
     runs = commands.add_parser("runs", help="an output's history: committed runs, a run in progress or "
                                             "interrupted, and what the next run would do (no Ray)")
@@ -55,9 +57,23 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--limit", type=int, default=20, help="how many images (default 20)")
     search.add_argument("-o", "--out", metavar="FILE.html", help="also write a page with their thumbnails")
 
+    add_truth_parser(commands)
     demo = commands.add_parser("demo", help="train a digits CNN, serve images from a local S3, run a job")
     demo.add_argument("--keep", metavar="DIR", help="also copy the Parquet output to this local folder")
     return parser
+
+
+def add_truth_parser(commands) -> None:
+    """`pipeline truth import OUTPUT FILE`: reviewers' answers into the output's truth table."""
+    truth = commands.add_parser("truth", help="reviewers' answers, the ground truth beside an output")
+    answers = truth.add_subparsers(dest="truth_command", required=True).add_parser(
+        "import", help="append a file of answers to the output's truth table (<output>_truth)")
+    add_output_flags(answers)
+    answers.add_argument("file", help="Label Studio JSON export, COCO JSON, CVAT for images 1.1 XML, or a CSV of "
+                                      "uri,label; local or s3://")
+    answers.add_argument("--from", dest="source", metavar="label-studio|coco|cvat|csv",
+                         help="the file's format (default: told from its content)")
+    answers.add_argument("--reviewer", help="who answered, where the file does not say (COCO, CVAT, CSV)")
 
 
 def add_job_flags(run: argparse.ArgumentParser) -> None:
@@ -110,6 +126,8 @@ def main(argv: list[str] | None = None, own_streams: bool = False) -> int:
             return _report(args) if args.command == "report" else _runs(args)
         if args.command == "search":
             return _search(args)
+        if args.command == "truth":
+            return _truth_import(args)
         from pipeline.dev.demo import run_demo
         return run_demo(keep=args.keep, own_streams=own_streams)
     except UserError as exc:
@@ -161,26 +179,62 @@ def _submit(args: argparse.Namespace) -> int:
     return submit(args.spec, _overrides(args), args.address, sys.stdout, wait=not args.no_wait)
 
 
+def _catalog(args: argparse.Namespace) -> dict[str, str] | None:
+    if not args.catalog:
+        return None
+    pairs = [item.partition("=") for item in args.catalog]
+    if any(not key or not sep for key, sep, _ in pairs):
+        raise UserError("--catalog: give each catalog property as KEY=VALUE, e.g. --catalog type=sql")
+    return {key: value for key, _, value in pairs}
+
+
 def _open_output(args: argparse.Namespace):
     from pipeline.report.outputs import open_output_for_reading
     from pipeline.io.storage import Storage
 
-    catalog = None
-    if args.catalog:
-        pairs = [item.partition("=") for item in args.catalog]
-        if any(not key or not sep for key, sep, _ in pairs):
-            raise UserError("--catalog: give each catalog property as KEY=VALUE, e.g. --catalog type=sql")
-        catalog = {key: value for key, _, value in pairs}
-    return open_output_for_reading(Storage.from_env(), args.output, catalog, args.table)
+    return open_output_for_reading(Storage.from_env(), args.output, _catalog(args), args.table)
 
 
 def _report(args: argparse.Namespace) -> int:
     from pipeline.report import build_report
 
-    run_id, html = build_report(_open_output(args), args.run, args.against)
+    table, scores = _open_output(args), None
+    if args.truth:
+        scores = _scores(args, table)
+    run_id, html = build_report(table, args.run, args.against, scores)
     path = args.out or f"report-{run_id}.html"
     _write_page(path, html, "report")
     print(f"Report on run {run_id} written to {path} ({len(html.encode()) / 1e6:.1f} MB)")
+    if scores is not None:
+        from pipeline.report.scores import lines
+
+        print("\n".join(lines(scores)))
+    return 0
+
+
+def _scores(args: argparse.Namespace, table):
+    """The live runs scored against the output's truth table (the reported run and --against compared)."""
+    from pipeline.report.outputs import find_run
+    from pipeline.report.scores import score_runs
+    from pipeline.review.truth import read_truth
+
+    run_id = find_run(table, args.run)["run_id"]
+    against = find_run(table, args.against, flag="--against")["run_id"] if args.against else None
+    truth = read_truth(table.storage, args.output, _catalog(args), args.table)
+    return score_runs(table, truth, run_id, against)
+
+
+def _truth_import(args: argparse.Namespace) -> int:
+    from pipeline.io.storage import Storage
+    from pipeline.review.truth import import_truth
+
+    done = import_truth(Storage.from_env(), args.output, args.file, args.source, args.reviewer, _catalog(args),
+                        args.table)
+    print(f"Imported {done.answers:,} answer(s) ({done.source}) from {args.file} into {done.table_uri} (import "
+          f"{done.import_id})" + (f"; {done.unanswered:,} item(s) without an answer skipped" if done.unanswered
+                                  else ""))
+    if done.unknown:
+        print(f"{done.unknown:,} of {done.answers:,} answers name inputs the output does not have")
     return 0
 
 

@@ -11,15 +11,19 @@ from pipeline.output.formats import OutputFormat
 from pipeline.report import charts
 from pipeline.report.facts import COLUMNS, Changes, RunFacts, Sample, compare, gather
 from pipeline.report.outputs import find_run, run_rows
+from pipeline.report.scores import TruthScores, headline, versus_line
 from pipeline.report.thumbnails import thumbnails
 
 SHEET_LABELS = 12  # labels on the contact sheet and in the score chart; the bar chart shows LABEL_BARS
 LABEL_BARS = 25
 CHANGE_PAIRS = 20
+CONFUSION_LABELS = 15  # labels a confusion matrix shows by name; the rest are "(other)"
 
 
-def build_report(table: OutputFormat, run_id: str | None = None, against: str | None = None) -> tuple[str, str]:
-    """(the run id reported, the page's HTML): the report on `run_id`, the latest committed run by default."""
+def build_report(table: OutputFormat, run_id: str | None = None, against: str | None = None,
+                 scores: TruthScores | None = None) -> tuple[str, str]:
+    """(the run id reported, the page's HTML): the report on `run_id`, the latest committed run by default;
+    `scores` (pipeline/report/scores.py) adds the runs scored against reviewers' answers."""
     from jinja2 import Environment, PackageLoader, select_autoescape
 
     record = find_run(table, run_id)
@@ -31,7 +35,9 @@ def build_report(table: OutputFormat, run_id: str | None = None, against: str | 
         changes = (earlier["run_id"], compare(run_rows(table, earlier["run_id"], columns),
                                               run_rows(table, record["run_id"], columns)))
     env = Environment(loader=PackageLoader("pipeline", "report"), autoescape=select_autoescape(["j2", "html"]))
-    return record["run_id"], env.get_template("report.html.j2").render(**page(table, record, facts, changes))
+    shown = page(table, record, facts, changes)
+    shown["truth"] = truth_section(scores) if scores is not None else None
+    return record["run_id"], env.get_template("report.html.j2").render(**shown)
 
 
 def page(table: OutputFormat, record: dict, facts: RunFacts, changes: tuple[str, Changes] | None) -> dict:
@@ -153,6 +159,40 @@ def against_section(changes: tuple[str, Changes], thumbs) -> dict:
             "pairs": [(old, new, f"{n:,}") for (old, new), n in c.top_pairs(CHANGE_PAIRS)],
             "sheet": [{"label": f"{old} → {new}", "count": f"{n:,}", "thumbs": thumbs(c.samples.items(f"{old} → {new}"))}
                       for (old, new), n in c.top_pairs(6)]}
+
+
+def truth_section(scores: TruthScores) -> dict:
+    """Each live run against the answers: its figure, per-label precision and recall (a detector: AP@0.5) with
+    the inputs each rests on, and a classifier's confusion matrix; the comparison of two runs."""
+    runs = []
+    for run in scores.runs:
+        shown = {"run_id": run.run_id, "model": run.model, "task": run.task, "headline": headline(run)}
+        if run.reviewed and run.task == "detection":
+            shown["ap"] = [(label, "–" if ap is None else f"{ap:.3f}", f"{n:,}")
+                           for label, (ap, n) in sorted(run.ap50.items(), key=lambda item: -item[1][1])]
+        elif run.reviewed:
+            per_label = run.per_label()
+            shown["labels"] = [(label, _percent(p), f"{n_pred:,}", _percent(r), f"{n_true:,}")
+                               for label, p, n_pred, r, n_true in per_label]
+            shown["confusion"] = confusion(run, [label for label, *_ in per_label])
+        runs.append(shown)
+    return {"reviewed": f"{scores.reviewed:,}", "unpredicted": scores.unpredicted, "runs": runs,
+            "versus": versus_line(scores.versus) if scores.versus is not None else None}
+
+
+def confusion(run, labels: list[str]) -> dict:
+    """The confusion matrix (answer by row, prediction by column) of the most answered labels, the rest as one."""
+    named = labels[:CONFUSION_LABELS]
+    other = "(other)" if len(labels) > CONFUSION_LABELS else None
+    columns = named + ([other] if other else [])
+    cells = {(t if t in named else other, p if p in named else other): 0 for t in columns for p in columns}
+    for (t, p), n in run.confusion.items():
+        cells[(t if t in named else other, p if p in named else other)] += n
+    return {"columns": columns, "rows": [(t, [cells[(t, p)] for p in columns]) for t in columns]}
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1%}"
 
 
 def _share(part: int, whole: int) -> str:
