@@ -350,6 +350,11 @@ def test_truth_import_and_report_through_the_command_in_process(tmp_path, capsys
     assert "accuracy 60.0% on 5 reviewed inputs (3 right)" in printed  # predictions: dog cat dog cat dog
     page = (tmp_path / "r.html").read_text()
     assert 'id="truth"' in page and "<th>answer \\ prediction</th>" in page
+    first = printed.split("Report on run ")[1].split()[0]
+    second = run_once(output, "parquet", 5, changed=3, storage=Storage.from_env())["run_id"]  # redoes 3 inputs
+    assert main(["report", output, "--truth", "--against", first, "-o", str(tmp_path / "r2.html")]) == 0
+    assert (f"run {second} against {first}, on the 3 reviewed inputs both predicted: accuracy 66.7% vs 66.7%; "
+            f"right only in {second}: 0, right only in {first}: 0") in capsys.readouterr().out
     (tmp_path / "bad.json").write_text("{not json")
     for args, says in [([str(tmp_path / "bad.json")], "not valid JSON"),
                        ([str(tmp_path / "none.csv")], "no such file"),
@@ -362,3 +367,37 @@ def test_truth_import_and_report_through_the_command_in_process(tmp_path, capsys
     run_once(empty, "parquet", 2, storage=Storage.from_env())
     assert main(["report", empty, "--truth", "-o", str(tmp_path / "e.html")]) == 2
     assert "no reviewed answers at" in capsys.readouterr().err
+
+
+def detection_output(output: str, detections: dict[str, list[dict]]) -> None:
+    """A committed detection run with these boxes, written through the output's own front door (no model)."""
+    import pyarrow as pa
+    from output_driver import IDENTITY, MODIFIED, job
+    from pipeline.job.rows import output_schema
+    from pipeline.output import RunPolicy, open_output
+
+    cfg, storage, schema = job(output, "parquet"), Storage.from_env(), output_schema("detection")
+    with open_output(cfg.output, RunPolicy.of(cfg), storage, IDENTITY, schema, io.StringIO()) as side:
+        sink = side.sink({"model": "boxes", "weights": "sha256:0", "run_id": side.run_id}, checkpoint_rows=10)
+        sink.add(pa.table({"uri": list(detections), "etag": ["e"] * len(detections), "size": [1] * len(detections),
+                           "last_modified": [MODIFIED] * len(detections), "detections": list(detections.values()),
+                           "num_detections": [len(d) for d in detections.values()],
+                           "error": pa.nulls(len(detections), pa.string())}))
+        sink.flush()
+        side.on_write_complete(sink)
+
+
+def test_a_detector_s_map_at_50_through_the_command(tmp_path, capsys):
+    """The boxes of the hand case above, answered in CVAT's XML: `report --truth` prints mAP@0.5 0.750."""
+    output = str(tmp_path / "boxes")
+    detection_output(output, DETECTIONS)
+    cvat_box = '<box label="{label}" xtl="{x1}" ytl="{y1}" xbr="{x2}" ybr="{y2}" occluded="0" source="manual"/>'
+    images = "".join(f'<image id="{i}" name="{uri}" width="100" height="100">'
+                     + "".join(cvat_box.format(**b) for b in boxes) + "</image>"
+                     for i, (uri, boxes) in enumerate(TRUTH_BOXES.items()))
+    (tmp_path / "annotations.xml").write_text(f"<annotations><version>1.1</version>{images}</annotations>")
+    assert main(["truth", "import", output, str(tmp_path / "annotations.xml")]) == 0
+    assert "Imported 3 answer(s) (cvat)" in capsys.readouterr().out
+    assert main(["report", output, "--truth", "-o", str(tmp_path / "r.html")]) == 0
+    assert "mAP@0.5 0.750 on 3 reviewed images (2 answer boxes)" in capsys.readouterr().out
+    assert "<th>AP@0.5</th>" in (tmp_path / "r.html").read_text()
