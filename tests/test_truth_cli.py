@@ -93,3 +93,18 @@ def test_truth_import_then_report_truth(fmt, write_answers, source, storage, buc
     report = pipeline("report", output, "--truth", "-o", str(tmp_path / "r.html"), *flags).stdout
     assert "accuracy 66.7% on 6 reviewed inputs (4 right)" in report, report
     assert "Truth: 7 reviewed input(s), 1 of them predicted by no live run" in report
+
+
+def test_a_bad_answers_file_is_one_line_exit_2(tmp_path):
+    from output_driver import run_once
+
+    output = str(tmp_path / "out")
+    run_once(output, "parquet", 3, storage=Storage.from_env())
+    (tmp_path / "export.json").write_text('[{"id": 1, "data": {"image": "s3://photos/img-00000.jpg"}, '
+                                          '"annotations": [{"result": [{"type": "choices", "value": 5}]}]}]')
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-m", "pipeline", "truth", "import", output, str(tmp_path / "export.json")],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith(f"error: {tmp_path / 'export.json'}: not a label-studio file as expected")
+    assert len(result.stderr.strip().splitlines()) == 1
