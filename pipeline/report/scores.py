@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.output.formats import OutputFormat
 
@@ -94,8 +95,6 @@ def _reviewed_rows(table: OutputFormat, run_ids: list[str], answers: dict) -> di
     found: dict[str, dict[str, dict]] = {}
     if not run_ids:
         return found
-    import pyarrow.compute as pc
-
     for batch in table.rows(run_ids).batches(table.storage, COLUMNS):
         for row in batch.filter(pc.is_in(batch.column("uri"), value_set=wanted)).to_pylist():
             mine = found.setdefault(row["run_id"], {})

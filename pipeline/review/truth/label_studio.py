@@ -8,6 +8,7 @@ the image to its original pixels (`original_width`/`original_height`), a rotated
 from __future__ import annotations
 
 import math
+from datetime import datetime, timezone
 
 from pipeline.job.errors import UserError
 from pipeline.review.truth.answers import Answer, Box, FileFacts, Parsed, utc
@@ -38,7 +39,8 @@ def _results(task: dict) -> list[dict]:
 
 def _latest_annotation(task: dict) -> dict | None:
     done = [a for a in task.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")]
-    return max(done, key=lambda a: str(a.get("updated_at") or a.get("created_at") or ""), default=None)
+    oldest = datetime.min.replace(tzinfo=timezone.utc)
+    return max(done, key=lambda a: utc(a.get("updated_at")) or utc(a.get("created_at")) or oldest, default=None)
 
 
 def _answer(task: dict, annotation: dict, detection: bool, facts: FileFacts) -> Answer | None:
