@@ -111,6 +111,25 @@ def pytest_xdist_make_scheduler(config, log):
     return FileGroups(config, log)
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session):
+    """Label Studio's venv (tests/label_studio_server.py) starts building now if a test will use the server."""
+    if any("label_studio" in getattr(item, "fixturenames", ()) for item in session.items):
+        import label_studio_server
+
+        label_studio_server.start_building()
+
+
+@pytest.fixture(scope="session")
+def label_studio():
+    """A Label Studio server (its own venv, SQLite, offline) for the session."""
+    import label_studio_server
+
+    server = label_studio_server.server()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     with LocalS3Server() as server:

@@ -67,15 +67,15 @@ def uncertainty(scores: list[float], measure: str) -> float:
 
 
 def box_uncertainty(detections: list[dict], band: tuple[float, float]) -> tuple[float, str | None]:
-    """A detector's image: the sum over its boxes scored inside the band of how near each is to the band's middle
-    (1 there, 0 at its edges), so more and more doubtful boxes rank higher; and the label of its most doubtful
-    box. (0, None) when no box falls in the band."""
+    """A detector's image: each box scored inside the band counts 0.5, plus up to 0.5 more the nearer its score is
+    to the band's middle, so more and more doubtful boxes rank higher; and the label of its most doubtful box.
+    (0, None) when no box falls in the band."""
     low, high = band
     middle, half = (low + high) / 2, (high - low) / 2
     total, doubt, label = 0.0, -1.0, None
     for box in detections:
         if low <= box["score"] <= high:
-            this = 1.0 - abs(box["score"] - middle) / half
+            this = 0.5 + 0.5 * (1.0 - abs(box["score"] - middle) / half)
             total += this
             if this > doubt:
                 doubt, label = this, box["label"]
