@@ -1,9 +1,10 @@
 """A real Label Studio server for the tests: `label-studio` from PyPI in its own venv (it pins pyarrow < 25, the
 pipeline needs 26), built once per machine under ~/.cache/pipeline-tests/, on SQLite, offline, no browser.
 
-Building the venv takes ~50 s on a fresh machine, so it begins in a thread as soon as the session knows a test
-will need the server (`start_building`, from conftest's collection hook), overlapping the tests that run before;
-the first start on an empty database takes ~30 s more. The settings: ../shared/FACTS.md, "Label Studio".
+Building the venv takes ~50 s on a fresh machine and the first start on an empty database (its migrations, the
+test user) ~30 s more, 4 min on a loaded one; later starts on a copy of that database take ~4 s. So a thread
+builds both, the venv and the template database (`TEMPLATE`), as soon as the session knows a test will need the
+server (`start_building`, from conftest's collection hook), overlapping the tests that run before. The settings: ../shared/FACTS.md, "Label Studio".
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 
 VERSION = "1.23.2"
 VENV = Path.home() / ".cache" / "pipeline-tests" / f"label-studio-{VERSION}"
+TEMPLATE = VENV.parent / f"label-studio-{VERSION}-data"  # a migrated database with the test user
 USER, PASSWORD, TOKEN = "reviewer@example.com", "review-pass-123", "pipeline-tests-token-0123456789abcdef"
 START_TIMEOUT_S = 240
 
@@ -38,7 +40,7 @@ class Server:
     token: str
     process: subprocess.Popen
     data_dir: str
-    build_s: float  # seconds spent building the venv in this session (0: it was there)
+    prepare_s: float  # seconds this session spent on the venv and the template database (0: they were there)
     start_s: float
 
     def api(self, path: str, body=None, method: str | None = None):
@@ -49,48 +51,61 @@ class Server:
         with urllib.request.urlopen(request, timeout=60) as response:
             return json.loads(response.read() or b"null")
 
-    def stop(self) -> None:
+    def stop(self, keep: bool = False) -> None:
         self.process.terminate()
         try:
             self.process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             self.process.kill()
-        shutil.rmtree(self.data_dir, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
-def build_venv() -> float:
-    """The server's venv, built unless a complete one is there; seconds spent. A file lock keeps two test
-    processes (pytest-xdist workers) from building it at once."""
+def prepare() -> float:
+    """The venv and the template database, each made unless complete; seconds spent. A file lock keeps two test
+    processes (pytest-xdist workers) from making them at once."""
     VENV.parent.mkdir(parents=True, exist_ok=True)
     with open(VENV.parent / f"{VENV.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if (VENV / ".complete").exists():
-            return 0.0
-        started = time.monotonic()
-        shutil.rmtree(VENV, ignore_errors=True)
-        python = getattr(sys, "_base_executable", None) or shutil.which("python3")
-        subprocess.run([python, "-m", "venv", str(VENV)], check=True, capture_output=True)
-        subprocess.run([str(VENV / "bin" / "pip"), "install", "-q", "--disable-pip-version-check",
-                        f"label-studio=={VERSION}"], check=True, capture_output=True)
-        seconds = time.monotonic() - started
-        (VENV / ".complete").write_text(f"built in {seconds:.0f} s\n")
+        seconds = build_venv()
+        if not (TEMPLATE / ".complete").exists():
+            started = time.monotonic()
+            shutil.rmtree(TEMPLATE, ignore_errors=True)
+            TEMPLATE.mkdir()
+            start_server(TEMPLATE).stop(keep=True)
+            (TEMPLATE / ".complete").write_text(f"made in {time.monotonic() - started:.0f} s\n")
+            seconds += time.monotonic() - started
         return seconds
 
 
-def start_server(build_s: float) -> Server:
-    """label-studio on a free port, waited for until its API answers the test user's token."""
-    data_dir = tempfile.mkdtemp(prefix="label-studio-")
+def build_venv() -> float:
+    if (VENV / ".complete").exists():
+        return 0.0
+    started = time.monotonic()
+    shutil.rmtree(VENV, ignore_errors=True)
+    python = getattr(sys, "_base_executable", None) or shutil.which("python3")
+    subprocess.run([python, "-m", "venv", str(VENV)], check=True, capture_output=True)
+    subprocess.run([str(VENV / "bin" / "pip"), "install", "-q", "--disable-pip-version-check",
+                    f"label-studio=={VERSION}"], check=True, capture_output=True)
+    seconds = time.monotonic() - started
+    (VENV / ".complete").write_text(f"built in {seconds:.0f} s\n")
+    return seconds
+
+
+def start_server(data_dir: Path, prepare_s: float = 0.0) -> Server:
+    """label-studio on `data_dir` and a free port, waited for until its API answers the test user's token."""
     port = free_port()
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(Path.home()),
            "LABEL_STUDIO_BASE_DATA_DIR": data_dir, "LABEL_STUDIO_USERNAME": USER, "LABEL_STUDIO_PASSWORD": PASSWORD,
            "LABEL_STUDIO_USER_TOKEN": TOKEN, "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
            "LATEST_VERSION_CHECK": "false", "COLLECT_ANALYTICS": "false", "DJANGO_DB": "sqlite"}
     started = time.monotonic()
-    log = open(os.path.join(data_dir, "server.log"), "wb")
+    log = open(data_dir / "server.log", "wb")
     process = subprocess.Popen([str(VENV / "bin" / "label-studio"), "start", "--no-browser", "--internal-host",
                                 "127.0.0.1", "--port", str(port), "--enable-legacy-api-token"],
                                env=env, cwd=data_dir, stdout=log, stderr=subprocess.STDOUT)
-    server = Server(f"http://127.0.0.1:{port}", TOKEN, process, data_dir, build_s, 0.0)
+    log.close()  # the server holds its own copy
+    server = Server(f"http://127.0.0.1:{port}", TOKEN, process, str(data_dir), prepare_s, 0.0)
     while time.monotonic() - started < START_TIMEOUT_S:
         if process.poll() is not None:
             break
@@ -100,7 +115,7 @@ def start_server(build_s: float) -> Server:
             return server
         except OSError:
             time.sleep(1)
-    tail = Path(data_dir, "server.log").read_text(errors="replace")[-2000:]
+    tail = (data_dir / "server.log").read_text(errors="replace")[-2000:]
     server.stop()
     raise RuntimeError(f"Label Studio did not answer on port {port} within {START_TIMEOUT_S} s "
                        f"(a busy port makes it pick another silently):\n{tail}")
@@ -113,8 +128,8 @@ def free_port() -> int:
 
 
 def start_building() -> None:
-    """Begins building the venv in a thread, once per process: a test process that will need the server calls
-    this at collection, so the ~50 s of pip overlap the tests before. (Not the server: under pytest-xdist every
+    """Begins making the venv and template database in a thread, once per process: a test process that will need
+    the server calls this at collection. (The session's own server starts in its fixture: under pytest-xdist every
     worker collects every test, and only one will run them.)"""
     global _build
     with _lock:
@@ -125,12 +140,15 @@ def start_building() -> None:
 
 def _build_into(future: Future) -> None:
     try:
-        future.set_result(build_venv())
+        future.set_result(prepare())
     except BaseException as exc:  # noqa: BLE001 - handed to the test that waits
         future.set_exception(exc)
 
 
 def server() -> Server:
-    """A server for the session, started once the venv is there."""
+    """A server for the session on a copy of the template database, once the thread has made it."""
     start_building()
-    return start_server(_build.result())
+    prepare_s = _build.result()
+    data_dir = Path(tempfile.mkdtemp(prefix="label-studio-"))
+    shutil.copytree(TEMPLATE, data_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.log", ".complete"))
+    return start_server(data_dir, prepare_s)

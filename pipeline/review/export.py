@@ -83,8 +83,11 @@ def references(storage: Storage, rows: list[dict], presign_s: int | None) -> lis
             raise UserError(f"--presign: {row['uri']} is not in S3; presigned URLs are made for s3:// inputs only "
                             "(leave --presign out to export the URIs)")
         bucket, key = split_s3(row["uri"])
-        refs.append(storage.s3_client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key},
-                                                             ExpiresIn=presign_s))
+        try:
+            refs.append(storage.s3_client.generate_presigned_url(
+                "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=presign_s))
+        except Exception as exc:  # noqa: BLE001 - no credentials to sign with, in one line
+            raise UserError(f"--presign: cannot sign a URL for {row['uri']} ({type(exc).__name__}: {exc})") from None
     return refs
 
 
