@@ -1,0 +1,2 @@
+"""The review loop on the tables the pipeline writes: sibling tables beside an output (`tables.py`), near-duplicate
+groups (`dedup.py`), exports for reviewers and their answers brought back as ground truth."""
