@@ -1,2 +1,3 @@
-"""The review loop on an output's rows: what people should look at, exported to their tools (`export`,
-`selection`, `documents`, `label_studio`). Reads outputs as `report/` does; nothing here runs a model."""
+"""The review loop on the tables the pipeline writes: sibling tables beside an output (`tables.py`), near-duplicate
+groups (`dedup.py`), exports for reviewers (`export.py`: `selection`, `documents`, `label_studio`) and their answers
+brought back as ground truth."""
