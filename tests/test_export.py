@@ -14,6 +14,7 @@ import urllib.request
 import uuid
 from xml.etree import ElementTree as ET
 
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 import yaml
@@ -190,3 +191,26 @@ def test_tasks_go_into_a_label_studio_project_with_their_predictions(outputs, la
     assert again.returncode == 0, again.stderr  # random:N is seeded by the run id: the same rows again
     assert {i["file_name"] for i in json.loads((outputs["tmp"] / "again.json").read_text())["images"]} == {
         t["data"]["uri"] for t in tasks}
+
+
+def test_near_duplicates_are_left_out_for_their_representative(outputs, tmp_path):
+    """With `<output>_dedup` written (as `pipeline dedup` writes it), a group's other members are never exported."""
+    from pipeline.review.tables import SiblingTable
+
+    storage = outputs["storage"]
+    table = [r for r in rows(storage, outputs["classified"]) if r["error"] is None]
+    ranked = sorted(table, key=lambda r: (r["score"], r["uri"]))  # least confident first
+    member, representative = ranked[0]["uri"], ranked[-1]["uri"]
+    dedup = SiblingTable.for_output(storage, outputs["classified"], "dedup")
+    dedup.overwrite(pa.table({"uri": [representative, member], "group_id": ["g1", "g1"],
+                              "representative": [representative, representative], "method": ["phash", "phash"],
+                              "distance": pa.array([0, 3], pa.int32()), "run_id": [ranked[0]["run_id"]] * 2}))
+    try:
+        result = pipeline("export", outputs["classified"], "--to", "coco", "--select", "uncertain:3",
+                          "-o", str(tmp_path / "c.json"))
+    finally:
+        dedup.overwrite(pa.table({"uri": pa.array([], pa.string()), "representative": pa.array([], pa.string())}))
+    assert result.returncode == 0, result.stderr
+    assert "1 near-duplicates left out" in result.stdout
+    names = [i["file_name"] for i in json.loads((tmp_path / "c.json").read_text())["images"]]
+    assert names == [r["uri"] for r in ranked[1:4]]

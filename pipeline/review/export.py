@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
+import pyarrow.compute as pc
+
 from pipeline.io.storage import Storage, is_remote, is_s3
 from pipeline.io.uris import split_s3
 from pipeline.job.errors import UserError
@@ -16,6 +18,7 @@ from pipeline.review import documents
 from pipeline.review.documents import Review
 from pipeline.review.label_studio import LabelStudio
 from pipeline.review.selection import Selection, rows_of, select
+from pipeline.review.tables import sibling_of
 
 FORMATS = ("label-studio", "coco", "cvat")
 COLUMNS = ["uri", "frame", "error_type", "label", "score", "topk_labels", "topk_scores", "detections",
@@ -50,13 +53,30 @@ def export(table: OutputFormat, request: ExportRequest) -> str:
     run_id = find_run(table, request.run_id)["run_id"]
     labels: set[str] = set()
     detector = [False]
-    selector = select(_collecting(run_rows(table, run_id, COLUMNS), labels, detector), request.selection)
+    selector = select(_collecting(run_rows(table, run_id, COLUMNS), labels, detector), request.selection,
+                      skip=near_duplicates(table))
     rows = selector.chosen()
     review = Review(rows, references(table.storage, rows, request.presign_s), sorted(labels), detector[0],
                     presigned=request.presign_s is not None)
-    what = (f"{len(rows)} of {selector.seen} eligible rows of run {run_id} ({request.selection.describe()}"
-            f"{', by ' + request.selection.measure if request.selection.kind != 'random' else ''})")
-    return deliver(table, review, request, run_id, what)
+    return deliver(table, review, request, run_id, _what(review, selector, request.selection, run_id))
+
+
+def _what(review: Review, selector, selection: Selection, run_id: str) -> str:
+    how = [selection.describe()]
+    if selection.kind != "random":
+        how.append("boxes scored %g to %g" % selection.band if review.detector else f"by {selection.measure}")
+    if selector.collapsed:
+        how.append(f"{selector.collapsed} near-duplicates left out")
+    return f"{len(review.rows)} of {selector.seen} eligible rows of run {run_id} ({', '.join(how)})"
+
+
+def near_duplicates(table: OutputFormat) -> set[str]:
+    """The uris to leave out: members of a near-duplicate group other than its representative, from the
+    `<output>_dedup` table when `pipeline dedup` has written one (empty otherwise)."""
+    groups = sibling_of(table, "dedup").read()
+    if "representative" not in groups.column_names:
+        return set()
+    return set(groups.filter(pc.not_equal(groups["uri"], groups["representative"]))["uri"].to_pylist())
 
 
 def _collecting(batches, labels: set[str], detector: list[bool]) -> Iterator[dict]:

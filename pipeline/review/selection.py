@@ -103,6 +103,7 @@ class Selector:
         self.best: list[Ranked] = []  # min-heaps: the worst kept row is dropped first
         self.per_label: dict[str, list[Ranked]] = {}
         self.seen = 0
+        self.collapsed = 0  # rows left out as near-duplicates of their group's representative
 
     def add(self, row: dict, priority: float, label: str | None) -> None:
         self.seen += 1
@@ -139,7 +140,10 @@ def select(rows: Iterable[dict], selection: Selection, skip: set[str] | None = N
     uncertain:N a detector's image with a box in the band, for label=NAME a row predicting NAME."""
     selector = Selector(selection)
     for row in rows:
-        if row.get("error_type") is not None or (skip and row["uri"] in skip):
+        if row.get("error_type") is not None:
+            continue
+        if skip and row["uri"] in skip:
+            selector.collapsed += 1
             continue
         scored = _priority(row, selection, "detections" in row)
         if scored is not None:
