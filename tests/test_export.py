@@ -218,3 +218,22 @@ def test_near_duplicates_are_left_out_for_their_representative(outputs, tmp_path
     assert "1 near-duplicates left out" in result.stdout
     names = [i["file_name"] for i in json.loads((tmp_path / "c.json").read_text())["images"]]
     assert names == [r["uri"] for r in ranked[1:4]]
+
+
+@pytest.mark.parametrize("fmt", ["delta", "iceberg"])
+def test_delta_and_iceberg_outputs_export_alike(s3_server, tmp_path, fmt):
+    """The table formats' rows through their own readers (written here without a model: tests/output_driver.py)."""
+    from output_driver import run_once
+
+    storage, bucket = Storage.from_env(), f"export-{fmt}-{uuid.uuid4().hex[:8]}"
+    storage.s3_client.create_bucket(Bucket=bucket)
+    output, catalog = f"s3://{bucket}/out", tmp_path / "catalog.db"
+    run_id = run_once(output, fmt, 8, catalog_db=str(catalog) if fmt == "iceberg" else None)["run_id"]
+    where = ["--catalog", "type=sql", "--catalog", f"uri=sqlite:///{catalog}"] if fmt == "iceberg" else []
+    result = pipeline("export", output, *where, "--to", "label-studio", "--select", "label=cat",
+                      "-o", str(tmp_path / "tasks.json"))
+    assert result.returncode == 0, result.stderr
+    tasks = json.loads((tmp_path / "tasks.json").read_text())
+    cats = [i for i in range(8) if i % 5 % 2]  # output_driver labels rows cat and dog by turns, 5 rows a batch
+    assert [t["data"]["uri"] for t in tasks] == [f"s3://photos/img-{i:05d}.jpg" for i in cats]
+    assert {t["data"]["run_id"] for t in tasks} == {run_id}
