@@ -51,12 +51,10 @@ class ExportRequest:
 def export(table: OutputFormat, request: ExportRequest) -> str:
     """Selects, converts and delivers; returns what was done, in a line or two."""
     run_id = find_run(table, request.run_id)["run_id"]
-    labels: set[str] = set()
-    detector = [False]
-    selector = select(_collecting(run_rows(table, run_id, COLUMNS), labels, detector), request.selection,
-                      skip=near_duplicates(table))
+    seen = Seen()
+    selector = select(seen.rows(run_rows(table, run_id, COLUMNS)), request.selection, skip=near_duplicates(table))
     rows = selector.chosen()
-    review = Review(rows, references(table.storage, rows, request.presign_s), sorted(labels), detector[0],
+    review = Review(rows, references(table.storage, rows, request.presign_s), sorted(seen.labels), seen.detector,
                     presigned=request.presign_s is not None)
     return deliver(table, review, request, run_id, _what(review, selector, request.selection, run_id))
 
@@ -79,17 +77,23 @@ def near_duplicates(table: OutputFormat) -> set[str]:
     return set(groups.filter(pc.not_equal(groups["uri"], groups["representative"]))["uri"].to_pylist())
 
 
-def _collecting(batches, labels: set[str], detector: list[bool]) -> Iterator[dict]:
-    """The rows, noting every label the run predicted on the way (the review tool's label choices)."""
-    for batch in batches:
-        if "detections" in batch.column_names:
-            detector[0] = True
-            for column in batch["detections"].combine_chunks().flatten().field("label").unique().to_pylist():
-                labels.add(column)
-        elif "topk_labels" in batch.column_names:
-            labels.update(batch["topk_labels"].combine_chunks().flatten().unique().to_pylist())
-        yield from rows_of([batch])
-    labels.discard(None)
+class Seen:
+    """What the run's rows showed on their way to the selection: every label predicted (the review tool's label
+    choices) and whether a detector wrote them."""
+
+    def __init__(self):
+        self.labels: set[str] = set()
+        self.detector = False
+
+    def rows(self, batches) -> Iterator[dict]:
+        for batch in batches:
+            if "detections" in batch.column_names:
+                self.detector = True
+                self.labels.update(batch["detections"].combine_chunks().flatten().field("label").unique().to_pylist())
+            elif "topk_labels" in batch.column_names:
+                self.labels.update(batch["topk_labels"].combine_chunks().flatten().unique().to_pylist())
+            yield from rows_of([batch])
+        self.labels.discard(None)
 
 
 def references(storage: Storage, rows: list[dict], presign_s: int | None) -> list[str]:
@@ -115,7 +119,7 @@ def deliver(table: OutputFormat, review: Review, request: ExportRequest, run_id:
     title = f"{table.uri} run {run_id}"
     if request.to_server:
         server = LabelStudio(request.destination)
-        project = server.create_project(title[-50:], documents.labeling_config(review))
+        project = server.create_project(f"Review of run {run_id}"[:50], documents.labeling_config(review))
         imported = server.import_tasks(project, documents.label_studio_tasks(review))
         return f"Exported {what}: {imported} tasks in Label Studio project {project}, {server.project_url(project)}"
     path = request.destination or f"review-{run_id}.{'xml' if request.to == 'cvat' else 'json'}"
