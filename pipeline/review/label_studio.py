@@ -14,6 +14,7 @@ from pipeline.job.errors import UserError
 
 API_KEY = "LABEL_STUDIO_API_KEY"
 TIMEOUT_S = 60
+IMPORT_BATCH = 1000  # tasks a request: Django refuses request bodies past its upload limit (2.5 MB by default)
 
 
 class LabelStudio:
@@ -32,9 +33,13 @@ class LabelStudio:
         return int(reply["id"])
 
     def import_tasks(self, project: int, tasks: list[dict]) -> int:
-        """Imports the tasks with their predictions; returns how many Label Studio took."""
-        reply = self._call("POST", f"/api/projects/{project}/import?commit_to_project=true", tasks)
-        return int(reply.get("task_count", len(tasks)))
+        """Imports the tasks with their predictions, IMPORT_BATCH a request; returns how many Label Studio took."""
+        taken = 0
+        for start in range(0, len(tasks), IMPORT_BATCH):
+            batch = tasks[start:start + IMPORT_BATCH]
+            reply = self._call("POST", f"/api/projects/{project}/import?commit_to_project=true", batch)
+            taken += int(reply.get("task_count", len(batch)))
+        return taken
 
     def project_url(self, project: int) -> str:
         return f"{self.url}/projects/{project}/data"

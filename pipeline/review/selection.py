@@ -107,13 +107,18 @@ class Selector:
 
     def add(self, row: dict, priority: float, label: str | None) -> None:
         self.seen += 1
-        ranked = Ranked(priority, _tiebreak(row), row)
-        if self.selection.count is None:
-            self.best.append(ranked)
-        else:
-            _push(self.best, ranked, self.selection.count)
+        heaps = [(self.best, self.selection.count)]
         if self.selection.per_label and label is not None:
-            _push(self.per_label.setdefault(label, []), ranked, self.selection.per_label)
+            heaps.append((self.per_label.setdefault(label, []), self.selection.per_label))
+        ranked = None
+        for heap, size in heaps:
+            if size is not None and len(heap) >= size and priority < heap[0].priority:
+                continue  # below every kept row: most rows of a large run stop here, cheaply
+            ranked = ranked or Ranked(priority, _tiebreak(row), row)
+            if size is None:
+                heap.append(ranked)
+            else:
+                _push(heap, ranked, size)
 
     def chosen(self) -> list[dict]:
         """K per label first (rare labels seen), then the rest of the N best, in order of priority."""
