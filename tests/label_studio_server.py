@@ -1,14 +1,16 @@
 """A real Label Studio server for the tests: `label-studio` from PyPI in its own venv (it pins pyarrow < 25, the
 pipeline needs 26), built once per machine under ~/.cache/pipeline-tests/, on SQLite, offline, no browser.
 
-Building the venv takes ~50 s on a fresh machine and the first start on an empty database (its migrations, the
-test user) ~30 s more, 4 min on a loaded one; later starts on a copy of that database take ~4 s. So a thread
-builds both, the venv and the template database (`TEMPLATE`), as soon as the session knows a test will need the
-server (`start_building`, from conftest's collection hook), overlapping the tests that run before. The settings: ../shared/FACTS.md, "Label Studio".
+Building the venv took 51 s on a fresh machine and the first start on an empty database (its migrations, the
+test user) 35 s more (280 s at load average 13); a start on a copy of that database takes 5-11 s. So a thread
+makes both, the venv and the template database (`TEMPLATE`), as soon as the session knows a test will need the
+server (`start_building`, from conftest's collection hook), overlapping the tests that run before. The settings
+it starts with: Label Studio in the project's shared FACTS.md.
 """
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import json
 import os
@@ -28,10 +30,12 @@ VERSION = "1.23.2"
 VENV = Path.home() / ".cache" / "pipeline-tests" / f"label-studio-{VERSION}"
 TEMPLATE = VENV.parent / f"label-studio-{VERSION}-data"  # a migrated database with the test user
 USER, PASSWORD, TOKEN = "reviewer@example.com", "review-pass-123", "pipeline-tests-token-0123456789abcdef"
-START_TIMEOUT_S = 240
+START_TIMEOUT_S = 420  # a first start took 280 s at load average 13 on 2 cores
 
 _build: Future | None = None
 _lock = threading.Lock()
+_running: set[subprocess.Popen] = set()  # servers to end if the session ends first (the template's, mid-make)
+atexit.register(lambda: [process.kill() for process in list(_running)])
 
 
 @dataclass
@@ -52,6 +56,7 @@ class Server:
             return json.loads(response.read() or b"null")
 
     def stop(self, keep: bool = False) -> None:
+        _running.discard(self.process)
         self.process.terminate()
         try:
             self.process.wait(timeout=20)
@@ -96,7 +101,8 @@ def start_server(data_dir: Path, prepare_s: float = 0.0) -> Server:
     """label-studio on `data_dir` and a free port, waited for until its API answers the test user's token."""
     port = free_port()
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(Path.home()),
-           "LABEL_STUDIO_BASE_DATA_DIR": data_dir, "LABEL_STUDIO_USERNAME": USER, "LABEL_STUDIO_PASSWORD": PASSWORD,
+           "LABEL_STUDIO_BASE_DATA_DIR": str(data_dir), "LABEL_STUDIO_USERNAME": USER,
+           "LABEL_STUDIO_PASSWORD": PASSWORD,
            "LABEL_STUDIO_USER_TOKEN": TOKEN, "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
            "LATEST_VERSION_CHECK": "false", "COLLECT_ANALYTICS": "false", "DJANGO_DB": "sqlite"}
     started = time.monotonic()
@@ -105,6 +111,7 @@ def start_server(data_dir: Path, prepare_s: float = 0.0) -> Server:
                                 "127.0.0.1", "--port", str(port), "--enable-legacy-api-token"],
                                env=env, cwd=data_dir, stdout=log, stderr=subprocess.STDOUT)
     log.close()  # the server holds its own copy
+    _running.add(process)
     server = Server(f"http://127.0.0.1:{port}", TOKEN, process, str(data_dir), prepare_s, 0.0)
     while time.monotonic() - started < START_TIMEOUT_S:
         if process.poll() is not None:
