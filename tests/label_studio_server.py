@@ -1,7 +1,7 @@
 """A real Label Studio server for the tests: `label-studio` from PyPI in its own venv (it pins pyarrow < 25, the
 pipeline needs 26), built once per machine under ~/.cache/pipeline-tests/, on SQLite, offline, no browser.
 
-Building the venv took 51 s on a fresh machine and the first start on an empty database (its migrations, the
+Building the venv took 51-103 s on a fresh machine and the first start on an empty database (its migrations, the
 test user) 35 s more (280 s at load average 13); a start on a copy of that database takes 5-11 s. So a thread
 makes both, the venv and the template database (`TEMPLATE`), as soon as the session knows a test will need the
 server (`start_building`, from conftest's collection hook), overlapping the tests that run before. The settings
