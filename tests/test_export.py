@@ -196,6 +196,11 @@ def test_tasks_go_into_a_label_studio_project_with_their_predictions(outputs, la
     tasks_again = label_studio.api(f"/api/tasks?project={second}&fields=all&page_size=100")["tasks"]
     assert second != project and {t["data"]["uri"] for t in tasks_again} == {t["data"]["uri"] for t in tasks}
 
+    refused = pipeline("export", outputs["classified"], "--to", "label-studio", "-o", label_studio.url,
+                       env={"LABEL_STUDIO_API_KEY": "not-a-key"})
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "refused the API key" in refused.stderr
+    assert "not-a-key" not in refused.stderr
+
 
 def test_near_duplicates_are_left_out_for_their_representative(outputs, tmp_path):
     """With `<output>_dedup` written (as `pipeline dedup` writes it), a group's other members are never exported."""
