@@ -38,9 +38,10 @@ os.environ["TORCH_HOME"] = TORCH_HOME
 # `e2e`, and a test may name its own lane (`@pytest.mark.kill`).
 LANES = {
     "unit": ("test_cli_errors", "test_config", "test_decode", "test_dicom", "test_distinct", "test_faults_proxy",
-             "test_folding", "test_format_delta", "test_format_iceberg", "test_layout", "test_model",
+             "test_folding", "test_format_delta", "test_format_iceberg", "test_hashes", "test_layout", "test_model",
              "test_odd_files", "test_progress", "test_run", "test_progress_bar", "test_report_truth",
-             "test_run_keys", "test_sink", "test_storage", "test_truth"),
+             "test_review_tables", "test_run_keys", "test_sink", "test_storage",
+             "test_review_selection", "test_truth"),
     "cluster": ("test_autoscaling", "test_cluster", "test_submit"),
     "kill": ("test_crash", "test_incremental", "test_backfill_medical", "test_privacy", "test_faults",
              "test_least_privilege", "test_output", "test_privacy_spellings"),
@@ -109,6 +110,25 @@ def pytest_xdist_make_scheduler(config, log):
             return nodeid if os.path.splitext(os.path.basename(path))[0] in SPREAD else path
 
     return FileGroups(config, log)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session):
+    """Label Studio's venv (tests/label_studio_server.py) starts building now if a test will use the server."""
+    if any("label_studio" in getattr(item, "fixturenames", ()) for item in session.items):
+        import label_studio_server
+
+        label_studio_server.start_building()
+
+
+@pytest.fixture(scope="session")
+def label_studio():
+    """A Label Studio server (its own venv, SQLite, offline) for the session."""
+    import label_studio_server
+
+    server = label_studio_server.server()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -15,8 +15,7 @@ MAX_FUNCTION_LINES = 50
 
 
 # Each folder imports only the folders before it: the flow's stages, then what runs them, then what people type.
-LAYERS = ["privacy", "job", "io", "decode", "models", "output", "report", "review", "run", "local", "ray", "dev",
-          "cli"]
+LAYERS = ["privacy", "job", "io", "decode", "models", "output", "report", "review", "run", "local", "ray", "dev", "cli"]
 
 
 def test_the_import_graph_has_no_cycles_and_ray_stays_in_its_adapter():

@@ -1,4 +1,5 @@
-"""End to end on the real parts: moto's S3 on loopback, a local Ray, Parquet read back by pyarrow and DuckDB."""
+"""End to end on the real parts: moto's S3 on loopback, a local Ray, Parquet read back by pyarrow and DuckDB. What
+does not depend on the engine (manifests, limits, overwrite, an empty input) runs on the default local executor."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from pipeline.decode.image import Decoder
 from pipeline.io.listing import InputListing
 from pipeline.io.storage import Storage
 from pipeline.models.resolve import build_model, resolve_model
+from pipeline.local.executor import run_locally
 from pipeline.ray.executor import run_on_ray
 from pipeline.job.config import load_job
 from pipeline.job.errors import JobStopped
@@ -177,7 +179,7 @@ def test_manifest_input(tmp_path, storage, bucket, classifier_files):
 
     for manifest in ("list.parquet", "list.csv"):
         out = tmp_path / f"out-{manifest}"
-        run_on_ray(job(classifier_files, str(tmp_path / manifest), str(out)), out=io.StringIO())
+        run_locally(job(classifier_files, str(tmp_path / manifest), str(out)), out=io.StringIO())
         rows = {r["uri"]: r for r in read_back(str(out)).to_pylist()}
         assert len(rows) == 4
         assert rows[f"s3://{bucket}/m/missing.jpg"]["error_type"] == "read.not_found"
@@ -189,7 +191,7 @@ def test_oversized_objects_are_not_downloaded(storage, bucket, classifier_files,
     put_objects(storage, bucket, "big/", {"small.png": encode(photo(8, 8), "PNG"),
                                           "large.png": encode(photo(400, 400), "PNG")})
     cfg = job(classifier_files, f"s3://{bucket}/big/", str(tmp_path / "out"), input={"max_file_bytes": 2000})
-    run_on_ray(cfg, out=io.StringIO())
+    run_locally(cfg, out=io.StringIO())
     rows = {r["uri"].rsplit("/", 1)[1]: r for r in read_back(str(tmp_path / "out")).to_pylist()}
     assert rows["small.png"]["error"] is None
     assert rows["large.png"]["error_type"] == "read.too_large"
@@ -223,9 +225,9 @@ def test_error_rate_threshold_stops_the_job(tmp_path, classifier_files):
 def test_overwrite_replaces_earlier_output(tmp_path, classifier_files):
     write_files(tmp_path / "in", {"a.png": encode(photo(), "PNG")})
     cfg = job(classifier_files, str(tmp_path / "in"), str(tmp_path / "out"))
-    run_on_ray(cfg, out=io.StringIO())
+    run_locally(cfg, out=io.StringIO())
     cfg.output.overwrite = True
-    second = run_on_ray(cfg, out=io.StringIO())
+    second = run_locally(cfg, out=io.StringIO())
     table = read_back(str(tmp_path / "out"))
     assert table.num_rows == 1 and table["run_id"].to_pylist() == [second.run_id]
 
@@ -267,7 +269,7 @@ def test_torchvision_weights_by_name(tmp_path, cached_imagenet_resnet18):
     write_files(tmp_path / "in", {"a.jpg": encode(photo(320, 240), "JPEG")})
     cfg = load_job(None, {"input": str(tmp_path / "in"), "output": str(tmp_path / "out"), "model": "resnet18",
                           "weights": "IMAGENET1K_V1"})
-    summary = run_on_ray(cfg, out=io.StringIO())
+    summary = run_locally(cfg, out=io.StringIO())
     row = read_back(str(tmp_path / "out")).to_pylist()[0]
     assert summary.weights == row["weights"] == "ResNet18_Weights.IMAGENET1K_V1"
     assert row["error"] is None and row["label"] in cached_imagenet_resnet18.meta["categories"]
@@ -297,7 +299,7 @@ def test_manifest_on_s3_with_relative_entries(storage, bucket, classifier_files,
     buffer = io.BytesIO()
     pq.write_table(pa.table({"uri": ["images/x y.png", f"s3://{bucket}/data/images/x y.png"]}), buffer)
     storage.write_bytes(f"s3://{bucket}/data/manifest.parquet", buffer.getvalue())
-    run_on_ray(job(classifier_files, f"s3://{bucket}/data/manifest.parquet", str(tmp_path / "out")), out=io.StringIO())
+    run_locally(job(classifier_files, f"s3://{bucket}/data/manifest.parquet", str(tmp_path / "out")), out=io.StringIO())
     rows = read_back(str(tmp_path / "out")).to_pylist()
     assert [r["uri"] for r in rows] == [f"s3://{bucket}/data/images/x y.png"]  # one input, listed twice: one row
     assert all(r["error"] is None for r in rows)
@@ -307,7 +309,7 @@ def test_empty_input_finishes_with_a_hint(tmp_path, classifier_files):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "notes.txt").write_text("no images here")
     printed = io.StringIO()
-    summary = run_on_ray(job(classifier_files, str(tmp_path / "in"), str(tmp_path / "out")), out=printed)
+    summary = run_locally(job(classifier_files, str(tmp_path / "in"), str(tmp_path / "out")), out=printed)
     assert (summary.inputs, summary.skipped_by_extension, summary.files) == (0, 1, [])
     assert "nothing to do under" in printed.getvalue()
     assert json.loads((tmp_path / "out" / "_summary.json").read_text())["inputs"] == 0
@@ -331,11 +333,11 @@ def test_manifest_metadata_columns_are_carried_and_drive_incremental_runs(tmp_pa
                         "imgs/a.png,e1,10,2026-11-01T10:00:00Z\n"
                         "imgs/b.png,e2,20,2026-11-01T10:00:00Z\n")
     cfg = job(classifier_files, str(manifest), str(tmp_path / "out"))
-    assert run_on_ray(cfg, out=io.StringIO()).inputs == 2
+    assert run_locally(cfg, out=io.StringIO()).inputs == 2
     rows = {r["uri"].rsplit("/", 1)[1]: r for r in read_back(str(tmp_path / "out")).to_pylist()}
     assert rows["a.png"]["etag"] == "e1" and rows["a.png"]["last_modified"].isoformat() == "2026-11-01T10:00:00+00:00"
     manifest.write_text(manifest.read_text().replace("e2,20", "e3,20"))  # b changed upstream
-    again = run_on_ray(cfg, out=io.StringIO())
+    again = run_locally(cfg, out=io.StringIO())
     assert again.inputs == 1 and again.already_done == 1
 
 

@@ -28,11 +28,10 @@ from pipeline.cli.commands import main
 from pipeline.io.storage import Storage
 from pipeline.output.lease import OutputLease
 from pipeline.output.staging import RunInfo, StagedRun, Staging
-from pipeline.ray.executor import run_on_ray
+from pipeline.local.executor import run_locally
 from pipeline.job.config import load_job
 from test_report_truth import DOLLAR_LABELS, svg_texts
 
-pytestmark = pytest.mark.usefixtures("ray_session")
 TESTS = Path(__file__).parent
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 # Where the screenshots go: docs/ when PIPELINE_SCREENSHOTS names it (how the README's picture was made).
@@ -42,7 +41,7 @@ SCREENSHOTS = os.environ.get("PIPELINE_SCREENSHOTS")
 def run(spec: dict, folder: Path, name: str):
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
-    return run_on_ray(load_job(str(path), {}), out=io.StringIO())
+    return run_locally(load_job(str(path), {}), out=io.StringIO())
 
 
 def boxes_photo(seed: int) -> bytes:
@@ -357,7 +356,7 @@ def resumed(tmp_path_factory, s3_server):
     (root / "plain.txt").write_text("a\nb\nc\n")
     (root / "dollars.txt").write_text("\n".join(DOLLAR_LABELS) + "\n")
     output = str(root / "out")
-    first = run_on_ray(load_job(str(counting_job(root, "plain.txt", output)), {}), out=io.StringIO())
+    first = run_locally(load_job(str(counting_job(root, "plain.txt", output)), {}), out=io.StringIO())
     upgrade = counting_job(root, "dollars.txt", output)
     env = {**os.environ, "PIPELINE_FAILPOINTS": "chunk_written:2",
            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
@@ -369,7 +368,7 @@ def resumed(tmp_path_factory, s3_server):
     stats = staging.count(staged)
     between = runs_text(output)
     printed = io.StringIO()
-    second = run_on_ray(load_job(str(upgrade), {}), out=printed)
+    second = run_locally(load_job(str(upgrade), {}), out=printed)
     return {"output": output, "first": first, "second": second, "staged_rows": stats.rows,
             "staged_inputs": staged.resumed_inputs, "runs_between": between, "summary": printed.getvalue()}
 

@@ -16,7 +16,7 @@ import torchvision
 
 from conftest import encode, photo
 from pipeline.cli.commands import main
-from pipeline.ray.executor import run_on_ray
+from pipeline.local.executor import run_locally
 from readers import duckdb_connection
 from test_pipeline import job, put_objects
 
@@ -25,7 +25,6 @@ ROOT = Path(__file__).parent.parent
 ICEBERG_METADATA = "s3://bucket/preds/metadata/00002-7d3c1c2e-9f1a-4b8e-a6f0-2b7b6f4c9e11.metadata.json"
 ICEBERG_PREVIOUS = "5318008412345678901"
 ICEBERG_CURRENT = "8675309123456789012"
-pytestmark = pytest.mark.usefixtures("ray_session")
 
 
 def images(*seeds: int) -> dict[str, bytes]:
@@ -55,7 +54,7 @@ def test_nightly_runs_and_a_model_upgrade_into_a_table(fmt, tmp_path, storage, b
         settings["catalog"] = {"type": "sql", "uri": f"sqlite:///{tmp_path}/catalog.db"}
     cfg = job(classifier_files, f"s3://{bucket}/in/", output, output=settings)
     printed = io.StringIO()
-    first = run_on_ray(cfg, out=printed)
+    first = run_locally(cfg, out=printed)
     assert first.inputs == 6
     assert ("Delta table version 0" if fmt == "delta" else "Iceberg snapshot") in printed.getvalue()
 
@@ -63,7 +62,7 @@ def test_nightly_runs_and_a_model_upgrade_into_a_table(fmt, tmp_path, storage, b
     # into each format are tests/test_output.py's.)
     put_objects(storage, bucket, "in/", images(6, 7))
     cfg.model.weights = upgraded_weights(tmp_path)
-    upgrade = run_on_ray(cfg, out=io.StringIO())
+    upgrade = run_locally(cfg, out=io.StringIO())
     assert upgrade.inputs == 8
 
     con = duckdb_connection(storage, fmt)

@@ -121,6 +121,9 @@ def test_coco_classification_and_detection(tmp_path):
     assert [(a.uri, a.label, a.boxes) for a in result.answers] == [(URIS[0], "dog", None), (URIS[1], "cat", None)]
     assert result.unanswered == 1 and {(a.reviewer, a.reviewed_at) for a in result.answers} == {
         ("ann@example.com", FILE_TIME)}
+    exported = coco_file(tmp_path, [{"id": 1, "image_id": 1, "category_id": 2, "bbox": [0, 0, 200, 100],
+                                     "area": 20000, "iscrowd": 0, "score": 0.41}])  # `pipeline export`'s label
+    assert [(a.uri, a.label, a.boxes) for a in parsed("coco", exported).answers] == [(URIS[0], "dog", None)]
     boxes = coco_file(tmp_path, [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 20, 30, 40],
                                   "area": 1200, "iscrowd": 0}])
     answers = {a.uri: a.boxes for a in parsed("coco", boxes).answers}

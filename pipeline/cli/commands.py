@@ -1,6 +1,6 @@
 """Command line: `pipeline run [JOB.yaml] [--flags]` (on this machine, or on Ray), `pipeline submit JOB.yaml
---address URL`, `pipeline report OUTPUT [--truth]`, `pipeline runs OUTPUT`, `pipeline truth import OUTPUT FILE`
-and `pipeline demo`.
+--address URL`, `pipeline report OUTPUT [--truth]`, `pipeline runs OUTPUT`, `pipeline export OUTPUT`,
+`pipeline truth import OUTPUT FILE` and `pipeline demo`.
 
 A problem the user can fix (UserError) is one line on stderr and exit code 2; a job that stopped itself
 on its error-rate threshold exits 1 after printing what it did.
@@ -57,10 +57,32 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--limit", type=int, default=20, help="how many images (default 20)")
     search.add_argument("-o", "--out", metavar="FILE.html", help="also write a page with their thumbnails")
 
+    add_export_command(commands)
     add_truth_parser(commands)
     demo = commands.add_parser("demo", help="train a digits CNN, serve images from a local S3, run a job")
     demo.add_argument("--keep", metavar="DIR", help="also copy the Parquet output to this local folder")
     return parser
+
+
+def add_export_command(commands) -> None:
+    export = commands.add_parser("export", help="a committed run's uncertain (or sampled) rows for people to review: "
+                                                "Label Studio tasks (or a new project on its server), COCO, CVAT")
+    add_output_flags(export)
+    export.add_argument("--to", required=True, metavar="label-studio|coco|cvat", help="the review tool's format")
+    export.add_argument("--run", metavar="RUN_ID", help="the run to export (default: the latest committed run)")
+    export.add_argument("--select", default="uncertain:100", metavar="uncertain:N|random:N|label=NAME",
+                        help="the N most uncertain rows (default 100), N seeded at random by the run id, or every "
+                             "row predicting NAME; rows with errors never")
+    export.add_argument("--by", default="least-confidence", metavar="least-confidence|margin|entropy",
+                        help="a classifier's uncertainty, from its top-k scores (default least-confidence)")
+    export.add_argument("--per-label", type=int, metavar="K", help="K rows of each predicted label first")
+    export.add_argument("--band", metavar="LO:HI", help="a detector: images with boxes scored in this band are "
+                                                        "uncertain (default 0.3:0.7)")
+    export.add_argument("--presign", type=int, metavar="SECONDS", help="images as presigned https URLs (S3) valid "
+                                                                       "this long, instead of their s3:// URIs")
+    export.add_argument("-o", "--out", metavar="FILE|URL", help="a file, local or s3://; or Label Studio's "
+                                                                "http(s)://HOST:PORT (a new project, key in "
+                                                                "LABEL_STUDIO_API_KEY)")
 
 
 def add_truth_parser(commands) -> None:
@@ -126,6 +148,8 @@ def main(argv: list[str] | None = None, own_streams: bool = False) -> int:
             return _report(args) if args.command == "report" else _runs(args)
         if args.command == "search":
             return _search(args)
+        if args.command == "export":
+            return _export(args)
         if args.command == "truth":
             return _truth_import(args)
         from pipeline.dev.demo import run_demo
@@ -252,6 +276,20 @@ def _search(args: argparse.Namespace) -> int:
     if args.out:
         _write_page(args.out, results_page(table, args.text, record, hits), "search results")
         print(f"Results with thumbnails written to {args.out}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pipeline.review.export import ExportRequest, export
+    from pipeline.review.selection import MEASURES, Selection
+
+    if args.by not in MEASURES:
+        raise UserError(f"--by {args.by}: give one of {', '.join(MEASURES)}")
+    if args.per_label is not None and args.per_label < 1:
+        raise UserError(f"--per-label {args.per_label}: give a number of rows per label, at least 1")
+    selection = Selection.parse(args.select, args.by, args.per_label, args.band)
+    request = ExportRequest(args.to, selection, args.run, args.presign, args.out)
+    print(export(_open_output(args), request))
     return 0
 
 

@@ -14,6 +14,7 @@ from PIL import Image
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
+from pipeline.decode.hashes import content_hash, hash_columns, perceptual_hash
 from pipeline.decode.image import Decoder, pixel_limit
 from pipeline.job.rows import error_columns
 
@@ -30,6 +31,8 @@ except Exception as exc:  # noqa: BLE001 - ImportError, or OSError from its nati
 
 _INTERPOLATION = {"nearest": InterpolationMode.NEAREST, "bilinear": InterpolationMode.BILINEAR,
                   "bicubic": InterpolationMode.BICUBIC}
+_LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as Pillow's convert("L")
+_PHASH_SIDE = 32  # imagehash.phash's own resize: 8 x 8 bits, 4 x the frequency
 _DEVICE_MODES = {"RGB", "L"}  # JPEG colour modes the device decoder turns into RGB itself
 
 
@@ -65,14 +68,17 @@ class DeviceDecoder:
         errors, error_types = error_columns(batch)
         on_device = [i for i in range(n) if errors[i] is None and self.device_can_decode(data[i])]
         decoded = self.decode_jpegs([data[i] for i in on_device])
-        for i, image in zip(on_device, decoded):
-            if image is not None:
-                heights[i], widths[i] = image.shape[-2:]
-                pixels[i] = self.resize_and_crop(image).permute(1, 2, 0)
+        hashes = [(content_hash(d) if errors[i] is None else None, None) for i, d in enumerate(data)]
+        done = [(i, image) for i, image in zip(on_device, decoded) if image is not None]
+        for (i, image), phash in zip(done, device_phashes([image for _, image in done])):
+            heights[i], widths[i] = image.shape[-2:]
+            pixels[i] = self.resize_and_crop(image).permute(1, 2, 0)
+            hashes[i] = (hashes[i][0], phash)
         on_cpu = [i for i in range(n) if errors[i] is None and (widths[i] == 0)]
         if on_cpu:
-            pixels = self.decode_on_cpu(on_cpu, data, pixels, widths, heights, errors, error_types, batch)
-        batch.update(image_width=widths, image_height=heights, error=errors, error_type=error_types)
+            pixels = self.decode_on_cpu(on_cpu, data, pixels, widths, heights, errors, error_types, batch, hashes)
+        batch.update(image_width=widths, image_height=heights, error=errors, error_type=error_types,
+                     **hash_columns(hashes))
         batch["pixels"] = pixels
         return batch
 
@@ -123,8 +129,9 @@ class DeviceDecoder:
             return image[..., top:top + p.crop_size, left:left + p.crop_size]
         return F.center_crop(image, [p.crop_size])
 
-    def decode_on_cpu(self, rows: list[int], data, pixels, widths, heights, errors, error_types, batch):
-        """Decodes these rows with Pillow into `pixels`; returns them (uint16 now if any of these is 16-bit)."""
+    def decode_on_cpu(self, rows: list[int], data, pixels, widths, heights, errors, error_types, batch, hashes):
+        """Decodes these rows with Pillow into `pixels` (and their phashes into `hashes`); returns the pixels
+        (uint16 now if any of these is 16-bit)."""
         encoded = np.empty(len(rows), dtype=object)
         encoded[:] = [data[i] for i in rows]
         sub = {"uri": batch["uri"][rows], "bytes": encoded,
@@ -143,4 +150,17 @@ class DeviceDecoder:
         for j, i in enumerate(rows):
             widths[i], heights[i] = out["image_width"][j], out["image_height"][j]
             errors[i], error_types[i] = out["error"][j], out["error_type"][j]
+            hashes[i] = (hashes[i][0], None if out["phash"][j] is None else int(out["phash"][j]))
         return pixels
+
+
+def device_phashes(images: list[torch.Tensor]) -> list[int]:
+    """The phash of each (3, H, W) uint8 image on the device: made grey (Pillow's luma) and 32 x 32 there, one
+    small copy to the host, then hashed by imagehash at that size (decode/hashes.py)."""
+    if not images:
+        return []
+    luma = torch.tensor(_LUMA, device=images[0].device).view(3, 1, 1)
+    small = torch.stack([F.resize((image.float() * luma).sum(0, keepdim=True), [_PHASH_SIDE, _PHASH_SIDE],
+                                  interpolation=InterpolationMode.BICUBIC, antialias=True) for image in images])
+    grey = small.round().clamp(0, 255).to(torch.uint8)[:, 0].cpu().numpy()
+    return [perceptual_hash(g) for g in grey]

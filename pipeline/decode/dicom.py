@@ -22,6 +22,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, iter_
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from pipeline.decode.hashes import content_hash, perceptual_hash
 from pipeline.job.rows import StageFailure
 from pipeline.privacy.identifying import KEY_TAGS
 from pipeline.privacy.redact import redact_dicom_values
@@ -64,7 +65,8 @@ def dicom_settings(cfg) -> DicomSettings | None:
 
 @dataclass
 class DicomImage:
-    frames: list[tuple[int, np.ndarray, tuple[int, int]]]  # (frame index, prepared pixels, (width, height))
+    # (frame index, prepared pixels, (width, height), (content_hash of the stored pixels, phash of the shown frame))
+    frames: list[tuple[int, np.ndarray, tuple[int, int], tuple[str, int]]]
     tags: dict[str, str | None]  # KEY_TAGS and the allow-listed ones
 
 
@@ -99,7 +101,8 @@ def read_dicom(data: bytes, settings: DicomSettings, max_pixels: int, force: boo
             frames = []
             for i, stored in zip(wanted, iter_pixels(ds, indices=wanted)):
                 shown = to_display(ds, i, stored, settings.window)
-                frames.append((i, prepare(shown), (shown.shape[1], shown.shape[0])))
+                hashes = (content_hash(np.ascontiguousarray(stored).tobytes()), perceptual_hash(shown))
+                frames.append((i, prepare(shown), (shown.shape[1], shown.shape[0]), hashes))
             return DicomImage(frames, tags)
     except StageFailure as exc:
         raise DicomFailure(exc.kind, str(exc), _tags_of(ds, settings)) from None

@@ -19,6 +19,7 @@ from functools import partial
 import numpy as np
 from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from pipeline.decode.hashes import content_hash, hash_columns, perceptual_hash
 from pipeline.job.rows import StageFailure, error_columns, fail
 from pipeline.job.stage import Batch, Resources, Stage
 from pipeline.privacy.identifying import KEY_TAGS, column_name
@@ -29,6 +30,9 @@ _RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.B
              "bicubic": Image.Resampling.BICUBIC}
 _LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601-2, as Pillow's convert("L")
 _PNG = b"\x89PNG\r\n\x1a\n"
+# One output row of a decoded input: (DICOM frame or None, prepared pixels, upright (width, height),
+# (content_hash, phash)); a failed row has no pixels, and no phash.
+Decoded = tuple[int | None, "np.ndarray | None", tuple[int, int], tuple["str | None", "int | None"]]
 DRAFT_GAP = 2  # a JPEG is decoded at a reduced scale only down to this many times the resize target
 
 
@@ -69,10 +73,10 @@ class Decoder(Stage):
     def process(self, batch: Batch) -> Batch:
         ImageFile.LOAD_TRUNCATED_IMAGES = False  # a global Pillow reads at decode time, in this worker
         errors, error_types = error_columns(batch)
-        rows: list[list[tuple[int | None, np.ndarray | None, tuple[int, int]]]] = []  # per input: its frames
+        rows: list[list[Decoded]] = []  # per input: its frames
         tags: list[dict] = []
         for i, data in enumerate(batch.pop("bytes")):
-            rows.append([(None, None, (0, 0))])
+            rows.append([(None, None, (0, 0), (None, None))])
             tags.append({})
             if errors[i] is not None:
                 continue
@@ -80,24 +84,25 @@ class Decoder(Stage):
                 rows[i], tags[i] = self.decode(data)
             except Exception as exc:  # noqa: BLE001 - any failure is this image's, not the job's
                 errors[i], error_types[i] = fail("decode", exc, partial(describe_decode_error, safe=self.safe_errors))
-                rows[i] = [(None, None, (0, 0))]
+                rows[i] = [(None, None, (0, 0), (content_hash(data) if data is not None else None, None))]
                 tags[i] = getattr(exc, "tags", {})  # a DICOM error row keeps its study, series and SOP UIDs
         counts = np.array([len(r) for r in rows])
         owner = np.repeat(np.arange(len(rows)), counts)  # output row -> input row
         if len(owner) != len(rows):
             batch.update({name: column[owner] for name, column in batch.items()})  # in place: callers hold it
         flat = [row for input_rows in rows for row in input_rows]
-        batch.update(pixels=self.stack([image for _, image, _ in flat]),
-                     image_width=np.array([w for _, _, (w, _) in flat], dtype=np.int32),
-                     image_height=np.array([h for _, _, (_, h) in flat], dtype=np.int32),
-                     error=errors[owner], error_type=error_types[owner])
+        batch.update(pixels=self.stack([image for _, image, _, _ in flat]),
+                     image_width=np.array([w for _, _, (w, _), _ in flat], dtype=np.int32),
+                     image_height=np.array([h for _, _, (_, h), _ in flat], dtype=np.int32),
+                     error=errors[owner], error_type=error_types[owner],
+                     **hash_columns([hashes for *_, hashes in flat]))
         if self.dicom is not None:
-            batch.update(dicom_columns(self.dicom, [f for f, _, _ in flat], [tags[i] for i in owner], counts[owner]))
+            batch.update(dicom_columns(self.dicom, [f for f, *_ in flat], [tags[i] for i in owner], counts[owner]))
         return batch
 
-    def decode(self, data: bytes) -> tuple[list[tuple[int | None, np.ndarray, tuple[int, int]]], dict]:
-        """[(frame, prepared pixels, (width, height))] and tags: one row at frame None for an ordinary image,
-        one per selected frame of a DICOM file."""
+    def decode(self, data: bytes) -> tuple[list[Decoded], dict]:
+        """[(frame, prepared pixels, (width, height), (content_hash, phash))] and tags: one row at frame None for
+        an ordinary image, one per selected frame of a DICOM file (hashing that frame's pixels)."""
         from pipeline.decode.dicom import is_dicom, read_dicom
 
         if not data:
@@ -123,7 +128,7 @@ class Decoder(Stage):
                     raise
                 raise UnidentifiedImageError() from None
             return dicom.frames, dicom.tags
-        return [(None, self.prepare(image), size)], {}
+        return [(None, self.prepare(image), size, (content_hash(data), perceptual_hash(image)))], {}
 
     def prepare(self, image: "Image.Image | np.ndarray") -> np.ndarray:
         """The model's channels, resized and cropped (whole, for a detector): (h, w, channels) uint8/uint16."""

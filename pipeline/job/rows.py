@@ -26,6 +26,15 @@ _PROVENANCE = [
     pa.field("weights", pa.string(), nullable=False),
     pa.field("run_id", pa.string(), nullable=False),
 ]
+# What identifies the input's content (decode/hashes.py), and where a copied prediction came from. Added after
+# outputs existed: a table written before them takes them on its next append (ADDED_COLUMNS).
+CONTENT_COLUMNS = [
+    pa.field("content_hash", pa.string()),  # BLAKE2b-128 hex of the bytes (a DICOM frame: of its pixels)
+    pa.field("phash", pa.int64()),  # imagehash's 64-bit pHash as signed int64; null where nothing was decoded
+    pa.field("reused_from", pa.string()),  # the uri whose prediction of the same bytes this row copies
+    pa.field("reused_run", pa.string()),  # that row's run_id
+]
+ADDED_COLUMNS = tuple(field.name for field in CONTENT_COLUMNS)
 CLASSIFICATION_COLUMNS = [
     pa.field("label", pa.string()),
     pa.field("score", pa.float32()),
@@ -47,13 +56,14 @@ DICOM_COLUMNS = [pa.field("frame", pa.int32()), pa.field("study_instance_uid", p
 def output_schema(task: str = "classification", predictions: bool = True, embedding_dim: int | None = None,
                   dicom_tags: list[str] | None = None) -> pa.Schema:
     """The Parquet schema of a row: identity (and DICOM keys), the model's columns, the embedding if any,
-    provenance, then the DICOM tags a job allow-lists (`dicom_tags` column names; None: not a DICOM job)."""
+    provenance and content hashes, then the DICOM tags a job allow-lists (`dicom_tags` column names; None: not a
+    DICOM job)."""
     model_columns = {"detection": DETECTION_COLUMNS, "zero_shot": CLASSIFICATION_COLUMNS + [TAGS]}.get(
         task, CLASSIFICATION_COLUMNS) if predictions else []
     embedding = [pa.field("embedding", pa.list_(pa.float32(), embedding_dim))] if embedding_dim else []
     dicom = DICOM_COLUMNS if dicom_tags is not None else []
     tags = [pa.field(name, pa.string()) for name in dicom_tags or []]
-    return pa.schema(_IDENTITY + dicom + model_columns + embedding + _PROVENANCE + tags)
+    return pa.schema(_IDENTITY + dicom + model_columns + embedding + _PROVENANCE + CONTENT_COLUMNS + tags)
 
 
 # A classification row, the default job's schema.

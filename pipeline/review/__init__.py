@@ -1,2 +1,3 @@
-"""The review loop on an output's tables: what people should look at goes out, their answers come back (`truth`),
-and sibling tables beside the output hold what the loop keeps. No Ray, no torch."""
+"""The review loop on the tables the pipeline writes: sibling tables beside an output (`tables.py`), near-duplicate
+groups (`dedup.py`), exports for reviewers (`export.py`: `selection`, `documents`, `label_studio`) and their answers
+brought back as ground truth."""

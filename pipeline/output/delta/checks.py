@@ -7,6 +7,7 @@ import os
 import pyarrow as pa
 
 from pipeline.io.storage import is_remote
+from pipeline.job.rows import ADDED_COLUMNS
 from pipeline.output.delta.table import RUN_DATE, DeltaLocation, delta_schema, partition_by, with_run_date_field
 from pipeline.output.formats import Partitioning
 from pipeline.job.errors import UserError
@@ -62,7 +63,7 @@ class DeltaChecks:
                 partitioning is not None and partitioning.run_date):
             expected = with_run_date_field(expected)
         want = {f.name: f.type for f in Schema.from_arrow(expected).fields}
-        missing = [n for n in want if n not in have]
+        missing = [n for n in want if n not in have and n not in ADDED_COLUMNS]  # those the append adds
         extra = [n for n in have if n not in want]
         differ = [n for n in want if n in have and want[n] != have[n]]
         parts = []

@@ -48,7 +48,7 @@ class DeltaCommitter:
                 # No retry inside delta-rs: its retry would commit at the next version without our fence, so a
                 # driver frozen past its lease mid-write would, thawed, commit its run a second time.
                 write_deltalake(
-                    self.location.uri, reader, mode=mode, schema_mode="overwrite" if commit.overwrite else None,
+                    self.location.uri, reader, mode=mode, schema_mode=_schema_mode(table, schema, commit.overwrite),
                     partition_by=partition_by(commit.partitioning) or None, storage_options=self.location.options,
                     configuration=TABLE_CONFIGURATION if table is None else None,
                     commit_properties=CommitProperties(
@@ -96,6 +96,16 @@ def _batches(commit: Commit, schema: pa.Schema, failure: list[BaseException]) ->
     except BaseException as exc:
         failure.append(exc)
         raise
+
+
+def _schema_mode(table, schema: pa.Schema, overwrite: bool) -> str | None:
+    """An overwrite replaces the schema; an append to a table written before the job's ADDED_COLUMNS merges them
+    in (the checks refused any other difference before the run)."""
+    if overwrite:
+        return "overwrite"
+    if table is not None and not set(schema.names) <= {f.name for f in table.schema().fields}:
+        return "merge"
+    return None
 
 
 def _now_precise() -> str:

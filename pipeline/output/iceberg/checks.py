@@ -7,6 +7,7 @@ import logging
 import pyarrow as pa
 
 from pipeline.io.storage import join
+from pipeline.job.rows import ADDED_COLUMNS
 from pipeline.output.formats import Commit, Partitioning
 from pipeline.output.iceberg.catalog import RUN_DATE, CatalogTable
 from pipeline.output.iceberg.snapshots import IcebergSnapshots
@@ -92,10 +93,12 @@ def check_partitioning(table, layout: Partitioning, identifier: str) -> None:
 
 
 def schema_problem(table_schema, job_schema: pa.Schema, extra: tuple[str, ...] = ()) -> str | None:
-    """Why rows of `job_schema` cannot be written to an Iceberg table of `table_schema` (None: they can)."""
+    """Why rows of `job_schema` cannot be written to an Iceberg table of `table_schema` (None: they can). The
+    ADDED_COLUMNS a table lacks are no reason: the commit adds them (`add_new_columns`)."""
     from pyiceberg.io.pyarrow import pyarrow_to_schema
 
     table_names = {f.name for f in table_schema.fields}
+    job_schema = pa.schema([f for f in job_schema if f.name in table_names or f.name not in ADDED_COLUMNS])
     missing = [n for n in job_schema.names if n not in table_names]
     if missing:
         return f"it has no column {', '.join(missing[:5])}"
@@ -115,3 +118,19 @@ def schema_problem(table_schema, job_schema: pa.Schema, extra: tuple[str, ...] =
     if unfilled:
         wrong.append(f"required column(s) {', '.join(unfilled[:5])} are not in the job's rows")
     return "; ".join(wrong[:3]) or None
+
+
+def add_new_columns(table, job_schema: pa.Schema):
+    """`table` with the ADDED_COLUMNS it lacks, added as optional columns in a schema update of their own ahead of
+    the run's snapshot (older data files read them as null); the table itself when it has them all."""
+    from pyiceberg.types import LongType, StringType
+
+    types = {pa.string(): StringType(), pa.int64(): LongType()}  # those of the ADDED_COLUMNS
+    have = {f.name for f in table.schema().fields}
+    new = [f for f in job_schema if f.name in ADDED_COLUMNS and f.name not in have]
+    if not new:
+        return table
+    with table.update_schema() as update:
+        for field in new:
+            update.add_column(field.name, types[field.type])
+    return table.refresh()

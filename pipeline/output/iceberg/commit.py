@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 
 from pipeline.output.formats import RECORD_KEY, RUN_ID_KEY, Commit, record_json
 from pipeline.output.iceberg.catalog import CatalogTable
-from pipeline.output.iceberg.checks import check_writable
+from pipeline.output.iceberg.checks import add_new_columns, check_writable
 from pipeline.output.iceberg.runs import RunCopies
 from pipeline.output.iceberg.snapshots import committed_record
 from pipeline.output.iceberg.upkeep import keep_copies, keep_own_copy, stage_expiry, warn
@@ -37,6 +37,7 @@ class IcebergCommitter:
         else:
             table = self.catalog_table.create(commit.schema, commit.partitioning)
         check_writable(table, commit, self.catalog_table.identifier)
+        table = add_new_columns(table, commit.schema)
 
         attempt = uuid.uuid4().hex[:8]
         data_files = []
