@@ -313,6 +313,14 @@ DETECTIONS = {URIS[0]: [box("cat", 1, 1, 10, 10, 0.9), box("cat", 50, 50, 60, 60
               URIS[2]: [box("dog", 5, 5, 20, 20, 0.3)]}
 
 
+def test_two_detectors_on_the_reviewed_images_both_predicted():
+    answers = {uri: (None, boxes) for uri, boxes in TRUTH_BOXES.items()}
+    new = {uri: {"detections": found, "error_type": None} for uri, found in DETECTIONS.items()}
+    old = {uri: {"detections": found[:1], "error_type": None} for uri, found in DETECTIONS.items() if uri != URIS[2]}
+    v = compare("new", "old", answers, new, old)  # on URIS[0:2]: new's dog ranks a miss first (AP 0.5), old's misses
+    assert (v.inputs, v.metric, v.score, v.other_score) == (2, "mAP@0.5", pytest.approx(0.75), pytest.approx(0.5))
+
+
 def test_map_at_50_by_hand_and_as_cocoeval_reads_coco_files(tmp_path):
     """cat: its one box found first (AP 1); dog: a miss scored above the hit and one in an empty image below it
     (precision 1/2 at recall 1: AP 0.5); mAP 0.75. COCOeval itself, on files, gives the same AP@0.5."""
