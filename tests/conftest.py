@@ -39,7 +39,7 @@ os.environ["TORCH_HOME"] = TORCH_HOME
 LANES = {
     "unit": ("test_cli_errors", "test_config", "test_decode", "test_dicom", "test_distinct", "test_faults_proxy",
              "test_folding", "test_format_delta", "test_format_iceberg", "test_layout", "test_model",
-             "test_odd_files", "test_progress", "test_run", "test_progress_bar", "test_report_truth", "test_review_tables",
+             "test_odd_files", "test_progress", "test_run", "test_progress_bar", "test_report_truth", "test_review_tables", "test_dedup",
              "test_run_keys", "test_sink", "test_storage"),
     "cluster": ("test_autoscaling", "test_cluster", "test_submit"),
     "kill": ("test_crash", "test_incremental", "test_backfill_medical", "test_privacy", "test_faults",
