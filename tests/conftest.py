@@ -38,10 +38,9 @@ os.environ["TORCH_HOME"] = TORCH_HOME
 # `e2e`, and a test may name its own lane (`@pytest.mark.kill`).
 LANES = {
     "unit": ("test_cli_errors", "test_config", "test_decode", "test_dicom", "test_distinct", "test_faults_proxy",
-             "test_folding", "test_format_delta", "test_format_iceberg", "test_hashes", "test_layout", "test_model",
-             "test_odd_files", "test_progress", "test_run", "test_progress_bar", "test_report_truth",
-             "test_review_tables", "test_run_keys", "test_sink", "test_storage",
-             "test_review_selection", "test_truth"),
+             "test_dedup", "test_folding", "test_format_delta", "test_format_iceberg", "test_hashes", "test_layout",
+             "test_model", "test_odd_files", "test_progress", "test_run", "test_progress_bar", "test_report_truth",
+             "test_review_selection", "test_review_tables", "test_run_keys", "test_sink", "test_storage", "test_truth"),
     "cluster": ("test_autoscaling", "test_cluster", "test_submit"),
     "kill": ("test_crash", "test_incremental", "test_backfill_medical", "test_privacy", "test_faults",
              "test_least_privilege", "test_output", "test_privacy_spellings"),

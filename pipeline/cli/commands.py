@@ -57,11 +57,23 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--limit", type=int, default=20, help="how many images (default 20)")
     search.add_argument("-o", "--out", metavar="FILE.html", help="also write a page with their thumbnails")
 
+    add_dedup_command(commands)
     add_export_command(commands)
     add_truth_parser(commands)
     demo = commands.add_parser("demo", help="train a digits CNN, serve images from a local S3, run a job")
     demo.add_argument("--keep", metavar="DIR", help="also copy the Parquet output to this local folder")
     return parser
+
+
+def add_dedup_command(commands) -> None:
+    dedup = commands.add_parser("dedup", help="near-duplicate groups of the output's live rows (pHash, embeddings), "
+                                "written beside it as OUTPUT_dedup")
+    add_output_flags(dedup)
+    dedup.add_argument("--run", metavar="RUN_ID", help="only this committed run's rows (default: every live run)")
+    dedup.add_argument("--max-distance", type=int, default=8, metavar="D",
+                       help="pHash Hamming distance (of 64 bits) within which images are near-duplicates (default 8)")
+    dedup.add_argument("--min-similarity", type=float, default=0.95, metavar="S",
+                       help="embedding cosine similarity from which images are near-duplicates (default 0.95)")
 
 
 def add_export_command(commands) -> None:
@@ -150,6 +162,8 @@ def main(argv: list[str] | None = None, own_streams: bool = False) -> int:
             return _search(args)
         if args.command == "export":
             return _export(args)
+        if args.command == "dedup":
+            return _dedup(args)
         if args.command == "truth":
             return _truth_import(args)
         from pipeline.dev.demo import run_demo
@@ -290,6 +304,15 @@ def _export(args: argparse.Namespace) -> int:
     selection = Selection.parse(args.select, args.by, args.per_label, args.band)
     request = ExportRequest(args.to, selection, args.run, args.presign, args.out)
     print(export(_open_output(args), request))
+    return 0
+
+
+def _dedup(args: argparse.Namespace) -> int:
+    from pipeline.review.dedup import dedup
+
+    result = dedup(_open_output(args), args.run, args.max_distance, args.min_similarity)
+    print(f"{result.groups} near-duplicate group(s), {result.rows_in_groups} of {result.rows} row(s) in groups: "
+          f"written to {result.table.describe()}")
     return 0
 
 

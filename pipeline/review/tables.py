@@ -164,7 +164,11 @@ class IcebergSibling(SiblingTable):
         self.identifier = identifier
 
     def overwrite(self, rows: pa.Table) -> None:
-        self._table(rows.schema).overwrite(rows)
+        table = self._table(rows.schema)
+        if table.current_snapshot() is None:  # nothing to replace (pyiceberg would warn of a delete matching nothing)
+            table.append(rows)
+        else:
+            table.overwrite(rows)
 
     def append(self, rows: pa.Table) -> None:
         self._table(rows.schema).append(rows)
