@@ -16,7 +16,7 @@ from pipeline.io.storage import Storage
 from pipeline.models.reuse import COMMITTED, MODEL_SECONDS
 from pipeline.output.reuse import ReuseSources
 
-HOLD_ROWS = 4096  # rows waiting for a source, filled together in one pass over the sources
+HOLD_ROWS = 65_536  # rows waiting for a source (~300 bytes each), filled together in one pass over the sources
 SOURCE_MISSING = "model.reuse_source_missing"
 
 
