@@ -52,7 +52,8 @@ class ReuseFiller:
         if not pc.any(waiting).as_py():
             return [self._counted(batch)]
         self._held.append(batch.filter(waiting))
-        ready = [self._counted(batch.filter(pc.invert(waiting)))]
+        rest = batch.filter(pc.invert(waiting))
+        ready = [self._counted(rest)] if rest.num_rows else []
         return ready + self.release() if sum(t.num_rows for t in self._held) >= HOLD_ROWS else ready
 
     def release(self) -> list[pa.Table]:
