@@ -17,6 +17,7 @@ from pydicom.uid import RLELossless
 
 from conftest import encode, encoded_batch, photo
 from dicom_files import dicom_bytes
+from pipeline.cli.commands import main
 from pipeline.decode.dicom import DicomSettings
 from pipeline.decode.hashes import content_hash, hamming, perceptual_hash
 from pipeline.decode.image import Decoder, Preprocess
@@ -134,11 +135,11 @@ def test_rows_hold_the_hashes_and_a_failed_row_no_phash(classifier_files, inputs
 
 @pytest.mark.parametrize("fmt", ["parquet", "delta", "iceberg"])
 def test_an_output_written_before_the_hash_columns_takes_appends(classifier_files, inputs, tmp_path, monkeypatch,
-                                                                 fmt):
+                                                                 capsys, fmt):
     output = str(tmp_path / "out")
     with monkeypatch.context() as before:  # the schema as it was before these columns
         before.setattr(row_schema, "CONTENT_COLUMNS", [])
-        run(classifier_files, str(inputs), output, fmt)
+        first = run(classifier_files, str(inputs), output, fmt)
     assert "content_hash" not in pa.Table.from_pylist(read_rows(output, fmt)).column_names
     (inputs / "new.png").write_bytes(encode(photo(seed=7), "PNG"))
     summary = run(classifier_files, str(inputs), output, fmt)
@@ -146,6 +147,9 @@ def test_an_output_written_before_the_hash_columns_takes_appends(classifier_file
     rows = {r["uri"].rsplit("/", 1)[1]: r for r in read_rows(output, fmt)}
     assert len(rows) == 5 and rows["new.png"]["content_hash"] == content_hash((inputs / "new.png").read_bytes())
     assert rows["0.png"]["content_hash"] is None and rows["0.png"]["phash"] is None
+    # `pipeline runs` and `pipeline report` read the table whose rows differ in columns
+    assert main(["runs", output, "--no-listing"]) == 0 and first.run_id in capsys.readouterr().out
+    assert main(["report", output, "--against", first.run_id, "-o", str(tmp_path / "report.html")]) == 0
 
 
 def test_the_device_decoder_hashes_as_the_pillow_decoder_does():
