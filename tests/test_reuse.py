@@ -17,7 +17,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import encode, photo
+from conftest import encode, photo, photo_jpeg
 from counting_model import images_seen
 from pipeline.decode.hashes import content_hash
 from pipeline.job.config import load_job
@@ -124,7 +124,11 @@ def test_killed_and_resumed_each_input_once_and_no_staged_content_predicted_agai
         assert sum(r["reused_from"] is not None for r in pair) >= 1
 
 
-def test_on_ray_committed_content_is_copied_and_another_model_identity_copies_nothing_of_it(tmp_path, ray_session):
+def test_on_ray_a_content_is_predicted_once_across_actors_and_never_for_another_model_identity(tmp_path,
+                                                                                               ray_session):
+    """Two model actors share the run's claims (its ledger): photo-sized inputs reach both, each content under two
+    keys, plus committed contents under new keys. Then another model identity on the same output reuses nothing of
+    the first, only its own repeats."""
     from pipeline.ray.executor import run_on_ray
     from pipeline.run.inline import InlineExecutor
     from pipeline.run.job import run_job
@@ -137,22 +141,26 @@ def test_on_ray_committed_content_is_copied_and_another_model_identity_copies_no
 
     def job(model: dict = MODEL):
         spec = tmp_path / "job.json"
-        spec.write_text(json.dumps({"model": model, "compute": {"min_actors": 1, "max_actors": 1}}))
-        return load_job(str(spec), {"input": str(folder), "output": output, "batch_size": 2})
+        spec.write_text(json.dumps({"model": model, "compute": {"min_actors": 2, "max_actors": 2}}))
+        return load_job(str(spec), {"input": str(folder), "output": output, "batch_size": 4})
 
     run_job(job(), InlineExecutor(), io.StringIO())
     for seed in range(3):
         (folder / f"copy {seed}.png").write_bytes(image(seed))
-        (folder / f"twice {seed}.png").write_bytes(image(seed + 10))
-        (folder / f"again {seed}.png").write_bytes(image(seed + 10))
-    # (The session's Ray workers do not see a PIPELINE_TEST_CALLS set now: the local tests above count calls.)
+    for seed in range(20):  # ~14 photos a 1 MiB block: blocks for both actors
+        for key in "ab":
+            (folder / f"{key} {seed:02d}.jpg").write_bytes(photo_jpeg(seed))
     summary = run_on_ray(job(), out=io.StringIO())
-    assert summary.reused == 6 and summary.predicted == 9  # 3 committed contents, 3 repeated in this run
+    # (The session's Ray workers do not see a PIPELINE_TEST_CALLS set now; a copy skips the model: reuse.py.)
+    assert (summary.inputs, summary.reused) == (43, 3 + 20)
     rows = {r["uri"].rsplit("/", 1)[1]: r for r in pads.dataset(output).to_table().to_pylist()}
     assert all(rows[f"copy {s}.png"]["reused_from"] == str(folder / f"{s}.png") for s in range(3))
+    for seed in range(20):
+        pair = [rows[f"{key} {seed:02d}.jpg"] for key in "ab"]
+        assert pair[0]["score"] == pair[1]["score"] and sum(r["reused_from"] is None for r in pair) == 1
 
     other = {**MODEL, "preprocess": {"resize_size": 40, "crop_size": 32}}  # another model identity, same output
     again = run_on_ray(job(other), out=io.StringIO())
-    assert again.inputs == 12 and again.reused == 6  # its 6 contents once each; their repeats in its run copied
+    assert (again.inputs, again.reused) == (46, 23)  # its 23 contents once each; their repeats in its run copied
     table = pads.dataset(output).to_table().to_pylist()
     assert {r["reused_run"] for r in table if r["run_id"] == again.run_id} == {None, again.run_id}

@@ -27,6 +27,7 @@ class ModelInference(Stage):
     """Predictions for a batch: decode (when this stage decodes), then the classifier or detector."""
     name = "model"
     isolates_crashes = True
+    claims_content = True  # given an engine's claims across processes (`use_claims`), a content is predicted once
 
     def __init__(self, spec: ModelSpec, storage: Storage, resources: Resources, decoder: Decoder | None = None,
                  known_content: np.ndarray | None = None, **options):
@@ -40,6 +41,11 @@ class ModelInference(Stage):
         # Exact duplicates copied, not predicted (models/reuse.py); None: every row predicted (a DICOM or
         # pseudonymised job). `known_content`: sorted 16-byte hashes this model identity already predicted.
         self.reuse = ContentReuse(known_content) if known_content is not None else None
+
+    def use_claims(self, claim: Callable[[list[str], list[str]], list[bool]]) -> None:
+        """Contents this process would predict are claimed first (models/reuse.ClaimBook); a lost claim is a copy."""
+        if self.reuse is not None:
+            self.reuse.claim = claim
 
     @property
     def model_class(self) -> type[ModelStage]:

@@ -1,7 +1,8 @@
 """Exact duplicates not recomputed, in the model process: a row whose `content_hash` this process already predicted
 (a bounded cache of recent predictions) or that an earlier batch row shares is copied, not predicted; one whose hash
-the same model identity predicted before (a committed run, or an interrupted attempt's staged rows: `known`) is left
-for the driver to fill (`reused_from` = COMMITTED; run/reuse.py). Both leave the model uncalled for the row.
+the same model identity predicted before (a committed run, or an interrupted attempt's staged rows: `known`), or
+that another model process of the run claimed first (`ClaimBook`, in Ray's ledger actor), is left for the driver to
+fill (`reused_from` = COMMITTED; run/reuse.py). Each leaves the model uncalled for the row.
 Why and what it keeps: README ("Exact duplicates").
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from typing import Callable
 
 import numpy as np
 
@@ -18,6 +20,7 @@ COMMITTED = ""  # `reused_from` of a row the driver fills from an earlier row wi
 MODEL_SECONDS = "model_seconds"  # per predicted row: its share of its batch's model time (not an output column)
 DUPLICATE_FAILED = "model.duplicate_failed"
 CACHE_ENTRIES = 65_536  # recent predictions kept per process: a few hundred bytes each
+CLAIMS_KEPT = 500_000  # contents whose first claimant a run's ledger remembers: ~150 bytes each
 
 
 class ContentReuse:
@@ -29,6 +32,7 @@ class ContentReuse:
         self.known = known
         self.capacity = capacity
         self.cache: OrderedDict[str, tuple[str, dict]] = OrderedDict()  # content hash -> (uri, its predictions)
+        self.claim: Callable[[list[str], list[str]], list[bool]] | None = None  # ClaimBook.claim, across processes
 
     def is_known(self, content: str) -> bool:
         if not len(self.known):
@@ -60,6 +64,10 @@ class ContentReuse:
                 first[content] = i
                 continue
             copies.append((i, source))
+        if self.claim is not None and first:
+            for content, mine in zip(first, self.claim(list(first), [batch["uri"][i] for i in first.values()])):
+                if not mine:  # another process predicts it: the driver copies its row
+                    reused[first[content]] = COMMITTED
         batch["reused_from"] = reused
         return copies
 
@@ -87,6 +95,25 @@ class ContentReuse:
         self.cache.move_to_end(content)
         if len(self.cache) > self.capacity:
             self.cache.popitem(last=False)
+
+
+class ClaimBook:
+    """Which input of a run predicts each content, across its model processes: the first to claim it (or that same
+    input again, its batch rerun after its process died). Bounded: a content forgotten is predicted again."""
+
+    def __init__(self, capacity: int = CLAIMS_KEPT):
+        self.capacity = capacity
+        self.owners: OrderedDict[bytes, int] = OrderedDict()  # 16-byte content hash -> hash of its claimant's uri
+
+    def claim(self, contents: list[str], uris: list[str]) -> list[bool]:
+        """Per content: whether `uris`' input predicts it."""
+        mine = []
+        for content, uri in zip(contents, uris):
+            owner = self.owners.setdefault(bytes.fromhex(content), hash(uri))
+            mine.append(owner == hash(uri))
+            if len(self.owners) > self.capacity:
+                self.owners.popitem(last=False)
+        return mine
 
 
 def _copy(value):

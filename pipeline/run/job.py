@@ -53,7 +53,8 @@ def run_job(cfg: JobConfig, executor: Executor, out: TextIO, progress_interval: 
         rows = executor.run(plan, cfg.output.uri)
         samples = ProgressSamples()
         interval = progress_interval or (0.5 if out.isatty() else 5.0)
-        reuse = ReuseFiller(plan.reuse, storage, output.run_id, [c for c in schema.names if c in PREDICTION_COLUMNS])
+        reuse = ReuseFiller(plan.reuse, storage, output.run_id, [c for c in schema.names if c in PREDICTION_COLUMNS],
+                            sink.staged)
         tally, status, message = stream_rows(rows, sink, output.lease, cfg.errors, out, interval, prepare, timeline,
                                              samples, reuse)
         timeline.mark("last_row")
