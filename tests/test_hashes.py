@@ -166,3 +166,19 @@ def test_the_device_decoder_hashes_as_the_pillow_decoder_does():
     # JPEGs: made small on the device (bicubic, not imagehash's Lanczos): the same hash but for a few bits
     distances = hamming(on_device["phash"][:4].astype(np.int64), on_cpu["phash"][:4].astype(np.int64))
     assert distances.max() <= 6
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "delta", "iceberg"])
+def test_a_committed_row_is_copied_to_new_keys_of_its_bytes_in_every_format(classifier_files, inputs, tmp_path, fmt):
+    output = str(tmp_path / "out")
+    first = run(classifier_files, str(inputs), output, fmt)
+    (inputs / "copy of 1.png").write_bytes((inputs / "1.png").read_bytes())
+    (inputs / "copy of truncated.jpg").write_bytes((inputs / "truncated.jpg").read_bytes())  # an error: no source
+    second = run(classifier_files, str(inputs), output, fmt)
+    assert (second.inputs, second.reused) == (2, 1)
+    rows = {r["uri"].rsplit("/", 1)[1]: r for r in read_rows(output, fmt)}
+    copy, source = rows["copy of 1.png"], rows["1.png"]
+    assert (copy["reused_from"], copy["reused_run"]) == (source["uri"], first.run_id)
+    assert (copy["label"], copy["score"], copy["topk_labels"]) == (source["label"], source["score"],
+                                                                    source["topk_labels"])
+    assert rows["copy of truncated.jpg"]["error_type"] == "decode.truncated"
