@@ -182,3 +182,16 @@ def test_a_committed_row_is_copied_to_new_keys_of_its_bytes_in_every_format(clas
     assert (copy["label"], copy["score"], copy["topk_labels"]) == (source["label"], source["score"],
                                                                     source["topk_labels"])
     assert rows["copy of truncated.jpg"]["error_type"] == "decode.truncated"
+
+
+def test_a_lost_claim_leaves_the_content_and_its_copies_in_the_batch_to_the_driver():
+    from pipeline.models.reuse import COMMITTED, ContentReuse
+
+    reuse = ContentReuse(np.array([], dtype="S16"))
+    reuse.claim = lambda contents, uris: [c != content_hash(b"b") for c in contents]  # another process has b
+    n = 4
+    batch = {"uri": np.array(["a1", "b1", "a2", "b2"], dtype=object),
+             "content_hash": np.array([content_hash(x) for x in (b"a", b"b", b"a", b"b")], dtype=object),
+             "error": np.full(n, None, dtype=object), "error_type": np.full(n, None, dtype=object)}
+    copies = reuse.mark(batch)
+    assert list(batch["reused_from"]) == [None, COMMITTED, "a1", COMMITTED] and copies == [(2, 0)]

@@ -65,11 +65,22 @@ class ContentReuse:
                 continue
             copies.append((i, source))
         if self.claim is not None and first:
-            for content, mine in zip(first, self.claim(list(first), [batch["uri"][i] for i in first.values()])):
-                if not mine:  # another process predicts it: the driver copies its row
-                    reused[first[content]] = COMMITTED
+            copies = self._claim(batch, first, reused, copies)
         batch["reused_from"] = reused
         return copies
+
+    def _claim(self, batch: dict, first: dict[str, int], reused: np.ndarray,
+               copies: list[tuple[int, int | str]]) -> list[tuple[int, int | str]]:
+        """Claims the contents this batch would predict; those another process claimed first, and this batch's
+        copies of them, are left to the driver (it copies that process's row). Returns the copies still made here."""
+        mine = self.claim(list(first), [batch["uri"][i] for i in first.values()])
+        lost = {row for row, won in zip(first.values(), mine) if not won}
+        for row in lost:
+            reused[row] = COMMITTED
+        for row, source in copies:
+            if source in lost:
+                reused[row] = COMMITTED
+        return [(row, source) for row, source in copies if source not in lost]
 
     def fill(self, batch: dict, copies: list[tuple[int, int | str]], columns: list[str]) -> None:
         """Copies the model's `columns` into each copy row (a failed source: an error row saying so), and caches
