@@ -17,6 +17,7 @@ from pydicom.uid import RLELossless
 
 from conftest import encode, encoded_batch, photo
 from dicom_files import dicom_bytes
+from pipeline.cli.commands import main
 from pipeline.decode.dicom import DicomSettings
 from pipeline.decode.hashes import content_hash, hamming, perceptual_hash
 from pipeline.decode.image import Decoder, Preprocess
@@ -134,11 +135,11 @@ def test_rows_hold_the_hashes_and_a_failed_row_no_phash(classifier_files, inputs
 
 @pytest.mark.parametrize("fmt", ["parquet", "delta", "iceberg"])
 def test_an_output_written_before_the_hash_columns_takes_appends(classifier_files, inputs, tmp_path, monkeypatch,
-                                                                 fmt):
+                                                                 capsys, fmt):
     output = str(tmp_path / "out")
     with monkeypatch.context() as before:  # the schema as it was before these columns
         before.setattr(row_schema, "CONTENT_COLUMNS", [])
-        run(classifier_files, str(inputs), output, fmt)
+        first = run(classifier_files, str(inputs), output, fmt)
     assert "content_hash" not in pa.Table.from_pylist(read_rows(output, fmt)).column_names
     (inputs / "new.png").write_bytes(encode(photo(seed=7), "PNG"))
     summary = run(classifier_files, str(inputs), output, fmt)
@@ -146,6 +147,9 @@ def test_an_output_written_before_the_hash_columns_takes_appends(classifier_file
     rows = {r["uri"].rsplit("/", 1)[1]: r for r in read_rows(output, fmt)}
     assert len(rows) == 5 and rows["new.png"]["content_hash"] == content_hash((inputs / "new.png").read_bytes())
     assert rows["0.png"]["content_hash"] is None and rows["0.png"]["phash"] is None
+    # `pipeline runs` and `pipeline report` read the table whose rows differ in columns
+    assert main(["runs", output, "--no-listing"]) == 0 and first.run_id in capsys.readouterr().out
+    assert main(["report", output, "--against", first.run_id, "-o", str(tmp_path / "report.html")]) == 0
 
 
 def test_the_device_decoder_hashes_as_the_pillow_decoder_does():
@@ -162,3 +166,32 @@ def test_the_device_decoder_hashes_as_the_pillow_decoder_does():
     # JPEGs: made small on the device (bicubic, not imagehash's Lanczos): the same hash but for a few bits
     distances = hamming(on_device["phash"][:4].astype(np.int64), on_cpu["phash"][:4].astype(np.int64))
     assert distances.max() <= 6
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "delta", "iceberg"])
+def test_a_committed_row_is_copied_to_new_keys_of_its_bytes_in_every_format(classifier_files, inputs, tmp_path, fmt):
+    output = str(tmp_path / "out")
+    first = run(classifier_files, str(inputs), output, fmt)
+    (inputs / "copy of 1.png").write_bytes((inputs / "1.png").read_bytes())
+    (inputs / "copy of truncated.jpg").write_bytes((inputs / "truncated.jpg").read_bytes())  # an error: no source
+    second = run(classifier_files, str(inputs), output, fmt)
+    assert (second.inputs, second.reused) == (2, 1)
+    rows = {r["uri"].rsplit("/", 1)[1]: r for r in read_rows(output, fmt)}
+    copy, source = rows["copy of 1.png"], rows["1.png"]
+    assert (copy["reused_from"], copy["reused_run"]) == (source["uri"], first.run_id)
+    assert (copy["label"], copy["score"], copy["topk_labels"]) == (source["label"], source["score"],
+                                                                    source["topk_labels"])
+    assert rows["copy of truncated.jpg"]["error_type"] == "decode.truncated"
+
+
+def test_a_lost_claim_leaves_the_content_and_its_copies_in_the_batch_to_the_driver():
+    from pipeline.models.reuse import COMMITTED, ContentReuse
+
+    reuse = ContentReuse(np.array([], dtype="S16"))
+    reuse.claim = lambda contents, uris: [c != content_hash(b"b") for c in contents]  # another process has b
+    n = 4
+    batch = {"uri": np.array(["a1", "b1", "a2", "b2"], dtype=object),
+             "content_hash": np.array([content_hash(x) for x in (b"a", b"b", b"a", b"b")], dtype=object),
+             "error": np.full(n, None, dtype=object), "error_type": np.full(n, None, dtype=object)}
+    copies = reuse.mark(batch)
+    assert list(batch["reused_from"]) == [None, COMMITTED, "a1", COMMITTED] and copies == [(2, 0)]

@@ -47,6 +47,10 @@ DETECTION = pa.struct([pa.field("label", pa.string()), pa.field("score", pa.floa
 DETECTION_COLUMNS = [pa.field("detections", pa.list_(DETECTION)), pa.field("num_detections", pa.int32())]
 
 
+# What a model writes into a row: a copy of an exact duplicate copies these.
+PREDICTION_COLUMNS = tuple(f.name for f in CLASSIFICATION_COLUMNS + [TAGS] + DETECTION_COLUMNS) + ("embedding",)
+
+
 # A DICOM job's keys: with `uri`, (uri, frame) is unique; the UIDs tie rows to studies and series.
 DICOM_COLUMNS = [pa.field("frame", pa.int32()), pa.field("study_instance_uid", pa.string()),
                  pa.field("series_instance_uid", pa.string()), pa.field("sop_instance_uid", pa.string()),

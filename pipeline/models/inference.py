@@ -11,9 +11,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
+import numpy as np
+
 from pipeline.decode.image import Decoder
 from pipeline.io.storage import Storage
 from pipeline.job.stage import Batch, Resources, Stage
+from pipeline.models.reuse import ContentReuse, timed
 
 if TYPE_CHECKING:
     from pipeline.models.spec import ModelSpec
@@ -24,9 +27,10 @@ class ModelInference(Stage):
     """Predictions for a batch: decode (when this stage decodes), then the classifier or detector."""
     name = "model"
     isolates_crashes = True
+    claims_content = True  # given an engine's claims across processes (`use_claims`), a content is predicted once
 
     def __init__(self, spec: ModelSpec, storage: Storage, resources: Resources, decoder: Decoder | None = None,
-                 **options):
+                 known_content: np.ndarray | None = None, **options):
         self.spec = spec
         self.storage = storage
         self.resources = resources
@@ -34,6 +38,14 @@ class ModelInference(Stage):
         self.options = options  # precision, channels_last, num_threads, max_batch_megapixels (ModelStage's)
         self.model: ModelStage | None = None
         self.decode: Callable[[Batch], Batch] | None = None
+        # Exact duplicates copied, not predicted (models/reuse.py); None: every row predicted (a DICOM or
+        # pseudonymised job). `known_content`: sorted 16-byte hashes this model identity already predicted.
+        self.reuse = ContentReuse(known_content) if known_content is not None else None
+
+    def use_claims(self, claim: Callable[[list[str], list[str]], list[bool]]) -> None:
+        """Contents this process would predict are claimed first (models/reuse.ClaimBook); a lost claim is a copy."""
+        if self.reuse is not None:
+            self.reuse.claim = claim
 
     @property
     def model_class(self) -> type[ModelStage]:
@@ -60,7 +72,12 @@ class ModelInference(Stage):
             self.setup()
         if self.decode is not None:
             batch = self.decode(batch)
-        return self.model(batch)
+        if self.reuse is None:
+            return timed(self.model, batch)
+        copies = self.reuse.mark(batch)
+        batch = timed(self.model, batch)
+        self.reuse.fill(batch, copies, list(self.model.empty_columns(0)))
+        return batch
 
 
 def decoder_on(model: ModelStage, decoder: Decoder | None, on_device: bool) -> Callable[[Batch], Batch] | None:

@@ -56,7 +56,8 @@ class ModelStage:
         pixels = batch.pop("pixels")
         errors, error_types = error_columns(batch)
         columns = self.empty_columns(len(errors))
-        rows = np.flatnonzero([e is None for e in errors])
+        reused = batch.get("reused_from", [None] * len(errors))  # copies of another row's prediction (reuse.py)
+        rows = np.flatnonzero([e is None and r is None for e, r in zip(errors, reused)])
         if len(rows):
             if len(rows) < len(errors):
                 pixels = _select(pixels, rows)

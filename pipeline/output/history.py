@@ -140,7 +140,8 @@ def split_done(rows: pa.Table) -> tuple[np.ndarray, np.ndarray]:
 
 KEY_COLUMNS = ["uri", "etag", "last_modified", "size", "error", "error_type"]
 # Failures that say nothing about the input itself: the next run tries such inputs again by default.
-TRANSIENT_ERRORS = ["read.io_error"]
+# A copy of a duplicate whose source failed, or was gone when it was looked up (run/reuse.py), is one too.
+TRANSIENT_ERRORS = ["read.io_error", "model.duplicate_failed", "model.reuse_source_missing"]
 
 
 def done_rows(storage: Storage, committed: TableRows | None, with_errors: bool,

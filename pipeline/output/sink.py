@@ -74,6 +74,11 @@ class StagingSink:
                 self._partial[uri] = held
         return pa.concat_tables(complete, promote_options="permissive")
 
+    def staged(self) -> list[str]:
+        """The chunks of every row added so far (what is pending flushed first)."""
+        self.flush()
+        return list(self.written)
+
     def release_partial(self) -> pa.Table | None:
         """At the end of the stream: rows of inputs still incomplete (none, unless a frame was lost)."""
         held = [t for tables in self._partial.values() for t in tables]

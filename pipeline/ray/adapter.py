@@ -81,6 +81,8 @@ class StageActor:
         if ledger is not None:  # a process that dies setting the stage up is restarted by Ray: bounded here
             ledger.building()
         stage.setup()
+        if ledger is not None and getattr(stage, "claims_content", False):  # one model call per content in the run
+            stage.use_claims(ledger.claim)
         self.stage = stage
         self.latency = BatchLatency(stage.name)
         self.run = Isolated(self.timed, ledger, stage.name) if ledger is not None else self.timed

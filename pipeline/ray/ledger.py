@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ray
 
+from pipeline.models.reuse import ClaimBook
 from pipeline.run.isolation import BuildBook, LedgerBook, ModelBuildCrashed
 from pipeline.run.counts import ListingCounts
 
@@ -24,6 +25,10 @@ class BatchLedger(ListingCounts):
         super().__init__()
         self.books = {"model": LedgerBook(), "decode": LedgerBook()}
         self.builds = BuildBook()
+        self.claims = ClaimBook()
+
+    def claim(self, contents: list[str], uris: list[str]) -> list[bool]:
+        return self.claims.claim(contents, uris)
 
     def start(self, stage: str, worker: str, uris: list[str]) -> bool:
         return self.books[stage].start(worker, uris)
@@ -84,6 +89,9 @@ class RayLedger:
 
     def finish(self, uris: list[str]) -> None:
         self.actor.finish.remote(self.stage, self.worker(), uris)
+
+    def claim(self, contents: list[str], uris: list[str]) -> list[bool]:
+        return ray.get(self.actor.claim.remote(contents, uris))
 
     def building(self) -> None:
         try:

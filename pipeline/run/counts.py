@@ -24,6 +24,7 @@ class Tally(RowCounts):
         self.done = 0  # inputs
         self.detections: int | None = None  # a detection job's boxes, and the images with any
         self.images_with_detections = 0
+        self.reuse = None  # run/reuse.ReuseCounts: copies of exact duplicates, and the model time they saved
         self._lock = threading.Lock()
 
     def add(self, batch: pa.Table) -> tuple[int, int]:

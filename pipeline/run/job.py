@@ -10,6 +10,7 @@ from pipeline.io.storage import Storage, absolute
 from pipeline.io.uris import is_remote
 from pipeline.job.config import JobConfig
 from pipeline.job.errors import JobStopped
+from pipeline.job.rows import PREDICTION_COLUMNS
 from pipeline.output import RunOutput, RunPolicy, open_output
 from pipeline.output.identity import job_schema, run_identity
 from pipeline.output.sink import StagingSink
@@ -17,6 +18,7 @@ from pipeline.privacy.pseudonyms import (PseudonymMap, Pseudonymizer, RowPseudon
                                          row_pseudonymizer)
 from pipeline.run.checks import check_storage
 from pipeline.run.drain import stream_rows
+from pipeline.run.reuse import ReuseFiller
 from pipeline.run.executor import Executor
 from pipeline.run.plan import plan_stages
 from pipeline.run.progress import ProgressSamples, Timeline
@@ -51,8 +53,10 @@ def run_job(cfg: JobConfig, executor: Executor, out: TextIO, progress_interval: 
         rows = executor.run(plan, cfg.output.uri)
         samples = ProgressSamples()
         interval = progress_interval or (0.5 if out.isatty() else 5.0)
+        reuse = ReuseFiller(plan.reuse, storage, output.run_id, [c for c in schema.names if c in PREDICTION_COLUMNS],
+                            sink.staged)
         tally, status, message = stream_rows(rows, sink, output.lease, cfg.errors, out, interval, prepare, timeline,
-                                             samples)
+                                             samples, reuse)
         timeline.mark("last_row")
         progress = samples.record(tally.elapsed, tally.rows)
         record = output.on_write_complete(sink, progress) if status == "completed" else None

@@ -22,6 +22,7 @@ from pipeline.job.config import JobConfig
 from pipeline.job.errors import UserError
 from pipeline.job.stage import Resources, Source, Stage
 from pipeline.models.inference import ModelInference
+from pipeline.output.reuse import ReuseSources
 
 if TYPE_CHECKING:
     from pipeline.models.spec import ModelSpec
@@ -50,6 +51,7 @@ class StagePlan:
     source: Source
     stages: list[Stage]
     block_bytes: int  # what one hand-off between stages carries at most
+    reuse: ReuseSources | None = None  # where copies of exact duplicates come from; None: every input predicted
 
 
 def plan_stages(cfg: JobConfig, spec: ModelSpec, storage: Storage, pool: Pool,
@@ -66,12 +68,25 @@ def plan_stages(cfg: JobConfig, spec: ModelSpec, storage: Storage, pool: Pool,
     reader = Reader(storage, cfg.input.max_file_bytes, safe_errors, processes=max(2, int(pool.cluster_cpus) // 2))
     decoder = Decoder(spec.preprocess, cfg.decode.max_image_pixels, spec.input_channels, dicom_settings(cfg.dicom),
                       safe_errors)
-    model = model_stage(cfg, spec, storage, pool, None if decode_apart else decoder)
+    reuse = reuse_sources(cfg, history)
+    model = model_stage(cfg, spec, storage, pool, None if decode_apart else decoder,
+                        reuse.known_content(storage) if reuse is not None else None)
     return StagePlan(listing, [reader, *([decoder] if decode_apart else []), model],
-                     DICOM_BLOCK_BYTES if cfg.dicom is not None else BLOCK_BYTES)
+                     DICOM_BLOCK_BYTES if cfg.dicom is not None else BLOCK_BYTES, reuse)
 
 
-def model_stage(cfg: JobConfig, spec: ModelSpec, storage: Storage, pool: Pool, decoder: Decoder | None) -> Stage:
+def reuse_sources(cfg: JobConfig, history: History | None) -> ReuseSources | None:
+    """Earlier rows of this model identity that exact duplicates copy (README, "Exact duplicates"); None for a
+    DICOM job (a frame's pixels may meet another file's window) or a pseudonymised one (a copy names its source)."""
+    if cfg.dicom is not None or cfg.privacy.pseudonymize:
+        return None
+    if history is None:
+        return ReuseSources()
+    return ReuseSources(history.committed, list(history.staged_files))
+
+
+def model_stage(cfg: JobConfig, spec: ModelSpec, storage: Storage, pool: Pool, decoder: Decoder | None,
+                known_content=None) -> Stage:
     compute = cfg.compute
     options = {"precision": compute.precision, "channels_last": compute.channels_last,
                "num_threads": max(1, int(pool.cpus_each))}
@@ -83,4 +98,4 @@ def model_stage(cfg: JobConfig, spec: ModelSpec, storage: Storage, pool: Pool, d
     resources = Resources(cpus=pool.cpus_each, gpus=pool.num_gpus,
                           memory=int(compute.memory_per_actor_gb * 2**30), batch_size=compute.batch_size,
                           concurrency=(pool.min_actors, pool.max_actors), stateful=True, queue=queue)
-    return ModelInference(spec, storage, resources, decoder, **options)
+    return ModelInference(spec, storage, resources, decoder, known_content, **options)

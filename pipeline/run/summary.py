@@ -55,6 +55,8 @@ class RunSummary:
     metadata_location: str | None = None  # iceberg: the metadata file of that snapshot (DuckDB's iceberg_scan)
     timeline_s: dict[str, float] = field(default_factory=dict)  # seconds from the process's start to each step
     model_busy: float | None = None  # share of their time the model actors spent in batches (below 1: waiting)
+    reused: int = 0  # inputs whose prediction was copied from an exact duplicate's (no model call)
+    model_seconds_saved: float = 0.0  # their estimated model time: mean model seconds per predicted input x reused
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2)
@@ -86,7 +88,9 @@ def summarise(cfg: JobConfig, model: str, weights: str, output: RunOutput, tally
         committed=output.table.describe(record) if record else None,
         table_version=(record.get("version", record.get("snapshot_id")) if record else None),
         metadata_location=record.get("metadata_location") if record else None,
-        timeline_s=dict(sorted(timeline.marks.items(), key=lambda item: item[1])), model_busy=facts.model_busy)
+        timeline_s=dict(sorted(timeline.marks.items(), key=lambda item: item[1])), model_busy=facts.model_busy,
+        reused=tally.reuse.reused if tally.reuse else 0,
+        model_seconds_saved=round(tally.reuse.seconds_saved, 3) if tally.reuse else 0.0)
 
 
 def print_summary(s: RunSummary, out: TextIO) -> None:
@@ -101,6 +105,8 @@ def print_summary(s: RunSummary, out: TextIO) -> None:
         *([f"  unchanged   {s.already_done:,}  (done by earlier runs; --full redoes them)"] if s.already_done
           else []),
         f"  predicted   {s.predicted:,}",
+        *([f"  reused      {s.reused:,}  (exact duplicates: a prediction copied, no model call; ~"
+           f"{s.model_seconds_saved:,.1f} s of model time saved)"] if s.reused else []),
         f"  errors      {s.errors:,}" + (f"  ({errors})" if errors else ""),
         *([f"  rows        {s.rows:,}  (a row per frame of multi-frame DICOM files)"] if s.rows != s.inputs
           else []),

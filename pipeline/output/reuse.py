@@ -1,0 +1,64 @@
+"""Where copies of exact duplicates come from, on the output side: the content this model identity already predicted
+(its committed runs' rows and this run's interrupted attempt's staged rows, those without error), as sorted 16-byte
+hashes for the model processes (`known_content`), and those rows themselves, found by content hash for the driver
+to copy from (`find`). Both read through the format's own reader (`TableRows`) and the staged Parquet chunks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import chain
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.io.storage import Storage
+from pipeline.output.history import KeySet
+from pipeline.output.rows import TableRows
+
+HASH_DTYPE = "S16"
+
+
+@dataclass
+class ReuseSources:
+    """Earlier rows of the same model identity a duplicate may copy (built from `RunOutput.history`)."""
+    committed: TableRows | None = None
+    staged_files: list[str] = field(default_factory=list)
+
+    def known_content(self, storage: Storage) -> np.ndarray:
+        """Sorted distinct 16-byte content hashes of the rows without error."""
+        parts = [np.array([bytes.fromhex(h) for h in rows["content_hash"].to_pylist()], dtype=HASH_DTYPE)
+                 for rows in self._good_rows(storage, ["content_hash"])]
+        return KeySet(np.concatenate(parts) if parts else np.array([], dtype=HASH_DTYPE)).keys
+
+    def find(self, storage: Storage, hashes: set[str], columns: list[str]) -> pa.Table | None:
+        """One row without error per content hash asked for (`uri`, `run_id`, `content_hash` and `columns`)."""
+        wanted = pa.array(sorted(hashes), pa.string())
+        found: list[pa.Table] = []
+        seen: set[str] = set()
+        for rows in self._good_rows(storage, ["uri", "run_id", "content_hash", *columns]):
+            rows = rows.filter(pc.is_in(rows["content_hash"], wanted))
+            if rows.num_rows:
+                keep = [i for i, h in enumerate(rows["content_hash"].to_pylist()) if not (h in seen or seen.add(h))]
+                found.append(rows.take(keep).select(["uri", "run_id", "content_hash", *columns]))
+            if len(seen) == len(hashes):
+                break
+        return pa.concat_tables(found, promote_options="permissive") if found else None
+
+    def _good_rows(self, storage: Storage, columns: list[str]) -> Iterator[pa.Table]:
+        """The sources' rows without error and with a content hash (older rows have none), `columns` only."""
+        wanted = list(dict.fromkeys([*columns, "error", "content_hash"]))
+        committed = self.committed.batches(storage, wanted) if self.committed is not None else iter(())
+        for rows in chain((pa.Table.from_batches([b]) for b in committed), self._staged(storage, wanted)):
+            if "content_hash" not in rows.column_names or any(c not in rows.column_names for c in columns):
+                continue
+            yield rows.filter(pc.and_(rows["error"].is_null(), rows["content_hash"].is_valid()))
+
+    def _staged(self, storage: Storage, columns: list[str]) -> Iterator[pa.Table]:
+        for data in storage.read_many(self.staged_files):
+            if isinstance(data, Exception):
+                raise data
+            table = pq.read_table(pa.BufferReader(data))
+            yield table.select([c for c in columns if c in table.column_names])
