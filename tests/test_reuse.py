@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import sys
 import time
@@ -21,22 +20,13 @@ from conftest import encode, photo, photo_jpeg
 from counting_model import images_seen
 from pipeline.decode.hashes import content_hash
 from pipeline.job.config import load_job
+from test_crash import env_for
 
-TESTS = Path(__file__).parent
 MODEL = {"name": "counting_model:build", "preprocess": {"resize_size": 32, "crop_size": 32}}
 
 
 def image(seed: int) -> bytes:
     return encode(photo(32, 24, seed=seed), "PNG")
-
-
-def env_for(calls: Path, failpoint: str | None = None) -> dict[str, str]:
-    env = {**os.environ, "PIPELINE_TEST_CALLS": str(calls),
-           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    env.pop("PIPELINE_FAILPOINTS", None)
-    if failpoint:
-        env["PIPELINE_FAILPOINTS"] = failpoint
-    return env
 
 
 def pipeline_run(tmp_path: Path, input_uri: str, output: str, calls: Path, model: dict = MODEL,
