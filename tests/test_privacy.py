@@ -30,7 +30,8 @@ from torch import nn
 import counting_model
 from dicom_files import PHI, dicom_bytes
 from pipeline.cli.commands import main
-from pipeline.privacy.pseudonyms import Pseudonymizer, RowPseudonymizer
+from pipeline.decode.hashes import content_hash
+from pipeline.privacy.pseudonyms import Pseudonymizer, RowPseudonymizer, row_pseudonymizer
 
 KEY = "test-only-pseudonym-key-3f9c1e7a5b2d4c6e8a0b"
 KEY_ENV = "PIPELINE_PSEUDONYM_KEY"
@@ -252,6 +253,16 @@ def test_error_messages_never_quote_the_input_path():
     row = RowPseudonymizer(Pseudonymizer(KEY.encode()), ["uri"])(batch).to_pylist()[0]
     assert row["uri"] == token(uri)
     assert "DOE^JOHN" not in row["error"] and "12345678" not in row["error"] and "Input/output error" in row["error"]
+
+
+def test_a_pseudonymised_row_s_content_hash_is_a_token_too():
+    """A plain hash of the bytes would let anyone holding a patient's file find its row."""
+    plain = content_hash(b"a patient's scan")
+    schema = pa.schema([("uri", pa.string()), ("content_hash", pa.string()), ("label", pa.string())])
+    stage = row_pseudonymizer(Pseudonymizer(KEY.encode()), schema)
+    row = stage(pa.table({"uri": ["/pacs/DOE^JOHN/1.dcm"], "content_hash": [plain], "label": ["x"]},
+                         schema=schema)).to_pylist()[0]
+    assert row["content_hash"] == token(plain) and row["label"] == "x"
 
 
 @pytest.mark.parametrize("privacy, env, words", [

@@ -51,8 +51,9 @@ def load_pseudonymizer(cfg: PrivacyConfig) -> Pseudonymizer | None:
 
 
 def pseudonymized_columns(schema: pa.Schema, uid_tag_columns: list[str]) -> list[str]:
-    """What a job's rows carry as tokens: the uri, the DICOM instance UIDs and allow-listed UID tags."""
-    wanted = ("uri", *KEY_UID_COLUMNS, *uid_tag_columns)
+    """What a job's rows carry as tokens: the uri, the content hash (a plain one would let anyone holding a patient's
+    file find its row), the DICOM instance UIDs and allow-listed UID tags."""
+    wanted = ("uri", "content_hash", *KEY_UID_COLUMNS, *uid_tag_columns)
     return [name for name in wanted if name in schema.names]
 
 
