@@ -1,6 +1,7 @@
 """The README's review-loop commands in a subprocess, on outputs `pipeline run` (local executor) wrote on the S3
 server: `pipeline truth import OUTPUT s3://…/FILE` then `pipeline report OUTPUT --truth`, whose printed accuracy is
-the one the answers make; each format with another tool's file. (A detector's mAP@0.5 through the command:
+the one the answers make; each format with another tool's file; and the loop's commands in order (dedup, export,
+truth import, report) on local outputs of each format. (A detector's mAP@0.5 through the command:
 tests/test_truth.py, on a detection output written in-process.)"""
 
 from __future__ import annotations
@@ -108,3 +109,29 @@ def test_a_bad_answers_file_is_one_line_exit_2(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.startswith(f"error: {tmp_path / 'export.json'}: not a label-studio file as expected")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "delta", "iceberg"])
+def test_the_review_commands_on_a_local_output(fmt, tmp_path):
+    """The loop's commands in order on an output on local disk: dedup, export (COCO, read by pycocotools), truth
+    import of a spreadsheet's CSV, and the report's accuracy."""
+    from pycocotools.coco import COCO
+
+    (tmp_path / "in").mkdir()
+    for i in range(4):
+        (tmp_path / "in" / f"p{i}.jpg").write_bytes(encode(photo(seed=i), "JPEG"))
+    (tmp_path / "labels.txt").write_text("\n".join(LABELS) + "\n")
+    output = str(tmp_path / "out")
+    pipeline("run", "--input", str(tmp_path / "in"), "--output", output, "--format", fmt, "--model",
+             "counting_model:build", "--labels", str(tmp_path / "labels.txt"), "--executor", "local")
+    predicted = {uri: row["label"] for uri, row in predictions(Storage(), output, None).items()}  # a local
+    # Iceberg output's catalog lives inside it, and every command finds it there
+    assert "0 near-duplicate group(s)" in pipeline("dedup", output).stdout
+    pipeline("export", output, "--to", "coco", "--select", "random:3", "-o", str(tmp_path / "review.json"))
+    assert {image["file_name"] for image in COCO(str(tmp_path / "review.json")).dataset["images"]} <= set(predicted)
+    answers = {uri: label if i < 3 else LABELS[(LABELS.index(label) + 1) % 3]
+               for i, (uri, label) in enumerate(sorted(predicted.items()))}
+    (tmp_path / "answers.csv").write_bytes(csv_answers(answers))
+    assert "Imported 4 answer(s) (csv)" in pipeline("truth", "import", output, str(tmp_path / "answers.csv")).stdout
+    report = pipeline("report", output, "--truth", "-o", str(tmp_path / "r.html")).stdout
+    assert "accuracy 75.0% on 4 reviewed inputs (3 right)" in report, report
