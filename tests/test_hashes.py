@@ -195,3 +195,21 @@ def test_a_lost_claim_leaves_the_content_and_its_copies_in_the_batch_to_the_driv
              "error": np.full(n, None, dtype=object), "error_type": np.full(n, None, dtype=object)}
     copies = reuse.mark(batch)
     assert list(batch["reused_from"]) == [None, COMMITTED, "a1", COMMITTED] and copies == [(2, 0)]
+
+
+def test_known_content_is_the_rows_digests_and_none_past_its_limit(tmp_path):
+    """The digests every model process holds: decoded from any string layout a reader hands out, without error
+    rows or a pseudonymised job's tokens; past the limit, none (copies from earlier runs give way to memory)."""
+    import pyarrow.parquet as pq
+
+    from pipeline.io.storage import Storage
+    from pipeline.output.reuse import ReuseSources, digests
+
+    plain = [content_hash(bytes([i])) for i in range(6)]
+    for layout in (pa.string(), pa.large_string(), pa.string_view()):
+        assert digests(pa.chunked_array([pa.array(plain, layout)])).tolist() == [bytes.fromhex(h) for h in plain]
+    pq.write_table(pa.table({"content_hash": [*plain, "hmac:" + "0" * 64, None],
+                             "error": [None] * 5 + ["decode: truncated", None, None]}), tmp_path / "chunk.parquet")
+    sources = ReuseSources(staged_files=[str(tmp_path / "chunk.parquet")])
+    assert sources.known_content(Storage()).tolist() == sorted(bytes.fromhex(h) for h in plain[:5])
+    assert len(sources.known_content(Storage(), limit=4)) == 0
