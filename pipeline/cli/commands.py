@@ -1,6 +1,6 @@
 """Command line: `pipeline run [JOB.yaml] [--flags]` (on this machine, or on Ray), `pipeline submit JOB.yaml
---address URL`, `pipeline report OUTPUT [--truth]`, `pipeline runs OUTPUT`, `pipeline export OUTPUT`,
-`pipeline truth import OUTPUT FILE` and `pipeline demo`.
+--address URL`, `pipeline report OUTPUT [--truth]`, `pipeline runs OUTPUT`, `pipeline search OUTPUT TEXT`, the review
+loop's `pipeline dedup OUTPUT`, `pipeline export OUTPUT` and `pipeline truth import OUTPUT FILE`, and `pipeline demo`.
 
 A problem the user can fix (UserError) is one line on stderr and exit code 2; a job that stopped itself
 on its error-rate threshold exits 1 after printing what it did.
