@@ -135,3 +135,18 @@ def test_the_review_commands_on_a_local_output(fmt, tmp_path):
     assert "Imported 4 answer(s) (csv)" in pipeline("truth", "import", output, str(tmp_path / "answers.csv")).stdout
     report = pipeline("report", output, "--truth", "-o", str(tmp_path / "r.html")).stdout
     assert "accuracy 75.0% on 4 reviewed inputs (3 right)" in report, report
+    if fmt == "parquet":  # a user's mistakes with export: one line each, exit 2, nothing written
+        for args, said in [(["--select", "uncertain:many"], "--select"),
+                           (["-o", f"http://127.0.0.1:{free_port()}"], "127.0.0.1")]:
+            bad = subprocess.run([sys.executable, "-m", "pipeline", "export", output, "--to", "label-studio", *args],
+                                 capture_output=True, text=True, timeout=120)
+            assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and said in bad.stderr, bad.stderr
+            assert "Traceback" not in bad.stderr
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
